@@ -1,0 +1,38 @@
+"""Pieces shared by the training objectives."""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_sample_mse(residual: torch.Tensor) -> torch.Tensor:
+    """`||residual||^2 / D` for each sample, in float32 or wider."""
+    r = residual.float() if residual.dtype in (torch.float16, torch.bfloat16) else residual
+    return r.square().flatten(1).mean(dim=1)
+
+
+def adaptive_weighting(mse: torch.Tensor, net, t: torch.Tensor, enabled: bool):
+    """SPEC 1.3: `exp(w(t)) * mse - w(t)` with the network's learned head, or `mse` alone.
+
+    Returns the per-sample loss and the weights `w(t)` (None when unused).
+    """
+    head = getattr(net, "adaptive_weight", None)
+    w = head(t) if (enabled and head is not None) else None
+    if w is None:
+        return mse, None
+    w = w.float()
+    return torch.exp(w) * mse - w, w
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """A config check with an error message that names the key."""
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")

@@ -1,0 +1,105 @@
+"""The continuous-time consistency (sCM) objective shared by sCT and sCD (SPEC 2).
+
+Given `x_t`, `t` and the ODE direction `dx_t/dt` (sCT: the conditional velocity; sCD: the
+teacher's velocity), with `theta^- = stopgrad(theta)`:
+
+    F^-, jvp_out = jvp(F, (x_t / sigma_d, t), (cos t sin t dx_t/dt, cos t sin t sigma_d))   # SPEC 2.2
+    g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + jvp_out)                     # = cos t df/dt
+    g = g / (||g|| + c)                                                                       # tangent normalization
+    L = exp(w(t)) / D || F_theta - F^- - g ||^2 - w(t)                                        # SPEC 2.3
+
+`jvp_out` already equals `sigma_d cos t sin t dF^-/dt`; the rearrangement keeps every factor
+bounded near t = pi/2, which is what keeps fp16 finite.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import forward_ad
+
+from fewstep.methods.common import adaptive_weighting, per_sample_mse
+from fewstep.trigflow import _bcast
+
+TANGENT_NORMS = ("l2", "rms", "clip", "none")
+JVP_MODES = ("separate", "single")
+
+
+def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
+            labels: torch.Tensor | None = None):
+    """One forward-mode pass of `F` (no graph): returns `(F^-, sigma_d cos t sin t dF^-/dt)`."""
+    cs = torch.cos(t) * torch.sin(t)
+    tangents = (_bcast(cs, x_t) * dxdt, cs * sigma_d)
+    with torch.no_grad():
+        return torch.func.jvp(lambda x, tt: net(x, tt, labels), (x_t / sigma_d, t), tangents)
+
+
+def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None):
+    """The same pass with autograd on: the primal output is the graded `F_theta` (single-pass mode).
+
+    Costs less compute than a separate no-grad JVP plus a forward, but autograd keeps the
+    tangent's activations alive too (more memory).
+    """
+    cs = torch.cos(t) * torch.sin(t)
+    with forward_ad.dual_level():
+        x_dual = forward_ad.make_dual(x_t / sigma_d, _bcast(cs, x_t) * dxdt)
+        t_dual = forward_ad.make_dual(t, cs * sigma_d)
+        out = forward_ad.unpack_dual(net(x_dual, t_dual, labels))
+        return out.primal, out.tangent.detach()
+
+
+def scm_tangent(x_t, t, dxdt, F_minus, jvp_out, sigma_d: float, r: float = 1.0) -> torch.Tensor:
+    """`g = cos(t) df^-/dt` from the JVP output (SPEC 2.3), before normalization."""
+    cos, sin = torch.cos(_bcast(t, x_t)), torch.sin(_bcast(t, x_t))
+    return -cos.square() * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + jvp_out)
+
+
+def normalize_tangent(g: torch.Tensor, kind: str = "l2", c: float = 0.1) -> torch.Tensor:
+    """Tangent normalization per sample: `g / (||g|| + c)` ('l2', the paper),
+    `g / (||g|| / sqrt(D) + c)` ('rms': the same c at every resolution), clip to [-1, 1]
+    ('clip'), or nothing ('none')."""
+    if kind == "none":
+        return g
+    if kind == "clip":
+        return g.clamp(-1.0, 1.0)
+    norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
+    if kind == "rms":
+        norm = norm / (g[0].numel() ** 0.5)
+    elif kind != "l2":
+        raise ValueError(f"tangent_norm must be one of {TANGENT_NORMS}, got {kind!r}")
+    return g / _bcast(norm + c, g)
+
+
+def tangent_warmup(step: int, warmup_steps: int) -> float:
+    """Tangent warmup `r`: linear from 0 to 1 over the first `warmup_steps` iterations."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
+             tangent_norm: str = "l2", norm_const: float = 0.1, adaptive_weight: bool = True,
+             jvp_mode: str = "separate"):
+    """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (SPEC 2.1-2.3)."""
+    x_in = x_t / sigma_d
+    if jvp_mode == "separate":
+        # Dropout must draw the same masks in the JVP pass and in the graded forward so that
+        # `F_theta - F^-` is exactly zero in value: replay the RNG state.
+        devices = [x_t.device] if x_t.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=x_t.device.type):
+            F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels)
+        F_theta = net(x_in, t, labels)
+    elif jvp_mode == "single":
+        F_theta, jvp_out = scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d, labels)
+        F_minus = F_theta.detach()
+    else:
+        raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}")
+
+    # Tangent math in float32 at least, whatever precision the network ran in.
+    wide = torch.promote_types(x_t.dtype, torch.float32)
+    g = scm_tangent(x_t.to(wide), t.to(wide), dxdt.to(wide), F_minus.to(wide), jvp_out.to(wide), sigma_d, r)
+    g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
+    g = normalize_tangent(g, tangent_norm, norm_const)
+    mse = per_sample_mse(F_theta.to(wide) - F_minus.to(wide) - g)
+    loss, w = adaptive_weighting(mse, net, t, adaptive_weight)
+    stats = {"mse": mse.detach().mean(), "tangent_norm": g_norm.mean()}
+    if w is not None:
+        stats["w_mean"] = w.detach().mean()
+    return loss, stats

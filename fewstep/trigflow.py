@@ -1,0 +1,68 @@
+"""TrigFlow: the noise process and parameterization of continuous-time consistency models.
+
+SPEC 1.1. Data `x0` (per-dim std ~ sigma_d), noise `z ~ N(0, sigma_d^2 I)`,
+`x_t = cos(t) x0 + sin(t) z` for `t in [0, pi/2]`. The network `F` sees `x_t / sigma_d` and
+`c_noise(t) = t` (the identity time transform: `sin(t) d c_noise/dt` stays bounded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+HALF_PI = math.pi / 2
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample times of shape (B,) reshaped to broadcast against `x` of shape (B, ...)."""
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def trigflow_noise(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`x_t = cos(t) x0 + sin(t) z`; `z` is already scaled by sigma_d."""
+    t = _bcast(t, x0)
+    return torch.cos(t) * x0 + torch.sin(t) * z
+
+
+def trigflow_velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Conditional velocity `dx_t/dt = cos(t) z - sin(t) x0` (the flow-matching target)."""
+    t = _bcast(t, x0)
+    return torch.cos(t) * z - torch.sin(t) * x0
+
+
+def trigflow_velocity_from_net(net, x_t, t, sigma_d: float, labels=None) -> torch.Tensor:
+    """Model velocity `v = sigma_d F(x_t / sigma_d, t)`."""
+    return sigma_d * net(x_t / sigma_d, t, labels)
+
+
+def consistency_from_velocity(x_t, t, v) -> torch.Tensor:
+    """First-order DDIM step from t to 0: `f = cos(t) x_t - sin(t) v`. Exactly `x_t` at t = 0."""
+    t = _bcast(t, x_t)
+    return torch.cos(t) * x_t - torch.sin(t) * v
+
+
+def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None) -> torch.Tensor:
+    """Consistency function `f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t)`."""
+    return consistency_from_velocity(x_t, t, trigflow_velocity_from_net(net, x_t, t, sigma_d, labels))
+
+
+def lognormal_times(n: int, p_mean: float, p_std: float, sigma_d: float, device=None,
+                    dtype=torch.float32, generator=None) -> torch.Tensor:
+    """The log-normal proposal: `tau ~ N(P_mean, P_std^2)`, `t = arctan(exp(tau) / sigma_d)`."""
+    tau = torch.randn(n, device=device, dtype=dtype, generator=generator) * p_std + p_mean
+    return torch.atan(torch.exp(tau) / sigma_d)
+
+
+def sigma_to_t(sigma, sigma_d: float):
+    """EDM noise level to TrigFlow time: `t = arctan(sigma / sigma_d)`."""
+    if isinstance(sigma, torch.Tensor):
+        return torch.atan(sigma / sigma_d)
+    return math.atan(sigma / sigma_d)
+
+
+def t_to_sigma(t, sigma_d: float):
+    """TrigFlow time to EDM noise level: `sigma = sigma_d tan(t)`."""
+    if isinstance(t, torch.Tensor):
+        return sigma_d * torch.tan(t)
+    return sigma_d * math.tan(t)
