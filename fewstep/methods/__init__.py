@@ -4,9 +4,11 @@
 training loop knows nothing about which method it runs.
 """
 
+from fewstep.methods.edm import EDMDiffusion
 from fewstep.methods.flow import FlowMatching
+from fewstep.methods.scd import SCD, make_teacher_velocity
 from fewstep.methods.sct import SCT
 
-METHODS = {"flow": FlowMatching, "sct": SCT}
+METHODS = {"flow": FlowMatching, "edm": EDMDiffusion, "sct": SCT, "scd": SCD}
 
-__all__ = ["METHODS", "FlowMatching", "SCT"]
+__all__ = ["METHODS", "EDMDiffusion", "FlowMatching", "SCD", "SCT", "make_teacher_velocity"]

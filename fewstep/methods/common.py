@@ -20,7 +20,7 @@ def adaptive_weighting(mse: torch.Tensor, net, t: torch.Tensor, enabled: bool):
     w = head(t) if (enabled and head is not None) else None
     if w is None:
         return mse, None
-    w = w.float()
+    w = w.to(torch.promote_types(w.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays fp64
     return torch.exp(w) * mse - w, w
 
 

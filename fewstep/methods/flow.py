@@ -2,6 +2,8 @@
 
 `L = || sigma_d F(x_t / sigma_d, t) - v_t ||^2 / D` with `v_t = cos(t) z - sin(t) x0`,
 `t` from the log-normal proposal, optionally with learned adaptive weighting (SPEC 1.3).
+With `label_dropout > 0`, labels are replaced by the null label with that probability
+(classifier-free guidance at sampling).
 """
 
 from __future__ import annotations
@@ -14,18 +16,29 @@ from fewstep.methods.common import adaptive_weighting, check_range, per_sample_m
 from fewstep.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
 
 
+def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | None:
+    """Replace each label by the null label `net.num_classes` with probability p (CFG training)."""
+    if labels is None or p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, net.num_classes), labels)
+
+
 @dataclass
 class FlowMatching:
     sigma_d: float = 0.5
     p_mean: float = -1.0
     p_std: float = 1.4
     adaptive_weight: bool = True
+    label_dropout: float = 0.0  # probability of the null label, for CFG
 
     def __post_init__(self):
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
         check_range("method.p_std", self.p_std, 0, low_open=True)
+        check_range("method.label_dropout", self.label_dropout, 0, 1)
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
+        labels = drop_labels(labels, self.label_dropout, net)
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device)
         z = torch.randn_like(x0) * self.sigma_d
         x_t = trigflow_noise(x0, z, t)

@@ -2,8 +2,10 @@
 
 Every op here is exact under forward-mode AD (`torch.func.jvp`): no BatchNorm, no fused
 attention kernels, no in-place updates of tensors that carry tangents (SPEC 2.4, 6).
-Each layer is a small module with a plain `forward` so that a tangent-propagating forward
-can be added beside it.
+Each layer has a plain `forward` and, beside it, `forward_tangent(x, x_dot, ...)` that
+returns `(y, y_dot)`: `y` exactly as `forward` computes it (recorded by autograd), `y_dot` its
+forward-mode tangent computed without a graph (rules in `fewstep.networks.tangent`). The
+tangent in t enters through the time embedding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewstep.networks.tangent import (affine_forward_tangent, attention_forward_tangent,
+                                      dropout_forward_tangent, module_forward_tangent,
+                                      norm_forward_tangent, pnorm_tangent, silu_forward_tangent)
+
 
 def num_groups(channels: int) -> int:
     """GroupNorm groups: 32 for wide layers, fewer (at least 4 channels each) for narrow ones."""
@@ -23,6 +29,10 @@ def num_groups(channels: int) -> int:
 def pnorm(v: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Pixel normalization over the channel dim (dim 1): `v / sqrt(mean(v^2) + eps)`."""
     return v * torch.rsqrt(v.square().mean(dim=1, keepdim=True) + eps)
+
+
+def pnorm_forward_tangent(v: torch.Tensor, v_dot: torch.Tensor, eps: float = 1e-4):
+    return pnorm(v, eps), pnorm_tangent(v, v_dot, eps)
 
 
 class PositionalEmbedding(nn.Module):
@@ -45,6 +55,15 @@ class PositionalEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).to(t.dtype)
+
+    def forward_tangent(self, t: torch.Tensor, t_dot: torch.Tensor):
+        """`(emb, d emb/dt * t_dot)`: d/dt [cos(f t), sin(f t)] = [-f sin(f t), f cos(f t)]."""
+        emb = self.forward(t)
+        with torch.no_grad():
+            arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
+            arg_dot = t_dot.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
+            emb_dot = torch.cat([-torch.sin(arg) * arg_dot, torch.cos(arg) * arg_dot], dim=1).to(t.dtype)
+        return emb, emb_dot
 
 
 class AdaDoubleNorm(nn.Module):
@@ -69,6 +88,17 @@ class AdaDoubleNorm(nn.Module):
         if self.image:
             s, b = s[:, :, None, None], b[:, :, None, None]
         return self.norm(x) * s + b
+
+    def forward_tangent(self, x: torch.Tensor, x_dot: torch.Tensor, emb: torch.Tensor, emb_dot: torch.Tensor):
+        s, s_dot = pnorm_forward_tangent(*affine_forward_tangent(self.scale, emb, emb_dot))
+        b, b_dot = pnorm_forward_tangent(*affine_forward_tangent(self.shift, emb, emb_dot))
+        if self.image:
+            s, b, s_dot, b_dot = (u[:, :, None, None] for u in (s, b, s_dot, b_dot))
+        n, n_dot = norm_forward_tangent(self.norm, x, x_dot)
+        y = n * s + b
+        with torch.no_grad():  # (n s + b)' = n' s + n s' + b'
+            y_dot = torch.addcmul(b_dot, n_dot, s).addcmul_(n, s_dot)
+        return y, y_dot
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -95,12 +125,26 @@ class SelfAttention2d(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    def _split_heads(self, qkv: torch.Tensor):
+        """(B, 3C, H, W) -> q, k, v of shape (B, heads, N, d)."""
+        b, c3, h, w = qkv.shape
+        qkv = qkv.reshape(b, 3, self.heads, c3 // (3 * self.heads), h * w)
+        return tuple(qkv[:, i].transpose(-1, -2) for i in range(3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, N, d)
-        out = math_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        q, k, v = self._split_heads(self.qkv(self.norm(x)))
+        out = math_attention(q, k, v).transpose(-1, -2).reshape(x.shape)
         return x + self.proj(out)
+
+    def forward_tangent(self, x: torch.Tensor, x_dot: torch.Tensor):
+        h, h_dot = norm_forward_tangent(self.norm, x, x_dot)
+        qkv, qkv_dot = affine_forward_tangent(self.qkv, h, h_dot)
+        o, o_dot = attention_forward_tangent(*self._split_heads(qkv), *self._split_heads(qkv_dot))
+        out, out_dot = affine_forward_tangent(self.proj, o.transpose(-1, -2).reshape(x.shape),
+                                              o_dot.transpose(-1, -2).reshape(x.shape))
+        with torch.no_grad():
+            y_dot = x_dot + out_dot
+        return x + out, y_dot
 
 
 class ResBlock2d(nn.Module):
@@ -121,6 +165,17 @@ class ResBlock2d(nn.Module):
         h = self.conv1(F.silu(self.norm1(x, emb)))
         h = F.dropout(F.silu(self.norm2(h, emb)), p=self.dropout, training=self.training)
         return self.skip(x) + self.conv2(h)
+
+    def forward_tangent(self, x: torch.Tensor, x_dot: torch.Tensor, emb: torch.Tensor, emb_dot: torch.Tensor):
+        h, h_dot = silu_forward_tangent(*self.norm1.forward_tangent(x, x_dot, emb, emb_dot))
+        h, h_dot = affine_forward_tangent(self.conv1, h, h_dot)
+        h, h_dot = silu_forward_tangent(*self.norm2.forward_tangent(h, h_dot, emb, emb_dot))
+        h, h_dot = dropout_forward_tangent(h, h_dot, self.dropout, self.training)
+        h, h_dot = affine_forward_tangent(self.conv2, h, h_dot)
+        s, s_dot = affine_forward_tangent(self.skip, x, x_dot)
+        with torch.no_grad():
+            y_dot = s_dot + h_dot
+        return s + h, y_dot
 
 
 class TimeEmbedding(nn.Module):
@@ -145,6 +200,15 @@ class TimeEmbedding(nn.Module):
                 labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
             emb = emb + self.label(labels)
         return F.silu(emb)
+
+    def forward_tangent(self, t: torch.Tensor, t_dot: torch.Tensor, labels: torch.Tensor | None = None):
+        """`(emb, d emb/dt * t_dot)`: the tangent in t enters the network here (labels are constant)."""
+        emb, emb_dot = module_forward_tangent(self.mlp, *self.pos.forward_tangent(t, t_dot))
+        if self.label is not None:
+            if labels is None:
+                labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+            emb = emb + self.label(labels)
+        return silu_forward_tangent(emb, emb_dot)
 
 
 class AdaptiveWeight(nn.Module):

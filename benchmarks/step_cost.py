@@ -1,0 +1,246 @@
+"""Cost of one training step: flow matching against sCT with each JVP path.
+
+Same UNet, same batch, full step (forward, loss, backward, optimizer step). Wall-clock is the
+median of `--repeats` rounds in ONE process, after warmup, with the modes interleaved in each
+round so that drift hits all of them alike. Peak memory is measured per mode in a fresh
+subprocess: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set size
+(VmHWM), reported in total and as the growth over the process's size just before the first
+step (weights, model and data already there) -- that growth is what the step itself needs
+(gradients, Adam state, activations, workspaces).
+
+Modes:
+  flow           TrigFlow flow matching (SPEC 1.1)
+  sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
+  sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
+  sct-tangent    sCT, the network's own tangent propagation (`forward_tangent`)
+
+Examples:
+  python benchmarks/step_cost.py                                  # CPU: batch 32, 32x32, 64 channels
+  python benchmarks/step_cost.py --device cuda --amp bf16 --batch 128 --out gpu.json
+  python benchmarks/step_cost.py --modes flow sct-tangent --profile  # where the time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fewstep.methods import SCT, FlowMatching  # noqa: E402
+from fewstep.networks import UNet  # noqa: E402
+
+MODES = ("flow", "sct-separate", "sct-single", "sct-tangent")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--img-channels", type=int, default=3)
+    p.add_argument("--channels", type=int, default=64, help="UNet model channels")
+    p.add_argument("--mult", type=int, nargs="+", default=[1, 2, 2], help="channel multipliers")
+    p.add_argument("--blocks", type=int, default=2, help="residual blocks per level")
+    p.add_argument("--attn", type=int, nargs="*", default=None,
+                   help="attention resolutions (default: the lowest resolution)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
+    p.add_argument("--mem-steps", type=int, default=2, help="steps run by each memory probe")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="parameter/data dtype")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (GPU: bf16)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table per mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--probe-memory", default=None, choices=MODES, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step.
+
+
+def build(args):
+    """The UNet, a batch, and per mode a copy of the UNet with its own Adam."""
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    levels = len(args.mult)
+    attn = args.attn if args.attn is not None else [args.resolution // 2 ** (levels - 1)]
+    net = UNet(args.img_channels, args.resolution, args.channels, tuple(args.mult), args.blocks,
+               attn_resolutions=tuple(attn), dropout=args.dropout)
+    # Weights as after some training: the zero-initialized output convolutions would make
+    # parts of the backward trivially cheap.
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1 and not p.abs().sum():
+                torch.nn.init.normal_(p, std=1e-2)
+    net = net.to(args.device, dtype)
+    x0 = (torch.rand(args.batch, args.img_channels, args.resolution, args.resolution) * 2 - 1).to(args.device, dtype)
+    return net, x0, attn
+
+
+def make_step(mode: str, net, x0, args):
+    method = FlowMatching() if mode == "flow" else SCT(jvp_mode=mode.split("-")[1])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+    def amp():
+        return torch.autocast(x0.device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()
+    sync = torch.cuda.synchronize if x0.device.type == "cuda" else (lambda: None)
+    step_no = [0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss, _ = method(net, x0, None, step_no[0])
+        loss.mean().backward()
+        opt.step()
+        step_no[0] += 1
+        sync()
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: one fresh process per mode.
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def probe_memory(args) -> dict:
+    net, x0, _ = build(args)
+    step = make_step(args.probe_memory, net, x0, args)
+    if x0.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(args.mem_steps):
+            step()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        base = (_proc_status_kib("VmRSS") or 0) * 1024
+        for _ in range(args.mem_steps):
+            step()
+        hwm = _proc_status_kib("VmHWM")
+        if hwm is None:  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+            import resource
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            hwm = rss // 1024 if platform.system() == "Darwin" else rss
+        peak = hwm * 1024
+    return {"peak_bytes": peak, "step_bytes": peak - base}
+
+
+def run_memory_probe(mode: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--probe-memory", mode]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe for {mode} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe_memory:
+        print(json.dumps(probe_memory(args)))
+        return
+
+    net, x0, attn = build(args)
+    n_params = sum(p.numel() for p in net.parameters())
+    steps = {}
+    for mode in args.modes:
+        steps[mode] = make_step(mode, copy.deepcopy(net), x0, args)
+    device_name = (torch.cuda.get_device_name() if x0.device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"UNet {n_params / 1e6:.2f}M params, {args.resolution}x{args.resolution}x{args.img_channels}, "
+          f"channels {args.channels} x {tuple(args.mult)}, attention at {attn}, batch {args.batch}, "
+          f"{args.dtype}, amp {args.amp}, on {device_name}")
+
+    for mode in args.modes:
+        for _ in range(args.warmup):
+            steps[mode]()
+    times = {mode: [] for mode in args.modes}
+    for r in range(args.repeats):
+        for mode in args.modes:
+            t0 = time.perf_counter()
+            steps[mode]()
+            times[mode].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{args.repeats}: " +
+              ", ".join(f"{m} {times[m][-1] * 1e3:.0f} ms" for m in args.modes), flush=True)
+
+    memory = {}
+    if not args.no_memory:
+        for mode in args.modes:
+            memory[mode] = run_memory_probe(mode, argv)
+
+    results = {}
+    ref = "flow" if "flow" in args.modes else args.modes[0]
+    ref_ms = statistics.median(times[ref]) * 1e3
+    for mode in args.modes:
+        ms = statistics.median(times[mode]) * 1e3
+        row = {"ms_per_step": ms, "ms_all": [t * 1e3 for t in times[mode]], "time_ratio": ms / ref_ms}
+        if mode in memory:
+            row.update(memory[mode])
+            row["peak_ratio"] = memory[mode]["peak_bytes"] / memory[ref]["peak_bytes"]
+            row["step_ratio"] = memory[mode]["step_bytes"] / memory[ref]["step_bytes"]
+        results[mode] = row
+
+    mib = 2.0 ** 20
+    print(f"\n{'mode':<14}{'ms/step':>10}{'x ' + ref:>10}{'peak MiB':>11}{'x':>7}{'step MiB':>11}{'x':>7}")
+    for mode, row in results.items():
+        mem = (f"{row['peak_bytes'] / mib:>11.0f}{row['peak_ratio']:>7.2f}{row['step_bytes'] / mib:>11.0f}"
+               f"{row['step_ratio']:>7.2f}" if "peak_bytes" in row else "")
+        print(f"{mode:<14}{row['ms_per_step']:>10.0f}{row['time_ratio']:>10.2f}{mem}")
+    if x0.device.type == "cpu" and memory:
+        print("peak = peak RSS of a fresh process running that mode; step = its growth over the RSS "
+              "just before the first step")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x0.device.type == "cuda" else [])
+        key = "cuda_time_total" if x0.device.type == "cuda" else "self_cpu_time_total"
+        for mode in args.modes:
+            with profile(activities=acts) as prof:
+                steps[mode]()
+            print(f"\n== {mode} ==")
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+    if args.out:
+        out = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "probe_memory")},
+               "params": n_params, "attn_resolutions": attn, "device": device_name,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "reference": ref,
+               "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

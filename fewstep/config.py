@@ -1,0 +1,287 @@
+"""Run configuration: dataclasses that validate themselves.
+
+A config is built from a preset, an optional JSON/TOML file and `key=value` overrides, in
+that order. An unknown key or a bad value raises `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # a registered dataset, or a path (image folder, .npy/.npz, IDX folder)
+    resolution: int | None = None  # resize images to this size
+    channels: int | None = None  # convert images to 1 or 3 channels
+
+    def validate(self):
+        if self.resolution is not None and self.resolution < 1:
+            raise ConfigError(f"data.resolution must be a positive integer, got {self.resolution}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+
+
+@dataclass
+class NetworkConfig:
+    arch: str = "auto"  # 'unet' for images, 'mlp' for vectors, 'auto' picks by data kind
+    model_channels: int = 64  # UNet
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)
+    attn_heads: int = 1
+    width: int = 256  # MLP
+    depth: int = 4
+    dropout: float = 0.0
+    class_conditional: bool = False  # use the dataset's labels
+    emb_min_freq: float = 0.1  # time-embedding frequencies, applied to t itself (SPEC 2.4)
+    emb_max_freq: float = 1.0
+    adaptive_weight: bool = True  # learned w_phi(t) head (SPEC 1.3)
+
+    def validate(self):
+        _choice("network.arch", self.arch, ("auto", "unet", "mlp"))
+        for key in ("model_channels", "num_blocks", "attn_heads", "width", "depth"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"network.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"network.channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.emb_min_freq <= self.emb_max_freq:
+            raise ConfigError("network.emb_min_freq must be > 0 and <= network.emb_max_freq")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # 'adam' or 'radam'
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear learning-rate warmup
+    decay_start: int = 0  # EDM2 inverse-sqrt decay: lr / sqrt(step / decay_start) after it; 0 = constant
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+    def validate(self):
+        _choice("optim.name", self.name, ("adam", "radam"))
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        for key in ("eps", "weight_decay", "warmup_steps", "decay_start", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    precision: str = "fp32"  # 'fp32', 'bf16' (autocast) or 'fp16' (autocast + loss scaling)
+    ema_decay: float = 0.999
+    log_every: int = 50
+    sample_every: int = 500  # 0 = only at the end
+    ckpt_every: int = 500  # 0 = only at the end
+    keep_ckpts: int = 2
+    resume: bool = True  # continue from the latest checkpoint in the output folder
+    max_nonfinite: int = 10  # stop after this many non-finite losses/gradients in a row
+    sample_times: list[float] = field(default_factory=lambda: [math.pi / 2, 1.1])
+    num_samples: int = 64
+    progress: bool = True
+
+    def validate(self):
+        for key in ("steps", "batch_size", "log_every", "keep_ckpts", "max_nonfinite", "num_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("sample_every", "ckpt_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        validate_times("train.sample_times", self.sample_times)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    method: dict = field(default_factory=lambda: {"name": "sct"})  # name + the method's own fields
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.data, self.network, self.optim, self.train):
+            section.validate()
+        build_method(self.method)  # the method's dataclass validates its own fields
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_times(key: str, times) -> None:
+    """Sampling times: a non-empty, strictly decreasing list in (0, pi/2]."""
+    if not times:
+        raise ConfigError(f"{key} must be a non-empty list of times in (0, pi/2]")
+    for a in times:
+        if not 0 < a <= math.pi / 2 + 1e-6:
+            raise ConfigError(f"{key}: every time must be in (0, pi/2], got {a}")
+    if any(b >= a for a, b in zip(times, times[1:])):
+        raise ConfigError(f"{key} must be strictly decreasing, got {list(times)}")
+
+
+def build_method(method_cfg: dict):
+    """Instantiate the training objective named by `method_cfg['name']` with its fields."""
+    from fewstep.methods import METHODS
+
+    cfg = dict(method_cfg)
+    name = cfg.pop("name", None)
+    if name not in METHODS:
+        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
+    cls = METHODS[name]
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key, value in cfg.items():
+        if key not in known:
+            raise ConfigError(f"unknown key method.{key} for method {name!r}; known: {sorted(known)}")
+        cfg[key] = _coerce(f"method.{key}", value, typing.get_type_hints(cls)[key])
+    try:
+        return cls(**cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check `value` against a type hint, converting where it is lossless (int -> float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table/object, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _section_from_dict(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a table/object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {prefix}.{key}; known: {sorted(names)}")
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a nested dict (unknown keys are errors)."""
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a table/object of sections")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in sections:
+            raise ConfigError(f"unknown config section {key!r}; known: {sorted(sections)}")
+        if key == "method":
+            if not isinstance(value, dict):
+                raise ConfigError(f"method must be a table/object, got {value!r}")
+            kwargs[key] = dict(value)
+        else:
+            kwargs[key] = _section_from_dict(typing.get_type_hints(Config)[key], value, key)
+    cfg = Config(**kwargs)
+    cfg.method.setdefault("name", "sct")
+    return cfg.validate()
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON or TOML config file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value); the value is read as JSON if it
+    parses (numbers, true/false, null, lists), else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must look like section.key (e.g. train.steps)")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return parts, value
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; `update` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        data = merge(data, {section: {key: value}})
+    return data

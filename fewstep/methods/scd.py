@@ -1,0 +1,95 @@
+"""Continuous-time consistency distillation (sCD), SPEC 2.1.
+
+Same as sCT (`scm_loss`: tangent normalization, adaptive weighting, log-normal proposal)
+except that the ODE direction is the teacher's velocity `dx_t/dt = v_teacher(x_t, t)`
+(classifier-free guided when `guidance != 1`), and the paper's defaults differ:
+P_mean = -0.8, P_std = 1.6, tangent warmup over 10k iterations. The student should start
+from the teacher's weights (diffusion fine-tuning, SPEC 2.4); that is the caller's job.
+
+    teacher = make_teacher_velocity(teacher_net, "edm", sigma_d=0.5)
+    method = SCD(teacher=teacher, guidance=2.0)
+    loss, stats = method(student, x0, labels, step)
+"""
+
+from __future__ import annotations
+
+from dataclasses import InitVar, dataclass
+from typing import Callable
+
+import torch
+
+from fewstep.edm import edm_to_trigflow
+from fewstep.methods.common import check_choice, check_range
+from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
+from fewstep.ode import edm_net_denoiser, guided, trigflow_net_velocity
+from fewstep.trigflow import lognormal_times, trigflow_noise
+
+FORMULATIONS = ("trigflow", "edm")
+
+
+def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0.5,
+                          guidance: float = 1.0, null_label: int | None = None) -> Callable:
+    """A frozen teacher as a TrigFlow velocity `v(x_t, t, labels)` (no gradients).
+
+    `formulation='trigflow'`: `net` is a velocity network, `v = sigma_d F(x_t / sigma_d, t)`.
+    `formulation='edm'`: `net` is an EDM-preconditioned denoiser network (sigma_data =
+    sigma_d), converted by SPEC 1.1, `v = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / sin t`.
+    With `guidance != 1` the velocity is classifier-free guided (pass the guidance either
+    here or to `SCD`, not both). `null_label` defaults to `net.num_classes`.
+    """
+    check_choice("formulation", formulation, FORMULATIONS)
+    if formulation == "trigflow":
+        model = trigflow_net_velocity(net, sigma_d)
+    else:
+        model = edm_to_trigflow(edm_net_denoiser(net, sigma_d), sigma_d)
+    if null_label is None:
+        null_label = getattr(net, "num_classes", 0) or None  # batch cond + null in one call
+
+    @torch.no_grad()
+    def teacher_velocity(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return guided(model, labels, guidance, null_label)(x_t, t)
+
+    return teacher_velocity
+
+
+@dataclass
+class SCD:
+    """sCD. `teacher`: a callable `v(x_t, t, labels) -> dx_t/dt` in TrigFlow units (see
+    `make_teacher_velocity`); given at construction, not part of the config."""
+
+    teacher: InitVar[Callable | None] = None
+    sigma_d: float = 0.5
+    p_mean: float = -0.8
+    p_std: float = 1.6
+    guidance: float = 1.0  # CFG scale of the teacher's velocity (1: conditional, no guidance)
+    tangent_norm: str = "l2"  # 'l2' (paper), 'rms', 'clip' or 'none'
+    norm_const: float = 0.1
+    warmup_steps: int = 10000  # tangent warmup (paper: 10k)
+    adaptive_weight: bool = True
+    jvp_mode: str = "separate"
+
+    def __post_init__(self, teacher):
+        self.teacher = teacher
+        check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
+        check_range("method.p_std", self.p_std, 0, low_open=True)
+        check_range("method.guidance", self.guidance, 0)
+        check_range("method.norm_const", self.norm_const, 0)
+        check_range("method.warmup_steps", self.warmup_steps, 0)
+        check_choice("method.tangent_norm", self.tangent_norm, TANGENT_NORMS)
+        check_choice("method.jvp_mode", self.jvp_mode, JVP_MODES)
+
+    def teacher_velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
+        """The (guided) teacher velocity `dx_t/dt`, without gradients."""
+        if self.teacher is None:
+            raise ValueError("sCD needs a teacher: SCD(teacher=make_teacher_velocity(net, ...), ...)")
+        with torch.no_grad():
+            return guided(self.teacher, labels, self.guidance)(x_t, t)
+
+    def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
+        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device).to(x0.dtype)
+        z = torch.randn_like(x0) * self.sigma_d
+        x_t = trigflow_noise(x0, z, t)
+        dxdt = self.teacher_velocity(x_t, t, labels).to(x0.dtype)
+        return scm_loss(net, x_t, t, dxdt, self.sigma_d, labels, r=tangent_warmup(step, self.warmup_steps),
+                        tangent_norm=self.tangent_norm, norm_const=self.norm_const,
+                        adaptive_weight=self.adaptive_weight, jvp_mode=self.jvp_mode)

@@ -1,0 +1,27 @@
+"""Named starting points for `fewstep train --preset NAME`; flags and `--set` override them."""
+
+from __future__ import annotations
+
+import math
+
+# The default demo: sCT on scikit-learn's 8x8 digits, sized to train in a few minutes on 2 CPU cores.
+DIGITS = {
+    "data": {"name": "digits"},
+    "network": {"model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
+                "dropout": 0.0},
+    "method": {"name": "sct"},
+    "optim": {"lr": 1e-3, "warmup_steps": 100},
+    "train": {"steps": 3000, "batch_size": 128, "sample_every": 1000, "ckpt_every": 1000, "num_samples": 100},
+}
+
+TOY = {
+    "network": {"width": 128, "depth": 3},
+    "method": {"name": "sct"},
+    "optim": {"lr": 2e-3, "warmup_steps": 100},
+    "train": {"steps": 3000, "batch_size": 512, "sample_every": 1000, "ckpt_every": 1000,
+              "sample_times": [math.pi / 2, 1.1]},
+}
+
+TOY_NAMES = ("8gaussians", "checkerboard", "moons", "swissroll", "gaussian")
+
+PRESETS = {"digits": DIGITS, **{name: {**TOY, "data": {"name": name}} for name in TOY_NAMES}}

@@ -1,0 +1,225 @@
+"""The training loop: one readable function, whatever the method.
+
+Per step: a batch, the method's per-sample loss, a NaN/Inf guard, backward, gradient
+clipping, an optimizer step, EMA. Periodically: JSONL stats, sample grids, checkpoints
+(atomic; the run resumes from the latest one). At the end: loss curves and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fewstep import checkpoint as ckpt
+from fewstep.config import Config, build_method
+from fewstep.data import load_dataset
+from fewstep.ema import EMA
+from fewstep.image import save_image_grid, save_loss_curve, save_scatter
+from fewstep.networks import build_network
+from fewstep.samplers import sample_trigflow_cm
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.name]
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg, step: int) -> float:
+    """Linear warmup, then constant or EDM2's inverse square-root decay."""
+    lr = cfg.lr
+    if cfg.warmup_steps > 0:
+        lr *= min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.decay_start > 0:
+        lr /= math.sqrt(max(step / cfg.decay_start, 1.0))
+    return lr
+
+
+def load_data(cfg: Config):
+    return load_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.cpu"].cpu())
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+
+
+def write_samples(net, dataset, cfg: Config, path: Path, sigma_d: float, device) -> dict[str, torch.Tensor]:
+    """Sample grids (images) or scatter plots (vectors) at 1 step and at `train.sample_times`."""
+    n = cfg.train.num_samples if dataset.kind == "image" else max(cfg.train.num_samples, 2000)
+    labels = None
+    if getattr(net, "num_classes", 0):
+        labels = torch.arange(n) % net.num_classes
+    schedules = {"1-step": cfg.train.sample_times[:1]}
+    if len(cfg.train.sample_times) > 1:
+        schedules[f"{len(cfg.train.sample_times)}-step"] = cfg.train.sample_times
+    samples = {name: sample_trigflow_cm(net, n, dataset.shape, times, sigma_d, labels, device=device)
+               for name, times in schedules.items()}
+    if dataset.kind == "image":
+        for name, x in samples.items():
+            save_image_grid(x, path.with_name(f"{path.stem}-{name}.png"))
+    else:
+        data = dataset.sample(n)[0] if len(dataset) == 0 else dataset.all()[0][:n]
+        save_scatter({"data": data, **samples}, path.with_suffix(".png"), title=path.stem)
+    return samples
+
+
+def toy_metrics(samples: dict[str, torch.Tensor], dataset, times) -> dict:
+    """Exact sample-based distances of each schedule's samples to held-out data, with NFE."""
+    from fewstep.metrics.toy import energy_distance, sliced_wasserstein
+
+    ref = dataset.all()[0]
+    out = {}
+    for name, x in samples.items():
+        nfe = 1 if name == "1-step" else len(times)
+        out[name] = {"nfe": nfe, "sliced_wasserstein": float(sliced_wasserstein(x, ref[: len(x)])),
+                     "energy_distance": float(energy_distance(x, ref[: len(x)]))}
+    return out
+
+
+def train(cfg: Config, out_dir: str | Path) -> dict:
+    """Train `cfg` into `out_dir`; resumes from its latest checkpoint when `train.resume`."""
+    cfg.validate()
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+
+    dataset = load_data(cfg)
+    method = build_method(cfg.method)
+    sigma_d = getattr(method, "sigma_d", 0.5)
+    net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes).to(device)
+    optimizer = make_optimizer(cfg.optim, net.parameters())
+    ema = EMA(net, tc.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    step, nonfinite_total = 0, 0
+    latest = ckpt.list_checkpoints(out_dir / "checkpoints") if tc.resume else []
+    if latest:
+        tensors, state = ckpt.load_checkpoint(latest[-1], device=device)
+        net.load_state_dict(ckpt.unprefixed("net", tensors))
+        ema.load_state_dict(ckpt.unprefixed("ema", tensors))
+        ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
+        restore_rng(tensors, device)
+        step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        print(f"resumed from {latest[-1]} at step {step}")
+
+    def save(at_step: int) -> None:
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer)
+        tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("ema", ema.state_dict()),
+                   **ckpt.prefixed("optim", opt_tensors), **rng_tensors(device)}
+        ckpt.save_checkpoint(out_dir / "checkpoints", at_step, tensors,
+                             {"config": cfg.to_dict(), "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
+                              "data": {"kind": dataset.kind, "shape": list(dataset.shape),
+                                       "num_classes": dataset.num_classes}})
+        ckpt.prune_checkpoints(out_dir / "checkpoints", tc.keep_ckpts)
+
+    log_path = out_dir / "log.jsonl"
+    if step == 0 and log_path.exists():
+        log_path.unlink()  # a fresh run: no stale records
+    nonfinite_run, acc, acc_n, t_last, step_last = 0, {}, 0, time.perf_counter(), step
+    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, dynamic_ncols=True, unit="step")
+    net.train()
+    try:
+        while step < tc.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg.optim, step)
+            x0, labels = dataset.sample(tc.batch_size, device=device)
+            if not getattr(net, "num_classes", 0):
+                labels = None
+            with autocast_context(device, tc.precision):
+                per_sample, stats = method(net, x0, labels, step)
+            loss = per_sample.mean()
+            optimizer.zero_grad(set_to_none=True)
+            ok = bool(torch.isfinite(loss))
+            if ok:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or math.inf)
+                ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()
+            if ok:
+                scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
+                scaler.update()
+                ema.update(net, step)
+                nonfinite_run = 0
+                for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
+                    acc[key] = acc.get(key, 0.0) + value.detach().float()  # no sync until logged
+                acc_n += 1
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_run += 1
+                nonfinite_total += 1
+                if nonfinite_run >= tc.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} non-finite losses/gradients in a row at step {step}; stopping. "
+                        f"Try a lower optim.lr, train.precision='fp32'/'bf16', or a smaller method.p_std. "
+                        f"The last good checkpoint is in {out_dir / 'checkpoints'}.")
+            step += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                record = {"step": step, **{k: float(v) / max(acc_n, 1) for k, v in acc.items()},
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "steps_per_s": (step - step_last) / max(now - t_last, 1e-9),
+                          "nonfinite_total": nonfinite_total}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", skipped=nonfinite_total)
+                acc, acc_n, t_last, step_last = {}, 0, now, step
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}", sigma_d, device)
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+                save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        save(step)
+        print(f"\ninterrupted: checkpoint saved at step {step} in {out_dir / 'checkpoints'}")
+        raise
+    bar.close()
+    save(step)
+
+    samples = write_samples(ema.net, dataset, cfg, out_dir / "samples" / "final", sigma_d, device)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    save_loss_curve(records, out_dir / "loss.png", keys=("loss", "mse", "grad_norm", "w_mean"))
+    summary = {"steps": step, "nonfinite_total": nonfinite_total, "final": records[-1] if records else {},
+               "samples": sorted(str(p.relative_to(out_dir)) for p in (out_dir / "samples").glob("final*"))}
+    if dataset.kind == "vector":
+        summary["metrics"] = toy_metrics(samples, dataset, tc.sample_times)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    return summary

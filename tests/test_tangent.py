@@ -1,0 +1,289 @@
+"""Tangent propagation (fewstep.networks.tangent, `forward_tangent` of every layer).
+
+Reference: `torch.func.jvp` of the layer's plain `forward`, in float64. Each `forward_tangent`
+must return the same primal (with autograd) and the same tangent (without a graph), and the
+sCT loss through it must have the same gradients as through `torch.func.jvp`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.methods import SCT
+from fewstep.methods.scm import JVP_MODES, scm_loss
+from fewstep.networks import MLP, UNet
+from fewstep.networks import tangent as T
+from fewstep.networks.layers import (AdaDoubleNorm, PositionalEmbedding, ResBlock2d, SelfAttention2d,
+                                     TimeEmbedding, math_attention, pnorm, pnorm_forward_tangent)
+from fewstep.networks.unet import _Stage
+
+DT = torch.float64
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def randomize(module: nn.Module, std: float = 0.3) -> nn.Module:
+    """Nonzero weights everywhere (zero-initialized output layers would make tangents trivial)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std if p.ndim > 1 else 0.5)
+    return module.to(DT)
+
+
+def check(fn_tangent, fn, primals, tangents):
+    """`fn_tangent(*primals, *tangents) -> (y, y_dot)` against `torch.func.jvp(fn, primals, tangents)`."""
+    primals = [p.requires_grad_() if p.is_floating_point() else p for p in primals]
+    y, y_dot = fn_tangent(*primals, *tangents)
+    with torch.no_grad():
+        y_ref, y_dot_ref = torch.func.jvp(fn, tuple(p.detach() for p in primals), tuple(tangents))
+    assert y_dot.grad_fn is None and not y_dot.requires_grad, "the tangent must carry no graph"
+    assert rel_err(y.detach(), y_ref) <= 1e-12
+    assert rel_err(y_dot, y_dot_ref) <= TOL, rel_err(y_dot, y_dot_ref)
+    return y, y_dot
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=DT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Single ops and layers.
+
+
+@pytest.mark.parametrize("module", [nn.Linear(5, 7), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1),
+                                    nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+                                    nn.Conv1d(3, 2, 3, stride=2), nn.Identity()])
+def test_affine(module):
+    module = randomize(module)
+    x = randn(2, 5) if isinstance(module, nn.Linear) else randn(2, 3, 6) if isinstance(module, nn.Conv1d) \
+        else randn(2, 3, 6, 6)
+    check(lambda x, xd: T.affine_forward_tangent(module, x, xd), module, (x,), (randn(*x.shape),))
+
+
+@pytest.mark.parametrize("module", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh")])
+def test_activations(module):
+    x = randn(3, 4, 5) * 3
+    check(lambda x, xd: T.module_forward_tangent(module, x, xd), module, (x,), (randn(3, 4, 5),))
+
+
+@pytest.mark.parametrize("module", [nn.GroupNorm(2, 6, affine=False), nn.GroupNorm(3, 6),
+                                    nn.LayerNorm(6, elementwise_affine=False), nn.LayerNorm(6)])
+def test_norms(module):
+    module = randomize(module)
+    x = randn(3, 6, 4, 5) * 2 + 1 if isinstance(module, nn.GroupNorm) else randn(3, 5, 6) * 2 + 1
+    check(lambda x, xd: T.norm_forward_tangent(module, x, xd), module, (x,), (randn(*x.shape),))
+
+
+def test_pnorm():
+    check(pnorm_forward_tangent, pnorm, (randn(4, 8),), (randn(4, 8),))
+    check(pnorm_forward_tangent, pnorm, (randn(2, 8, 3, 3),), (randn(2, 8, 3, 3),))
+
+
+def test_positional_embedding_carries_the_time_tangent():
+    pos = PositionalEmbedding(16).to(DT)
+    t, t_dot = torch.rand(5, dtype=DT) * 1.5, randn(5)
+    check(pos.forward_tangent, pos, (t,), (t_dot,))
+
+
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_time_embedding(num_classes):
+    emb = randomize(TimeEmbedding(16, 32, num_classes))
+    t, t_dot = torch.rand(5, dtype=DT) * 1.5, randn(5)
+    labels = torch.tensor([0, 1, 2, 3, 4]) if num_classes else None
+    check(lambda t, td: emb.forward_tangent(t, td, labels), lambda t: emb(t, labels), (t,), (t_dot,))
+
+
+@pytest.mark.parametrize("image", [True, False])
+def test_ada_double_norm(image):
+    norm = randomize(AdaDoubleNorm(8, 12, image=image))
+    x = randn(3, 8, 4, 4) if image else randn(3, 8)
+    check(lambda x, e, xd, ed: norm.forward_tangent(x, xd, e, ed), norm, (x, randn(3, 12)),
+          (randn(*x.shape), randn(3, 12)))
+
+
+def test_attention_math():
+    q, k, v = (randn(2, 3, 10, 4) * 2 for _ in range(3))
+    tangents = tuple(randn(2, 3, 10, 4) for _ in range(3))
+    check(T.attention_forward_tangent, math_attention, (q, k, v), tangents)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_self_attention(heads):
+    attn = randomize(SelfAttention2d(8, heads))
+    x = randn(2, 8, 4, 4)
+    check(attn.forward_tangent, attn, (x,), (randn(2, 8, 4, 4),))
+
+
+@pytest.mark.parametrize("in_ch,out_ch", [(8, 8), (8, 12)])
+def test_resblock(in_ch, out_ch):
+    block = randomize(ResBlock2d(in_ch, out_ch, 16, dropout=0.3)).eval()
+    x = randn(2, in_ch, 6, 6)
+    check(lambda x, e, xd, ed: block.forward_tangent(x, xd, e, ed), block, (x, randn(2, 16)),
+          (randn(2, in_ch, 6, 6), randn(2, 16)))
+
+
+@pytest.mark.parametrize("resample", ["down", "up"])
+def test_resampling(resample):
+    stage = _Stage(None, None, resample=resample)
+    emb = randn(2, 4)
+    check(lambda h, hd: stage.forward_tangent(h, hd, emb, torch.zeros_like(emb)), lambda h: stage(h, emb),
+          (randn(2, 3, 4, 4),), (randn(2, 3, 4, 4),))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout: one mask for the primal and the tangent.
+
+
+def test_dropout_shares_one_mask():
+    x, x_dot, p = randn(4, 50) + 3.0, randn(4, 50), 0.4  # x != 0, so the mask is readable from y
+    y, y_dot = T.dropout_forward_tangent(x.requires_grad_(), x_dot, p, training=True)
+    mask = (y.detach() != 0).to(DT)
+    assert 0 < mask.mean() < 1
+    with torch.no_grad():
+        y_ref, y_dot_ref = torch.func.jvp(lambda x: x * mask / (1 - p), (x.detach(),), (x_dot,))
+    assert rel_err(y.detach(), y_ref) <= 1e-12 and rel_err(y_dot, y_dot_ref) <= 1e-12
+    assert T.dropout_forward_tangent(x, x_dot, p, training=False)[1] is x_dot
+
+
+def test_dropout_in_train_mode_matches_jvp_with_the_same_mask():
+    """A ResBlock in train mode: replaying the RNG gives `F.dropout` under `torch.func.jvp` the
+    same mask (on CPU `native_dropout` and `F.dropout` draw identically), so the reference is the
+    JVP of the same op with that fixed mask."""
+    block = randomize(ResBlock2d(6, 6, 8, dropout=0.5)).train()
+    x, emb, x_dot, emb_dot = randn(3, 6, 5, 5), randn(3, 8), randn(3, 6, 5, 5), randn(3, 8)
+    torch.manual_seed(1)
+    y, y_dot = block.forward_tangent(x, x_dot, emb, emb_dot)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y_ref, y_dot_ref = torch.func.jvp(block, (x, emb), (x_dot, emb_dot))
+    assert rel_err(y, y_ref) <= 1e-12 and rel_err(y_dot, y_dot_ref) <= TOL
+    torch.manual_seed(2)  # a different mask gives a different output: the test has teeth
+    assert rel_err(block(x, emb), y_ref) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole networks.
+
+
+def small_unet(**kw):
+    return randomize(UNet(3, 8, 8, (1, 2), 1, attn_resolutions=(4,), attn_heads=2, num_classes=5,
+                          dropout=0.2, **kw), std=0.2)
+
+
+def test_unet():
+    net = small_unet().eval()
+    x, t, labels = randn(3, 3, 8, 8), torch.rand(3, dtype=DT) * 1.5, torch.tensor([0, 4, 5])
+    check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td, labels), lambda x, t: net(x, t, labels),
+          (x, t), (randn(3, 3, 8, 8), randn(3)))
+
+
+def test_mlp():
+    net = randomize(MLP(2, 32, 3, dropout=0.2, num_classes=3)).eval()
+    x, t = randn(6, 2), torch.rand(6, dtype=DT) * 1.5
+    check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td), net, (x, t), (randn(6, 2), randn(6)))
+
+
+def test_unet_tangent_is_linear_in_the_input_tangents():
+    net = small_unet().eval()
+    x, t = randn(2, 3, 8, 8), torch.rand(2, dtype=DT)
+    xd, td = randn(2, 3, 8, 8), randn(2)
+    _, a = net.forward_tangent(x, t, xd, torch.zeros(2, dtype=DT))
+    _, b = net.forward_tangent(x, t, torch.zeros_like(xd), td)
+    _, ab = net.forward_tangent(x, t, 2 * xd, -3 * td)
+    assert rel_err(ab, 2 * a - 3 * b) <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# The sCT loss through the tangent path.
+
+
+def sct_grads(net, jvp_mode, x0, labels=None, **kw):
+    torch.manual_seed(3)  # same t, z for every mode
+    net.zero_grad(set_to_none=True)
+    method = SCT(jvp_mode=jvp_mode, **kw)
+    loss, stats = method(net, x0, labels)
+    loss.mean().backward()
+    return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_sct_gradients_match_the_reference_path(kind):
+    if kind == "unet":
+        net = randomize(UNet(3, 8, 8, (1, 2), 1, attn_resolutions=(4,), num_classes=3), std=0.2)
+        x0, labels = randn(4, 3, 8, 8) * 0.5, torch.tensor([0, 1, 2, 3])
+    else:
+        net = randomize(MLP(2, 32, 2, num_classes=0))
+        x0, labels = randn(6, 2) * 0.5, None
+    net.train()
+    loss_ref, grads_ref = sct_grads(net, "separate", x0, labels)
+    loss, grads = sct_grads(net, "tangent", x0, labels)
+    assert rel_err(loss, loss_ref) <= 1e-12
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) <= TOL
+
+
+def test_sct_with_dropout_in_train_mode_matches_the_separate_path():
+    # On CPU the separate path replays the RNG for its graded forward, so both paths use the
+    # same masks; any mismatch between the tangent's and the primal's masks would show here.
+    net = randomize(UNet(3, 8, 8, (1, 2), 1, dropout=0.3), std=0.2).train()
+    x0 = randn(4, 3, 8, 8) * 0.5
+    loss_ref, grads_ref = sct_grads(net, "separate", x0)
+    loss, grads = sct_grads(net, "tangent", x0)
+    assert rel_err(loss, loss_ref) <= 1e-12
+    assert all(rel_err(g, g_ref) <= TOL for g, g_ref in zip(grads, grads_ref))
+
+
+def test_tangent_mode_falls_back_to_func_jvp():
+    class Plain(nn.Module):  # a network without forward_tangent
+        def __init__(self):
+            super().__init__()
+            self.inner = randomize(MLP(2, 16, 2, adaptive_weight=False))
+
+        def forward(self, x, t, labels=None):
+            return self.inner(x, t, labels)
+
+    net = Plain()
+    x_t, t, dxdt = randn(5, 2), torch.rand(5, dtype=DT), randn(5, 2)
+    ref, _ = scm_loss(net, x_t, t, dxdt, 0.5, jvp_mode="separate")
+    out, _ = scm_loss(net, x_t, t, dxdt, 0.5, jvp_mode="tangent")
+    assert torch.equal(ref, out)
+
+
+def test_config_accepts_the_tangent_mode():
+    assert "tangent" in JVP_MODES
+    SCT(jvp_mode="tangent")
+    with pytest.raises(ValueError, match="jvp_mode"):
+        SCT(jvp_mode="fast")
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    net = UNet(3, 8, 8, (1, 2), 1, attn_resolutions=(4,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.1)
+    x, t, xd, td = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 3, 8, 8), torch.randn(2)
+    y32, yd32 = net.forward_tangent(x, t, xd, td)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, yd16 = net.forward_tangent(x, t, xd, td)
+    assert torch.isfinite(yd16).all()
+    assert rel_err(y16.float().detach(), y32.detach()) < 0.05 and rel_err(yd16.float(), yd32) < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_on_cuda_matches_jvp():
+    """The CUDA attention path (a registered fused kernel, or the math path) against the JVP."""
+    q, k, v, qd, kd, vd = (torch.randn(2, 2, 64, 32, device="cuda") for _ in range(6))
+    o, od = T.attention_forward_tangent(q, k, v, qd, kd, vd)
+    with torch.no_grad():
+        o_ref, od_ref = torch.func.jvp(math_attention, (q, k, v), (qd, kd, vd))
+    assert rel_err(o.detach(), o_ref) < 1e-3 and rel_err(od, od_ref) < 1e-3
