@@ -187,11 +187,13 @@ def main(argv=None):
         for _ in range(args.warmup):
             steps[mode]()
     times = {mode: [] for mode in args.modes}
+    cpu_times = {mode: [] for mode in args.modes}
     for r in range(args.repeats):
         for mode in args.modes:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[mode]()
             times[mode].append(time.perf_counter() - t0)
+            cpu_times[mode].append(time.process_time() - c0)
         print(f"  round {r + 1}/{args.repeats}: " +
               ", ".join(f"{m} {times[m][-1] * 1e3:.0f} ms" for m in args.modes), flush=True)
 
@@ -203,9 +205,11 @@ def main(argv=None):
     results = {}
     ref = "flow" if "flow" in args.modes else args.modes[0]
     ref_ms = statistics.median(times[ref]) * 1e3
+    ref_cpu = statistics.median(cpu_times[ref]) * 1e3
     for mode in args.modes:
-        ms = statistics.median(times[mode]) * 1e3
-        row = {"ms_per_step": ms, "ms_all": [t * 1e3 for t in times[mode]], "time_ratio": ms / ref_ms}
+        ms, cpu = statistics.median(times[mode]) * 1e3, statistics.median(cpu_times[mode]) * 1e3
+        row = {"ms_per_step": ms, "ms_all": [t * 1e3 for t in times[mode]], "time_ratio": ms / ref_ms,
+               "cpu_ms_per_step": cpu, "cpu_ratio": cpu / ref_cpu}
         if mode in memory:
             row.update(memory[mode])
             row["peak_ratio"] = memory[mode]["peak_bytes"] / memory[ref]["peak_bytes"]
@@ -213,14 +217,18 @@ def main(argv=None):
         results[mode] = row
 
     mib = 2.0 ** 20
-    print(f"\n{'mode':<14}{'ms/step':>10}{'x ' + ref:>10}{'peak MiB':>11}{'x':>7}{'step MiB':>11}{'x':>7}")
+    print(f"\n{'mode':<14}{'ms/step':>9}{'x':>6}{'cpu ms':>9}{'x':>6}{'peak MiB':>10}{'x':>6}{'step MiB':>10}{'x':>6}")
     for mode, row in results.items():
-        mem = (f"{row['peak_bytes'] / mib:>11.0f}{row['peak_ratio']:>7.2f}{row['step_bytes'] / mib:>11.0f}"
-               f"{row['step_ratio']:>7.2f}" if "peak_bytes" in row else "")
-        print(f"{mode:<14}{row['ms_per_step']:>10.0f}{row['time_ratio']:>10.2f}{mem}")
-    if x0.device.type == "cpu" and memory:
-        print("peak = peak RSS of a fresh process running that mode; step = its growth over the RSS "
-              "just before the first step")
+        mem = (f"{row['peak_bytes'] / mib:>10.0f}{row['peak_ratio']:>6.2f}{row['step_bytes'] / mib:>10.0f}"
+               f"{row['step_ratio']:>6.2f}" if "peak_bytes" in row else "")
+        print(f"{mode:<14}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{row['cpu_ms_per_step']:>9.0f}"
+              f"{row['cpu_ratio']:>6.2f}{mem}")
+    print(f"x: ratio to {ref}. ms/step: median wall-clock; cpu ms: median process CPU time (all threads; "
+          "steadier than wall-clock on a shared machine)")
+    if memory:
+        print("peak: " + ("torch.cuda.max_memory_allocated" if x0.device.type == "cuda" else "peak RSS")
+              + " of a fresh process running that mode; step: its growth over the "
+              + ("allocation" if x0.device.type == "cuda" else "RSS") + " just before the first step")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

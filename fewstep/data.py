@@ -9,6 +9,7 @@ per-dimension std about 0.5, the `sigma_d` that TrigFlow assumes (SPEC 1.1).
     ds = load_dataset("8gaussians")                   # 2-D toy, drawn on the fly
     ds = load_dataset("~/faces", resolution=32)       # folder of images, centre-cropped and resized
     ds = load_dataset("mnist/", split="test")         # MNIST-format IDX files (t10k-*)
+    ds = load_dataset("fashion-mnist", split="test")  # 10,000 images (1, 28, 28); see load_fashion_mnist
     x, labels = ds.sample(64, device="cuda")          # labels is None for unlabeled data
 
 Pixel conventions (arrays and IDX files):
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 __all__ = ["DATASETS", "DataError", "Dataset", "TensorDataset", "ToyDataset", "EightGaussians",
            "Checkerboard", "Moons", "SwissRoll", "GaussianDataset", "load_dataset", "load_digits_dataset",
-           "read_idx", "IMAGE_EXTENSIONS", "SIGMA_D", "TOY_SIZE"]
+           "read_idx", "load_fashion_mnist", "load_mnist", "IMAGE_EXTENSIONS", "SIGMA_D", "TOY_SIZE"]
 
 SIGMA_D = 0.5  # per-dimension data std that TrigFlow's parameterization assumes (SPEC 1.1)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -570,6 +571,153 @@ def _load_idx(path: Path, name: str, *, split: str = "train", resolution: int | 
 
 
 # ----------------------------------------------------------------------------------------------
+# Fashion-MNIST and MNIST: IDX files from a local folder, or downloaded when asked
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DATA_SEARCH_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
+
+
+class _NamedIDX:
+    """A published IDX dataset: where to look for it, and where to download it from."""
+
+    def __init__(self, name: str, title: str, mirrors: tuple[str, ...], md5: dict[str, str],
+                 class_names: list[str], apt: str | None):
+        self.name, self.title, self.mirrors, self.md5 = name, title, mirrors, md5
+        self.class_names, self.apt = class_names, apt
+
+    def folders(self, root: str | os.PathLike | None) -> list[Path]:
+        """Where the files may be, in search order: `root` (or root/<name>) only when given; else
+        `$FEWSTEP_DATA/<name>`, /usr/share/datasets/<name>, then the download cache."""
+        if root is not None:
+            root = Path(root).expanduser()
+            return [root, root / self.name]
+        env = os.environ.get("FEWSTEP_DATA")
+        return ([Path(env).expanduser() / self.name] if env else []) + [DATA_SEARCH_DIR / self.name,
+                                                                       self.cache_dir()]
+
+    def cache_dir(self) -> Path:
+        base = os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep"
+        return Path(base).expanduser() / self.name
+
+    def find(self, folder: Path, split: str) -> tuple[Path, Path] | None:
+        """(images, labels) of `split` in `folder`, each raw or .gz; None unless both are there."""
+        found = []
+        for stem in _IDX_FILES[split]:
+            path = next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+            if path is None:
+                return None
+            found.append(path)
+        return found[0], found[1]
+
+    def download(self, split: str) -> tuple[Path, Path]:
+        """Fetch the split's two .gz files into the cache, each checked against its published MD5."""
+        import hashlib
+        import sys
+        import urllib.request
+
+        dest = self.cache_dir()
+        dest.mkdir(parents=True, exist_ok=True)
+        out = []
+        for stem in _IDX_FILES[split]:
+            file = f"{stem}.gz"
+            target = dest / file
+            if not target.is_file():
+                errors = []
+                for mirror in self.mirrors:
+                    url = mirror + file
+                    print(f"fewstep: downloading {self.title} {file} from {url} to {dest}", file=sys.stderr)
+                    try:
+                        with urllib.request.urlopen(url, timeout=60) as resp:
+                            payload = resp.read()
+                    except OSError as err:
+                        errors.append(f"{url}: {_one_line(err)}")
+                        continue
+                    digest = hashlib.md5(payload, usedforsecurity=False).hexdigest()
+                    if digest != self.md5[file]:
+                        errors.append(f"{url}: MD5 {digest}, expected {self.md5[file]}")
+                        continue
+                    tmp = target.with_name(f".{file}.part{os.getpid()}")
+                    tmp.write_bytes(payload)
+                    os.replace(tmp, target)  # only a verified file ever takes the final name
+                    break
+                else:
+                    raise DataError(f"could not download {self.title} {file}: {'; '.join(errors)}")
+            out.append(target)
+        return out[0], out[1]
+
+    def load(self, split: str = "train", root: str | os.PathLike | None = None, download: bool = False,
+             resolution: int | None = None, channels: int | None = None) -> TensorDataset:
+        if split not in _IDX_FILES:
+            raise DataError(f"{self.name}: split must be 'train' or 'test', got {split!r}")
+        folders = self.folders(root)
+        files = next((f for f in map(lambda d: self.find(d, split), folders) if f is not None), None)
+        if files is None:
+            if download or os.environ.get("FEWSTEP_DOWNLOAD") == "1":
+                files = self.download(split)
+            else:
+                images, labels = _IDX_FILES[split]
+                where = ", ".join(f"'{d}'" for d in folders)
+                how = f"install them with `apt-get install {self.apt}` (offline, Debian/Ubuntu), " if self.apt else ""
+                raise DataError(
+                    f"{self.title} {split} files ({images}[.gz], {labels}[.gz]) not found in {where}; {how}"
+                    f"put them in '{self.cache_dir()}' or $FEWSTEP_DATA/{self.name}, pass root=<folder>, or "
+                    f"download them once (needs internet) with download=True, `--download` or FEWSTEP_DOWNLOAD=1")
+        images, labels = files
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim != 3:
+            raise DataError(f"'{images}': expected images (N, H, W), got shape {x.shape}")
+        y = _labels(y, len(x), f"'{labels}'")
+        if int(y.max()) >= len(self.class_names):
+            raise DataError(f"'{labels}': label {int(y.max())} out of range for {len(self.class_names)} classes")
+        pixels = _pixels(x[:, None], f"'{images}'", None)
+        return _image_dataset(self.name, pixels, y, resolution, channels, class_names=list(self.class_names))
+
+
+_FASHION_MNIST = _NamedIDX(
+    "fashion-mnist", "Fashion-MNIST",
+    ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+    {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    apt="dataset-fashion-mnist")
+
+_MNIST = _NamedIDX(
+    "mnist", "MNIST",
+    ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+     "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+    [str(k) for k in range(10)], apt=None)
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, download: bool = False,
+                       resolution: int | None = None, channels: int | None = None) -> TensorDataset:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test images (1, 28, 28), 10 classes.
+
+    Looked for in `root` when given, else `$FEWSTEP_DATA/fashion-mnist`, /usr/share/datasets/fashion-mnist
+    (Debian's `dataset-fashion-mnist`), `~/.cache/fewstep/fashion-mnist`. `download=True` (or the environment
+    variable FEWSTEP_DOWNLOAD=1) fetches missing files into that cache, checked against their published MD5.
+    """
+    return _FASHION_MNIST.load(split, root, download, resolution, channels)
+
+
+def load_mnist(split: str = "train", root: str | os.PathLike | None = None, download: bool = False,
+               resolution: int | None = None, channels: int | None = None) -> TensorDataset:
+    """MNIST (LeCun et al. 1998): 60,000 train / 10,000 test images (1, 28, 28), digits 0..9.
+
+    Looked for in `root` when given, else `$FEWSTEP_DATA/mnist`, /usr/share/datasets/mnist,
+    `~/.cache/fewstep/mnist`; `download=True` (or FEWSTEP_DOWNLOAD=1) fetches missing files into that
+    cache, checked against their published MD5.
+    """
+    return _MNIST.load(split, root, download, resolution, channels)
+
+
+# ----------------------------------------------------------------------------------------------
 # Folders of images
 
 
@@ -634,6 +782,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "moons": Moons,
     "swissroll": SwissRoll,
     "gaussian": GaussianDataset,
+    "fashion-mnist": load_fashion_mnist,
+    "mnist": load_mnist,
 }
 
 

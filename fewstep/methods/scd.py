@@ -35,9 +35,12 @@ def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0
     `formulation='edm'`: `net` is an EDM-preconditioned denoiser network (sigma_data =
     sigma_d), converted by SPEC 1.1, `v = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / sin t`.
     With `guidance != 1` the velocity is classifier-free guided (pass the guidance either
-    here or to `SCD`, not both). `null_label` defaults to `net.num_classes`.
+    here or to `SCD`, not both). `null_label` defaults to `net.num_classes`. Puts `net` in
+    eval mode (no dropout in the teacher).
     """
     check_choice("formulation", formulation, FORMULATIONS)
+    if hasattr(net, "eval"):
+        net.eval()
     if formulation == "trigflow":
         model = trigflow_net_velocity(net, sigma_d)
     else:

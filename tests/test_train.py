@@ -1,0 +1,162 @@
+"""The training loop: checkpoints, exact resume, the NaN guard, toy-data quality, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fewstep import checkpoint as ckpt
+from fewstep.cli import main
+from fewstep.config import config_from_dict
+from fewstep.data import load_dataset
+from fewstep.metrics.toy import sliced_wasserstein
+from fewstep.networks import build_network
+from fewstep.samplers import sample_trigflow_cm
+from fewstep.train import NonFiniteLossError, train
+
+
+def toy_config(**train):
+    return config_from_dict({
+        "data": {"name": "8gaussians"},
+        "network": {"width": 64, "depth": 2},
+        "method": {"name": "sct"},
+        "optim": {"lr": 2e-3, "warmup_steps": 20},
+        "train": {"steps": 20, "batch_size": 64, "log_every": 5, "sample_every": 0, "ckpt_every": 0,
+                  "progress": False, "num_samples": 16, **train},
+    })
+
+
+def test_checkpoint_round_trip(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    opt_t, opt_meta = ckpt.optimizer_to_flat(opt)
+    tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("optim", opt_t)}
+    ckpt.save_checkpoint(tmp_path, 7, tensors, {"optimizer": opt_meta, "note": "x"})
+    loaded, state = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 7 and state["note"] == "x"
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+    net2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(net2.parameters())
+    net2.load_state_dict(ckpt.unprefixed("net", loaded))
+    ckpt.optimizer_from_flat(opt2, ckpt.unprefixed("optim", loaded), state["optimizer"])
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    """A crash between writing the tensors and the JSON leaves the previous checkpoint the latest."""
+    ckpt.save_checkpoint(tmp_path, 1, {"a": torch.ones(2)}, {})
+    (tmp_path / "ckpt-0000002.safetensors").write_bytes(b"partial")  # no JSON: never completed
+    (tmp_path / ".ckpt-0000003.json.tmp123").write_text("{")  # a temporary file left by a crash
+    assert ckpt.resolve_checkpoint(tmp_path).name == "ckpt-0000001.json"
+    tensors, state = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 1 and torch.equal(tensors["a"], torch.ones(2))
+
+
+def test_resume_continues_exactly(tmp_path):
+    """20 steps in one go == 10 steps, stop, resume for 10 more (CPU, same seed), dropout on."""
+    cfg = toy_config(steps=20)
+    cfg.network.dropout = 0.1
+    train(cfg, tmp_path / "full")
+    cfg_half = toy_config(steps=10)
+    cfg_half.network.dropout = 0.1
+    train(cfg_half, tmp_path / "split")
+    train(cfg, tmp_path / "split")  # resumes at step 10
+    full, _ = ckpt.load_checkpoint(tmp_path / "full")
+    split, state = ckpt.load_checkpoint(tmp_path / "split")
+    assert state["step"] == 20
+    assert full.keys() == split.keys()
+    for k in full:
+        assert torch.equal(full[k], split[k]), k
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20]
+
+
+def test_nonfinite_guard_stops_with_clear_error(tmp_path, monkeypatch):
+    from fewstep.methods.sct import SCT
+
+    calls = {"n": 0}
+    original = SCT.__call__
+
+    def poisoned(self, net, x0, labels=None, step=0):
+        loss, stats = original(self, net, x0, labels, step)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 3 else loss, stats
+
+    monkeypatch.setattr(SCT, "__call__", poisoned)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses/gradients in a row at step 5"):
+        train(toy_config(steps=50, max_nonfinite=3, ckpt_every=2), tmp_path)
+    # The last good checkpoint (step 2) is intact; the skipped steps wrote nothing bad.
+    tensors, state = ckpt.load_checkpoint(tmp_path / "checkpoints")
+    assert state["step"] == 4  # checkpoints are written at steps 2 and 4 (skipped steps still count)
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
+
+
+def test_sct_on_8_gaussians_beats_untrained(tmp_path):
+    """A short sCT run brings one-step samples close to the data.
+
+    Threshold: the sliced W2 between two independent data draws of this size is the floor
+    (~0.01); the untrained model's one-step samples (f = cos(pi/2) x - sd F ~ a blob near 0)
+    are ~0.3 away. We ask for 4x better than untrained, and within 8x the noise floor.
+    """
+    torch.manual_seed(0)
+    cfg = toy_config(steps=400, batch_size=256)
+    data = load_dataset("8gaussians").all()[0][:2000]
+    torch.manual_seed(1)
+    untrained = build_network(cfg.network, "vector", (2,))
+    sw_untrained = float(sliced_wasserstein(sample_trigflow_cm(untrained, 2000, (2,), [math.pi / 2]), data))
+    floor = float(sliced_wasserstein(load_dataset("8gaussians").sample(2000)[0], data))
+    summary = train(cfg, tmp_path)
+    sw = summary["metrics"]["1-step"]["sliced_wasserstein"]
+    assert summary["metrics"]["1-step"]["nfe"] == 1
+    assert sw < sw_untrained / 4, (sw, sw_untrained)
+    assert sw < 8 * floor, (sw, floor)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "digits", "--out", str(out), "--steps", "3", "--batch-size", "8",
+               "--no-progress", "--set", "train.num_samples=4", "--set", "network.model_channels=16"])
+    assert rc == 0
+    assert (out / "samples" / "final-1-step.png").is_file()
+    assert (out / "samples" / "final-2-step.png").is_file()
+    assert (out / "loss.png").is_file()
+    assert ckpt.list_checkpoints(out / "checkpoints")
+    rc = main(["sample", str(out), "--steps", "1", "--num", "5", "--out", str(tmp_path / "s.png"),
+               "--npz", str(tmp_path / "s.npz")])
+    assert rc == 0
+    import numpy as np
+
+    x = np.load(tmp_path / "s.npz")["x"]
+    assert x.shape == (5, 1, 8, 8) and np.isfinite(x).all()
+    assert (tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--set", "train.stepz=3"], "train.stepz"),
+    (["train", "--set", "train.steps=abc"], "train.steps"),
+    (["train", "--set", "method.tangent_norm=bogus"], "method.tangent_norm"),
+    (["train", "--set", "method.bogus=1"], "method.bogus"),
+    (["train", "--preset", "nope"], "unknown preset"),
+    (["train", "--config", "/no/such.toml"], "config file not found"),
+    (["train", "--set", "train.sample_times=[1.0,1.2]"], "strictly decreasing"),
+    (["sample", "/no/such/run"], "checkpoint not found"),
+])
+def test_cli_bad_input_gives_one_line_error(argv, message, tmp_path, capsys):
+    if argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_rejects_bad_times(tmp_path, capsys):
+    main(["train", "--preset", "8gaussians", "--out", str(tmp_path), "--steps", "2", "--no-progress"])
+    assert main(["sample", str(tmp_path), "--times", "1.0,1.3"]) == 2
+    assert "strictly decreasing" in capsys.readouterr().err
