@@ -1,10 +1,9 @@
-"""The `fewstep` command line: `fewstep train` and `fewstep sample`."""
+"""The `fewstep` command line: `fewstep train`, `sample`, `eval`, `ref-stats`, `plot`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ TRAIN_EXAMPLES = """examples:
   fewstep train --preset 8gaussians --out runs/8g --steps 2000
   fewstep train --config my.toml --set method.tangent_norm=rms --set train.precision=bf16
   fewstep train --data path/to/images --set data.resolution=32 --set network.attn_resolutions=[16]
+  fewstep train --preset 8gaussians --method flow --out runs/teacher            # a diffusion teacher
+  fewstep train --preset 8gaussians --method scd --teacher runs/teacher --out runs/scd
 
 A config file (JSON or TOML) has the sections data, network, method, optim, train;
 `--set section.key=value` overrides one key (values are read as JSON: 3, 1e-3, true, [1,2]).
@@ -23,7 +24,8 @@ Presets: {presets}. Training resumes from the latest checkpoint in --out.
 SAMPLE_EXAMPLES = """examples:
   fewstep sample runs/digits                       # 2 steps (t = pi/2, 1.1), 64 samples -> runs/digits/samples.png
   fewstep sample runs/digits --steps 1 --num 256 --out one_step.png --npz one_step.npz
-  fewstep sample runs/digits/checkpoints/ckpt-0003000.json --times 1.5708,1.1,0.6 --label 3
+  fewstep sample runs/digits/checkpoints/ckpt-0003000.json --times 1.5708,1.1,0.6
+  fewstep sample runs/teacher --sampler heun --steps 18 --label 3 --guidance 2   # a diffusion model, 35 NFE
 """
 
 
@@ -38,7 +40,7 @@ def _train_parser(sub):
     p.add_argument("--config", default=None, help="a JSON or TOML config file, applied over the preset")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset or data name>)")
     p.add_argument("--data", default=None, help="dataset name or path (data.name)")
-    p.add_argument("--method", default=None, help="training objective (method.name): sct, flow, ...")
+    p.add_argument("--method", default=None, help="training objective (method.name): sct, scd, flow, edm")
     p.add_argument("--steps", type=int, default=None, help="training steps (train.steps)")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="optim.lr")
@@ -48,6 +50,7 @@ def _train_parser(sub):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true", help="do not resume; fails if --out has checkpoints")
+    p.add_argument("--teacher", default=None, help="sCD: the diffusion teacher's checkpoint (train.teacher)")
     return p
 
 
@@ -56,8 +59,13 @@ def _sample_parser(sub):
                        description="Sample from a trained consistency model (EMA weights by default).",
                        epilog=SAMPLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a ckpt-*.json file")
-    p.add_argument("--steps", type=int, default=None, help="1 (t = pi/2) or 2 (pi/2, 1.1); default 2")
-    p.add_argument("--times", default=None, help="comma-separated decreasing times in (0, pi/2]")
+    p.add_argument("--steps", type=int, default=None,
+                   help="consistency models: 1 (t = pi/2) or 2 (pi/2, 1.1; the default) or more; "
+                        "diffusion models: ODE solver steps (default 18)")
+    p.add_argument("--times", default=None, help="consistency models: comma-separated decreasing times in (0, pi/2]")
+    p.add_argument("--sampler", default=None, help="diffusion models: heun (default), euler, dpmpp_2m")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (class-conditional diffusion models; 1 = none)")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--label", type=int, default=None, help="class label for a class-conditional model")
@@ -81,7 +89,8 @@ def build_train_config(args):
         data = merge(data, load_config_file(args.config))
     flags = {("data", "name"): args.data, ("method", "name"): args.method, ("train", "steps"): args.steps,
              ("train", "batch_size"): args.batch_size, ("optim", "lr"): args.lr, ("train", "device"): args.device,
-             ("train", "precision"): args.precision, ("train", "seed"): args.seed}
+             ("train", "precision"): args.precision, ("train", "seed"): args.seed,
+             ("train", "teacher"): args.teacher}
     for (section, key), value in flags.items():
         if value is not None:
             if (section, key) == ("method", "name") and data.get("method", {}).get("name") != value:
@@ -116,66 +125,62 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from fewstep.checkpoint import load_checkpoint, resolve_checkpoint, unprefixed
-    from fewstep.config import config_from_dict, validate_times
+    from fewstep.config import validate_times
+    from fewstep.generate import Schedule, cm_times, generate, load_model, schedules
     from fewstep.image import save_image_grid, save_scatter
-    from fewstep.networks import build_network
-    from fewstep.samplers import TWO_STEP_TIMES, sample_trigflow_cm
     from fewstep.train import resolve_device
 
-    if args.times is not None:
-        try:
-            times = [float(v) for v in args.times.split(",")]
-        except ValueError:
-            raise ValueError(f"--times must be comma-separated numbers, got {args.times!r}") from None
-    elif args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        # 1 and 2 steps as in the sCM paper; more steps: evenly spaced in t below 1.1.
-        times = list(TWO_STEP_TIMES[: args.steps]) if args.steps <= 2 else \
-            [math.pi / 2] + list(np.linspace(1.1, 0.2, args.steps - 1))
-    else:
-        times = list(TWO_STEP_TIMES)
-    validate_times("--times", times)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-
-    device = resolve_device(args.device)
-    json_path = resolve_checkpoint(args.checkpoint)
-    tensors, state = load_checkpoint(json_path, device=device)
-    cfg = config_from_dict(state["config"])
-    info = state["data"]
-    net = build_network(cfg.network, info["kind"], tuple(info["shape"]), info["num_classes"]).to(device).eval()
-    net.load_state_dict(unprefixed("net" if args.no_ema else "ema", tensors))
+    model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
+    if model.is_consistency:
+        if args.sampler not in (None, "multistep"):
+            raise ValueError(f"{model.method!r} is a consistency model: it samples with its own multistep "
+                             f"sampler; --sampler is for diffusion checkpoints (flow, edm)")
+        if args.times is not None:
+            try:
+                times = [float(v) for v in args.times.split(",")]
+            except ValueError:
+                raise ValueError(f"--times must be comma-separated numbers, got {args.times!r}") from None
+        else:
+            times = cm_times(args.steps or 2)
+        validate_times("--times", times)
+        schedule = Schedule("multistep", len(times), tuple(times))
+    else:
+        if args.times is not None:
+            raise ValueError("--times is for consistency models; use --steps and --sampler for diffusion models")
+        schedule = schedules(model.method, [args.steps] if args.steps else None,
+                             samplers=[args.sampler] if args.sampler else None)[0]
     labels = None
-    if getattr(net, "num_classes", 0):
-        if args.label is not None and not 0 <= args.label < net.num_classes:
-            raise ValueError(f"--label must be in [0, {net.num_classes}), got {args.label}")
-        labels = (torch.full((args.num,), args.label) if args.label is not None
-                  else torch.arange(args.num) % net.num_classes)
-    sigma_d = cfg.method.get("sigma_d", 0.5)
-    x = sample_trigflow_cm(net, args.num, tuple(info["shape"]), times, sigma_d, labels, args.batch_size,
-                           device, args.seed)
-    run_dir = json_path.parent.parent if json_path.parent.name == "checkpoints" else json_path.parent
-    out = Path(args.out or run_dir / "samples.png")
-    if info["kind"] == "image":
+    if model.num_classes:
+        if args.label is not None and not 0 <= args.label < model.num_classes:
+            raise ValueError(f"--label must be in [0, {model.num_classes}), got {args.label}")
+        labels = torch.full((args.num,), args.label) if args.label is not None else None
+    elif args.label is not None:
+        raise ValueError("--label needs a class-conditional checkpoint (network.class_conditional=true)")
+    x, nfe, seconds = generate(model, schedule, args.num, args.batch_size, args.seed, args.guidance,
+                               progress=True, labels=labels)
+    out = Path(args.out or model.run_dir / "samples.png")
+    if model.kind == "image":
         save_image_grid(x, out)
     else:
-        save_scatter({f"{len(times)}-step": x}, out)
+        save_scatter({f"{schedule.sampler}, NFE {nfe}": x}, out)
     if args.npz:
         Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
-        extra = {} if labels is None else {"labels": labels.numpy()}
-        np.savez(args.npz, x=x.numpy(), times=np.array(times), **extra)
-    print(f"wrote {args.num} samples (NFE {len(times)}, times {[round(t, 4) for t in times]}) to {out}"
+        np.savez(args.npz, x=x.numpy(), nfe=nfe, **schedule.to_dict())
+    print(f"wrote {args.num} samples ({model.method}, {schedule.sampler}, NFE {nfe}, {seconds:.2f}s) to {out}"
           + (f" and {args.npz}" if args.npz else ""))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fewstep", description="Consistency models: train and sample.")
+    parser = argparse.ArgumentParser(prog="fewstep", description="Consistency models: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
     _sample_parser(sub).set_defaults(func=cmd_sample)
+    from fewstep.evaluate import add_commands
+
+    add_commands(sub)  # eval, ref-stats, plot
     args = parser.parse_args(argv)
     from fewstep.train import NonFiniteLossError
 

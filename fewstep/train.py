@@ -17,12 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep import checkpoint as ckpt
-from fewstep.config import Config, build_method
+from fewstep.config import Config, ConfigError, build_method, config_from_dict
 from fewstep.data import load_dataset
 from fewstep.ema import EMA
 from fewstep.image import save_image_grid, save_loss_curve, save_scatter
 from fewstep.networks import build_network
-from fewstep.samplers import sample_trigflow_cm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,37 +76,77 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
 
 
-def write_samples(net, dataset, cfg: Config, path: Path, sigma_d: float, device) -> dict[str, torch.Tensor]:
-    """Sample grids (images) or scatter plots (vectors) at 1 step and at `train.sample_times`."""
+def preview_schedules(cfg: Config):
+    """What the training loop samples: consistency models at 1 step and at `train.sample_times`;
+    diffusion models with the default ODE solver (Heun, 35 NFE)."""
+    from fewstep.generate import CONSISTENCY_METHODS, Schedule, schedules
+
+    if cfg.method["name"] not in CONSISTENCY_METHODS:
+        return schedules(cfg.method["name"])
+    times = tuple(cfg.train.sample_times)
+    plan = [Schedule("multistep", 1, times[:1])]
+    return plan + ([Schedule("multistep", len(times), times)] if len(times) > 1 else [])
+
+
+def write_samples(net, dataset, cfg: Config, path: Path) -> dict[str, tuple[torch.Tensor, int]]:
+    """Sample grids (images) or scatter plots beside the data (vectors), one per preview schedule.
+    Returns `{name: (samples, NFE)}`."""
+    from fewstep.generate import Model, generate
+
+    model = Model.from_net(net, cfg.to_dict(), dataset.kind, dataset.shape)
     n = cfg.train.num_samples if dataset.kind == "image" else max(cfg.train.num_samples, 2000)
-    labels = None
-    if getattr(net, "num_classes", 0):
-        labels = torch.arange(n) % net.num_classes
-    schedules = {"1-step": cfg.train.sample_times[:1]}
-    if len(cfg.train.sample_times) > 1:
-        schedules[f"{len(cfg.train.sample_times)}-step"] = cfg.train.sample_times
-    samples = {name: sample_trigflow_cm(net, n, dataset.shape, times, sigma_d, labels, device=device)
-               for name, times in schedules.items()}
+    samples = {}
+    for schedule in preview_schedules(cfg):
+        x, nfe, _ = generate(model, schedule, n, progress=False)
+        samples[f"{schedule.steps}-step" if schedule.sampler == "multistep" else f"{schedule.sampler}-nfe{nfe}"] = (x, nfe)
     if dataset.kind == "image":
-        for name, x in samples.items():
+        for name, (x, _) in samples.items():
             save_image_grid(x, path.with_name(f"{path.stem}-{name}.png"))
     else:
-        data = dataset.sample(n)[0] if len(dataset) == 0 else dataset.all()[0][:n]
-        save_scatter({"data": data, **samples}, path.with_suffix(".png"), title=path.stem)
+        data = dataset.all()[0][:n]
+        save_scatter({"data": data, **{f"{k} (NFE {nfe})": x for k, (x, nfe) in samples.items()}},
+                     path.with_suffix(".png"), title=path.stem)
     return samples
 
 
-def toy_metrics(samples: dict[str, torch.Tensor], dataset, times) -> dict:
-    """Exact sample-based distances of each schedule's samples to held-out data, with NFE."""
+def sample_metrics(samples: dict[str, tuple[torch.Tensor, int]], dataset) -> dict:
+    """Quick quality numbers for `metrics.json`, each with its NFE: exact sample-based distances
+    to held-out data for vectors; pixel-space precision/recall and class coverage for the digits.
+    (Image FID/KID: `fewstep eval`.)"""
+    from fewstep.metrics.digits import digits_score
     from fewstep.metrics.toy import energy_distance, sliced_wasserstein
 
-    ref = dataset.all()[0]
     out = {}
-    for name, x in samples.items():
-        nfe = 1 if name == "1-step" else len(times)
-        out[name] = {"nfe": nfe, "sliced_wasserstein": float(sliced_wasserstein(x, ref[: len(x)])),
-                     "energy_distance": float(energy_distance(x, ref[: len(x)]))}
+    for name, (x, nfe) in samples.items():
+        if dataset.kind == "vector":
+            ref = dataset.all()[0][: len(x)]
+            out[name] = {"nfe": nfe, "num": len(x), "sliced_wasserstein": float(sliced_wasserstein(x, ref)),
+                         "energy_distance": float(energy_distance(x, ref))}
+        elif tuple(dataset.shape) == (1, 8, 8) and dataset.name == "digits":
+            out[name] = {"nfe": nfe, "num": len(x), **digits_score(x)}
     return out
+
+
+def load_teacher(cfg: Config, method, dataset, device):
+    """sCD: load the diffusion teacher of `train.teacher` and give `method` its velocity.
+
+    Returns the teacher's checkpoint state (its network config and weights are the student's
+    starting point when `train.init_from_teacher`)."""
+    from fewstep.generate import load_model
+    from fewstep.methods.scd import make_teacher_velocity
+
+    teacher = load_model(cfg.train.teacher, device)
+    if teacher.method not in ("flow", "edm"):
+        raise ConfigError(f"the sCD teacher must be a diffusion model (method 'flow' or 'edm'); "
+                          f"{teacher.checkpoint} was trained with {teacher.method!r}")
+    if tuple(teacher.shape) != tuple(dataset.shape):
+        raise ConfigError(f"the teacher was trained on data of shape {tuple(teacher.shape)}, "
+                          f"this run's data has shape {tuple(dataset.shape)}")
+    if abs(teacher.sigma_d - method.sigma_d) > 1e-12:
+        raise ConfigError(f"teacher sigma_d {teacher.sigma_d} != method.sigma_d {method.sigma_d}")
+    formulation = "trigflow" if teacher.method == "flow" else "edm"
+    method.teacher = make_teacher_velocity(teacher.net.requires_grad_(False), formulation, method.sigma_d)
+    return teacher
 
 
 def train(cfg: Config, out_dir: str | Path) -> dict:
@@ -121,8 +160,16 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
 
     dataset = load_data(cfg)
     method = build_method(cfg.method)
-    sigma_d = getattr(method, "sigma_d", 0.5)
+    teacher = load_teacher(cfg, method, dataset, device) if cfg.train.teacher else None
+    if teacher is not None and cfg.train.init_from_teacher:
+        if teacher.method != "flow":
+            raise ConfigError("train.init_from_teacher needs a TrigFlow ('flow') teacher: an EDM network's "
+                              "time input differs; set train.init_from_teacher=false to start from scratch")
+        # Diffusion fine-tuning (SPEC 2.4): the student is the teacher's network, weights and all.
+        cfg.network = config_from_dict({"network": teacher.config["network"]}).network
     net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes).to(device)
+    if teacher is not None and cfg.train.init_from_teacher:
+        net.load_state_dict(teacher.net.state_dict())
     optimizer = make_optimizer(cfg.optim, net.parameters())
     ema = EMA(net, tc.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
@@ -203,7 +250,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", skipped=nonfinite_total)
                 acc, acc_n, t_last, step_last = {}, 0, now, step
             if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-                write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}", sigma_d, device)
+                write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}")
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
                 save(step)
     except KeyboardInterrupt:
@@ -214,12 +261,13 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     bar.close()
     save(step)
 
-    samples = write_samples(ema.net, dataset, cfg, out_dir / "samples" / "final", sigma_d, device)
+    samples = write_samples(ema.net, dataset, cfg, out_dir / "samples" / "final")
     records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     save_loss_curve(records, out_dir / "loss.png", keys=("loss", "mse", "grad_norm", "w_mean"))
     summary = {"steps": step, "nonfinite_total": nonfinite_total, "final": records[-1] if records else {},
                "samples": sorted(str(p.relative_to(out_dir)) for p in (out_dir / "samples").glob("final*"))}
-    if dataset.kind == "vector":
-        summary["metrics"] = toy_metrics(samples, dataset, tc.sample_times)
+    metrics = sample_metrics(samples, dataset)
+    if metrics:
+        summary["metrics"] = metrics
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -53,7 +53,7 @@ def test_cli_flags_override_preset_and_file(tmp_path):
     cfg_file.write_text('[train]\nsteps = 77\nbatch_size = 16\n[method]\nname = "sct"\ntangent_norm = "rms"\n')
     args = argparse.Namespace(preset="digits", config=str(cfg_file), out=None, data=None, method=None, steps=None,
                               batch_size=32, lr=None, device=None, precision=None, seed=None,
-                              set=["optim.lr=5e-4"], no_progress=True)
+                              set=["optim.lr=5e-4"], no_progress=True, teacher=None)
     cfg, out = build_train_config(args)
     assert cfg.train.steps == 77 and cfg.train.batch_size == 32 and cfg.optim.lr == 5e-4
     assert cfg.method == {"name": "sct", "tangent_norm": "rms"}

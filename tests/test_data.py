@@ -498,7 +498,7 @@ def test_idx_errors(tmp_path):
 
 
 def test_registry_and_unknown_names(tmp_path):
-    assert set(DATASETS) == {"digits", *TOYS, "gaussian"}
+    assert set(DATASETS) == {"digits", *TOYS, "gaussian", "fashion-mnist", "mnist"}
     raises_data_error(lambda: load_dataset("mnistt"), "'mnistt'", "digits", "8gaussians", "swissroll")
     raises_data_error(lambda: load_dataset(tmp_path / "nope.npy"), "not found", str(tmp_path / "nope.npy"))
     raises_data_error(lambda: load_dataset(str(tmp_path / "nope")), "not found", str(tmp_path / "nope"))

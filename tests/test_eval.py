@@ -17,7 +17,8 @@ import torch
 from fewstep import data as fdata
 from fewstep.config import config_from_dict
 from fewstep.data import DataError, load_dataset
-from fewstep.evaluate import add_commands, cm_times, evaluate, format_table, schedules
+from fewstep.evaluate import add_commands, evaluate
+from fewstep.generate import cm_times, schedules
 from fewstep.train import train
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -276,8 +277,30 @@ def test_download_checks_md5_and_keeps_nothing_bad(tmp_path, monkeypatch):
         return io.BytesIO(b"not the dataset")
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(fdata, "DATA_SEARCH_DIR", tmp_path / "no-debian")
     with pytest.raises(DataError, match="MD5"):
-        load_dataset("mnist", split="test", download=True)
-    assert len(served) == 2  # both mirrors tried
-    assert not any((tmp_path / "cache" / "mnist").iterdir())  # no file under the final (or any) name
+        load_dataset("mnist", split="test", root=tmp_path / "dl", download=True)
+    assert len(served) == 2 and served[0].endswith("/t10k-images-idx3-ubyte.gz")  # both mirrors tried
+    assert not any((tmp_path / "dl").iterdir())  # no file under the final (or any) name
+    monkeypatch.setenv("FEWSTEP_DOWNLOAD", "1")  # the opt-in for commands without a download option
+    with pytest.raises(DataError, match="could not download MNIST"):
+        load_dataset("mnist")
+    assert len(served) == 4 and not any((tmp_path / "cache" / "mnist").iterdir())
     assert fdata.DATASETS["fashion-mnist"] is fdata.load_fashion_mnist
+
+
+def test_download_success_path(tmp_path, monkeypatch):
+    """A served file whose MD5 matches is kept under its name and loaded (fake files, fake MD5s)."""
+    import hashlib
+    import urllib.request
+
+    fake_mnist(tmp_path / "server", n_test=3)
+    payload = {p.name: p.read_bytes() for p in (tmp_path / "server").iterdir()}
+    for name, data in payload.items():
+        monkeypatch.setitem(fdata._MNIST.md5, name, hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload[url.rsplit("/", 1)[1]]))
+    monkeypatch.setattr(fdata, "DATA_SEARCH_DIR", tmp_path / "no-debian")
+    ds = load_dataset("mnist", split="test", download=True)
+    assert len(ds) == 3 and (tmp_path / "cache" / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
+    assert len(load_dataset("mnist", split="test", download=True)) == 3  # found in the cache now

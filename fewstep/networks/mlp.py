@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewstep.networks.layers import AdaDoubleNorm, AdaptiveWeight, TimeEmbedding
-from fewstep.networks.tangent import (affine_forward_tangent, dropout_forward_tangent, norm_forward_tangent,
-                                      silu_forward_tangent)
+from fewstep.networks.tangent import (add_tangents, affine_forward_tangent, dropout_forward_tangent,
+                                      norm_forward_tangent, silu_forward_tangent)
 
 
 class _MLPBlock(nn.Module):
@@ -26,9 +26,7 @@ class _MLPBlock(nn.Module):
         u, u_dot = silu_forward_tangent(*self.norm.forward_tangent(h, h_dot, emb, emb_dot))
         u, u_dot = dropout_forward_tangent(u, u_dot, self.dropout, self.training)
         u, u_dot = affine_forward_tangent(self.linear, u, u_dot)
-        with torch.no_grad():
-            y_dot = h_dot + u_dot
-        return h + u, y_dot
+        return h + u, add_tangents(u_dot, h_dot)
 
 
 class MLP(nn.Module):

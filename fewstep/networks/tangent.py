@@ -165,6 +165,15 @@ def dropout_forward_tangent(x: torch.Tensor, x_dot: torch.Tensor, p: float, trai
 # Generic modules.
 
 
+@torch.no_grad()
+def add_tangents(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """`fresh + other` (a residual sum), in place in `fresh` (a temporary nothing else holds)
+    unless that would lower the precision (e.g. a bfloat16 branch under autocast)."""
+    if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
+        return fresh.add_(other)
+    return fresh + other
+
+
 def module_forward_tangent(module: nn.Module, x: torch.Tensor, x_dot: torch.Tensor):
     """`(module(x), tangent)` for a module with its own `forward_tangent(x, x_dot)` or one of
     the standard layers above, including an `nn.Sequential` of them."""

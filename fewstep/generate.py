@@ -1,0 +1,217 @@
+"""Sampling a trained network, whatever its method: one place for `fewstep sample`,
+`fewstep eval` and the training loop's previews.
+
+Consistency models (sCT, sCD) sample with multistep consistency sampling (`fewstep.samplers`);
+diffusion models (TrigFlow flow matching, EDM) with a probability-flow ODE solver
+(`fewstep.ode`). A `Schedule` names the sampler and its steps; `generate` returns samples and
+the number of function evaluations (NFE).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# method name -> how its network samples. A new training method registers its sampling family here.
+CONSISTENCY_METHODS = ("sct", "scd")  # TrigFlow consistency functions: multistep consistency sampling
+DIFFUSION_METHODS = ("flow", "edm")  # velocity / denoiser networks: probability-flow ODE solvers
+CM_SAMPLER = "multistep"
+DEFAULT_ODE_SAMPLER = "heun"
+DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
+
+
+def cm_times(steps: int) -> list[float]:
+    """Multistep consistency times: 1 -> [pi/2], 2 -> [pi/2, 1.1] (the sCM paper), k > 2 ->
+    pi/2 then k - 1 times evenly spaced from 1.1 down to 0.2 (as `fewstep sample --steps k`)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps <= 2:
+        return [math.pi / 2, 1.1][:steps]
+    return [math.pi / 2] + [float(t) for t in np.linspace(1.1, 0.2, steps - 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# A model from a checkpoint, and the schedules it samples with
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One table row's sampler: `sampler` 'multistep' with `times`, or an ODE solver with `steps`."""
+
+    sampler: str
+    steps: int
+    times: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, **({"times": list(self.times)} if self.times else {})}
+
+
+@dataclass
+class Model:
+    """A network rebuilt from a checkpoint (EMA weights by default) and what sampling needs."""
+
+    net: torch.nn.Module
+    method: str
+    sigma_d: float
+    kind: str  # "image" or "vector"
+    shape: tuple[int, ...]
+    num_classes: int
+    config: dict  # the run's whole config, as a dict
+    checkpoint: Path | None = None
+    step: int = 0
+    weights: str = "ema"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_consistency(self) -> bool:
+        return self.method in CONSISTENCY_METHODS
+
+    @property
+    def data_cfg(self) -> dict:
+        return self.config["data"]
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder of the checkpoint (None for a network in hand)."""
+        if self.checkpoint is None:
+            return None
+        parent = self.checkpoint.parent
+        return parent.parent if parent.name == "checkpoints" else parent
+
+    @classmethod
+    def from_net(cls, net: torch.nn.Module, config: dict, kind: str, shape) -> "Model":
+        """Wrap a network in hand (e.g. the EMA network during training)."""
+        method = config["method"]["name"]
+        return cls(net, method, method_sigma_d(config["method"]), kind, tuple(shape),
+                   int(getattr(net, "num_classes", 0)), config, device=next(net.parameters()).device)
+
+
+def method_sigma_d(method_cfg: dict) -> float:
+    """The data standard deviation a method's network assumes (EDM calls it sigma_data)."""
+    return float(method_cfg.get("sigma_data" if method_cfg["name"] == "edm" else "sigma_d", 0.5))
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
+    """Rebuild the network of a checkpoint (a run folder, its checkpoints/ folder, or a ckpt-*.json)."""
+    from fewstep.checkpoint import load_checkpoint, resolve_checkpoint, unprefixed
+    from fewstep.config import config_from_dict
+    from fewstep.networks import build_network
+
+    device = torch.device(device)
+    json_path = resolve_checkpoint(checkpoint)
+    tensors, state = load_checkpoint(json_path, device=device)
+    cfg = config_from_dict(state["config"])
+    method = cfg.method["name"]
+    if method not in CONSISTENCY_METHODS + DIFFUSION_METHODS:
+        raise ValueError(f"fewstep cannot sample method {method!r} yet; it knows "
+                         f"{', '.join(CONSISTENCY_METHODS + DIFFUSION_METHODS)}")
+    info = state["data"]
+    net = build_network(cfg.network, info["kind"], tuple(info["shape"]), info["num_classes"])
+    prefix = "ema" if ema else "net"
+    net.load_state_dict(unprefixed(prefix, tensors))
+    return Model(net.to(device).eval(), method, method_sigma_d(cfg.method), info["kind"], tuple(info["shape"]),
+                 int(getattr(net, "num_classes", 0)), state["config"], json_path, int(state["step"]), prefix, device)
+
+
+def parse_ints(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} must be positive integers, got {text!r}")
+    return values
+
+
+def schedules(method: str, steps: list[int] | None = None, nfe: list[int] | None = None,
+              samplers: list[str] | None = None) -> list[Schedule]:
+    """The rows to evaluate: consistency models sample at each step count (NFE = steps);
+    diffusion models run each ODE sampler at each step count, or at the steps that give each
+    requested NFE (Heun: NFE = 2 steps - 1, so NFE must be odd; Euler, DPM-Solver++(2M): NFE = steps)."""
+    if steps is not None and nfe is not None:
+        raise ValueError("give --steps or --nfe, not both")
+    if method in CONSISTENCY_METHODS:
+        if samplers and set(samplers) != {CM_SAMPLER}:
+            raise ValueError(f"method {method!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
+                             f"(--sampler applies to diffusion checkpoints: {', '.join(DIFFUSION_METHODS)})")
+        return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
+    from fewstep.ode import SAMPLERS
+
+    samplers = samplers or [DEFAULT_ODE_SAMPLER]
+    for s in samplers:
+        if s not in SAMPLERS:
+            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {method!r}, got {s!r}")
+    rows = []
+    for s in samplers:
+        if nfe is None:
+            rows += [Schedule(s, k) for k in (steps or [DEFAULT_ODE_STEPS])]
+            continue
+        for n in nfe:
+            if s == "heun" and n % 2 == 0:
+                raise ValueError(f"heun takes 2 steps - 1 NFE, so --nfe must be odd for it, got {n}")
+            rows.append(Schedule(s, (n + 1) // 2 if s == "heun" else n))
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None, schedule: Schedule,
+                  generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
+    """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
+    if model.is_consistency:
+        from fewstep.samplers import multistep_sample, trigflow_sampler_fn
+
+        fn = trigflow_sampler_fn(model.net, model.sigma_d, labels)
+        return multistep_sample(fn, noise, schedule.times, model.sigma_d, generator), len(schedule.times)
+    from fewstep.ode import EDMODE, TrigFlowODE, edm_net_denoiser, guided, solve, trigflow_net_velocity
+
+    null = model.num_classes if model.num_classes else None
+    if model.method == "flow":
+        ode = TrigFlowODE(guided(trigflow_net_velocity(model.net, model.sigma_d), labels, guidance, null),
+                          model.sigma_d)
+    else:  # edm
+        ode = EDMODE(guided(edm_net_denoiser(model.net, model.sigma_d), labels, guidance, null))
+    return solve(ode, noise, schedule.steps, schedule.sampler)
+
+
+@torch.no_grad()
+def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, seed: int = 0,
+             guidance: float = 1.0, progress: bool = True,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float]:
+    """`num` samples (on the CPU) in batches with a seeded generator of its own (the global RNG is
+    untouched); class-conditional models get `labels`, by default balanced 0, 1, ..., K-1, 0, ...
+    Returns (samples, NFE, seconds of sampling)."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if guidance != 1.0 and (model.is_consistency or not model.num_classes):
+        raise ValueError("guidance applies to class-conditional diffusion checkpoints only")
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    if not model.num_classes:
+        labels = None
+    elif labels is None:
+        labels = torch.arange(num) % model.num_classes
+    out, nfe = [], 0
+    _sync(model.device)
+    start_time = time.perf_counter()
+    desc = f"{model.method} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
+    for start in tqdm(range(0, num, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        n = min(batch_size, num - start)
+        noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
+        lab = None if labels is None else labels[start:start + n].to(model.device)
+        x, nfe = _sample_batch(model, noise, lab, schedule, gen, guidance)
+        out.append(x.float().cpu())
+    _sync(model.device)
+    return torch.cat(out), nfe, time.perf_counter() - start_time
