@@ -6,7 +6,10 @@ round so that drift hits all of them alike. Peak memory is measured per mode in 
 subprocess: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set size
 (VmHWM), reported in total and as the growth over the process's size just before the first
 step (weights, model and data already there) -- that growth is what the step itself needs
-(gradients, Adam state, activations, workspaces).
+(gradients, Adam state, activations, workspaces). On CPU the probe fixes glibc's mmap threshold
+(MALLOC_MMAP_THRESHOLD_=131072) so that freed tensors go back to the OS at once and the peak
+RSS tracks the peak of live memory; with glibc's adaptive threshold the same run varies by
++-5% from one process to the next.
 
 Modes:
   flow           TrigFlow flow matching (SPEC 1.1)
@@ -154,7 +157,8 @@ def probe_memory(args) -> dict:
 
 def run_memory_probe(mode: str, argv: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--probe-memory", mode]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"memory probe for {mode} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -160,3 +160,35 @@ def test_sample_rejects_bad_times(tmp_path, capsys):
     main(["train", "--preset", "8gaussians", "--out", str(tmp_path), "--steps", "2", "--no-progress"])
     assert main(["sample", str(tmp_path), "--times", "1.0,1.3"]) == 2
     assert "strictly decreasing" in capsys.readouterr().err
+
+
+def test_scd_from_flow_teacher_via_cli(tmp_path, capsys):
+    """`--method flow` trains a teacher; `--method scd --teacher` starts from its weights."""
+    teacher = tmp_path / "teacher"
+    common = ["--preset", "8gaussians", "--steps", "4", "--batch-size", "16", "--no-progress",
+              "--set", "network.width=32", "--set", "network.depth=1"]
+    assert main(["train", *common, "--method", "flow", "--out", str(teacher)]) == 0
+    assert (teacher / "samples" / "final.png").is_file()  # an ODE-sampled preview
+    student = tmp_path / "student"
+    assert main(["train", *common[:-4], "--method", "scd", "--teacher", str(teacher), "--out", str(student),
+                 "--set", "train.ckpt_every=1", "--set", "train.keep_ckpts=10"]) == 0
+    first, _ = ckpt.load_checkpoint(student / "checkpoints" / "ckpt-0000001.json")
+    t_weights, _ = ckpt.load_checkpoint(teacher)
+    # One optimizer step after starting from the teacher: close to, not equal to, its EMA weights.
+    net_keys = [k for k in first if k.startswith("net.")]
+    diffs = [float((first[k] - t_weights["ema." + k[4:]]).abs().max()) for k in net_keys]
+    assert max(diffs) < 0.05 and max(diffs) > 0
+    assert main(["sample", str(teacher), "--sampler", "euler", "--steps", "3", "--num", "8",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    assert "NFE 3" in capsys.readouterr().out
+
+
+def test_scd_needs_a_diffusion_teacher(tmp_path, capsys):
+    assert main(["train", "--preset", "8gaussians", "--method", "scd", "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    sct = tmp_path / "sct"
+    main(["train", "--preset", "8gaussians", "--steps", "2", "--out", str(sct), "--no-progress"])
+    assert main(["train", "--preset", "8gaussians", "--method", "scd", "--teacher", str(sct),
+                 "--out", str(tmp_path / "s2"), "--no-progress"]) == 2
+    assert "must be a diffusion model" in capsys.readouterr().err
