@@ -69,7 +69,7 @@ class SCD:
     norm_const: float = 0.1
     warmup_steps: int = 10000  # tangent warmup (paper: 10k)
     adaptive_weight: bool = True
-    jvp_mode: str = "separate"
+    jvp_mode: str = "tangent"  # as in SCT
 
     def __post_init__(self, teacher):
         self.teacher = teacher
