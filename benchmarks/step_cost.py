@@ -37,7 +37,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning. On a machine shared with other jobs, spinning
+# threads wait on descheduled peers and the same step varied 3x from round to round; with
+# passive waiting it varies by a few percent. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -182,7 +187,8 @@ def main(argv=None):
     for mode in args.modes:
         steps[mode] = make_step(mode, copy.deepcopy(net), x0, args)
     device_name = (torch.cuda.get_device_name() if x0.device.type == "cuda"
-                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"UNet {n_params / 1e6:.2f}M params, {args.resolution}x{args.resolution}x{args.img_channels}, "
           f"channels {args.channels} x {tuple(args.mult)}, attention at {attn}, batch {args.batch}, "
           f"{args.dtype}, amp {args.amp}, on {device_name}")

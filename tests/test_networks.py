@@ -13,6 +13,7 @@ from fewstep.methods.scm import normalize_tangent, scm_jvp, scm_loss, scm_tangen
 from fewstep.networks import MLP, UNet
 from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, math_attention, pnorm
 from fewstep.trigflow import trigflow_noise, trigflow_velocity
+from helpers import randomize_zero_params_
 
 SIGMA_D = 0.5
 
@@ -20,14 +21,6 @@ F64 = torch.float64
 
 
 
-def _randomize_zero_params_(net: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
-    """Re-draw every all-zero parameter (zero-initialised output layers) so outputs are not 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
-    return net
 
 
 def _tiny_unet(**kw) -> UNet:
@@ -100,7 +93,7 @@ def test_mlp_shapes(kw):
 @pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
 def test_labels_change_output_and_none_is_null_label(make):
     torch.manual_seed(0)
-    net = _randomize_zero_params_(make(num_classes=3)).eval()
+    net = randomize_zero_params_(make(num_classes=3)).eval()
     x = _input(net, 4)
     t = torch.full((4,), 0.7)
     with torch.no_grad():
@@ -124,7 +117,7 @@ def test_labels_change_output_and_none_is_null_label(make):
 @pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
 def test_dropout_active_in_train_mode_only(make):
     torch.manual_seed(0)
-    net = _randomize_zero_params_(make(dropout=0.5))
+    net = randomize_zero_params_(make(dropout=0.5))
     x, t = _input(net, 4), torch.full((4,), 0.7)
     with torch.no_grad():
         net.train()
@@ -140,7 +133,7 @@ def test_dropout_masks_match_between_jvp_pass_and_graded_forward(make):
     """In jvp_mode='separate' the no-grad JVP pass and the graded forward must draw the same
     dropout masks, so that F_theta - F^- is exactly zero in value: the per-sample loss is then
     exactly the mse of the normalized tangent (computed here with the masks of the same seed)."""
-    net = _randomize_zero_params_(make(dropout=0.5, adaptive_weight=False), seed=1).double().train()
+    net = randomize_zero_params_(make(dropout=0.5, adaptive_weight=False), seed=1).double().train()
     x0 = _input(net, 5, F64, seed=1)
     z = _input(net, 5, F64, seed=2) * SIGMA_D
     t = torch.tensor([0.05, 0.4, 0.8, 1.2, 1.5], dtype=F64)
@@ -166,7 +159,7 @@ def test_dropout_masks_match_between_jvp_pass_and_graded_forward(make):
 def test_dropout_jvp_uses_one_mask_for_primal_and_tangent():
     """Under torch.func.jvp a dropout layer must apply the same mask to the primal and the
     tangent: the JVP then equals a finite difference taken with that same (re-seeded) mask."""
-    net = _randomize_zero_params_(_tiny_mlp(dropout=0.5), seed=2).double().train()
+    net = randomize_zero_params_(_tiny_mlp(dropout=0.5), seed=2).double().train()
     x = _input(net, 4, F64, seed=3)
     t = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=F64)
     xd = _input(net, 4, F64, seed=4)
@@ -275,7 +268,7 @@ def test_func_jvp_through_unet_with_attention(dtype):
     """torch.func.jvp runs through the UNet with attention on CPU (no fused-SDPA error) and
     agrees with a central finite difference of the network in the same direction."""
     torch.manual_seed(0)
-    net = _randomize_zero_params_(_tiny_unet(dropout=0.0, num_classes=3)).to(dtype)
+    net = randomize_zero_params_(_tiny_unet(dropout=0.0, num_classes=3)).to(dtype)
     assert any(m.__class__.__name__ == "SelfAttention2d" for m in net.modules())
     x = _input(net, 3, dtype)
     t = torch.tensor([0.1, 0.8, 1.5], dtype=dtype)

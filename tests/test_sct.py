@@ -33,6 +33,7 @@ from fewstep.trigflow import (
     trigflow_noise,
     trigflow_velocity,
 )
+from helpers import randomize_zero_params_
 
 SIGMA_D = 0.5
 
@@ -40,15 +41,6 @@ SIGMA_D = 0.5
 F64 = torch.float64
 
 
-def _randomize_zero_params_(net: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
-    """Re-draw every all-zero parameter (zero-initialised output layers, the adaptive-weight
-    head) so that no part of the network is trivially zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
-    return net
 
 
 def _tiny_unet(**kw) -> UNet:
@@ -66,7 +58,7 @@ def _tiny_mlp(**kw) -> MLP:
 
 def _net64(make, seed=0):
     torch.manual_seed(seed)
-    return _randomize_zero_params_(make(), seed=seed).double()
+    return randomize_zero_params_(make(), seed=seed).double()
 
 
 def _data(net, n, seed=0):
@@ -249,7 +241,7 @@ def test_sct_config_validation():
 @pytest.mark.parametrize("jvp_mode", ["separate", "single"])
 def test_sct_call_returns_per_sample_loss(jvp_mode):
     torch.manual_seed(0)
-    net = _randomize_zero_params_(MLP(dim=2, width=16, depth=1))
+    net = randomize_zero_params_(MLP(dim=2, width=16, depth=1))
     x0 = torch.randn(32, 2) * 0.5
     loss, stats = SCT(jvp_mode=jvp_mode)(net, x0, None, step=0)
     assert loss.shape == (32,) and torch.isfinite(loss).all()

@@ -18,20 +18,13 @@ from fewstep.trigflow import (
     trigflow_noise,
     trigflow_velocity,
 )
+from helpers import randomize_zero_params_
 
 SIGMA_D = 0.5
 
 
 
 
-def _randomize_zero_params_(net: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Re-draw every all-zero parameter (zero-initialised output layers) so outputs are not 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
-    return net
 
 
 def _tiny_unet(**kw) -> UNet:
@@ -88,7 +81,7 @@ def test_velocity_is_time_derivative_of_noising(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_consistency_boundary_is_exact(make, dtype):
     torch.manual_seed(0)
-    net = _randomize_zero_params_(make()).to(dtype)
+    net = randomize_zero_params_(make()).to(dtype)
     shape = (4, 2, 8, 8) if isinstance(net, UNet) else (4, 3)
     x = torch.randn(shape, dtype=dtype) * 3
     t0 = torch.zeros(4, dtype=dtype)
