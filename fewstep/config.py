@@ -69,11 +69,15 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear learning-rate warmup
-    decay_start: int = 0  # EDM2 inverse-sqrt decay: lr / sqrt(step / decay_start) after it; 0 = constant
+    schedule: str = "constant"  # after warmup: 'constant', 'cosine' or 'linear' (to 0 at train.steps), 'inv_sqrt'
+    decay_start: int = 0  # 'inv_sqrt' (EDM2): lr / sqrt(step / decay_start) once step > decay_start
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
     def validate(self):
         _choice("optim.name", self.name, ("adam", "radam"))
+        _choice("optim.schedule", self.schedule, ("constant", "cosine", "linear", "inv_sqrt"))
+        if self.schedule == "inv_sqrt" and self.decay_start < 1:
+            raise ConfigError("optim.schedule 'inv_sqrt' needs optim.decay_start >= 1")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -11,7 +11,7 @@ DIGITS = {
     "network": {"model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
                 "dropout": 0.0},
     "method": {"name": "sct"},
-    "optim": {"lr": 2e-3, "warmup_steps": 100},
+    "optim": {"lr": 2e-3, "warmup_steps": 100, "schedule": "cosine"},
     "train": {"steps": 2000, "batch_size": 64, "sample_every": 500, "ckpt_every": 500, "num_samples": 100},
 }
 

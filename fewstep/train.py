@@ -42,12 +42,18 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def learning_rate(cfg, step: int) -> float:
-    """Linear warmup, then constant or EDM2's inverse square-root decay."""
+def learning_rate(cfg, step: int, total_steps: int) -> float:
+    """Linear warmup, then constant, cosine or linear decay to 0 at `total_steps`, or EDM2's
+    inverse square-root decay."""
     lr = cfg.lr
     if cfg.warmup_steps > 0:
         lr *= min(1.0, (step + 1) / cfg.warmup_steps)
-    if cfg.decay_start > 0:
+    progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    elif cfg.schedule == "linear":
+        lr *= 1 - progress
+    elif cfg.schedule == "inv_sqrt":
         lr /= math.sqrt(max(step / cfg.decay_start, 1.0))
     return lr
 
@@ -205,7 +211,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     try:
         while step < tc.steps:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg.optim, step)
+                group["lr"] = learning_rate(cfg.optim, step, tc.steps)
             x0, labels = dataset.sample(tc.batch_size, device=device)
             if not getattr(net, "num_classes", 0):
                 labels = None

@@ -193,3 +193,17 @@ def test_scd_needs_a_diffusion_teacher(tmp_path, capsys):
     assert main(["train", "--preset", "8gaussians", "--method", "scd", "--teacher", str(sct),
                  "--out", str(tmp_path / "s2"), "--no-progress"]) == 2
     assert "must be a diffusion model" in capsys.readouterr().err
+
+
+def test_learning_rate_schedules():
+    from fewstep.config import OptimConfig
+    from fewstep.train import learning_rate
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=10)
+    assert learning_rate(cfg, 0, 110) == pytest.approx(0.1) and learning_rate(cfg, 50, 110) == 1.0
+    cfg.schedule = "cosine"
+    assert learning_rate(cfg, 60, 110) == pytest.approx(0.5) and learning_rate(cfg, 110, 110) == pytest.approx(0)
+    cfg.schedule = "linear"
+    assert learning_rate(cfg, 35, 110) == pytest.approx(0.75)
+    cfg.schedule, cfg.decay_start = "inv_sqrt", 20
+    assert learning_rate(cfg, 20, 110) == 1.0 and learning_rate(cfg, 80, 110) == pytest.approx(0.5)
