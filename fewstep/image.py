@@ -1,4 +1,4 @@
-"""Writing what a person looks at: image grids and 2-D scatter plots as PNG."""
+"""Writing what a person looks at: image grids and 2-D scatter plots as PNG (curves: plot.py)."""
 
 from __future__ import annotations
 
@@ -63,29 +63,6 @@ def save_scatter(points: dict[str, torch.Tensor], path: str | Path, title: str =
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def save_loss_curve(log: list[dict], path: str | Path, keys=("loss",)) -> Path | None:
-    """Plot stats from a run's JSONL records against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if any(k in r for r in log)]
-    if not keys:
-        return None
-    path = Path(path)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        rows = [(r["step"], r[key]) for r in log if key in r]
-        ax.plot([s for s, _ in rows], [v for _, v in rows])
-        ax.set_xlabel("step")
-        ax.set_title(key)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -20,7 +20,8 @@ from fewstep import checkpoint as ckpt
 from fewstep.config import Config, ConfigError, build_method, config_from_dict
 from fewstep.data import load_dataset
 from fewstep.ema import EMA
-from fewstep.image import save_image_grid, save_loss_curve, save_scatter
+from fewstep.image import save_image_grid, save_scatter
+from fewstep.plot import plot_log, read_log
 from fewstep.networks import build_network
 
 
@@ -268,8 +269,9 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     save(step)
 
     samples = write_samples(ema.net, dataset, cfg, out_dir / "samples" / "final")
-    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    save_loss_curve(records, out_dir / "loss.png", keys=("loss", "mse", "grad_norm", "w_mean"))
+    records = read_log(log_path) if log_path.exists() else []
+    if records:
+        plot_log(records, out_dir / "loss.png", title=f"{cfg.method['name']} on {cfg.data.name}")
     summary = {"steps": step, "nonfinite_total": nonfinite_total, "final": records[-1] if records else {},
                "samples": sorted(str(p.relative_to(out_dir)) for p in (out_dir / "samples").glob("final*"))}
     metrics = sample_metrics(samples, dataset)
