@@ -12,7 +12,7 @@ DIGITS = {
                 "dropout": 0.0},
     "method": {"name": "sct"},
     "optim": {"lr": 2e-3, "warmup_steps": 100, "schedule": "cosine"},
-    "train": {"steps": 2000, "batch_size": 64, "sample_every": 500, "ckpt_every": 500, "num_samples": 100},
+    "train": {"steps": 4000, "batch_size": 64, "sample_every": 1000, "ckpt_every": 1000, "num_samples": 100},
 }
 
 TOY = {
