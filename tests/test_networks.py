@@ -13,7 +13,7 @@ from fewstep.methods.scm import normalize_tangent, scm_jvp, scm_loss, scm_tangen
 from fewstep.networks import MLP, UNet
 from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, math_attention, pnorm
 from fewstep.trigflow import trigflow_noise, trigflow_velocity
-from helpers import randomize_zero_params_
+from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
 
 SIGMA_D = 0.5
 
@@ -21,19 +21,6 @@ F64 = torch.float64
 
 
 
-
-
-def _tiny_unet(**kw) -> UNet:
-    cfg = dict(img_channels=2, img_resolution=8, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-               attn_resolutions=(4,), attn_heads=2)
-    cfg.update(kw)
-    return UNet(**cfg)
-
-
-def _tiny_mlp(**kw) -> MLP:
-    cfg = dict(dim=3, width=16, depth=2)
-    cfg.update(kw)
-    return MLP(**cfg)
 
 
 def _input(net, n, dtype=torch.float32, seed=0):
@@ -90,7 +77,7 @@ def test_mlp_shapes(kw):
 # Class labels
 
 
-@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_mlp], ids=["unet", "mlp"])
 def test_labels_change_output_and_none_is_null_label(make):
     torch.manual_seed(0)
     net = randomize_zero_params_(make(num_classes=3)).eval()
@@ -114,7 +101,7 @@ def test_labels_change_output_and_none_is_null_label(make):
 # Dropout
 
 
-@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_mlp], ids=["unet", "mlp"])
 def test_dropout_active_in_train_mode_only(make):
     torch.manual_seed(0)
     net = randomize_zero_params_(make(dropout=0.5))
@@ -128,7 +115,7 @@ def test_dropout_active_in_train_mode_only(make):
     assert torch.equal(c, d)
 
 
-@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_mlp], ids=["unet", "mlp"])
 def test_dropout_masks_match_between_jvp_pass_and_graded_forward(make):
     """In jvp_mode='separate' the no-grad JVP pass and the graded forward must draw the same
     dropout masks, so that F_theta - F^- is exactly zero in value: the per-sample loss is then
@@ -159,7 +146,7 @@ def test_dropout_masks_match_between_jvp_pass_and_graded_forward(make):
 def test_dropout_jvp_uses_one_mask_for_primal_and_tangent():
     """Under torch.func.jvp a dropout layer must apply the same mask to the primal and the
     tangent: the JVP then equals a finite difference taken with that same (re-seeded) mask."""
-    net = randomize_zero_params_(_tiny_mlp(dropout=0.5), seed=2).double().train()
+    net = randomize_zero_params_(tiny_mlp(dropout=0.5), seed=2).double().train()
     x = _input(net, 4, F64, seed=3)
     t = torch.tensor([0.2, 0.6, 1.0, 1.4], dtype=F64)
     xd = _input(net, 4, F64, seed=4)
@@ -182,7 +169,7 @@ def test_dropout_jvp_uses_one_mask_for_primal_and_tangent():
 # Adaptive weighting head, normalization layers, time embedding
 
 
-@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_mlp], ids=["unet", "mlp"])
 def test_adaptive_weight_head_starts_at_zero(make):
     torch.manual_seed(0)
     net = make()
@@ -197,8 +184,8 @@ def test_adaptive_weight_head_starts_at_zero(make):
 
 
 @pytest.mark.parametrize("net", [
-    _tiny_unet(dropout=0.1, num_classes=3), _tiny_unet(channel_mult=(1, 2, 2), img_resolution=16),
-    _tiny_mlp(num_classes=2, dropout=0.1),
+    tiny_unet(dropout=0.1, num_classes=3), tiny_unet(channel_mult=(1, 2, 2), img_resolution=16),
+    tiny_mlp(num_classes=2, dropout=0.1),
 ], ids=["unet", "unet3", "mlp"])
 def test_no_batchnorm_and_no_running_stats(net):
     for name, m in net.named_modules():
@@ -268,7 +255,7 @@ def test_func_jvp_through_unet_with_attention(dtype):
     """torch.func.jvp runs through the UNet with attention on CPU (no fused-SDPA error) and
     agrees with a central finite difference of the network in the same direction."""
     torch.manual_seed(0)
-    net = randomize_zero_params_(_tiny_unet(dropout=0.0, num_classes=3)).to(dtype)
+    net = randomize_zero_params_(tiny_unet(dropout=0.0, num_classes=3)).to(dtype)
     assert any(m.__class__.__name__ == "SelfAttention2d" for m in net.modules())
     x = _input(net, 3, dtype)
     t = torch.tensor([0.1, 0.8, 1.5], dtype=dtype)

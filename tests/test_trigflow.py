@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fewstep.networks import MLP, UNet
+from fewstep.networks import UNet
 from fewstep.trigflow import (
     HALF_PI,
     consistency_from_velocity,
@@ -18,26 +18,13 @@ from fewstep.trigflow import (
     trigflow_noise,
     trigflow_velocity,
 )
-from helpers import randomize_zero_params_
+from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
 
 SIGMA_D = 0.5
 
 
 
 
-
-
-def _tiny_unet(**kw) -> UNet:
-    cfg = dict(img_channels=2, img_resolution=8, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-               attn_resolutions=(4,), attn_heads=2)
-    cfg.update(kw)
-    return UNet(**cfg)
-
-
-def _tiny_mlp(**kw) -> MLP:
-    cfg = dict(dim=3, width=16, depth=2)
-    cfg.update(kw)
-    return MLP(**cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +64,7 @@ def test_velocity_is_time_derivative_of_noising(shape):
 # Consistency function: boundary condition f(x, 0) = x exactly
 
 
-@pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet", "mlp"])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_mlp], ids=["unet", "mlp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_consistency_boundary_is_exact(make, dtype):
     torch.manual_seed(0)
