@@ -29,6 +29,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
 def read_log(path: str | Path) -> list[dict]:
     """The records of a run's `log.jsonl` (a torn last line from a crash is skipped)."""
     records = []
@@ -72,12 +81,7 @@ def plot_log(log: str | Path | list[dict], out: str | Path, title: str = "") -> 
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def read_eval(path: str | Path) -> dict:
@@ -131,12 +135,7 @@ def plot_eval(results: list[dict], out: str | Path, labels: list[str] | None = N
     feats = sorted({r["features"]["name"] for r in results if "features" in r})
     fig.suptitle(f"N = {', '.join(map(str, ns))} samples vs {', '.join(refs)}"
                  + (f" ({', '.join(feats)})" if feats else ""), fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def sample_grids(checkpoint: str | Path, out_dir: str | Path, schedules=None, *, num: int = 64, seed: int = 0,

@@ -12,30 +12,12 @@ from fewstep.methods import METHODS, EDMDiffusion, FlowMatching
 from fewstep.methods.flow import drop_labels
 from fewstep.networks import MLP
 from fewstep.ode import EDMODE, TrigFlowODE, sample_heun
-
-SD, S = 0.5, 0.2
-MU = torch.tensor([0.3, -0.5, 1.0, 0.1], dtype=torch.float64)
-
-
-def _b(t, x):
-    t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
-    return t.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def v_star(x, t, labels=None):
-    t = _b(t, x)
-    q = S ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
-    return torch.sin(t) * torch.cos(t) * (SD ** 2 - S ** 2) / q * (x - torch.cos(t) * MU) - torch.sin(t) * MU
-
-
-def d_star(x, sigma, labels=None, mu=MU, s=S):
-    sigma = _b(sigma, x)
-    return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+from helpers import MU, S, SD, d_star, f_star_edm, per_sample, v_star
 
 
 def edm_trajectory(x_start, sigma_start, sigma):
     """Exact EDM PF-ODE solution through (x_start, sigma_start), at noise level sigma."""
-    return MU + (x_start - MU) * math.sqrt(S ** 2 + sigma ** 2) / math.sqrt(S ** 2 + sigma_start ** 2)
+    return f_star_edm(x_start, sigma_start, sigma)
 
 
 def _x(n=6, d=4, seed=0):
@@ -54,8 +36,8 @@ class OracleEDMNet(torch.nn.Module):
     def forward(self, y, c_noise, labels=None):
         sigma = torch.exp(4 * c_noise)
         c_skip, c_out, c_in, _ = edm_precond(sigma, self.sigma_data)
-        x = y / _b(c_in, y)
-        return (d_star(x, sigma, mu=self.mu, s=self.s) - _b(c_skip, x) * x) / _b(c_out, x)
+        x = y / per_sample(c_in, y)
+        return (d_star(x, sigma, mu=self.mu, s=self.s) - per_sample(c_skip, x) * x) / per_sample(c_out, x)
 
 
 # ---------------------------------------------------------------------------------------------

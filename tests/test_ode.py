@@ -14,42 +14,11 @@ from fewstep.edm import karras_grid
 from fewstep.networks import MLP
 from fewstep.ode import (SAMPLERS, EDMODE, TrigFlowODE, cfg_combine, guided, sample_dpmpp_2m, sample_euler,
                          sample_heun, solve, trigflow_net_velocity, trigflow_times)
+from helpers import MU, SD, d_star, f_star_edm, v_star
+from helpers import f_star as f_star_trigflow
 
-SD, S = 0.5, 0.2  # sigma_d and the data std (different, so that the ODE is curved)
-MU = torch.tensor([0.3, -0.5, 1.0, 0.1], dtype=torch.float64)
 ORDER = {"euler": 1.0, "heun": 2.0, "dpmpp_2m": 2.0}
 STEPS = [16, 32, 64, 128]
-
-
-def _b(t, x):
-    t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
-    return t.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def v_star(x, t, labels=None):
-    """Exact TrigFlow velocity `k(t) (x - cos t mu) - sin t mu`."""
-    t = _b(t, x)
-    q = S ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
-    k = torch.sin(t) * torch.cos(t) * (SD ** 2 - S ** 2) / q
-    return k * (x - torch.cos(t) * MU) - torch.sin(t) * MU
-
-
-def f_star_trigflow(x, t):
-    """Exact ODE endpoint at t = 0 from (x, t)."""
-    t = _b(t, x)
-    q = S ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
-    return MU + (x - torch.cos(t) * MU) * S / q.sqrt()
-
-
-def d_star(x, sigma, labels=None):
-    """Exact EDM denoiser `mu + s^2 / (s^2 + sigma^2) (x - mu)`."""
-    sigma = _b(sigma, x)
-    return MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
-
-
-def f_star_edm(x, sigma, eps):
-    """Exact ODE endpoint at noise level eps from (x, sigma)."""
-    return MU + (x - MU) * math.sqrt(S ** 2 + eps ** 2) / math.sqrt(S ** 2 + sigma ** 2)
 
 
 def _noise(n=8):

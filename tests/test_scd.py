@@ -16,31 +16,7 @@ from fewstep.metrics.toy import sliced_wasserstein
 from fewstep.networks import MLP
 from fewstep.ode import TrigFlowODE, solve, trigflow_net_velocity
 from fewstep.samplers import multistep_sample, trigflow_sampler_fn
-
-SD, S = 0.5, 0.2
-MU = torch.tensor([0.3, -0.5, 1.0, 0.1], dtype=torch.float64)
-
-
-def _b(t, x):
-    t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
-    return t.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def v_star(x, t, labels=None, mu=MU):
-    t = _b(t, x)
-    q = S ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
-    return torch.sin(t) * torch.cos(t) * (SD ** 2 - S ** 2) / q * (x - torch.cos(t) * mu) - torch.sin(t) * mu
-
-
-def f_star(x, t):
-    t = _b(t, x)
-    q = S ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
-    return MU + (x - torch.cos(t) * MU) * S / q.sqrt()
-
-
-def d_star(x, sigma, labels=None):
-    sigma = _b(sigma, x)
-    return MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
+from helpers import MU, S, SD, d_star, f_star, per_sample, v_star
 
 
 class OracleConsistencyNet(torch.nn.Module):
@@ -50,7 +26,7 @@ class OracleConsistencyNet(torch.nn.Module):
 
     def forward(self, y, t, labels=None):
         x = SD * y
-        return (_b(torch.cos(t), x) * x - f_star(x, t)) / (SD * _b(torch.sin(t), x))
+        return (per_sample(torch.cos(t), x) * x - f_star(x, t)) / (SD * per_sample(torch.sin(t), x))
 
 
 class OracleEDMNet(torch.nn.Module):
@@ -61,8 +37,8 @@ class OracleEDMNet(torch.nn.Module):
     def forward(self, y, c_noise, labels=None):
         sigma = torch.exp(4 * c_noise)
         c_skip, c_out, c_in, _ = edm_precond(sigma, SD)
-        x = y / _b(c_in, y)
-        return (d_star(x, sigma) - _b(c_skip, x) * x) / _b(c_out, x)
+        x = y / per_sample(c_in, y)
+        return (d_star(x, sigma) - per_sample(c_skip, x) * x) / per_sample(c_out, x)
 
 
 def _data(n=256, seed=0):
@@ -118,7 +94,7 @@ def test_tangent_warmup_is_wired():
 
 def _label_teacher(x, t, labels=None):
     lab = torch.full((x.shape[0],), 7) if labels is None else labels
-    return x * (lab.to(x.dtype)[:, None] + 1) - _b(t, x)
+    return x * (lab.to(x.dtype)[:, None] + 1) - per_sample(t, x)
 
 
 def test_guided_teacher_velocity():
