@@ -65,7 +65,8 @@ def _sample_parser(sub):
     p.add_argument("--times", default=None, help="consistency models: comma-separated decreasing times in (0, pi/2]")
     p.add_argument("--sampler", default=None, help="diffusion models: heun (default), euler, dpmpp_2m")
     p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale (class-conditional diffusion models; 1 = none)")
+                   help="classifier-free guidance scale (class-conditional diffusion models, and sCD students "
+                        "distilled with method.guidance_range; 1 = none)")
     p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--label", type=int, default=None, help="class label for a class-conditional model")

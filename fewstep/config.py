@@ -47,6 +47,7 @@ class NetworkConfig:
     emb_min_freq: float = 0.1  # time-embedding frequencies, applied to t itself (SPEC 2.4)
     emb_max_freq: float = 1.0
     adaptive_weight: bool = True  # learned w_phi(t) head (SPEC 1.3)
+    guidance_input: bool = False  # the network takes a CFG scale as input (an sCD student; class-conditional)
 
     def validate(self):
         _choice("network.arch", self.arch, ("auto", "unet", "mlp"))
@@ -59,6 +60,9 @@ class NetworkConfig:
             raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.emb_min_freq <= self.emb_max_freq:
             raise ConfigError("network.emb_min_freq must be > 0 and <= network.emb_max_freq")
+        if self.guidance_input and not self.class_conditional:
+            raise ConfigError("network.guidance_input needs network.class_conditional=true: "
+                              "classifier-free guidance mixes a class-conditional and an unconditional model")
 
 
 @dataclass
@@ -105,7 +109,7 @@ class TrainConfig:
     num_samples: int = 64
     progress: bool = True
     teacher: str | None = None  # sCD: checkpoint of the diffusion teacher (method flow or edm)
-    init_from_teacher: bool = True  # sCD: start from the teacher's weights (a flow teacher; SPEC 2.4)
+    init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
 
     def validate(self):
         for key in ("steps", "batch_size", "log_every", "keep_ckpts", "max_nonfinite", "num_samples"):

@@ -296,7 +296,8 @@ def _eval_parser(sub):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale (class-conditional diffusion checkpoints)")
+                   help="classifier-free guidance scale (class-conditional diffusion checkpoints, and sCD students "
+                        "distilled with method.guidance_range)")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
     p.add_argument("--out", default=None, help="JSON path (default: <run>/eval.json)")
     _add_common(p)

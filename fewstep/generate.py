@@ -172,7 +172,8 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
     if model.is_consistency:
         from fewstep.samplers import multistep_sample, trigflow_sampler_fn
 
-        fn = trigflow_sampler_fn(model.net, model.sigma_d, labels)
+        w = guidance if getattr(model.net, "guidance_input", False) else None
+        fn = trigflow_sampler_fn(model.net, model.sigma_d, labels, w)
         return multistep_sample(fn, noise, schedule.times, model.sigma_d, generator), len(schedule.times)
     from fewstep.ode import EDMODE, TrigFlowODE, edm_net_denoiser, guided, solve, trigflow_net_velocity
 
@@ -196,8 +197,11 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         raise ValueError(f"num must be >= 1, got {num}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if guidance != 1.0 and (model.is_consistency or not model.num_classes):
-        raise ValueError("guidance applies to class-conditional diffusion checkpoints only")
+    if guidance != 1.0 and not model.num_classes:
+        raise ValueError("guidance applies to class-conditional checkpoints only")
+    if guidance != 1.0 and model.is_consistency and not getattr(model.net, "guidance_input", False):
+        raise ValueError("this consistency model's guidance was fixed when it was distilled (method.guidance); "
+                         "a student distilled with method.guidance_range takes --guidance")
     gen = torch.Generator(device=model.device).manual_seed(seed)
     if not model.num_classes:
         labels = None

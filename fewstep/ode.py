@@ -38,12 +38,15 @@ from fewstep.trigflow import HALF_PI, consistency_from_velocity
 # Classifier-free guidance
 
 
-def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """`uncond + w (cond - uncond)`: w = 1 is the conditional model, w = 0 the unconditional."""
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance) -> torch.Tensor:
+    """`uncond + w (cond - uncond)`: w = 1 is the conditional model, w = 0 the unconditional.
+    `w` is a float or a per-sample (B,) tensor."""
+    if isinstance(guidance, torch.Tensor) and guidance.ndim == 1:
+        guidance = guidance.to(cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
     return uncond + guidance * (cond - uncond)
 
 
-def guided(model: Callable, labels: torch.Tensor | None = None, guidance: float = 1.0,
+def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
            null_label: int | None = None) -> Callable:
     """Bind labels to `model(x, s, labels)`, with classifier-free guidance: returns `fn(x, s)`.
 
@@ -51,9 +54,10 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance: float 
     `model(x, s, null) + w (model(x, s, labels) - model(x, s, null))`. With `null_label`
     (the networks' null index is `net.num_classes`) the two evaluations share one batched
     call; without it the unconditional one passes `labels=None` (all-null for fewstep nets).
-    `w = 1` or `labels=None` costs a single conditional call.
+    `w = 1` or `labels=None` costs a single conditional call. `guidance` may be a per-sample
+    (B,) tensor (sCD with a guidance-conditioned student draws one scale per sample).
     """
-    if labels is None or guidance == 1.0:
+    if labels is None or (not isinstance(guidance, torch.Tensor) and guidance == 1.0):
         return lambda x, s: model(x, s, labels)
 
     def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

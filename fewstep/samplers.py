@@ -36,9 +36,10 @@ def multistep_sample(consistency_fn, noise: torch.Tensor, times, sigma_d: float 
     return x
 
 
-def trigflow_sampler_fn(net, sigma_d: float = 0.5, labels: torch.Tensor | None = None):
-    """The consistency function of a TrigFlow network, as a sampler callable."""
-    return lambda x_t, t: trigflow_consistency(net, x_t, t, sigma_d, labels)
+def trigflow_sampler_fn(net, sigma_d: float = 0.5, labels: torch.Tensor | None = None, guidance=None):
+    """The consistency function of a TrigFlow network, as a sampler callable (`guidance`: the CFG
+    scale for a student that takes it as input)."""
+    return lambda x_t, t: trigflow_consistency(net, x_t, t, sigma_d, labels, guidance)
 
 
 @torch.no_grad()

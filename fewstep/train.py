@@ -23,6 +23,7 @@ from fewstep.ema import EMA
 from fewstep.image import save_image_grid, save_scatter
 from fewstep.plot import plot_log, read_log
 from fewstep.networks import build_network
+from fewstep.networks.convert import student_from_teacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,22 +169,25 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     dataset = load_data(cfg)
     method = build_method(cfg.method)
     teacher = load_teacher(cfg, method, dataset, device) if cfg.train.teacher else None
-    if teacher is not None and cfg.train.init_from_teacher:
-        if teacher.method != "flow":
-            raise ConfigError("train.init_from_teacher needs a TrigFlow ('flow') teacher: an EDM network's "
-                              "time input differs; set train.init_from_teacher=false to start from scratch")
-        # Diffusion fine-tuning (SPEC 2.4): the student is the teacher's network, weights and all.
-        cfg.network = config_from_dict({"network": teacher.config["network"]}).network
+    init_from_teacher = teacher is not None and cfg.train.init_from_teacher
+    if init_from_teacher:
+        # Diffusion fine-tuning (SPEC 2.4): the student is the teacher's network, weights and all
+        # (plus the student's own guidance input, if asked for).
+        student_cfg = dict(teacher.config["network"], guidance_input=cfg.network.guidance_input)
+        cfg.network = config_from_dict({"network": student_cfg}).network
     net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes).to(device)
-    if teacher is not None and cfg.train.init_from_teacher:
-        net.load_state_dict(teacher.net.state_dict())
+    latest = ckpt.list_checkpoints(out_dir / "checkpoints") if tc.resume else []
+    if init_from_teacher and not latest:
+        done = student_from_teacher(net, teacher.net, "trigflow" if teacher.method == "flow" else "edm",
+                                    method.sigma_d)
+        if done:
+            print(f"student initialized from the {teacher.method} teacher: {done}")
     optimizer = make_optimizer(cfg.optim, net.parameters())
     ema = EMA(net, tc.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     step, nonfinite_total = 0, 0
-    latest = ckpt.list_checkpoints(out_dir / "checkpoints") if tc.resume else []
     if latest:
         tensors, state = ckpt.load_checkpoint(latest[-1], device=device)
         net.load_state_dict(ckpt.unprefixed("net", tensors))

@@ -31,9 +31,11 @@ def trigflow_velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> tor
     return torch.cos(t) * z - torch.sin(t) * x0
 
 
-def trigflow_velocity_from_net(net, x_t, t, sigma_d: float, labels=None) -> torch.Tensor:
-    """Model velocity `v = sigma_d F(x_t / sigma_d, t)`."""
-    return sigma_d * net(x_t / sigma_d, t, labels)
+def trigflow_velocity_from_net(net, x_t, t, sigma_d: float, labels=None, guidance=None) -> torch.Tensor:
+    """Model velocity `v = sigma_d F(x_t / sigma_d, t)`; `guidance` goes to a network that takes
+    the CFG scale as input (a distilled student) and is left out otherwise."""
+    cond = {} if guidance is None else {"guidance": guidance}
+    return sigma_d * net(x_t / sigma_d, t, labels, **cond)
 
 
 def consistency_from_velocity(x_t, t, v) -> torch.Tensor:
@@ -42,9 +44,9 @@ def consistency_from_velocity(x_t, t, v) -> torch.Tensor:
     return torch.cos(t) * x_t - torch.sin(t) * v
 
 
-def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None) -> torch.Tensor:
+def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None, guidance=None) -> torch.Tensor:
     """Consistency function `f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t)`."""
-    return consistency_from_velocity(x_t, t, trigflow_velocity_from_net(net, x_t, t, sigma_d, labels))
+    return consistency_from_velocity(x_t, t, trigflow_velocity_from_net(net, x_t, t, sigma_d, labels, guidance))
 
 
 def lognormal_times(n: int, p_mean: float, p_std: float, sigma_d: float, device=None,

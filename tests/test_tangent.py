@@ -104,6 +104,19 @@ def test_time_embedding(num_classes):
     check(lambda t, td: emb.forward_tangent(t, td, labels), lambda t: emb(t, labels), (t,), (t_dot,))
 
 
+def test_time_embedding_with_guidance_input():
+    """The guidance scale is an input like the label: it shifts the embedding, carries no tangent,
+    and starts at zero so that a student copied from its teacher is the teacher for every w."""
+    emb = TimeEmbedding(16, 32, 4, guidance_input=True).to(DT)
+    t, labels = torch.rand(5, dtype=DT) * 1.5, torch.tensor([0, 1, 2, 3, 4])
+    torch.testing.assert_close(emb(t, labels, torch.full((5,), 3.0, dtype=DT)), emb(t, labels))
+    randomize(emb)
+    w = torch.tensor([1.0, 1.5, 2.0, 4.0, 7.0], dtype=DT)
+    assert rel_err(emb(t, labels, w), emb(t, labels)) > 1e-2  # None means w = 1
+    torch.testing.assert_close(emb(t, labels, 1.0), emb(t, labels))
+    check(lambda t, td: emb.forward_tangent(t, td, labels, w), lambda t: emb(t, labels, w), (t,), (randn(5),))
+
+
 @pytest.mark.parametrize("image", [True, False])
 def test_ada_double_norm(image):
     norm = randomize(AdaDoubleNorm(8, 12, image=image))
@@ -192,6 +205,20 @@ def test_mlp():
     net = randomize(MLP(2, 32, 3, dropout=0.2, num_classes=3)).eval()
     x, t = randn(6, 2), torch.rand(6, dtype=DT) * 1.5
     check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td), net, (x, t), (randn(6, 2), randn(6)))
+
+
+@pytest.mark.parametrize("arch", ["unet", "mlp"])
+def test_networks_with_guidance_input(arch):
+    if arch == "unet":
+        net = small_unet(guidance_input=True).eval()
+        x, labels = randn(3, 3, 8, 8), torch.tensor([0, 4, 5])
+    else:
+        net = randomize(MLP(2, 32, 3, num_classes=3, guidance_input=True)).eval()
+        x, labels = randn(3, 2), torch.tensor([0, 1, 3])
+    t, w = torch.rand(3, dtype=DT) * 1.5, torch.tensor([1.0, 2.5, 5.0], dtype=DT)
+    check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td, labels, w), lambda x, t: net(x, t, labels, w),
+          (x, t), (randn(*x.shape), randn(3)))
+    assert net.guidance_input and rel_err(net(x, t, labels, w), net(x, t, labels)) > 1e-3
 
 
 def test_unet_tangent_is_linear_in_the_input_tangents():

@@ -9,6 +9,10 @@ from the teacher's weights (diffusion fine-tuning, SPEC 2.4); that is the caller
     teacher = make_teacher_velocity(teacher_net, "edm", sigma_d=0.5)
     method = SCD(teacher=teacher, guidance=2.0)
     loss, stats = method(student, x0, labels, step)
+
+With `guidance_range=[w_min, w_max]` each sample draws its own scale, the teacher is guided
+with it and the student (a network with `guidance_input`) takes it as an input, so that one
+student samples at any scale in the range (`fewstep sample --guidance W`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ class SCD:
     p_mean: float = -0.8
     p_std: float = 1.6
     guidance: float = 1.0  # CFG scale of the teacher's velocity (1: conditional, no guidance)
+    # [w_min, w_max]: draw the CFG scale per sample, uniform in this range, and give it to the student
+    # as an input (its network needs `network.guidance_input`); one student then samples at any w in it.
+    guidance_range: list[float] | None = None
     tangent_norm: str = "l2"  # 'l2' (paper), 'rms', 'clip' or 'none'
     norm_const: float = 0.1
     warmup_steps: int = 10000  # tangent warmup (paper: 10k)
@@ -76,23 +83,45 @@ class SCD:
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
         check_range("method.p_std", self.p_std, 0, low_open=True)
         check_range("method.guidance", self.guidance, 0)
+        if self.guidance_range is not None:
+            lo_hi = self.guidance_range
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"method.guidance_range must be [w_min, w_max] with 0 <= w_min <= w_max, "
+                                 f"got {lo_hi}")
+            if self.guidance != 1.0:
+                raise ValueError("give method.guidance (one fixed scale) or method.guidance_range "
+                                 "(a scale per sample, as a student input), not both")
         check_range("method.norm_const", self.norm_const, 0)
         check_range("method.warmup_steps", self.warmup_steps, 0)
         check_choice("method.tangent_norm", self.tangent_norm, TANGENT_NORMS)
         check_choice("method.jvp_mode", self.jvp_mode, JVP_MODES)
 
-    def teacher_velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
-        """The (guided) teacher velocity `dx_t/dt`, without gradients."""
+    def teacher_velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                         guidance=None):
+        """The (guided) teacher velocity `dx_t/dt`, without gradients; `guidance` (a float or a
+        per-sample tensor) overrides `self.guidance`."""
         if self.teacher is None:
             raise ValueError("sCD needs a teacher: SCD(teacher=make_teacher_velocity(net, ...), ...)")
         with torch.no_grad():
-            return guided(self.teacher, labels, self.guidance)(x_t, t)
+            return guided(self.teacher, labels, self.guidance if guidance is None else guidance)(x_t, t)
+
+    def draw_guidance(self, n: int, device) -> torch.Tensor | None:
+        """Per-sample CFG scales, uniform in `guidance_range` (None without a range)."""
+        if self.guidance_range is None:
+            return None
+        lo, hi = self.guidance_range
+        return lo + (hi - lo) * torch.rand(n, device=device)
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
+        w = self.draw_guidance(x0.shape[0], x0.device)
+        if w is not None and (labels is None or not getattr(net, "guidance_input", False)):
+            raise ValueError("method.guidance_range needs class labels and a student that takes the guidance "
+                             "scale: set network.class_conditional=true and network.guidance_input=true")
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device).to(x0.dtype)
         z = torch.randn_like(x0) * self.sigma_d
         x_t = trigflow_noise(x0, z, t)
-        dxdt = self.teacher_velocity(x_t, t, labels).to(x0.dtype)
+        dxdt = self.teacher_velocity(x_t, t, labels, w).to(x0.dtype)
         return scm_loss(net, x_t, t, dxdt, self.sigma_d, labels, r=tangent_warmup(step, self.warmup_steps),
                         tangent_norm=self.tangent_norm, norm_const=self.norm_const,
-                        adaptive_weight=self.adaptive_weight, jvp_mode=self.jvp_mode)
+                        adaptive_weight=self.adaptive_weight, jvp_mode=self.jvp_mode,
+                        guidance=None if w is None else w.to(x0.dtype))

@@ -24,16 +24,21 @@ TANGENT_NORMS = ("l2", "rms", "clip", "none")
 JVP_MODES = ("separate", "single", "tangent")
 
 
+def _cond(guidance) -> dict:
+    """Keyword inputs besides `(x, t, labels)`: the CFG scale of a guidance-conditioned student."""
+    return {} if guidance is None else {"guidance": guidance}
+
+
 def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
-            labels: torch.Tensor | None = None):
+            labels: torch.Tensor | None = None, guidance=None):
     """One forward-mode pass of `F` (no graph): returns `(F^-, sigma_d cos t sin t dF^-/dt)`."""
     cs = torch.cos(t) * torch.sin(t)
     tangents = (_bcast(cs, x_t) * dxdt, cs * sigma_d)
     with torch.no_grad():
-        return torch.func.jvp(lambda x, tt: net(x, tt, labels), (x_t / sigma_d, t), tangents)
+        return torch.func.jvp(lambda x, tt: net(x, tt, labels, **_cond(guidance)), (x_t / sigma_d, t), tangents)
 
 
-def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None):
+def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=None):
     """The same pass with autograd on: the primal output is the graded `F_theta` (single-pass mode).
 
     Costs less compute than a separate no-grad JVP plus a forward, but autograd keeps the
@@ -43,11 +48,11 @@ def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None):
     with forward_ad.dual_level():
         x_dual = forward_ad.make_dual(x_t / sigma_d, _bcast(cs, x_t) * dxdt)
         t_dual = forward_ad.make_dual(t, cs * sigma_d)
-        out = forward_ad.unpack_dual(net(x_dual, t_dual, labels))
+        out = forward_ad.unpack_dual(net(x_dual, t_dual, labels, **_cond(guidance)))
         return out.primal, out.tangent.detach()
 
 
-def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None):
+def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=None):
     """The same pass through the network's own tangent propagation (`net.forward_tangent`):
     returns the graded `F_theta` and the tangent, which carries no graph.
 
@@ -55,7 +60,8 @@ def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None):
     of a plain forward (fewstep.networks.tangent).
     """
     cs = torch.cos(t) * torch.sin(t)
-    F_theta, jvp_out = net.forward_tangent(x_t / sigma_d, t, _bcast(cs, x_t) * dxdt, cs * sigma_d, labels)
+    F_theta, jvp_out = net.forward_tangent(x_t / sigma_d, t, _bcast(cs, x_t) * dxdt, cs * sigma_d, labels,
+                                           **_cond(guidance))
     return F_theta, jvp_out.detach()
 
 
@@ -88,8 +94,9 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
              tangent_norm: str = "l2", norm_const: float = 0.1, adaptive_weight: bool = True,
-             jvp_mode: str = "separate"):
-    """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (SPEC 2.1-2.3)."""
+             jvp_mode: str = "separate", guidance=None):
+    """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (SPEC 2.1-2.3).
+    `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input."""
     x_in = x_t / sigma_d
     if jvp_mode == "tangent" and not hasattr(net, "forward_tangent"):
         jvp_mode = "separate"  # the network has no tangent propagation: fall back to torch.func.jvp
@@ -98,13 +105,13 @@ def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
         # `F_theta - F^-` is exactly zero in value: replay the RNG state.
         devices = [x_t.device] if x_t.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=x_t.device.type):
-            F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels)
-        F_theta = net(x_in, t, labels)
+            F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance)
+        F_theta = net(x_in, t, labels, **_cond(guidance))
     elif jvp_mode == "single":
-        F_theta, jvp_out = scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d, labels)
+        F_theta, jvp_out = scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d, labels, guidance)
         F_minus = F_theta.detach()
     elif jvp_mode == "tangent":
-        F_theta, jvp_out = scm_jvp_tangent(net, x_t, t, dxdt, sigma_d, labels)
+        F_theta, jvp_out = scm_jvp_tangent(net, x_t, t, dxdt, sigma_d, labels, guidance)
         F_minus = F_theta.detach()
     else:
         raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}")

@@ -11,7 +11,8 @@ def build_network(cfg, kind: str, shape: tuple[int, ...], num_classes: int = 0):
     arch = cfg.arch if cfg.arch != "auto" else ("unet" if kind == "image" else "mlp")
     classes = num_classes if cfg.class_conditional else 0
     common = dict(dropout=cfg.dropout, num_classes=classes, emb_min_freq=cfg.emb_min_freq,
-                  emb_max_freq=cfg.emb_max_freq, adaptive_weight=cfg.adaptive_weight)
+                  emb_max_freq=cfg.emb_max_freq, adaptive_weight=cfg.adaptive_weight,
+                  guidance_input=cfg.guidance_input)
     if arch == "unet":
         if len(shape) != 3:
             raise ValueError(f"network.arch 'unet' needs image data (C, H, W), got shape {tuple(shape)}")

@@ -175,36 +175,49 @@ class ResBlock2d(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """`c_noise(t) = t` -> sinusoids -> MLP; plus an optional class embedding.
+    """`c_noise(t) = t` -> sinusoids -> MLP; plus an optional class embedding and an optional
+    guidance-scale embedding.
 
     Class index `num_classes` is the null label (unconditional), used for classifier-free
-    guidance; `labels=None` means all-null.
+    guidance; `labels=None` means all-null. With `guidance_input`, a distilled student takes
+    the CFG scale `w` it should imitate as an input (sCD, SPEC 2.1): sinusoids of `w` and a
+    zero-initialized linear layer, so that a student copied from its teacher starts as
+    exactly the teacher; `guidance=None` means `w = 1` (the conditional model, no guidance).
     """
 
     def __init__(self, base_dim: int, emb_dim: int, num_classes: int = 0,
-                 min_freq: float = 0.1, max_freq: float = 1.0):
+                 min_freq: float = 0.1, max_freq: float = 1.0, guidance_input: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.pos = PositionalEmbedding(base_dim, min_freq, max_freq)
         self.mlp = nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.guidance = None
+        if guidance_input:
+            self.guidance = nn.Sequential(PositionalEmbedding(base_dim, min_freq, max_freq),
+                                          nn.Linear(base_dim, emb_dim))
+            nn.init.zeros_(self.guidance[1].weight)
+            nn.init.zeros_(self.guidance[1].bias)
 
-    def forward(self, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.mlp(self.pos(t))
+    def _conditions(self, emb: torch.Tensor, labels: torch.Tensor | None, guidance) -> torch.Tensor:
+        """Add the class and guidance embeddings (constant in t: they carry no tangent)."""
         if self.label is not None:
             if labels is None:
-                labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+                labels = torch.full((emb.shape[0],), self.num_classes, device=emb.device, dtype=torch.long)
             emb = emb + self.label(labels)
-        return F.silu(emb)
+        if self.guidance is not None:
+            w = torch.as_tensor(1.0 if guidance is None else guidance, dtype=emb.dtype, device=emb.device)
+            emb = emb + self.guidance(w.expand(emb.shape[0]))
+        return emb
 
-    def forward_tangent(self, t: torch.Tensor, t_dot: torch.Tensor, labels: torch.Tensor | None = None):
-        """`(emb, d emb/dt * t_dot)`: the tangent in t enters the network here (labels are constant)."""
+    def forward(self, t: torch.Tensor, labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
+        return F.silu(self._conditions(self.mlp(self.pos(t)), labels, guidance))
+
+    def forward_tangent(self, t: torch.Tensor, t_dot: torch.Tensor, labels: torch.Tensor | None = None,
+                        guidance=None):
+        """`(emb, d emb/dt * t_dot)`: the tangent in t enters the network here."""
         emb, emb_dot = module_forward_tangent(self.mlp, *self.pos.forward_tangent(t, t_dot))
-        if self.label is not None:
-            if labels is None:
-                labels = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
-            emb = emb + self.label(labels)
-        return silu_forward_tangent(emb, emb_dot)
+        return silu_forward_tangent(self._conditions(emb, labels, guidance), emb_dot)
 
 
 class AdaptiveWeight(nn.Module):

@@ -32,28 +32,29 @@ class _MLPBlock(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 256, depth: int = 4, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
-                 adaptive_weight: bool = True):
+                 adaptive_weight: bool = True, guidance_input: bool = False):
         super().__init__()
-        self.dim, self.num_classes = dim, num_classes
-        self.time_emb = TimeEmbedding(width, width, num_classes, emb_min_freq, emb_max_freq)
+        self.dim, self.num_classes, self.guidance_input = dim, num_classes, guidance_input
+        self.time_emb = TimeEmbedding(width, width, num_classes, emb_min_freq, emb_max_freq, guidance_input)
         self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
         self.linear_in = nn.Linear(dim, width)
         self.blocks = nn.ModuleList([_MLPBlock(width, width, dropout) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(width)
         self.linear_out = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_emb(t, labels)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                guidance=None) -> torch.Tensor:
+        emb = self.time_emb(t, labels, guidance)
         h = self.linear_in(x)
         for block in self.blocks:
             h = block(h, emb)
         return self.linear_out(F.silu(self.norm_out(h)))
 
     def forward_tangent(self, x: torch.Tensor, t: torch.Tensor, x_dot: torch.Tensor, t_dot: torch.Tensor,
-                        labels: torch.Tensor | None = None):
+                        labels: torch.Tensor | None = None, guidance=None):
         """`(F(x, t), J_x F x_dot + d_t F t_dot)` in one pass; see `UNet.forward_tangent`."""
         t_dot = torch.as_tensor(t_dot, dtype=t.dtype, device=t.device).expand(t.shape)
-        emb, emb_dot = self.time_emb.forward_tangent(t, t_dot, labels)
+        emb, emb_dot = self.time_emb.forward_tangent(t, t_dot, labels, guidance)
         h, h_dot = affine_forward_tangent(self.linear_in, x, x_dot)
         for block in self.blocks:
             h, h_dot = block.forward_tangent(h, h_dot, emb, emb_dot)

@@ -20,14 +20,16 @@ class UNet(nn.Module):
                  channel_mult: tuple[int, ...] = (1, 2), num_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (), attn_heads: int = 1, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
-                 adaptive_weight: bool = True):
+                 adaptive_weight: bool = True, guidance_input: bool = False):
         super().__init__()
         if img_resolution % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^(levels-1) "
                              f"for channel_mult {tuple(channel_mult)}")
         self.img_channels, self.img_resolution, self.num_classes = img_channels, img_resolution, num_classes
+        self.guidance_input = guidance_input  # takes the CFG scale it imitates (a distilled student)
         emb_dim = 4 * model_channels
-        self.time_emb = TimeEmbedding(model_channels, emb_dim, num_classes, emb_min_freq, emb_max_freq)
+        self.time_emb = TimeEmbedding(model_channels, emb_dim, num_classes, emb_min_freq, emb_max_freq,
+                                      guidance_input)
         self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
         self.conv_in = nn.Conv2d(img_channels, model_channels, 3, padding=1)
 
@@ -68,8 +70,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_emb(t, labels)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                guidance=None) -> torch.Tensor:
+        emb = self.time_emb(t, labels, guidance)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.enc:
@@ -82,13 +85,13 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def forward_tangent(self, x: torch.Tensor, t: torch.Tensor, x_dot: torch.Tensor, t_dot: torch.Tensor,
-                        labels: torch.Tensor | None = None):
+                        labels: torch.Tensor | None = None, guidance=None):
         """`(F(x, t), dF = J_x F x_dot + d_t F t_dot)` in one pass (SPEC 2.2, fewstep.networks.tangent).
 
         `F` is the same as `forward(x, t, labels)` and carries autograd; the tangent has no graph.
         """
         t_dot = torch.as_tensor(t_dot, dtype=t.dtype, device=t.device).expand(t.shape)
-        emb, emb_dot = self.time_emb.forward_tangent(t, t_dot, labels)
+        emb, emb_dot = self.time_emb.forward_tangent(t, t_dot, labels, guidance)
         h, h_dot = affine_forward_tangent(self.conv_in, x, x_dot)
         skips = [(h, h_dot)]
         for stage in self.enc:

@@ -1,0 +1,109 @@
+"""A TrigFlow student from a diffusion teacher's weights (diffusion fine-tuning, SPEC 2.4).
+
+A TrigFlow ('flow') teacher's network is the student's network: its weights are copied as they
+are. An EDM teacher's network fits too, after two changes. With `sigma = sigma_d tan(t)` and
+`x_sigma = x_t / cos(t)`, EDM's preconditioning gives `c_skip x_sigma = cos(t) x_t`,
+`c_out = sigma_d sin(t)` and `c_in x_sigma = x_t / sigma_d`, so
+
+    D(x_sigma, sigma) = cos(t) x_t + sigma_d sin(t) F_edm(x_t / sigma_d, c_noise(sigma))
+    TrigFlow:  x0-estimate = cos(t) x_t - sigma_d sin(t) F_trig(x_t / sigma_d, t)
+
+and the two agree when `F_trig(x, t) = -F_edm(x, ln(sigma_d tan t) / 4)`: the same input, the
+output negated, and a different time input. The student may not take EDM's log time input
+(SPEC 1.1: `sin(t) d c_noise/dt` is unbounded at pi/2), so instead its time-embedding MLP is
+fitted so that `emb_student(t) = emb_teacher(ln(sigma_d tan t) / 4)`, with the teacher's
+noise levels clamped to the range it was trained on (EDM's [0.002, 80]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fewstep.edm import EPS, T_MAX
+
+# Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
+STUDENT_ONLY_PREFIXES = ("time_emb.guidance.",)
+
+
+def output_layer(net: nn.Module) -> nn.Module:
+    """The last linear map of a fewstep network (UNet `conv_out`, MLP `linear_out`)."""
+    for name in ("conv_out", "linear_out"):
+        if hasattr(net, name):
+            return getattr(net, name)
+    raise TypeError(f"{type(net).__name__} has no conv_out/linear_out output layer")
+
+
+def copy_teacher_weights(student: nn.Module, teacher: nn.Module) -> None:
+    """Load the teacher's weights into the student; the only keys allowed to differ are the
+    student's own extra inputs (the guidance embedding), which keep their zero init."""
+    hint = "the student's network does not match the teacher's (the student takes the teacher's network config)"
+    try:
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{hint}: {str(e).splitlines()[1].strip()}") from None
+    missing = [k for k in missing if not k.startswith(STUDENT_ONLY_PREFIXES)]
+    if missing or unexpected:
+        raise ValueError(f"{hint}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def edm_time_input(t: torch.Tensor, sigma_d: float, sigma_min: float = EPS, sigma_max: float = T_MAX) -> torch.Tensor:
+    """The EDM network's time input at TrigFlow time t: `ln(clamp(sigma_d tan t)) / 4`."""
+    sigma = (sigma_d * torch.tan(t.clamp(max=math.pi / 2 - 1e-6))).clamp(sigma_min, sigma_max)
+    return sigma.log() / 4
+
+
+def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_time, t: torch.Tensor,
+                       steps: int = 2000, lr: float = 3e-3) -> float:
+    """Fit `student_emb.mlp(pos(t))` to `teacher_emb.mlp(pos(teacher_time(t)))` on the grid `t`.
+
+    Both are `fewstep.networks.layers.TimeEmbedding`s; only the student's MLP changes (class
+    and guidance embeddings are added after it). Full-batch Adam with cosine decay. Returns
+    the final relative RMS error of the fit.
+    """
+    p = next(student_emb.parameters())
+    t = t.to(p.device, p.dtype)
+    with torch.no_grad():
+        target = teacher_emb.mlp(teacher_emb.pos(teacher_time(t)))
+    scale = target.square().mean().sqrt().clamp_min(1e-12)
+    params = list(student_emb.mlp.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = (student_emb.mlp(student_emb.pos(t)) - target).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+    with torch.no_grad():
+        err = (student_emb.mlp(student_emb.pos(t)) - target).square().mean().sqrt() / scale
+    return float(err)
+
+
+def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = 0.5,
+                         fit_steps: int = 2000) -> dict:
+    """Initialize a TrigFlow student from a teacher network of the same architecture.
+
+    `formulation='trigflow'`: a plain copy (the student is exactly the teacher).
+    `formulation='edm'`: copy, negate the output layer and fit the time embedding (module
+    docstring). Returns what was done, e.g. `{"time_embedding_fit_error": 0.01}`.
+    """
+    copy_teacher_weights(student, teacher)
+    if formulation == "trigflow":
+        return {}
+    if formulation != "edm":
+        raise ValueError(f"formulation must be 'trigflow' or 'edm', got {formulation!r}")
+    with torch.no_grad():
+        out = output_layer(student)
+        out.weight.neg_()
+        out.bias.neg_()
+    # The fit grid: uniform in t, and uniform in the teacher's log noise level (dense near both ends).
+    u = torch.linspace(0, 1, 512, dtype=torch.float64)
+    log_sigma = math.log(EPS) + u * (math.log(T_MAX) - math.log(EPS))
+    t = torch.cat([u * (math.pi / 2), torch.atan(log_sigma.exp() / sigma_d)])
+    err = fit_time_embedding(student.time_emb, teacher.time_emb, lambda s: edm_time_input(s, sigma_d), t,
+                             steps=fit_steps)
+    return {"time_embedding_fit_error": err}
