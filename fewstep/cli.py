@@ -126,8 +126,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from fewstep.config import validate_times
-    from fewstep.generate import Schedule, cm_times, generate, load_model, schedules
+    from fewstep.generate import Schedule, cm_times, generate, load_model, parse_times, schedules
     from fewstep.image import save_image_grid, save_scatter
     from fewstep.train import resolve_device
 
@@ -138,14 +137,7 @@ def cmd_sample(args) -> int:
         if args.sampler not in (None, "multistep"):
             raise ValueError(f"{model.method!r} is a consistency model: it samples with its own multistep "
                              f"sampler; --sampler is for diffusion checkpoints (flow, edm)")
-        if args.times is not None:
-            try:
-                times = [float(v) for v in args.times.split(",")]
-            except ValueError:
-                raise ValueError(f"--times must be comma-separated numbers, got {args.times!r}") from None
-        else:
-            times = cm_times(args.steps or 2)
-        validate_times("--times", times)
+        times = parse_times(args.times) if args.times is not None else cm_times(args.steps or 2)
         schedule = Schedule("multistep", len(times), tuple(times))
     else:
         if args.times is not None:

@@ -143,71 +143,143 @@ def _vector_scores(samples: torch.Tensor, ref: torch.Tensor) -> dict:
 # Evaluation
 
 
-def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: list[int] | None = None,
-             samplers: list[str] | None = None, num: int = 1000, ref: str | None = None,
-             split: str | None = None, ref_num: int | None = None, features: str = "inception",
-             extractor=None, inception_weights: str | Path | None = None, device: str = "auto",
-             batch_size: int = 256, seed: int = 0, guidance: float = 1.0, ema: bool = True,
-             download: bool = False, cache_dir=None, progress: bool = True) -> dict:
-    """Sample a checkpoint at each schedule and score the samples against a reference.
-
-    `ref` defaults to the checkpoint's training data (`data.name`, with its resolution and
-    channels), test split where there is one. `extractor` (a `FeatureExtractor`) overrides
-    `features`. Returns a JSON-ready dict; its `rows` hold one dict per (method, sampler, NFE).
-    """
-    from fewstep.train import resolve_device
-
-    if num < 2:
-        raise ValueError(f"--num must be >= 2, got {num}")
-    dev = resolve_device(device)
-    model = load_model(checkpoint, dev, ema)
-    plan = schedules(model.method, steps, nfe, samplers)
+def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | None = None,
+                    ref_num: int | None = None, features: str = "inception", extractor=None,
+                    inception_weights: str | Path | None = None, device=None, download: bool = False,
+                    cache_dir=None, seed: int = 0, progress: bool = True):
+    """The reference of `model`'s samples and a scorer for them: returns `(info, score)` where
+    `info` describes the reference and protocol (JSON-ready) and `score(samples) -> {metric: value}`."""
     ref_spec = ref or model.data_cfg.get("name") or "digits"
     ref_ds, ref_split = load_reference(ref_spec, split, resolution=model.data_cfg.get("resolution"),
                                        channels=model.data_cfg.get("channels"), download=download)
     if ref_ds.kind != model.kind:
         raise ValueError(f"the checkpoint generates {model.kind}s {model.shape} but reference {ref_spec!r} "
                          f"holds {ref_ds.kind}s {ref_ds.shape}")
-    result = {"fewstep_eval": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
-              "method": model.method, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
-              "num": num, "seed": seed, "guidance": guidance}
+    info = {}
     if model.kind == "image":
         if len(ref_ds) < 2:
             raise ValueError(f"reference {ref_spec!r} holds fewer than 2 images")
-        extractor = extractor or make_extractor(features, inception_weights, dev, download)
+        extractor = extractor or make_extractor(features, inception_weights, device or model.device, download)
         ref_stats, path, hit = reference_image_stats(ref_ds, ref_spec, ref_split, extractor, num=ref_num,
                                                      channels=model.data_cfg.get("channels"),
                                                      cache_dir=cache_dir, progress=progress)
-        result["reference"] = {"name": ref_spec, "split": ref_split, "num": ref_stats.num,
-                               "stats": str(path), "cached": hit}
-        result["features"] = {"name": extractor.name, "sha256": extractor.sha256, "dim": extractor.dim}
-        result["metrics"] = list(IMAGE_METRICS)
-        result["protocol"] = (f"FID on all {ref_stats.num} reference features; KID: {KID_SUBSETS} subsets of "
-                              f"min({KID_SUBSET}, N); precision/recall k={PR_K} on equal-size sets")
+        info["reference"] = {"name": ref_spec, "split": ref_split, "num": ref_stats.num,
+                             "stats": str(path), "cached": hit}
+        info["features"] = {"name": extractor.name, "sha256": extractor.sha256, "dim": extractor.dim}
+        info["metrics"] = list(IMAGE_METRICS)
+        info["protocol"] = (f"FID on all {ref_stats.num} reference features; KID: {KID_SUBSETS} subsets of "
+                            f"min({KID_SUBSET}, N); precision/recall k={PR_K} on equal-size sets")
+        return info, lambda x: _image_scores(x, ref_stats, extractor, seed, progress)
+    if model.shape != ref_ds.shape:
+        raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} "
+                         f"holds {ref_ds.shape}")
+    ref_x = ref_ds.all()[0][: ref_num or num]  # equal sizes by default: O(N^2) pairs, as in training
+    info["reference"] = {"name": ref_spec, "split": ref_split, "num": len(ref_x)}
+    info["metrics"] = list(VECTOR_METRICS)
+    info["protocol"] = ("model space, equal set sizes; sliced Wasserstein p=2, 512 directions; "
+                        "MMD^2 RBF mixture (median x 0.5, 1, 2); energy distance")
+    return info, lambda x: _vector_scores(x, ref_x)
+
+
+def _sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score) -> dict:
+    x, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{model.method} {schedule.sampler} with {schedule.steps} steps produced "
+                         f"non-finite samples")
+    t0 = time.perf_counter()
+    scores = score(x)
+    return {"method": model.method, **schedule.to_dict(), "nfe": used_nfe,
+            **{k: float(v) for k, v in scores.items()}, "seconds": seconds,
+            "metric_seconds": time.perf_counter() - t0}
+
+
+def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: list[int] | None = None,
+             samplers: list[str] | None = None, times: list[list[float]] | None = None, num: int = 1000,
+             ref: str | None = None, split: str | None = None, ref_num: int | None = None,
+             features: str = "inception", extractor=None, inception_weights: str | Path | None = None,
+             device: str = "auto", batch_size: int = 256, seed: int = 0, guidance: float = 1.0,
+             ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True) -> dict:
+    """Sample a checkpoint at each schedule and score the samples against a reference.
+
+    `ref` defaults to the checkpoint's training data (`data.name`, with its resolution and
+    channels), test split where there is one. `extractor` (a `FeatureExtractor`) overrides
+    `features`. `times`: explicit multistep time lists for a consistency model, each one row
+    (instead of `steps`). Returns a JSON-ready dict; its `rows` hold one dict per
+    (method, sampler, NFE).
+    """
+    from fewstep.generate import CM_SAMPLER, Schedule
+    from fewstep.train import resolve_device
+
+    if num < 2:
+        raise ValueError(f"--num must be >= 2, got {num}")
+    dev = resolve_device(device)
+    model = load_model(checkpoint, dev, ema)
+    if times:
+        if not model.is_consistency or steps or nfe:
+            raise ValueError("--times applies to consistency models, instead of --steps/--nfe")
+        plan = [Schedule(CM_SAMPLER, len(ts), tuple(ts)) for ts in times]
     else:
-        if model.shape != ref_ds.shape:
-            raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} "
-                             f"holds {ref_ds.shape}")
-        ref_x = ref_ds.all()[0][: ref_num or num]  # equal sizes by default: O(N^2) pairs, as in training
-        result["reference"] = {"name": ref_spec, "split": ref_split, "num": len(ref_x)}
-        result["metrics"] = list(VECTOR_METRICS)
-        result["protocol"] = ("model space, equal set sizes; sliced Wasserstein p=2, 512 directions; "
-                              "MMD^2 RBF mixture (median x 0.5, 1, 2); energy distance")
+        plan = schedules(model.method, steps, nfe, samplers)
+    info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
+                                  extractor=extractor, inception_weights=inception_weights, device=dev,
+                                  download=download, cache_dir=cache_dir, seed=seed, progress=progress)
+    result = {"fewstep_eval": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
+              "method": model.method, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
+              "num": num, "seed": seed, "guidance": guidance, **info}
     generate(model, plan[0], 2, batch_size, seed, guidance, progress=False)  # warm-up: not in the timings
-    rows = []
-    for schedule in tqdm(plan, desc="eval", unit="row", disable=not progress or len(plan) < 2, leave=False):
-        x, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{model.method} {schedule.sampler} with {schedule.steps} steps produced "
-                             f"non-finite samples")
-        t0 = time.perf_counter()
-        scores = (_image_scores(x, ref_stats, extractor, seed, progress) if model.kind == "image"
-                  else _vector_scores(x, ref_x))
-        rows.append({"method": model.method, **schedule.to_dict(), "nfe": used_nfe,
-                     **{k: float(v) for k, v in scores.items()}, "seconds": seconds,
-                     "metric_seconds": time.perf_counter() - t0})
-    result["rows"] = rows
+    result["rows"] = [_sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score)
+                      for schedule in tqdm(plan, desc="eval", unit="row", disable=not progress or len(plan) < 2,
+                                           leave=False)]
     return result
+
+
+def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None = None, grid: int = 40,
+                 num: int = 1000, ref: str | None = None, split: str | None = None, ref_num: int | None = None,
+                 features: str = "inception", extractor=None, inception_weights: str | Path | None = None,
+                 device: str = "auto", batch_size: int = 256, seed: int = 0, guidance: float = 1.0,
+                 ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True) -> dict:
+    """Multistep time points for a consistency checkpoint by greedy ternary search (SPEC 3.5):
+    each schedule tried is sampled (`num` samples, fixed seed) and scored by `metric` (default
+    FID for images, sliced Wasserstein for vectors; lower is better) against the reference of
+    `evaluate`. Candidates: `grid` Karras noise levels as TrigFlow times. Returns a JSON-ready
+    dict with the chosen `times`, and `rows` as in `evaluate` for the default times and the
+    chosen ones."""
+    from fewstep.generate import CM_SAMPLER, Schedule, cm_times
+    from fewstep.samplers import ternary_search_times, trigflow_search_grid
+    from fewstep.train import resolve_device
+
+    if num < 2:
+        raise ValueError(f"--num must be >= 2, got {num}")
+    if grid < 3:
+        raise ValueError(f"--grid must be >= 3, got {grid}")
+    model = load_model(checkpoint, resolve_device(device), ema)
+    if not model.is_consistency:
+        raise ValueError(f"time search is for consistency models; {model.checkpoint} is a {model.method!r} model "
+                         f"(its ODE samplers take --steps)")
+    info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
+                                  extractor=extractor, inception_weights=inception_weights, device=model.device,
+                                  download=download, cache_dir=cache_dir, seed=seed, progress=False)
+    metric = metric or info["metrics"][0]
+    if metric not in info["metrics"]:
+        raise ValueError(f"--metric must be one of {', '.join(info['metrics'])} for {model.kind} data, got {metric!r}")
+    bar = tqdm(desc=f"search {metric}", unit="schedule", disable=not progress)
+
+    def schedule_score(times: tuple[float, ...]) -> float:
+        x, _, _ = generate(model, Schedule(CM_SAMPLER, len(times), times), num, batch_size, seed, guidance,
+                           progress=False)
+        value = float(score(x)[metric])
+        bar.update(1)
+        bar.set_postfix({metric: f"{value:.4g}", "t": f"{times[-1]:.3f}"})
+        return value if np.isfinite(value) else float("inf")
+
+    times, history = ternary_search_times(schedule_score, steps, trigflow_search_grid(grid, model.sigma_d))
+    bar.close()
+    rows = [_sample_and_score(model, Schedule(CM_SAMPLER, len(ts), tuple(ts)), num, batch_size, seed, guidance,
+                              False, score) for ts in (cm_times(steps), times)]
+    return {"fewstep_search_times": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
+            "method": model.method, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
+            "num": num, "seed": seed, "guidance": guidance, **info, "metric": metric, "grid": grid,
+            "times": times, "history": history, "rows": rows}
 
 
 _HEAD = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall",
@@ -288,6 +360,9 @@ def _eval_parser(sub):
                                                "the same as --steps)")
     p.add_argument("--sampler", default=None, help="comma-separated ODE samplers for diffusion models: "
                                                    "euler, heun, dpmpp_2m (default heun)")
+    p.add_argument("--times", default=None, action="append",
+                   help="consistency models: comma-separated multistep times, one row each (repeatable), "
+                        "e.g. --times 1.5708,0.8 (see `fewstep search-times`)")
     p.add_argument("--num", type=int, default=1000, help="samples per row (default 1000)")
     p.add_argument("--ref", default=None, help="reference dataset name or path (default: the training data)")
     p.add_argument("--split", default=None, help="reference split (default: test where the dataset has one)")
@@ -319,8 +394,12 @@ def _ref_stats_parser(sub):
 
 
 def cmd_eval(args) -> int:
+    from fewstep.generate import parse_times
+
+    times = [parse_times(text) for text in args.times] if args.times else None
     result = evaluate(args.checkpoint, parse_ints(args.steps, "--steps"), nfe=parse_ints(args.nfe, "--nfe"),
-                      samplers=args.sampler.split(",") if args.sampler else None, num=args.num, ref=args.ref,
+                      samplers=args.sampler.split(",") if args.sampler else None, times=times, num=args.num,
+                      ref=args.ref,
                       split=args.split, ref_num=args.ref_num, features=args.features,
                       inception_weights=args.inception_weights, device=args.device, batch_size=args.batch_size,
                       seed=args.seed, guidance=args.guidance, ema=not args.no_ema, download=args.download,
@@ -332,6 +411,59 @@ def cmd_eval(args) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {out}")
+    return 0
+
+
+SEARCH_EXAMPLES = """examples:
+  fewstep search-times runs/digits                        # the best 2-step times by FID, 1000 samples each
+  fewstep search-times runs/digits --steps 3 --num 500 --metric kid
+  fewstep search-times runs/8g --steps 2                  # toy data: sliced Wasserstein
+
+Greedy ternary search (the CM paper's method): times[0] = pi/2; each further time is the grid point
+below the previous one that minimizes the metric, found by ternary search over the grid index. Every
+schedule tried costs one sampling and one scoring of --num samples; with a 40-point grid a step takes
+about 8 of them. Use the result with `fewstep sample --times` and `fewstep eval --times`.
+"""
+
+
+def _search_parser(sub):
+    p = sub.add_parser("search-times", help="find multistep sampling times by ternary search on a metric",
+                       description="Choose the time points of multistep consistency sampling greedily by "
+                                   "ternary search on FID (or another metric), as in the CM paper (SPEC 3.5).",
+                       epilog=SEARCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a ckpt-*.json file")
+    p.add_argument("--steps", type=int, default=2, help="number of sampling steps (NFE) to choose times for")
+    p.add_argument("--metric", default=None, help="fid (default for images), kid, sliced_wasserstein (default "
+                                                  "for vectors), mmd, energy_distance; lower is better")
+    p.add_argument("--grid", type=int, default=40, help="candidate times: this many Karras noise levels")
+    p.add_argument("--num", type=int, default=1000, help="samples per schedule tried (default 1000)")
+    p.add_argument("--ref", default=None, help="reference dataset name or path (default: the training data)")
+    p.add_argument("--split", default=None, help="reference split (default: test where the dataset has one)")
+    p.add_argument("--ref-num", type=int, default=None, help="reference size (default: all images)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=1.0, help="for sCD students with a guidance input")
+    p.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
+    p.add_argument("--out", default=None, help="JSON path (default: <run>/times.json)")
+    _add_common(p)
+    return p
+
+
+def cmd_search_times(args) -> int:
+    result = search_times(args.checkpoint, args.steps, metric=args.metric, grid=args.grid, num=args.num,
+                          ref=args.ref, split=args.split, ref_num=args.ref_num, features=args.features,
+                          inception_weights=args.inception_weights, device=args.device,
+                          batch_size=args.batch_size, seed=args.seed, guidance=args.guidance,
+                          ema=not args.no_ema, download=args.download, progress=not args.no_progress)
+    ckpt = Path(result["checkpoint"])
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    out = Path(args.out) if args.out else run_dir / "times.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    times = ",".join(f"{t:.4f}" for t in result["times"])
+    print(f"{len(result['history'])} schedules scored by {result['metric']}; best times: {times}")
+    print(f"wrote {out}; sample with: fewstep sample {args.checkpoint} --times {times}")
     return 0
 
 
@@ -350,9 +482,10 @@ def cmd_ref_stats(args) -> int:
 
 
 def add_commands(subparsers) -> None:
-    """Add `eval`, `ref-stats` and `plot` to the `fewstep` command line's subparsers."""
+    """Add `eval`, `ref-stats`, `search-times` and `plot` to the `fewstep` command line's subparsers."""
     from fewstep.plot import add_plot_command
 
     _eval_parser(subparsers).set_defaults(func=cmd_eval)
     _ref_stats_parser(subparsers).set_defaults(func=cmd_ref_stats)
+    _search_parser(subparsers).set_defaults(func=cmd_search_times)
     add_plot_command(subparsers)

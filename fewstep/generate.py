@@ -119,6 +119,20 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
                  int(getattr(net, "num_classes", 0)), state["config"], json_path, int(state["step"]), prefix, device)
 
 
+def parse_times(text: str, option: str = "--times") -> list[float]:
+    """Comma-separated multistep times, strictly decreasing in (0, pi/2]; a value that rounds pi/2
+    (e.g. 1.5708) is read as pi/2."""
+    from fewstep.config import validate_times
+
+    try:
+        times = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    times = [math.pi / 2 if math.pi / 2 < t < math.pi / 2 + 1e-3 else t for t in times]
+    validate_times(option, times)
+    return times
+
+
 def parse_ints(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 
@@ -63,3 +64,52 @@ def sample_trigflow_cm(net, num: int, shape, times=TWO_STEP_TIMES, sigma_d: floa
         lab = None if labels is None else labels[start:start + n].to(device)
         out.append(multistep_sample(trigflow_sampler_fn(net, sigma_d, lab), noise, times, sigma_d, gen).cpu())
     return torch.cat(out)
+
+
+def trigflow_search_grid(points: int = 40, sigma_d: float = 0.5, sigma_min: float = 0.002,
+                         sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
+    """Candidate times for `ternary_search_times`: the Karras noise levels (SPEC 1.2) as TrigFlow
+    times `arctan(sigma / sigma_d)`, decreasing, `points` of them."""
+    from fewstep.edm import karras_grid
+
+    return [math.atan(s / sigma_d) for s in karras_grid(points, sigma_min, sigma_max, rho).flip(0).tolist()]
+
+
+def ternary_search_times(score: Callable[[tuple[float, ...]], float], steps: int, grid: Sequence[float],
+                         first: float = math.pi / 2) -> tuple[list[float], list[dict]]:
+    """Multistep time points chosen greedily, one at a time (CM paper, SPEC 3.5).
+
+    `times[0] = first`; each further time is the point of `grid` (decreasing) below the previous
+    one that minimizes `score(times + (candidate,))` (lower is better, e.g. FID), found by ternary
+    search over the grid index, i.e. assuming the score is unimodal along the grid; the last
+    three candidates are compared directly. Returns the times and every scored schedule, in order
+    (`[{"times": [...], "score": s}, ...]`); each schedule is scored once.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = [float(t) for t in grid]
+    if any(a <= b for a, b in zip(grid, grid[1:])):
+        raise ValueError("the search grid must be strictly decreasing")
+    times, history, cache = [float(first)], [], {}
+
+    def f(candidates: list[float], i: int) -> float:
+        key = tuple(times) + (candidates[i],)
+        if key not in cache:
+            cache[key] = float(score(key))
+            history.append({"times": list(key), "score": cache[key]})
+        return cache[key]
+
+    for _ in range(steps - 1):
+        candidates = [t for t in grid if t < times[-1]]
+        if not candidates:
+            raise ValueError(f"no grid time below {times[-1]:.4f} left for step {len(times) + 1}")
+        lo, hi = 0, len(candidates) - 1
+        while hi - lo > 2:
+            m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+            if f(candidates, m1) < f(candidates, m2):
+                hi = m2
+            else:
+                lo = m1
+        best = min(range(lo, hi + 1), key=lambda i: f(candidates, i))
+        times.append(candidates[best])
+    return times, history

@@ -157,8 +157,38 @@ def test_ref_stats_caching(capsys, monkeypatch):
         run_cli(["ref-stats", "--ref", "digits", "--num", "5000", "--features", "random"])
 
 
+def test_search_times_and_eval_times(toy_run, tmp_path, capsys):
+    """`fewstep search-times` scores every schedule it tries, keeps the best, and its times feed
+    `fewstep eval --times` (which reproduces the score: same seed, same samples)."""
+    out = tmp_path / "times.json"
+    assert run_cli(["search-times", str(toy_run), "--steps", "2", "--grid", "12", "--num", "300",
+                    "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    times, history = result["times"], result["history"]
+    assert result["metric"] == "sliced_wasserstein" and len(times) == 2 and times[0] == math.pi / 2
+    assert 3 <= len(history) <= 9 and all(h["times"][0] == math.pi / 2 for h in history)
+    best = min(history, key=lambda h: h["score"])
+    assert best["times"] == times  # ternary search's pick is the best schedule it scored
+    assert [r["times"] for r in result["rows"]] == [cm_times(2), times]
+    assert result["rows"][1]["sliced_wasserstein"] == pytest.approx(best["score"], rel=1e-9)
+    printed = capsys.readouterr().out
+    assert "best times" in printed and "fewstep sample" in printed
+    text = ",".join(f"{t:.4f}" for t in times)
+    again = tmp_path / "again.json"
+    assert run_cli(["eval", str(toy_run), "--times", text, "--times", "1.5708", "--num", "300", "--device", "cpu",
+                    "--no-progress", "--out", str(again)]) == 0
+    rows = json.loads(again.read_text())["rows"]
+    assert [r["nfe"] for r in rows] == [2, 1] and rows[1]["times"] == [math.pi / 2]
+    assert rows[0]["sliced_wasserstein"] == pytest.approx(best["score"], rel=0.05)  # times rounded to 4 digits
+    with pytest.raises(ValueError, match="consistency models"):
+        evaluate(_train(tmp_path / "flow", "8gaussians", "flow", {"width": 16, "depth": 1}, steps=2),
+                 times=[[1.0]], num=10, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="--metric"):
+        run_cli(["search-times", str(toy_run), "--metric", "fid", "--num", "50", "--device", "cpu", "--no-progress"])
+
+
 def test_help_texts_have_examples(capsys):
-    for cmd in ("eval", "ref-stats", "plot"):
+    for cmd in ("eval", "ref-stats", "search-times", "plot"):
         with pytest.raises(SystemExit):
             run_cli([cmd, "--help"])
         assert "examples:" in capsys.readouterr().out
