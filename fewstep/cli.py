@@ -80,14 +80,13 @@ def _sample_parser(sub):
 
 def build_train_config(args):
     from fewstep.config import apply_overrides, config_from_dict, load_config_file, merge
-    from fewstep.presets import PRESETS
+    from fewstep.presets import preset_config
 
     preset = args.preset or (None if args.config else "digits")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    data = dict(PRESETS[preset]) if preset else {}
-    if args.config:
-        data = merge(data, load_config_file(args.config))
+    file_data = load_config_file(args.config) if args.config else {}
+    method = args.method or file_data.get("method", {}).get("name")
+    data = preset_config(preset, method) if preset else {}
+    data = merge(data, file_data)
     flags = {("data", "name"): args.data, ("method", "name"): args.method, ("train", "steps"): args.steps,
              ("train", "batch_size"): args.batch_size, ("optim", "lr"): args.lr, ("train", "device"): args.device,
              ("train", "precision"): args.precision, ("train", "seed"): args.seed,

@@ -63,6 +63,25 @@ def test_cli_flags_override_preset_and_file(tmp_path):
     assert cfg.method == {"name": "flow"}
 
 
+def test_preset_adjusts_to_the_chosen_method():
+    """`--method scd` on the digits preset: distillation's smaller lr and its tangent warmup;
+    explicit flags still win."""
+    import argparse
+
+    args = argparse.Namespace(preset=None, config=None, out=None, data=None, method="scd", steps=None,
+                              batch_size=None, lr=None, device=None, precision=None, seed=None, set=[],
+                              no_progress=True, teacher="runs/teacher")
+    cfg, _ = build_train_config(args)
+    assert cfg.optim.lr == 1e-4 and cfg.method == {"name": "scd", "warmup_steps": 500} and cfg.train.steps == 2000
+    assert cfg.network.model_channels == 32  # the rest of the preset stays
+    args.lr, args.steps = 3e-4, 10
+    cfg, _ = build_train_config(args)
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 10
+    args.method, args.teacher, args.lr = "flow", None, None
+    cfg, _ = build_train_config(args)
+    assert cfg.optim.lr == 2e-3 and cfg.method == {"name": "flow"}
+
+
 def test_help_shows_examples(capsys):
     for cmd in ("train", "sample"):
         with pytest.raises(SystemExit):
