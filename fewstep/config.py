@@ -60,9 +60,6 @@ class NetworkConfig:
             raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.emb_min_freq <= self.emb_max_freq:
             raise ConfigError("network.emb_min_freq must be > 0 and <= network.emb_max_freq")
-        if self.guidance_input and not self.class_conditional:
-            raise ConfigError("network.guidance_input needs network.class_conditional=true: "
-                              "classifier-free guidance mixes a class-conditional and an unconditional model")
 
 
 @dataclass

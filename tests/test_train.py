@@ -184,6 +184,36 @@ def test_scd_from_flow_teacher_via_cli(tmp_path, capsys):
     assert "NFE 3" in capsys.readouterr().out
 
 
+def test_guidance_conditioned_scd_via_cli(tmp_path, capsys):
+    """A class-conditional flow teacher with label dropout; an sCD student that takes the guidance
+    scale (w ~ U[1, 4]) starts as the teacher and samples at any --guidance; a student without
+    the input refuses --guidance."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    common = ["--steps", "3", "--batch-size", "8", "--no-progress", "--set", "train.sample_every=0",
+              "--set", "network.model_channels=8", "--set", "network.channel_mult=[1]",
+              "--set", "network.attn_resolutions=[]"]
+    assert main(["train", *common, "--method", "flow", "--set", "network.class_conditional=true",
+                 "--set", "method.label_dropout=0.2", "--out", str(teacher)]) == 0
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--no-progress", "--method", "scd",
+                 "--teacher", str(teacher), "--set", "network.guidance_input=true",
+                 "--set", "method.guidance_range=[1,4]", "--out", str(student)]) == 0
+    cfg = json.loads((student / "config.json").read_text())
+    assert cfg["network"]["guidance_input"] and cfg["network"]["class_conditional"]
+    assert main(["sample", str(student), "--steps", "2", "--label", "3", "--guidance", "2.5", "--num", "4",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    assert main(["train", "--steps", "1", "--batch-size", "8", "--no-progress", "--method", "scd",
+                 "--teacher", str(teacher), "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(plain), "--guidance", "2", "--num", "2", "--out", str(tmp_path / "p.png")]) == 2
+    assert "method.guidance_range" in capsys.readouterr().err
+    # the guidance input needs labels
+    assert main(["train", "--preset", "8gaussians", "--steps", "1", "--no-progress", "--set",
+                 "network.guidance_input=true", "--out", str(tmp_path / "bad")]) == 2
+    assert "class labels" in capsys.readouterr().err
+
+
 def test_scd_needs_a_diffusion_teacher(tmp_path, capsys):
     assert main(["train", "--preset", "8gaussians", "--method", "scd", "--out", str(tmp_path / "s"),
                  "--no-progress"]) == 2

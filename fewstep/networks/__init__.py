@@ -10,6 +10,9 @@ def build_network(cfg, kind: str, shape: tuple[int, ...], num_classes: int = 0):
     """The network a `NetworkConfig` describes, for data of `kind` ('image'/'vector') and `shape`."""
     arch = cfg.arch if cfg.arch != "auto" else ("unet" if kind == "image" else "mlp")
     classes = num_classes if cfg.class_conditional else 0
+    if cfg.guidance_input and not classes:
+        raise ValueError("network.guidance_input needs class labels (network.class_conditional=true, on labelled "
+                         "data): classifier-free guidance mixes a class-conditional and an unconditional model")
     common = dict(dropout=cfg.dropout, num_classes=classes, emb_min_freq=cfg.emb_min_freq,
                   emb_max_freq=cfg.emb_max_freq, adaptive_weight=cfg.adaptive_weight,
                   guidance_input=cfg.guidance_input)
