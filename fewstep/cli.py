@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     _sample_parser(sub).set_defaults(func=cmd_sample)
     from fewstep.evaluate import add_commands
 
-    add_commands(sub)  # eval, ref-stats, plot
+    add_commands(sub)  # eval, ref-stats, search-times, plot
+    from fewstep.edit_cli import add_edit_command
+
+    add_edit_command(sub)
     args = parser.parse_args(argv)
     from fewstep.train import NonFiniteLossError
 

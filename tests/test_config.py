@@ -83,7 +83,7 @@ def test_preset_adjusts_to_the_chosen_method():
 
 
 def test_help_shows_examples(capsys):
-    for cmd in ("train", "sample"):
+    for cmd in ("train", "sample", "edit"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "examples:" in capsys.readouterr().out

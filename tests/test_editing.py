@@ -178,3 +178,44 @@ def test_edit_checks_times():
         edit(any_fn, torch.zeros(1, 1, 2, 2), torch.ones(1), [0.5, 1.0])
     with pytest.raises(ValueError, match="pi/2"):
         edit(any_fn, torch.zeros(1, 1, 2, 2), torch.ones(1), [2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# fewstep edit
+
+
+@pytest.fixture(scope="module")
+def tiny_digits_run(tmp_path_factory):
+    from fewstep.cli import main
+
+    out = tmp_path_factory.mktemp("digits")
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--no-progress", "--out", str(out),
+                 "--set", "network.model_channels=8", "--set", "network.channel_mult=[1]",
+                 "--set", "network.attn_resolutions=[]", "--set", "train.sample_every=0"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("task", ["inpaint", "superres", "denoise", "sdedit", "interpolate"])
+def test_edit_command_writes_a_grid(tiny_digits_run, tmp_path, task, capsys):
+    from PIL import Image
+
+    from fewstep.cli import main
+
+    out = tmp_path / f"{task}.png"
+    assert main(["edit", str(tiny_digits_run), "--task", task, "--num", "3", "--frames", "4", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    rows = 4 if task == "interpolate" else 3
+    w, h = Image.open(out).size
+    assert w > h * 0.5 and h >= rows * 8 and f"NFE {1 if task in ('denoise', 'interpolate') else 4}" in \
+        capsys.readouterr().out
+
+
+def test_edit_command_errors(tiny_digits_run, tmp_path, capsys):
+    from fewstep.cli import main
+
+    assert main(["edit", str(tiny_digits_run), "--task", "colorize", "--out", str(tmp_path / "c.png")]) == 2
+    assert "RGB" in capsys.readouterr().err
+    assert main(["edit", str(tiny_digits_run), "--task", "superres", "--factor", "3"]) == 2
+    assert "divide the image size" in capsys.readouterr().err
+    assert main(["edit", str(tiny_digits_run), "--task", "inpaint", "--input", "moons"]) == 2
+    assert "images shaped like" in capsys.readouterr().err
