@@ -114,10 +114,13 @@ def cmd_train(args) -> int:
             raise ValueError(f"--fresh given but {out / 'checkpoints'} already holds checkpoints; "
                              f"choose another --out or delete them")
         cfg.train.resume = False
-    print(f"fewstep train: method={cfg.method['name']} data={cfg.data.name} steps={cfg.train.steps} -> {out}")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, process 0 reports
+    if main_process:
+        print(f"fewstep train: method={cfg.method['name']} data={cfg.data.name} steps={cfg.train.steps} -> {out}")
     summary = train(cfg, out)
-    print(json.dumps({k: summary[k] for k in ("steps", "samples", "metrics") if k in summary}, indent=1))
-    print(f"done: samples in {out / 'samples'}, checkpoint in {out / 'checkpoints'}, log in {out / 'log.jsonl'}")
+    if main_process:
+        print(json.dumps({k: summary[k] for k in ("steps", "samples", "metrics") if k in summary}, indent=1))
+        print(f"done: samples in {out / 'samples'}, checkpoint in {out / 'checkpoints'}, log in {out / 'log.jsonl'}")
     return 0
 
 

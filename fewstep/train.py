@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from fewstep import checkpoint as ckpt
 from fewstep.config import Config, ConfigError, build_method, config_from_dict
 from fewstep.data import load_dataset
+from fewstep.distributed import (average_gradients, barrier, broadcast_parameters, gather_objects,
+                                 init_distributed, shutdown_distributed)
 from fewstep.ema import EMA
 from fewstep.image import save_image_grid, save_scatter
 from fewstep.plot import plot_log, read_log
@@ -71,17 +73,23 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
+def rng_tensors(device: torch.device, rank: int = 0) -> dict[str, torch.Tensor]:
+    """This process's RNG states, keyed by rank (process 0: 'rng.cpu', others 'rng.cpu.rank<r>')."""
+    suffix = f".rank{rank}" if rank else ""
+    out = {f"rng.cpu{suffix}": torch.get_rng_state()}
     if device.type == "cuda":
-        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+        out[f"rng.cuda{suffix}"] = torch.cuda.get_rng_state(device)
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(tensors["rng.cpu"].cpu())
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: int = 0) -> None:
+    """Restore this process's RNG states if the checkpoint has them (a run resumed on more
+    processes than it was saved with keeps the fresh seeds of the new ones)."""
+    suffix = f".rank{rank}" if rank else ""
+    if f"rng.cpu{suffix}" in tensors:
+        torch.set_rng_state(tensors[f"rng.cpu{suffix}"].cpu())
+    if device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"].cpu(), device)
 
 
 def preview_schedules(cfg: Config):
@@ -163,8 +171,9 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     tc = cfg.train
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
+    dist_info, device = init_distributed(resolve_device(tc.device))
+    main_process = dist_info.is_main
+    torch.manual_seed(tc.seed)  # the same initial weights on every process
 
     dataset = load_data(cfg)
     method = build_method(cfg.method)
@@ -180,12 +189,16 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     if init_from_teacher and not latest:
         done = student_from_teacher(net, teacher.net, "trigflow" if teacher.method == "flow" else "edm",
                                     method.sigma_d)
-        if done:
+        if done and main_process:
             print(f"student initialized from the {teacher.method} teacher: {done}")
+    broadcast_parameters(net, dist_info)
+    if dist_info.enabled and dist_info.rank > 0:
+        torch.manual_seed(tc.seed + 1_000_003 * dist_info.rank)  # each process draws its own batches and noise
     optimizer = make_optimizer(cfg.optim, net.parameters())
     ema = EMA(net, tc.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if main_process:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     step, nonfinite_total = 0, 0
     if latest:
@@ -193,14 +206,20 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         net.load_state_dict(ckpt.unprefixed("net", tensors))
         ema.load_state_dict(ckpt.unprefixed("ema", tensors))
         ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
-        restore_rng(tensors, device)
+        restore_rng(tensors, device, dist_info.rank)
         step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-        print(f"resumed from {latest[-1]} at step {step}")
+        if main_process:
+            print(f"resumed from {latest[-1]} at step {step}")
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, gather: bool = True) -> None:
+        """All processes call this (their RNG states are gathered); process 0 writes."""
+        rngs = (gather_objects({k: v.cpu() for k, v in rng_tensors(device, dist_info.rank).items()}, dist_info)
+                if gather else [rng_tensors(device, dist_info.rank)])
+        if not main_process:
+            return
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer)
         tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("ema", ema.state_dict()),
-                   **ckpt.prefixed("optim", opt_tensors), **rng_tensors(device)}
+                   **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()}}
         ckpt.save_checkpoint(out_dir / "checkpoints", at_step, tensors,
                              {"config": cfg.to_dict(), "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
                               "data": {"kind": dataset.kind, "shape": list(dataset.shape),
@@ -208,10 +227,11 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         ckpt.prune_checkpoints(out_dir / "checkpoints", tc.keep_ckpts)
 
     log_path = out_dir / "log.jsonl"
-    if step == 0 and log_path.exists():
+    if step == 0 and log_path.exists() and main_process:
         log_path.unlink()  # a fresh run: no stale records
     nonfinite_run, acc, acc_n, t_last, step_last = 0, {}, 0, time.perf_counter(), step
-    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=tc.steps, initial=step, disable=not (tc.progress and main_process), dynamic_ncols=True,
+               unit="step")
     net.train()
     try:
         while step < tc.steps:
@@ -227,6 +247,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
             ok = bool(torch.isfinite(loss))
             if ok:
                 scaler.scale(loss).backward()
+            ok = average_gradients(net.parameters(), dist_info, ok)  # several processes: all or none step
+            if ok:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or math.inf)
                 ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()
@@ -250,7 +272,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
             step += 1
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if (step % tc.log_every == 0 or step == tc.steps) and main_process:  # process 0's stats
                 now = time.perf_counter()
                 record = {"step": step, **{k: float(v) / max(acc_n, 1) for k, v in acc.items()},
                           "lr": optimizer.param_groups[0]["lr"],
@@ -260,17 +282,22 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", skipped=nonfinite_total)
                 acc, acc_n, t_last, step_last = {}, 0, now, step
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and main_process:
                 write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}")
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
                 save(step)
     except KeyboardInterrupt:
         bar.close()
-        save(step)
-        print(f"\ninterrupted: checkpoint saved at step {step} in {out_dir / 'checkpoints'}")
+        save(step, gather=False)  # no collectives while the other processes are being stopped too
+        if main_process:
+            print(f"\ninterrupted: checkpoint saved at step {step} in {out_dir / 'checkpoints'}")
         raise
     bar.close()
     save(step)
+    if not main_process:
+        barrier(dist_info)  # process 0 writes samples and plots, then releases everyone
+        shutdown_distributed(dist_info)
+        return {"steps": step, "rank": dist_info.rank}
 
     samples = write_samples(ema.net, dataset, cfg, out_dir / "samples" / "final")
     records = read_log(log_path) if log_path.exists() else []
@@ -282,4 +309,6 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     if metrics:
         summary["metrics"] = metrics
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    barrier(dist_info)
+    shutdown_distributed(dist_info)
     return summary
