@@ -96,6 +96,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
     precision: str = "fp32"  # 'fp32', 'bf16' (autocast) or 'fp16' (autocast + loss scaling)
     ema_decay: float = 0.999
+    ema_sigma_rel: float | None = None  # EDM2 power-function EMA of this relative width (e.g. 0.05), instead
     log_every: int = 50
     sample_every: int = 500  # 0 = only at the end
     ckpt_every: int = 500  # 0 = only at the end
@@ -118,6 +119,8 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_sigma_rel is not None and not 0 < self.ema_sigma_rel < 0.28:
+            raise ConfigError(f"train.ema_sigma_rel must be in (0, 0.28) or null, got {self.ema_sigma_rel}")
         validate_times("train.sample_times", self.sample_times)
         if self.teacher is not None and not self.teacher:
             raise ConfigError("train.teacher must be a checkpoint path or null")

@@ -195,7 +195,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     if dist_info.enabled and dist_info.rank > 0:
         torch.manual_seed(tc.seed + 1_000_003 * dist_info.rank)  # each process draws its own batches and noise
     optimizer = make_optimizer(cfg.optim, net.parameters())
-    ema = EMA(net, tc.ema_decay)
+    ema = EMA(net, tc.ema_decay, tc.ema_sigma_rel)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     if main_process:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

@@ -29,6 +29,7 @@ def test_presets_are_valid(name):
     ({"method": {"name": "sct", "jvp_mode": "fd"}}, "method.jvp_mode"),
     ({"method": {"name": "sct", "warmup_steps": "x"}}, "method.warmup_steps"),
     ({"train": {"sample_times": [2.0]}}, "train.sample_times"),
+    ({"train": {"ema_sigma_rel": 0.5}}, "train.ema_sigma_rel"),
     ({"extra": {}}, "extra"),
 ])
 def test_bad_values_name_the_key(data, key):
