@@ -15,6 +15,7 @@ TRAIN_EXAMPLES = """examples:
   fewstep train --data path/to/images --set data.resolution=32 --set network.attn_resolutions=[16]
   fewstep train --preset 8gaussians --method flow --out runs/teacher            # a diffusion teacher
   fewstep train --preset 8gaussians --method scd --teacher runs/teacher --out runs/scd
+  fewstep train --preset 8gaussians --method ict --out runs/ict                   # improved CT (discrete time)
 
 A config file (JSON or TOML) has the sections data, network, method, optim, train;
 `--set section.key=value` overrides one key (values are read as JSON: 3, 1e-3, true, [1,2]).
@@ -40,7 +41,8 @@ def _train_parser(sub):
     p.add_argument("--config", default=None, help="a JSON or TOML config file, applied over the preset")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset or data name>)")
     p.add_argument("--data", default=None, help="dataset name or path (data.name)")
-    p.add_argument("--method", default=None, help="training objective (method.name): sct, scd, flow, edm")
+    p.add_argument("--method", default=None, help="training objective (method.name): sct, scd (continuous-time "
+                   "CMs), flow, edm (diffusion), cd, ct, ict (discrete-time CMs)")
     p.add_argument("--steps", type=int, default=None, help="training steps (train.steps)")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size")
     p.add_argument("--lr", type=float, default=None, help="optim.lr")
@@ -50,7 +52,7 @@ def _train_parser(sub):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true", help="do not resume; fails if --out has checkpoints")
-    p.add_argument("--teacher", default=None, help="sCD: the diffusion teacher's checkpoint (train.teacher)")
+    p.add_argument("--teacher", default=None, help="sCD / CD: the diffusion teacher's checkpoint (train.teacher)")
     return p
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 
+DISTILLATION_METHODS = ("scd", "cd")  # methods that take train.teacher
+
+
 class ConfigError(ValueError):
     """A bad configuration: the message names the key."""
 
@@ -138,12 +141,14 @@ class Config:
         for section in (self.data, self.network, self.optim, self.train):
             section.validate()
         build_method(self.method)  # the method's dataclass validates its own fields
-        distils = self.method.get("name") == "scd"
+        name = self.method.get("name")
+        distils = name in DISTILLATION_METHODS
         if distils and not self.train.teacher:
-            raise ConfigError("method 'scd' distils a diffusion teacher: give its checkpoint with "
+            raise ConfigError(f"method {name!r} distils a diffusion teacher: give its checkpoint with "
                               "--teacher CKPT (train.teacher)")
         if self.train.teacher and not distils:
-            raise ConfigError(f"train.teacher is used by method 'scd' only, not {self.method.get('name')!r}")
+            raise ConfigError(f"train.teacher is used by the distillation methods "
+                              f"({', '.join(DISTILLATION_METHODS)}) only, not {name!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -83,16 +83,15 @@ def _inputs(model, spec: str | None, num: int, seed: int) -> torch.Tensor:
 
 def cmd_edit(args) -> int:
     from fewstep import editing
-    from fewstep.generate import load_model, parse_times
+    from fewstep.generate import consistency_sampler_fn, load_model, parse_times
     from fewstep.image import save_image_grid
-    from fewstep.samplers import trigflow_sampler_fn
     from fewstep.train import resolve_device
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
     if not model.is_consistency:
-        raise ValueError(f"editing needs a consistency model (sct, scd); {model.checkpoint} is {model.method!r}")
+        raise ValueError(f"editing needs a consistency model; {model.checkpoint} is a {model.method!r} model")
     if model.kind != "image":
         raise ValueError("editing works on image models")
     labels = None
@@ -101,7 +100,7 @@ def cmd_edit(args) -> int:
             raise ValueError(f"--label must be in [0, {model.num_classes}), got {args.label}")
         labels = torch.full((args.num,), model.num_classes if args.label is None else args.label,
                             device=model.device)
-    fn = trigflow_sampler_fn(model.net, model.sigma_d, labels)
+    fn = consistency_sampler_fn(model, labels)
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     sd = model.sigma_d
     first = args.t0 if args.task == "sdedit" else math.pi / 2

@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 # method name -> how its network samples. A new training method registers its sampling family here.
-CONSISTENCY_METHODS = ("sct", "scd")  # TrigFlow consistency functions: multistep consistency sampling
+VE_CONSISTENCY_METHODS = ("cd", "ct", "ict")  # discrete-time (EDM/VE) consistency models, sampled through TrigFlow
+CONSISTENCY_METHODS = ("sct", "scd") + VE_CONSISTENCY_METHODS  # multistep consistency sampling
 DIFFUSION_METHODS = ("flow", "edm")  # velocity / denoiser networks: probability-flow ODE solvers
 CM_SAMPLER = "multistep"
 DEFAULT_ODE_SAMPLER = "heun"
@@ -94,7 +95,21 @@ class Model:
 
 def method_sigma_d(method_cfg: dict) -> float:
     """The data standard deviation a method's network assumes (EDM calls it sigma_data)."""
-    return float(method_cfg.get("sigma_data" if method_cfg["name"] == "edm" else "sigma_d", 0.5))
+    key = "sigma_data" if method_cfg["name"] in ("edm",) + VE_CONSISTENCY_METHODS else "sigma_d"
+    return float(method_cfg.get(key, 0.5))
+
+
+def consistency_sampler_fn(model: "Model", labels: torch.Tensor | None = None, guidance=None):
+    """The consistency function of a consistency checkpoint as a TrigFlow sampler callable
+    `fn(x_t, t) -> x0` (discrete-time models are converted, `samplers.ve_consistency_as_trigflow`)."""
+    from fewstep.samplers import trigflow_sampler_fn, ve_consistency_as_trigflow
+
+    if model.method in VE_CONSISTENCY_METHODS:
+        cfg = model.config["method"]
+        return ve_consistency_as_trigflow(model.net, model.sigma_d, float(cfg.get("eps", 0.002)),
+                                          float(cfg.get("sigma_max", 80.0)), labels)
+    w = guidance if getattr(model.net, "guidance_input", False) else None
+    return trigflow_sampler_fn(model.net, model.sigma_d, labels, w)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
@@ -184,10 +199,9 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
                   generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
     """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
     if model.is_consistency:
-        from fewstep.samplers import multistep_sample, trigflow_sampler_fn
+        from fewstep.samplers import multistep_sample
 
-        w = guidance if getattr(model.net, "guidance_input", False) else None
-        fn = trigflow_sampler_fn(model.net, model.sigma_d, labels, w)
+        fn = consistency_sampler_fn(model, labels, guidance)
         return multistep_sample(fn, noise, schedule.times, model.sigma_d, generator), len(schedule.times)
     from fewstep.ode import EDMODE, TrigFlowODE, edm_net_denoiser, guided, solve, trigflow_net_velocity
 

@@ -37,6 +37,25 @@ def multistep_sample(consistency_fn, noise: torch.Tensor, times, sigma_d: float 
     return x
 
 
+def ve_consistency_as_trigflow(net, sigma_data: float = 0.5, eps: float = 0.002, sigma_max: float = 80.0,
+                              labels: torch.Tensor | None = None):
+    """A discrete-time (EDM/VE) consistency network as a TrigFlow sampler callable, so that every
+    sampler and editing routine serves both families: `x_sigma = x_t / cos(t)`,
+    `sigma = sigma_data tan(t)` (SPEC 1.1), with t capped at `arctan(sigma_max / sigma_data)` (there
+    `x_t / cos(t)` is the VE prior sample `sigma_max z`) and sigma floored at eps (f = identity)."""
+    from fewstep.edm import edm_consistency
+
+    t_max = math.atan(sigma_max / sigma_data)
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.clamp(max=t_max)
+        x_sigma = x_t / torch.cos(t).reshape(-1, *([1] * (x_t.ndim - 1)))
+        sigma = (sigma_data * torch.tan(t)).clamp(min=eps)
+        return edm_consistency(net, x_sigma, sigma, labels, sigma_data, eps)
+
+    return fn
+
+
 def trigflow_sampler_fn(net, sigma_d: float = 0.5, labels: torch.Tensor | None = None, guidance=None):
     """The consistency function of a TrigFlow network, as a sampler callable (`guidance`: the CFG
     scale for a student that takes it as input)."""

@@ -148,7 +148,8 @@ def load_teacher(cfg: Config, method, dataset, device):
 
     Returns the teacher's checkpoint state (its network config and weights are the student's
     starting point when `train.init_from_teacher`)."""
-    from fewstep.generate import load_model
+    from fewstep.generate import load_model, method_sigma_d
+    from fewstep.methods.cm import CD, make_teacher_denoiser
     from fewstep.methods.scd import make_teacher_velocity
 
     teacher = load_model(cfg.train.teacher, device)
@@ -158,10 +159,14 @@ def load_teacher(cfg: Config, method, dataset, device):
     if tuple(teacher.shape) != tuple(dataset.shape):
         raise ConfigError(f"the teacher was trained on data of shape {tuple(teacher.shape)}, "
                           f"this run's data has shape {tuple(dataset.shape)}")
-    if abs(teacher.sigma_d - method.sigma_d) > 1e-12:
-        raise ConfigError(f"teacher sigma_d {teacher.sigma_d} != method.sigma_d {method.sigma_d}")
+    sigma_d = method_sigma_d(cfg.method)
+    if abs(teacher.sigma_d - sigma_d) > 1e-12:
+        raise ConfigError(f"teacher sigma_d {teacher.sigma_d} != this method's sigma_d {sigma_d}")
     formulation = "trigflow" if teacher.method == "flow" else "edm"
-    method.teacher = make_teacher_velocity(teacher.net.requires_grad_(False), formulation, method.sigma_d)
+    if isinstance(method, CD):  # discrete-time distillation steps the teacher's ODE in sigma
+        method.teacher = make_teacher_denoiser(teacher.net.requires_grad_(False), formulation, sigma_d)
+    else:
+        method.teacher = make_teacher_velocity(teacher.net.requires_grad_(False), formulation, sigma_d)
     return teacher
 
 
@@ -187,11 +192,16 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes).to(device)
     latest = ckpt.list_checkpoints(out_dir / "checkpoints") if tc.resume else []
     if init_from_teacher and not latest:
+        from fewstep.generate import VE_CONSISTENCY_METHODS, method_sigma_d
+
         done = student_from_teacher(net, teacher.net, "trigflow" if teacher.method == "flow" else "edm",
-                                    method.sigma_d)
+                                    method_sigma_d(cfg.method), student_formulation="edm"
+                                    if cfg.method["name"] in VE_CONSISTENCY_METHODS else "trigflow")
         if done and main_process:
             print(f"student initialized from the {teacher.method} teacher: {done}")
     broadcast_parameters(net, dist_info)
+    if getattr(method, "total_steps", None) == 0:
+        method.total_steps = tc.steps  # curricula (CT, iCT) are laid out over the whole run
     if dist_info.enabled and dist_info.rank > 0:
         torch.manual_seed(tc.seed + 1_000_003 * dist_info.rank)  # each process draws its own batches and noise
     optimizer = make_optimizer(cfg.optim, net.parameters())
@@ -206,6 +216,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         net.load_state_dict(ckpt.unprefixed("net", tensors))
         ema.load_state_dict(ckpt.unprefixed("ema", tensors))
         ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
+        if hasattr(method, "load_state_tensors"):
+            method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
         restore_rng(tensors, device, dist_info.rank)
         step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         if main_process:
@@ -220,6 +232,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer)
         tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("ema", ema.state_dict()),
                    **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()}}
+        if hasattr(method, "state_tensors"):  # an EMA target network (CD, CT)
+            tensors.update(ckpt.prefixed("target", method.state_tensors()))
         ckpt.save_checkpoint(out_dir / "checkpoints", at_step, tensors,
                              {"config": cfg.to_dict(), "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
                               "data": {"kind": dataset.kind, "shape": list(dataset.shape),
@@ -256,6 +270,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                 scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
                 scaler.update()
                 ema.update(net, step)
+                if hasattr(method, "after_step"):
+                    method.after_step(net, step)  # e.g. the EMA target of CD / CT
                 nonfinite_run = 0
                 for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
                     acc[key] = acc.get(key, 0.0) + value.detach().float()  # no sync until logged

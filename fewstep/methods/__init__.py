@@ -4,11 +4,13 @@
 training loop knows nothing about which method it runs.
 """
 
+from fewstep.methods.cm import CD, CT, ICT, make_teacher_denoiser
 from fewstep.methods.edm import EDMDiffusion
 from fewstep.methods.flow import FlowMatching
 from fewstep.methods.scd import SCD, make_teacher_velocity
 from fewstep.methods.sct import SCT
 
-METHODS = {"flow": FlowMatching, "edm": EDMDiffusion, "sct": SCT, "scd": SCD}
+METHODS = {"flow": FlowMatching, "edm": EDMDiffusion, "sct": SCT, "scd": SCD, "cd": CD, "ct": CT, "ict": ICT}
 
-__all__ = ["METHODS", "EDMDiffusion", "FlowMatching", "SCD", "SCT", "make_teacher_velocity"]
+__all__ = ["CD", "CT", "ICT", "METHODS", "EDMDiffusion", "FlowMatching", "SCD", "SCT", "make_teacher_denoiser",
+           "make_teacher_velocity"]

@@ -1,4 +1,4 @@
-"""A TrigFlow student from a diffusion teacher's weights (diffusion fine-tuning, SPEC 2.4).
+"""A student from a diffusion teacher's weights (diffusion fine-tuning, SPEC 2.4).
 
 A TrigFlow ('flow') teacher's network is the student's network: its weights are copied as they
 are. An EDM teacher's network fits too, after two changes. With `sigma = sigma_d tan(t)` and
@@ -84,26 +84,33 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
 
 
 def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = 0.5,
-                         fit_steps: int = 2000) -> dict:
-    """Initialize a TrigFlow student from a teacher network of the same architecture.
+                         fit_steps: int = 2000, student_formulation: str = "trigflow") -> dict:
+    """Initialize a student from a teacher network of the same architecture.
 
-    `formulation='trigflow'`: a plain copy (the student is exactly the teacher).
-    `formulation='edm'`: copy, negate the output layer and fit the time embedding (module
-    docstring). Returns what was done, e.g. `{"time_embedding_fit_error": 0.01}`.
+    Formulations: 'trigflow' (time input t) or 'edm' (time input `ln(sigma) / 4`; the discrete-time
+    consistency models use it too). The same formulation: a plain copy (the student is exactly the
+    teacher). Across formulations: copy, negate the output layer and fit the student's time
+    embedding to the teacher's at the matching time (module docstring). Returns what was done,
+    e.g. `{"time_embedding_fit_error": 0.01}`.
     """
+    for name, value in (("formulation", formulation), ("student_formulation", student_formulation)):
+        if value not in ("trigflow", "edm"):
+            raise ValueError(f"{name} must be 'trigflow' or 'edm', got {value!r}")
     copy_teacher_weights(student, teacher)
-    if formulation == "trigflow":
+    if formulation == student_formulation:
         return {}
-    if formulation != "edm":
-        raise ValueError(f"formulation must be 'trigflow' or 'edm', got {formulation!r}")
     with torch.no_grad():
         out = output_layer(student)
         out.weight.neg_()
         out.bias.neg_()
-    # The fit grid: uniform in t, and uniform in the teacher's log noise level (dense near both ends).
     u = torch.linspace(0, 1, 512, dtype=torch.float64)
     log_sigma = math.log(EPS) + u * (math.log(T_MAX) - math.log(EPS))
-    t = torch.cat([u * (math.pi / 2), torch.atan(log_sigma.exp() / sigma_d)])
-    err = fit_time_embedding(student.time_emb, teacher.time_emb, lambda s: edm_time_input(s, sigma_d), t,
-                             steps=fit_steps)
+    if student_formulation == "trigflow":
+        # The fit grid: uniform in t, and uniform in the teacher's log noise level (dense near both ends).
+        grid = torch.cat([u * (math.pi / 2), torch.atan(log_sigma.exp() / sigma_d)])
+        teacher_time = lambda t: edm_time_input(t, sigma_d)  # noqa: E731
+    else:  # a discrete-time student reads c = ln(sigma) / 4 for sigma in [eps, T]; the teacher t = arctan(sigma / sigma_d)
+        grid = log_sigma / 4
+        teacher_time = lambda c: torch.atan(torch.exp(4 * c) / sigma_d)  # noqa: E731
+    err = fit_time_embedding(student.time_emb, teacher.time_emb, teacher_time, grid, steps=fit_steps)
     return {"time_embedding_fit_error": err}
