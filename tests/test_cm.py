@@ -184,3 +184,33 @@ def test_ict_trains_on_8_gaussians():
         two = sliced_wasserstein(multistep_sample(fn, noise, [math.pi / 2, 1.0], SD), ref)
     print(f"iCT SW2: untrained {untrained:.3f}, 1 step {one:.3f}, 2 steps {two:.3f}")
     assert one < 0.12 and two < 0.25 and one < untrained / 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI
+
+
+def test_discrete_cms_via_cli(tmp_path, capsys):
+    """`--method ict` / `ct` train, sample and resume (CT's EMA target is checkpointed); `--method cd`
+    distils a flow teacher, starting from its weights through the time-embedding conversion."""
+    from fewstep import checkpoint as ckpt
+    from fewstep.cli import main
+
+    common = ["--preset", "8gaussians", "--batch-size", "64", "--no-progress", "--set", "network.width=32",
+              "--set", "network.depth=1", "--set", "train.sample_every=0"]
+    assert main(["train", *common, "--method", "ict", "--steps", "3", "--out", str(tmp_path / "ict")]) == 0
+    assert main(["sample", str(tmp_path / "ict"), "--steps", "2", "--num", "16",
+                 "--out", str(tmp_path / "ict.png")]) == 0
+    ct = tmp_path / "ct"
+    assert main(["train", *common, "--method", "ct", "--steps", "2", "--out", str(ct)]) == 0
+    tensors, state = ckpt.load_checkpoint(ct)
+    assert any(k.startswith("target.") for k in tensors) and state["config"]["method"]["name"] == "ct"
+    assert main(["train", *common, "--method", "ct", "--steps", "4", "--out", str(ct)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    teacher = tmp_path / "teacher"
+    assert main(["train", *common, "--method", "flow", "--steps", "3", "--out", str(teacher)]) == 0
+    assert main(["train", *common, "--method", "cd", "--teacher", str(teacher), "--steps", "2",
+                 "--set", "method.num_scales_fixed=10", "--out", str(tmp_path / "cd")]) == 0
+    assert "time_embedding_fit_error" in capsys.readouterr().out
+    assert main(["train", *common, "--method", "cd", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--teacher" in capsys.readouterr().err
