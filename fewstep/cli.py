@@ -147,7 +147,7 @@ def cmd_sample(args) -> int:
         if args.times is not None:
             raise ValueError("--times is for consistency models; use --steps and --sampler for diffusion models")
         schedule = schedules(model.method, [args.steps] if args.steps else None,
-                             samplers=[args.sampler] if args.sampler else None)[0]
+                             samplers=[args.sampler] if args.sampler else None, default_steps=model.default_steps)[0]
     labels = None
     if model.num_classes:
         if args.label is not None and not 0 <= args.label < model.num_classes:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-DISTILLATION_METHODS = ("scd", "cd")  # methods that take train.teacher
+DISTILLATION_METHODS = ("scd", "cd", "pd")  # methods that take train.teacher
 
 
 class ConfigError(ValueError):

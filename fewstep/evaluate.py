@@ -219,7 +219,7 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
             raise ValueError("--times applies to consistency models, instead of --steps/--nfe")
         plan = [Schedule(CM_SAMPLER, len(ts), tuple(ts)) for ts in times]
     else:
-        plan = schedules(model.method, steps, nfe, samplers)
+        plan = schedules(model.method, steps, nfe, samplers, default_steps=model.default_steps)
     info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
                                   extractor=extractor, inception_weights=inception_weights, device=dev,
                                   download=download, cache_dir=cache_dir, seed=seed, progress=progress)

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 # method name -> how its network samples. A new training method registers its sampling family here.
 VE_CONSISTENCY_METHODS = ("cd", "ct", "ict")  # discrete-time (EDM/VE) consistency models, sampled through TrigFlow
 CONSISTENCY_METHODS = ("sct", "scd") + VE_CONSISTENCY_METHODS  # multistep consistency sampling
-DIFFUSION_METHODS = ("flow", "edm")  # velocity / denoiser networks: probability-flow ODE solvers
+DIFFUSION_METHODS = ("flow", "edm", "pd")  # velocity / denoiser networks: probability-flow ODE solvers
+PD_METHODS = ("pd",)  # progressive-distillation students: DDIM on the uniform grid they were trained for
 CM_SAMPLER = "multistep"
 DEFAULT_ODE_SAMPLER = "heun"
 DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
@@ -72,6 +73,11 @@ class Model:
     @property
     def is_consistency(self) -> bool:
         return self.method in CONSISTENCY_METHODS
+
+    @property
+    def default_steps(self) -> int | None:
+        """A progressive-distillation student's own step count (None: the sampler's default)."""
+        return pd_steps(self.config, self.step) if self.method in PD_METHODS else None
 
     @property
     def data_cfg(self) -> dict:
@@ -160,11 +166,22 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
     return values
 
 
+def pd_steps(config: dict, step: int) -> int:
+    """The DDIM step count a progressive-distillation checkpoint saved at `step` was trained for."""
+    from fewstep.methods.pd import pd_student_steps
+
+    m = config["method"]
+    total = int(m.get("total_steps") or config["train"]["steps"])
+    return pd_student_steps(max(step - 1, 0), int(m.get("start_steps", 64)), int(m.get("min_steps", 1)), total)
+
+
 def schedules(method: str, steps: list[int] | None = None, nfe: list[int] | None = None,
-              samplers: list[str] | None = None) -> list[Schedule]:
+              samplers: list[str] | None = None, default_steps: int | None = None) -> list[Schedule]:
     """The rows to evaluate: consistency models sample at each step count (NFE = steps);
-    diffusion models run each ODE sampler at each step count, or at the steps that give each
-    requested NFE (Heun: NFE = 2 steps - 1, so NFE must be odd; Euler, DPM-Solver++(2M): NFE = steps)."""
+    diffusion models run each ODE sampler at each step count (default `default_steps`, else
+    18), or at the steps that give each requested NFE (Heun: NFE = 2 steps - 1, so NFE must be
+    odd; Euler, DPM-Solver++(2M), DDIM: NFE = steps). Progressive-distillation students default
+    to DDIM."""
     if steps is not None and nfe is not None:
         raise ValueError("give --steps or --nfe, not both")
     if method in CONSISTENCY_METHODS:
@@ -174,14 +191,14 @@ def schedules(method: str, steps: list[int] | None = None, nfe: list[int] | None
         return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
     from fewstep.ode import SAMPLERS
 
-    samplers = samplers or [DEFAULT_ODE_SAMPLER]
+    samplers = samplers or ["ddim" if method in PD_METHODS else DEFAULT_ODE_SAMPLER]
     for s in samplers:
         if s not in SAMPLERS:
             raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {method!r}, got {s!r}")
     rows = []
     for s in samplers:
         if nfe is None:
-            rows += [Schedule(s, k) for k in (steps or [DEFAULT_ODE_STEPS])]
+            rows += [Schedule(s, k) for k in (steps or [default_steps or DEFAULT_ODE_STEPS])]
             continue
         for n in nfe:
             if s == "heun" and n % 2 == 0:
@@ -206,12 +223,15 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
     from fewstep.ode import EDMODE, TrigFlowODE, edm_net_denoiser, guided, solve, trigflow_net_velocity
 
     null = model.num_classes if model.num_classes else None
-    if model.method == "flow":
+    times = None
+    if model.method in ("flow",) + PD_METHODS:
         ode = TrigFlowODE(guided(trigflow_net_velocity(model.net, model.sigma_d), labels, guidance, null),
                           model.sigma_d)
+        if model.method in PD_METHODS:  # the uniform grid in t the student was distilled on
+            times = torch.linspace(math.pi / 2, 0, schedule.steps + 1, dtype=torch.float64)
     else:  # edm
         ode = EDMODE(guided(edm_net_denoiser(model.net, model.sigma_d), labels, guidance, null))
-    return solve(ode, noise, schedule.steps, schedule.sampler)
+    return solve(ode, noise, schedule.steps, schedule.sampler, times=times)
 
 
 @torch.no_grad()

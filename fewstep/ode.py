@@ -198,7 +198,22 @@ def sample_dpmpp_2m(ode, x: torch.Tensor, times) -> tuple[torch.Tensor, int]:
     return x, nfe
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
+@torch.no_grad()
+def sample_ddim(ode, x: torch.Tensor, times) -> tuple[torch.Tensor, int]:
+    """DDIM (Song et al. 2021), deterministic: `x_next = alpha' x0_hat + sigma' n_hat` with
+    `n_hat = (x - alpha x0_hat) / sigma`; first order, exact when the x0 prediction is constant
+    along the path. One NFE per step. The sampler of progressive-distillation students."""
+    times, nfe = _floats(times), 0
+    for s, s_next in zip(times[:-1], times[1:]):
+        denoised = ode.denoise(x, _full(x, s))
+        nfe += 1
+        alpha, sigma = ode.alpha_sigma(s)
+        alpha_next, sigma_next = ode.alpha_sigma(s_next)
+        x = alpha_next * denoised if sigma_next == 0 else alpha_next * denoised + sigma_next * (x - alpha * denoised) / sigma
+    return x, nfe
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim}
 
 
 def solve(ode, noise: torch.Tensor, steps: int, sampler: str = "heun", times=None):

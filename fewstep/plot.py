@@ -149,7 +149,7 @@ def sample_grids(checkpoint: str | Path, out_dir: str | Path, schedules=None, *,
     from fewstep.train import resolve_device
 
     model = load_model(checkpoint, resolve_device(device), ema)
-    plan = schedules or default_schedules(model.method)
+    plan = schedules or default_schedules(model.method, default_steps=model.default_steps)
     out_dir = Path(out_dir)
     written = []
     data = None

@@ -98,7 +98,10 @@ def preview_schedules(cfg: Config):
     from fewstep.generate import CONSISTENCY_METHODS, Schedule, schedules
 
     if cfg.method["name"] not in CONSISTENCY_METHODS:
-        return schedules(cfg.method["name"])
+        from fewstep.generate import PD_METHODS, pd_steps
+
+        default = pd_steps(cfg.to_dict(), cfg.train.steps) if cfg.method["name"] in PD_METHODS else None
+        return schedules(cfg.method["name"], default_steps=default)
     times = tuple(cfg.train.sample_times)
     plan = [Schedule("multistep", 1, times[:1])]
     return plan + ([Schedule("multistep", len(times), times)] if len(times) > 1 else [])
@@ -150,6 +153,7 @@ def load_teacher(cfg: Config, method, dataset, device):
     starting point when `train.init_from_teacher`)."""
     from fewstep.generate import load_model, method_sigma_d
     from fewstep.methods.cm import CD, make_teacher_denoiser
+    from fewstep.methods.pd import ProgressiveDistillation
     from fewstep.methods.scd import make_teacher_velocity
 
     teacher = load_model(cfg.train.teacher, device)
@@ -163,7 +167,12 @@ def load_teacher(cfg: Config, method, dataset, device):
     if abs(teacher.sigma_d - sigma_d) > 1e-12:
         raise ConfigError(f"teacher sigma_d {teacher.sigma_d} != this method's sigma_d {sigma_d}")
     formulation = "trigflow" if teacher.method == "flow" else "edm"
-    if isinstance(method, CD):  # discrete-time distillation steps the teacher's ODE in sigma
+    if isinstance(method, ProgressiveDistillation):  # the teacher network itself: students replace it
+        if formulation != "trigflow":
+            raise ConfigError("progressive distillation distils a TrigFlow ('flow') teacher; "
+                              f"{teacher.checkpoint} is an {teacher.method!r} model")
+        method.set_teacher(teacher.net)
+    elif isinstance(method, CD):  # discrete-time distillation steps the teacher's ODE in sigma
         method.teacher = make_teacher_denoiser(teacher.net.requires_grad_(False), formulation, sigma_d)
     else:
         method.teacher = make_teacher_velocity(teacher.net.requires_grad_(False), formulation, sigma_d)
