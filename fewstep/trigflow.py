@@ -49,6 +49,12 @@ def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None, guidance=None
     return consistency_from_velocity(x_t, t, trigflow_velocity_from_net(net, x_t, t, sigma_d, labels, guidance))
 
 
+def time_dtype(x: torch.Tensor) -> torch.dtype:
+    """Times are drawn in float32, or in float64 for float64 data (never in fp16/bf16: t near
+    pi/2 needs the resolution)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def lognormal_times(n: int, p_mean: float, p_std: float, sigma_d: float, device=None,
                     dtype=torch.float32, generator=None) -> torch.Tensor:
     """The log-normal proposal: `tau ~ N(P_mean, P_std^2)`, `t = arctan(exp(tau) / sigma_d)`."""

@@ -501,3 +501,16 @@ def test_sct_training_learns_gaussian_consistency_function(s):
     with torch.no_grad():
         x1 = trigflow_consistency(net, SIGMA_D * torch.randn(8192, 2), torch.full((8192,), HALF_PI), SIGMA_D)
     assert abs(x1.std().item() / s - 1) < 0.1
+
+
+@pytest.mark.parametrize("name", ["flow", "sct", "scd", "edm", "ict", "ct"])
+def test_objectives_run_in_float64(name):
+    """Times are drawn in the data's precision when it is float64 (float32 otherwise), so a
+    float64 network trains with every objective (the math tests rely on it)."""
+    from fewstep.methods import METHODS, make_teacher_velocity
+
+    net = MLP(dim=3, width=16, depth=1).double()
+    kwargs = {"teacher": make_teacher_velocity(MLP(dim=3, width=16, depth=1).double())} if name == "scd" else {}
+    loss, _ = METHODS[name](**kwargs)(net, torch.randn(8, 3, dtype=torch.float64))
+    assert loss.dtype == torch.float64 and torch.isfinite(loss).all()
+    loss.mean().backward()

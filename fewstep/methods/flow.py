@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
-from fewstep.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
+from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
 
 
 def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | None:
@@ -39,7 +39,8 @@ class FlowMatching:
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         labels = drop_labels(labels, self.label_dropout, net)
-        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device)
+        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,
+                           dtype=time_dtype(x0))
         z = torch.randn_like(x0) * self.sigma_d
         x_t = trigflow_noise(x0, z, t)
         v_pred = self.sigma_d * net(x_t / self.sigma_d, t, labels)

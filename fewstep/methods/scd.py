@@ -26,7 +26,7 @@ from fewstep.edm import edm_to_trigflow
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.ode import edm_net_denoiser, guided, trigflow_net_velocity
-from fewstep.trigflow import lognormal_times, trigflow_noise
+from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise
 
 FORMULATIONS = ("trigflow", "edm")
 
@@ -117,7 +117,8 @@ class SCD:
         if w is not None and (labels is None or not getattr(net, "guidance_input", False)):
             raise ValueError("method.guidance_range needs class labels and a student that takes the guidance "
                              "scale: set network.class_conditional=true and network.guidance_input=true")
-        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device).to(x0.dtype)
+        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,
+                           dtype=time_dtype(x0))
         z = torch.randn_like(x0) * self.sigma_d
         x_t = trigflow_noise(x0, z, t)
         dxdt = self.teacher_velocity(x_t, t, labels, w).to(x0.dtype)

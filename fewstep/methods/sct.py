@@ -12,7 +12,7 @@ import torch
 
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
-from fewstep.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
+from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
 
 
 @dataclass
@@ -37,7 +37,8 @@ class SCT:
         check_choice("method.jvp_mode", self.jvp_mode, JVP_MODES)
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
-        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device)
+        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,
+                           dtype=time_dtype(x0))
         z = torch.randn_like(x0) * self.sigma_d
         x_t = trigflow_noise(x0, z, t)
         dxdt = trigflow_velocity(x0, z, t)
