@@ -71,26 +71,33 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
 @torch.no_grad()
 def average_gradients(params, info: DistInfo, local_ok: bool) -> bool:
     """Average `.grad` over processes in one all-reduce; returns whether every process had a
-    finite loss (if one did not, all of them skip the step together). Missing grads count as 0."""
+    finite loss (if one did not, all of them skip the step together). A parameter that no
+    process gave a gradient keeps `grad = None` (as in one process: the optimizer skips it);
+    one that only some processes did counts the others' as 0."""
     if not info.enabled:
         return local_ok
     params = [p for p in params if p.requires_grad]
     ref = params[0]
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32  # fp16/bf16: sum in fp32
+    flags = [0.0 if local_ok else 1.0] + [float(p.grad is not None) for p in params]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(wide)
-                      for p in params] + [torch.tensor([0.0 if local_ok else 1.0], device=ref.device, dtype=wide)])
+                      for p in params] + [torch.tensor(flags, device=ref.device, dtype=wide)])
     dist.all_reduce(flat)
-    if flat[-1].item() > 0:
+    flags = flat[-len(flags):].tolist()
+    if flags[0] > 0:
         return False
     flat /= info.world_size
     offset = 0
-    for p in params:
+    for p, has_grad in zip(params, flags[1:]):
         n = p.numel()
-        value = flat[offset:offset + n].view_as(p).to(p.dtype)
-        if p.grad is None:
-            p.grad = value.clone()
+        if has_grad == 0:
+            p.grad = None
         else:
-            p.grad.copy_(value)
+            value = flat[offset:offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = value.clone()
+            else:
+                p.grad.copy_(value)
         offset += n
     return True
 

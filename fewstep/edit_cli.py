@@ -39,6 +39,7 @@ def edit_times(steps: int, first: float = math.pi / 2, low: float = 0.2) -> list
     if steps == 1:
         return [first]
     top = min(1.1, first * 0.75) if first < math.pi / 2 else 1.1
+    low = min(low, top / 2)  # a small --t0 still gets decreasing times
     return [first] + [float(t) for t in torch.linspace(top, low, steps - 1)]
 
 
@@ -94,17 +95,20 @@ def cmd_edit(args) -> int:
         raise ValueError(f"editing needs a consistency model; {model.checkpoint} is a {model.method!r} model")
     if model.kind != "image":
         raise ValueError("editing works on image models")
-    labels = None
-    if model.num_classes:
-        if args.label is not None and not 0 <= args.label < model.num_classes:
-            raise ValueError(f"--label must be in [0, {model.num_classes}), got {args.label}")
-        labels = torch.full((args.num,), model.num_classes if args.label is None else args.label,
-                            device=model.device)
-    fn = consistency_sampler_fn(model, labels)
+    if model.num_classes and args.label is not None and not 0 <= args.label < model.num_classes:
+        raise ValueError(f"--label must be in [0, {model.num_classes}), got {args.label}")
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     sd = model.sigma_d
     first = args.t0 if args.task == "sdedit" else math.pi / 2
+    if not 0 < first <= math.pi / 2:
+        raise ValueError(f"--t0 must be in (0, pi/2], got {first}")
     times = parse_times(args.times) if args.times else edit_times(args.steps, first)
+    x = None if args.task == "interpolate" else _inputs(model, args.input, args.num, args.seed)
+    batch = args.num if x is None else x.shape[0]
+    labels = None
+    if model.num_classes:  # the null label (unconditional) unless --label
+        labels = torch.full((batch,), model.num_classes if args.label is None else args.label, device=model.device)
+    fn = consistency_sampler_fn(model, labels)
 
     if args.task == "interpolate":
         shape = (args.num, *model.shape)
@@ -114,7 +118,6 @@ def cmd_edit(args) -> int:
         frames = editing.interpolate(fn, z0, z1, alphas, sd)  # (frames, num, ...)
         grid, nrow = frames.reshape(-1, *model.shape), args.num
     else:
-        x = _inputs(model, args.input, args.num, args.seed)
         if args.task == "inpaint":
             mask = editing.inpaint_mask(x.shape, args.mask, args.fraction, args.seed).to(x)
             seen = x * (1 - mask) - mask  # the hole shown black
@@ -140,7 +143,7 @@ def cmd_edit(args) -> int:
             strokes = F.interpolate(F.avg_pool2d(x, block), scale_factor=block, mode="nearest")
             seen = (strokes * 1.5).round().clamp(-1, 1)
             out = editing.sdedit(fn, seen, times, sd, gen)
-        grid, nrow = torch.cat([x, seen, out]), args.num
+        grid, nrow = torch.cat([x, seen, out]), batch
     ckpt = model.checkpoint
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     path = Path(args.out) if args.out else run_dir / f"edit-{args.task}.png"

@@ -260,8 +260,10 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
                                   extractor=extractor, inception_weights=inception_weights, device=model.device,
                                   download=download, cache_dir=cache_dir, seed=seed, progress=False)
     metric = metric or info["metrics"][0]
-    if metric not in info["metrics"]:
-        raise ValueError(f"--metric must be one of {', '.join(info['metrics'])} for {model.kind} data, got {metric!r}")
+    lower_is_better = [m for m in info["metrics"] if m not in ("precision", "recall")]
+    if metric not in lower_is_better:
+        raise ValueError(f"--metric must be one of {', '.join(lower_is_better)} for {model.kind} data (the search "
+                         f"minimizes it), got {metric!r}")
     bar = tqdm(desc=f"search {metric}", unit="schedule", disable=not progress)
 
     def schedule_score(times: tuple[float, ...]) -> float:

@@ -92,7 +92,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: in
         torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"].cpu(), device)
 
 
-def preview_schedules(cfg: Config):
+def preview_schedules(cfg: Config, step: int | None = None):
     """What the training loop samples: consistency models at 1 step and at `train.sample_times`;
     diffusion models with the default ODE solver (Heun, 35 NFE)."""
     from fewstep.generate import CONSISTENCY_METHODS, Schedule, schedules
@@ -100,14 +100,15 @@ def preview_schedules(cfg: Config):
     if cfg.method["name"] not in CONSISTENCY_METHODS:
         from fewstep.generate import PD_METHODS, pd_steps
 
-        default = pd_steps(cfg.to_dict(), cfg.train.steps) if cfg.method["name"] in PD_METHODS else None
+        at = cfg.train.steps if step is None else step
+        default = pd_steps(cfg.to_dict(), at) if cfg.method["name"] in PD_METHODS else None
         return schedules(cfg.method["name"], default_steps=default)
     times = tuple(cfg.train.sample_times)
     plan = [Schedule("multistep", 1, times[:1])]
     return plan + ([Schedule("multistep", len(times), times)] if len(times) > 1 else [])
 
 
-def write_samples(net, dataset, cfg: Config, path: Path) -> dict[str, tuple[torch.Tensor, int]]:
+def write_samples(net, dataset, cfg: Config, path: Path, step: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """Sample grids (images) or scatter plots beside the data (vectors), one per preview schedule.
     Returns `{name: (samples, NFE)}`."""
     from fewstep.generate import Model, generate
@@ -115,7 +116,7 @@ def write_samples(net, dataset, cfg: Config, path: Path) -> dict[str, tuple[torc
     model = Model.from_net(net, cfg.to_dict(), dataset.kind, dataset.shape)
     n = cfg.train.num_samples if dataset.kind == "image" else max(cfg.train.num_samples, 2000)
     samples = {}
-    for schedule in preview_schedules(cfg):
+    for schedule in preview_schedules(cfg, step):
         x, nfe, _ = generate(model, schedule, n, progress=False)
         samples[f"{schedule.steps}-step" if schedule.sampler == "multistep" else f"{schedule.sampler}-nfe{nfe}"] = (x, nfe)
     if dataset.kind == "image":
@@ -225,6 +226,8 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         net.load_state_dict(ckpt.unprefixed("net", tensors))
         ema.load_state_dict(ckpt.unprefixed("ema", tensors))
         ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
+        if state.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["grad_scaler"])
         if hasattr(method, "load_state_tensors"):
             method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
         restore_rng(tensors, device, dist_info.rank)
@@ -245,6 +248,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
             tensors.update(ckpt.prefixed("target", method.state_tensors()))
         ckpt.save_checkpoint(out_dir / "checkpoints", at_step, tensors,
                              {"config": cfg.to_dict(), "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
+                              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                               "data": {"kind": dataset.kind, "shape": list(dataset.shape),
                                        "num_classes": dataset.num_classes}})
         ckpt.prune_checkpoints(out_dir / "checkpoints", tc.keep_ckpts)
@@ -265,6 +269,9 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                 labels = None
             with autocast_context(device, tc.precision):
                 per_sample, stats = method(net, x0, labels, step)
+            if getattr(method, "restart_ema", False):  # a new progressive-distillation round
+                ema.net.load_state_dict(net.state_dict())
+                method.restart_ema = False
             loss = per_sample.mean()
             optimizer.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(loss))
@@ -308,7 +315,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", skipped=nonfinite_total)
                 acc, acc_n, t_last, step_last = {}, 0, now, step
             if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and main_process:
-                write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}")
+                write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}", step)
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
                 save(step)
     except KeyboardInterrupt:

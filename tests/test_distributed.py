@@ -31,6 +31,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     info = DistInfo(rank, world)
     torch.manual_seed(100 + rank)  # different initial weights: broadcast must fix them
     net = MLP(3, 16, 2, adaptive_weight=False).double()
+    net.unused = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # no process gives it a gradient
     broadcast_parameters(net, info)
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(8, 3, generator=gen, dtype=torch.float64), torch.rand(8, generator=gen, dtype=torch.float64)
@@ -41,16 +42,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # full batch, on this process alone
     net.zero_grad()
     loss_of(slice(None)).backward()
-    full = [p.grad.clone() for p in net.parameters()]
+    full = [p.grad.clone() for p in net.parameters() if p is not net.unused]
     # each process its half, then the average
     net.zero_grad()
     loss_of(slice(4 * rank, 4 * rank + 4)).backward()
     ok = average_gradients(net.parameters(), info, True)
-    err = max((p.grad - g).abs().max().item() for p, g in zip(net.parameters(), full))
+    used = [p for p in net.parameters() if p is not net.unused]
+    err = max((p.grad - g).abs().max().item() for p, g in zip(used, full))
+    unused_none = net.unused.grad is None
     # a non-finite loss on one process: every process skips
     skip = average_gradients(net.parameters(), info, rank == 0)
     weights = [p.detach().sum().item() for p in net.parameters()]
-    result = {"ok": ok, "err": err, "skip": skip, "weights": weights, "gathered": gather_objects(rank, info)}
+    result = {"ok": ok, "err": err, "skip": skip, "weights": weights, "gathered": gather_objects(rank, info),
+              "unused_none": unused_none}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -62,7 +66,7 @@ def test_gradient_average_equals_the_full_batch_gradient(tmp_path):
     for r in (r0, r1):
         assert r["ok"] and r["err"] < 1e-12, r["err"]  # mean of half-batch means = full-batch mean
         assert r["skip"] is False  # rank 1 had a non-finite loss: both skip
-        assert r["gathered"] == [0, 1]
+        assert r["gathered"] == [0, 1] and r["unused_none"]  # no gradient anywhere: stays None
     assert r0["weights"] == r1["weights"]  # broadcast made the replicas identical
 
 

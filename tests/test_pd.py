@@ -42,6 +42,32 @@ def test_round_schedule():
         ProgressiveDistillation(start_steps=12)
 
 
+def test_teacher_swaps_at_the_first_step_of_a_round_and_is_checkpointed():
+    """The swap happens when a new round's first step runs, even if the step before was skipped;
+    the sampling EMA is told to restart; the teacher and its round survive a checkpoint."""
+    torch.manual_seed(0)
+    student = MLP(4, 16, 1).double()
+    pd = ProgressiveDistillation(MLP(4, 16, 1).double(), sigma_d=SD, start_steps=8, min_steps=2, total_steps=4)
+    x0 = MU + S * torch.randn(16, 4, dtype=torch.float64)
+    pd(student, x0, step=0)
+    assert pd.round_steps == 4 and not pd.restart_ema
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1)  # "training"; step 1 is skipped (non-finite), so nothing is called for it
+    pd(student, x0, step=2)  # round 2 (2 steps) begins
+    assert pd.round_steps == 2 and pd.restart_ema
+    for a, b in zip(pd.teacher_net.parameters(), student.parameters()):
+        torch.testing.assert_close(a, b)
+    saved = pd.state_tensors()
+    fresh = ProgressiveDistillation(MLP(4, 16, 1).double(), sigma_d=SD, start_steps=8, min_steps=2, total_steps=4)
+    fresh.load_state_tensors(student, {k: v.clone() for k, v in saved.items()})
+    assert fresh.round_steps == 2
+    for a, b in zip(fresh.teacher_net.parameters(), student.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="power of 2"):
+        ProgressiveDistillation(start_steps=64, min_steps=3)
+
+
 def test_target_is_two_teacher_steps_in_one():
     """A student that outputs the target velocity reproduces, in one DDIM step, the teacher's two."""
     pd = ProgressiveDistillation(ExactVelocityNet(), sigma_d=SD, start_steps=8, min_steps=4, total_steps=10)

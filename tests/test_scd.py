@@ -203,6 +203,9 @@ def test_scd_with_guidance_input_is_exact_at_the_guided_consistency_function():
     loss, stats = method(OracleGuidedNet(), x0, labels, 0)
     assert loss.max() < 1e-18 and stats["tangent_norm"] < 1e-9
     assert method(OracleGuidedNet(use_w=False), x0, labels, 0)[1]["tangent_norm"] > 1e-2
+    # one fixed scale: a student with the guidance input is told that scale
+    fixed = SCD(teacher=_class_teacher, guidance=2.5, warmup_steps=0, adaptive_weight=False)
+    assert fixed(OracleGuidedNet(), x0, labels, 0)[0].max() < 1e-18
     w = method.draw_guidance(10_000, "cpu")
     assert 1.0 <= w.min() and w.max() <= 4.0 and abs(w.mean() - 2.5) < 0.05
 

@@ -8,11 +8,14 @@ schedule, so a uniform grid in t is the original's uniform grid in continuous ti
   give `x_{t-h}`; the one-step DDIM `x_{t-h} = cos(h) x_t - sin(h) v` of the student must land
   there, so its target velocity is `v* = (cos(h) x_t - x_{t-h}) / sin(h)`;
 - loss `|| sigma_d F_theta(x_t / sigma_d, t) - v* ||^2` (mean over dims); after each round the
-  student becomes the teacher and N halves, down to `min_steps`.
+  student becomes the teacher and N halves, down to `min_steps` (`start_steps / min_steps` must
+  be a power of 2, so that each student's half-steps land on its teacher's grid).
 
 The DDIM step in TrigFlow is exact for a constant velocity: `x_s = cos(t - s) x_t - sin(t - s) v(x_t, t)`.
-The training loop calls `after_step` (which swaps teachers at round ends) and checkpoints
-`state_tensors()` (the current teacher).
+The teacher is swapped at the first step of a new round (whatever happened to the step before),
+and the training loop restarts its sampling EMA there (`restart_ema`), so that the EMA never mixes
+students of different step counts. `state_tensors()` (the current teacher and the step count it
+serves) goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import InitVar, dataclass, field
 import torch
 
 from fewstep.methods.common import check_range, per_sample_mse
-from fewstep.trigflow import _bcast, trigflow_noise
+from fewstep.trigflow import _bcast, time_dtype, trigflow_noise
 
 
 def ddim_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,14 +59,17 @@ class ProgressiveDistillation:
     min_steps: int = 1  # the last round's student steps
     total_steps: int = 0  # the run length the rounds split (0: the run's train.steps)
     teacher_net: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    round_steps: int | None = field(default=None, init=False, repr=False)  # the student steps the teacher serves
+    restart_ema: bool = field(default=False, init=False, repr=False)  # set when a round begins
 
     def __post_init__(self, teacher):
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
         check_range("method.min_steps", self.min_steps, 1)
         check_range("method.total_steps", self.total_steps, 0)
-        if self.start_steps < 2 * self.min_steps or self.start_steps & (self.start_steps - 1):
-            raise ValueError(f"method.start_steps must be a power of 2 and >= 2 * method.min_steps, "
-                             f"got {self.start_steps}")
+        ratio = self.start_steps // self.min_steps
+        if self.start_steps % self.min_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"method.start_steps / method.min_steps must be a power of 2 (>= 2), got "
+                             f"{self.start_steps} / {self.min_steps}")
         if teacher is not None:
             self.set_teacher(teacher)
 
@@ -78,11 +84,20 @@ class ProgressiveDistillation:
             raise ValueError("progressive distillation needs a teacher: --teacher CKPT (a 'flow' model)")
         return self.sigma_d * self.teacher_net(x_t / self.sigma_d, t, labels)
 
+    @torch.no_grad()
+    def _begin_round(self, net, n_steps: int) -> None:
+        """A new round: the student so far becomes the teacher."""
+        if self.round_steps is not None and n_steps != self.round_steps:
+            self.teacher_net.load_state_dict(net.state_dict())
+            self.restart_ema = True
+        self.round_steps = n_steps
+
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         n_steps = self.student_steps(step)
+        self._begin_round(net, n_steps)
         h = (math.pi / 2) / n_steps
         i = torch.randint(1, n_steps + 1, (x0.shape[0],), device=x0.device)
-        t = (i * h).to(x0.dtype)
+        t = i.to(time_dtype(x0)) * h
         x_t = trigflow_noise(x0, self.sigma_d * torch.randn_like(x0), t)
         with torch.no_grad():
             t_mid, t_end = t - h / 2, t - h
@@ -93,17 +108,19 @@ class ProgressiveDistillation:
         mse = per_sample_mse(v_pred - v_target)
         return mse, {"mse": mse.detach().mean(), "student_steps": torch.tensor(float(n_steps))}
 
-    @torch.no_grad()
-    def after_step(self, net, step: int) -> None:
-        """At a round's end the student becomes the teacher (the student keeps its weights)."""
-        if self.student_steps(step + 1) != self.student_steps(step):
-            self.teacher_net.load_state_dict(net.state_dict())
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {} if self.teacher_net is None else dict(self.teacher_net.state_dict())
+        if self.teacher_net is None:
+            return {}
+        out = dict(self.teacher_net.state_dict())
+        if self.round_steps is not None:
+            out["_round_steps"] = torch.tensor(self.round_steps)
+        return out
 
     def load_state_tensors(self, net, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        round_steps = tensors.pop("_round_steps", None)
         if tensors:
             if self.teacher_net is None:
                 self.set_teacher(net)
             self.teacher_net.load_state_dict(tensors)
+        self.round_steps = None if round_steps is None else int(round_steps)

@@ -114,6 +114,8 @@ class SCD:
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         w = self.draw_guidance(x0.shape[0], x0.device)
+        if w is None and labels is not None and getattr(net, "guidance_input", False):
+            w = torch.full((x0.shape[0],), float(self.guidance), device=x0.device)  # one fixed scale, as input
         if w is not None and (labels is None or not getattr(net, "guidance_input", False)):
             raise ValueError("method.guidance_range needs class labels and a student that takes the guidance "
                              "scale: set network.class_conditional=true and network.guidance_input=true")
