@@ -73,7 +73,7 @@ def test_preset_adjusts_to_the_chosen_method():
                               batch_size=None, lr=None, device=None, precision=None, seed=None, set=[],
                               no_progress=True, teacher="runs/teacher")
     cfg, _ = build_train_config(args)
-    assert cfg.optim.lr == 1e-4 and cfg.method == {"name": "scd", "warmup_steps": 500} and cfg.train.steps == 2000
+    assert cfg.optim.lr == 5e-5 and cfg.method == {"name": "scd", "warmup_steps": 500} and cfg.train.steps == 2000
     assert cfg.network.model_channels == 32  # the rest of the preset stays
     args.lr, args.steps = 3e-4, 10
     cfg, _ = build_train_config(args)
