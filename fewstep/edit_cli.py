@@ -144,9 +144,7 @@ def cmd_edit(args) -> int:
             seen = (strokes * 1.5).round().clamp(-1, 1)
             out = editing.sdedit(fn, seen, times, sd, gen)
         grid, nrow = torch.cat([x, seen, out]), batch
-    ckpt = model.checkpoint
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    path = Path(args.out) if args.out else run_dir / f"edit-{args.task}.png"
+    path = Path(args.out) if args.out else model.run_dir / f"edit-{args.task}.png"
     save_image_grid(grid.float().cpu(), path, nrow=nrow)
     nfe = 1 if args.task in ("denoise", "interpolate") else len(times)
     print(f"{args.task}: {args.num} images, NFE {nfe} per image -> {path}")

@@ -23,7 +23,6 @@ EDM) use a probability-flow ODE solver from `fewstep.ode` (`--sampler heun --ste
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.data import DataError, Dataset, load_dataset
-from fewstep.generate import DEFAULT_ODE_STEPS, generate, load_model, parse_ints, schedules
+from fewstep.generate import DEFAULT_ODE_STEPS, generate, load_model, parse_ints, schedules, write_result
 from fewstep.image import to_uint8
 
 IMAGE_METRICS = ("fid", "kid", "precision", "recall")
@@ -406,11 +405,7 @@ def cmd_eval(args) -> int:
                       inception_weights=args.inception_weights, device=args.device, batch_size=args.batch_size,
                       seed=args.seed, guidance=args.guidance, ema=not args.no_ema, download=args.download,
                       progress=not args.no_progress)
-    ckpt = Path(result["checkpoint"])
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(args.out) if args.out else run_dir / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result(result, args.out, "eval.json")
     print(format_table(result))
     print(f"wrote {out}")
     return 0
@@ -457,11 +452,7 @@ def cmd_search_times(args) -> int:
                           inception_weights=args.inception_weights, device=args.device,
                           batch_size=args.batch_size, seed=args.seed, guidance=args.guidance,
                           ema=not args.no_ema, download=args.download, progress=not args.no_progress)
-    ckpt = Path(result["checkpoint"])
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(args.out) if args.out else run_dir / "times.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result(result, args.out, "times.json")
     print(format_table(result))
     times = ",".join(f"{t:.4f}" for t in result["times"])
     print(f"{len(result['history'])} schedules scored by {result['metric']}; best times: {times}")

@@ -86,10 +86,7 @@ class Model:
     @property
     def run_dir(self) -> Path | None:
         """The run folder of the checkpoint (None for a network in hand)."""
-        if self.checkpoint is None:
-            return None
-        parent = self.checkpoint.parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        return None if self.checkpoint is None else run_dir_of(self.checkpoint)
 
     @classmethod
     def from_net(cls, net: torch.nn.Module, config: dict, kind: str, shape) -> "Model":
@@ -97,6 +94,22 @@ class Model:
         method = config["method"]["name"]
         return cls(net, method, method_sigma_d(config["method"]), kind, tuple(shape),
                    int(getattr(net, "num_classes", 0)), config, device=next(net.parameters()).device)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint file belongs to (`<run>/checkpoints/ckpt-*.json` -> `<run>`)."""
+    parent = Path(checkpoint).parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def write_result(result: dict, out: str | None, default_name: str) -> Path:
+    """Write a command's JSON result to `out`, by default beside the checkpoint's run folder."""
+    import json
+
+    path = Path(out) if out else run_dir_of(result["checkpoint"]) / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
 
 
 def method_sigma_d(method_cfg: dict) -> float:

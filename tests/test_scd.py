@@ -272,6 +272,19 @@ def test_scd_trains_a_student_network():
 # A short distillation
 
 
+def _fit(net, objective, data, steps: int, lr: float, ema=None) -> None:
+    """Adam on `objective(net, batch of 512, None, step)`, lr decayed linearly to 0; EMA if given."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for step in range(steps):
+        loss, _ = objective(net, data.sample(512)[0], None, step)
+        opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+        if ema is not None:
+            ema.update(net, step)
+
+
 @pytest.mark.slow
 def test_scd_one_step_matches_the_many_step_teacher_on_8_gaussians():
     """Train a flow (TrigFlow) teacher on 8 gaussians, distil it with sCD for 400 steps starting
@@ -285,28 +298,12 @@ def test_scd_one_step_matches_the_many_step_teacher_on_8_gaussians():
     torch.manual_seed(0)
     data = EightGaussians()
     teacher = MLP(2, 64, 2)
-    opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
-    flow, steps = FlowMatching(), 1000
-    for step in range(steps):
-        loss, _ = flow(teacher, data.sample(512)[0], None, step)
-        opt.param_groups[0]["lr"] = 2e-3 * (1 - step / steps)
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
+    _fit(teacher, FlowMatching(), data, 1000, 2e-3)
     teacher.eval().requires_grad_(False)
 
     student = copy.deepcopy(teacher).train().requires_grad_(True)  # diffusion fine-tuning
     ema = EMA(student, decay=0.99)
-    method = SCD(teacher=make_teacher_velocity(teacher, "trigflow", SD), warmup_steps=100)
-    opt = torch.optim.Adam(student.parameters(), lr=5e-4)
-    steps = 400
-    for step in range(steps):
-        loss, stats = method(student, data.sample(512)[0], None, step)
-        opt.param_groups[0]["lr"] = 5e-4 * (1 - step / steps)
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
-        ema.update(student, step)
+    _fit(student, SCD(teacher=make_teacher_velocity(teacher, "trigflow", SD), warmup_steps=100), data, 400, 5e-4, ema)
 
     gen = torch.Generator().manual_seed(1)
     reference = data.all()[0]  # 10k held-out points
@@ -340,14 +337,7 @@ def test_scd_from_an_edm_teacher_on_8_gaussians():
     torch.manual_seed(0)
     data = EightGaussians()
     teacher = MLP(2, 64, 2)
-    opt = torch.optim.Adam(teacher.parameters(), lr=2e-3)
-    edm, steps = EDMDiffusion(sigma_data=SD), 1000
-    for step in range(steps):
-        loss, _ = edm(teacher, data.sample(512)[0], None, step)
-        opt.param_groups[0]["lr"] = 2e-3 * (1 - step / steps)
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
+    _fit(teacher, EDMDiffusion(sigma_data=SD), data, 1000, 2e-3)
     teacher.eval().requires_grad_(False)
 
     student = MLP(2, 64, 2)
@@ -361,15 +351,7 @@ def test_scd_from_an_edm_teacher_on_8_gaussians():
     with torch.no_grad():
         teacher_many, nfe = solve(EDMODE(lambda x, s: edm_net_denoiser(teacher, SD)(x, s)), noise, 32, "heun")
         at_init = multistep_sample(trigflow_sampler_fn(student, SD), noise, [math.pi / 2], SD)
-    opt = torch.optim.Adam(student.parameters(), lr=5e-4)
-    steps = 400
-    for step in range(steps):
-        loss, _ = method(student, data.sample(512)[0], None, step)
-        opt.param_groups[0]["lr"] = 5e-4 * (1 - step / steps)
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
-        ema.update(student, step)
+    _fit(student, method, data, 400, 5e-4, ema)
     with torch.no_grad():
         student_one = multistep_sample(trigflow_sampler_fn(ema.net, SD), noise, [math.pi / 2], SD)
     sw_teacher, sw_init, sw_student = (sliced_wasserstein(x, reference) for x in (teacher_many, at_init, student_one))
