@@ -349,22 +349,16 @@ def _add_common(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _eval_parser(sub):
-    p = sub.add_parser("eval", help="score a checkpoint: FID/KID/precision/recall (or toy distances) per NFE",
-                       description="Sample a checkpoint at each step count / NFE and score the samples "
-                                   "against a reference dataset (SPEC 7).",
-                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _checkpoint_command(sub, name: str, help: str, description: str, epilog: str):
+    """A subcommand whose first argument is a checkpoint."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a ckpt-*.json file")
-    p.add_argument("--steps", default=None, help="comma-separated step counts (default: 1,2 for consistency "
-                                                 f"models, {DEFAULT_ODE_STEPS} for diffusion models)")
-    p.add_argument("--nfe", default=None, help="comma-separated NFE (diffusion models; for consistency models "
-                                               "the same as --steps)")
-    p.add_argument("--sampler", default=None, help="comma-separated ODE samplers for diffusion models: "
-                                                   "euler, heun, dpmpp_2m (default heun)")
-    p.add_argument("--times", default=None, action="append",
-                   help="consistency models: comma-separated multistep times, one row each (repeatable), "
-                        "e.g. --times 1.5708,0.8 (see `fewstep search-times`)")
-    p.add_argument("--num", type=int, default=1000, help="samples per row (default 1000)")
+    return p
+
+
+def _add_scoring(p, out_name: str) -> None:
+    """Options shared by the commands that sample a checkpoint and score it against a reference."""
     p.add_argument("--ref", default=None, help="reference dataset name or path (default: the training data)")
     p.add_argument("--split", default=None, help="reference split (default: test where the dataset has one)")
     p.add_argument("--ref-num", type=int, default=None,
@@ -375,8 +369,25 @@ def _eval_parser(sub):
                    help="classifier-free guidance scale (class-conditional diffusion checkpoints, and sCD students "
                         "distilled with method.guidance_range)")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
-    p.add_argument("--out", default=None, help="JSON path (default: <run>/eval.json)")
+    p.add_argument("--out", default=None, help=f"JSON path (default: <run>/{out_name})")
     _add_common(p)
+
+
+def _eval_parser(sub):
+    p = _checkpoint_command(sub, "eval", "score a checkpoint: FID/KID/precision/recall (or toy distances) per NFE",
+                            "Sample a checkpoint at each step count / NFE and score the samples against a "
+                            "reference dataset (SPEC 7).", EVAL_EXAMPLES)
+    p.add_argument("--steps", default=None, help="comma-separated step counts (default: 1,2 for consistency "
+                                                 f"models, {DEFAULT_ODE_STEPS} for diffusion models)")
+    p.add_argument("--nfe", default=None, help="comma-separated NFE (diffusion models; for consistency models "
+                                               "the same as --steps)")
+    p.add_argument("--sampler", default=None, help="comma-separated ODE samplers for diffusion models: "
+                                                   "euler, heun, dpmpp_2m (default heun)")
+    p.add_argument("--times", default=None, action="append",
+                   help="consistency models: comma-separated multistep times, one row each (repeatable), "
+                        "e.g. --times 1.5708,0.8 (see `fewstep search-times`)")
+    p.add_argument("--num", type=int, default=1000, help="samples per row (default 1000)")
+    _add_scoring(p, "eval.json")
     return p
 
 
@@ -424,25 +435,15 @@ about 8 of them. Use the result with `fewstep sample --times` and `fewstep eval 
 
 
 def _search_parser(sub):
-    p = sub.add_parser("search-times", help="find multistep sampling times by ternary search on a metric",
-                       description="Choose the time points of multistep consistency sampling greedily by "
-                                   "ternary search on FID (or another metric), as in the CM paper (SPEC 3.5).",
-                       epilog=SEARCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a ckpt-*.json file")
+    p = _checkpoint_command(sub, "search-times", "find multistep sampling times by ternary search on a metric",
+                            "Choose the time points of multistep consistency sampling greedily by ternary "
+                            "search on FID (or another metric), as in the CM paper (SPEC 3.5).", SEARCH_EXAMPLES)
     p.add_argument("--steps", type=int, default=2, help="number of sampling steps (NFE) to choose times for")
     p.add_argument("--metric", default=None, help="fid (default for images), kid, sliced_wasserstein (default "
                                                   "for vectors), mmd, energy_distance; lower is better")
     p.add_argument("--grid", type=int, default=40, help="candidate times: this many Karras noise levels")
     p.add_argument("--num", type=int, default=1000, help="samples per schedule tried (default 1000)")
-    p.add_argument("--ref", default=None, help="reference dataset name or path (default: the training data)")
-    p.add_argument("--split", default=None, help="reference split (default: test where the dataset has one)")
-    p.add_argument("--ref-num", type=int, default=None, help="reference size (default: all images)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0, help="for sCD students with a guidance input")
-    p.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
-    p.add_argument("--out", default=None, help="JSON path (default: <run>/times.json)")
-    _add_common(p)
+    _add_scoring(p, "times.json")
     return p
 
 
