@@ -1,3 +1,20 @@
-"""fewstep: consistency models in PyTorch, for one- and few-step generation."""
+"""fewstep: consistency models in PyTorch, for one- and few-step generation.
+
+    from fewstep import fit            # the training loop over your own objects
+    from fewstep import build, train   # the same from a config (what `fewstep train` runs)
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {"fit": "fewstep.train", "Callback": "fewstep.train", "build": "fewstep.build", "train": "fewstep.build"}
+
+
+def __getattr__(name):  # keep `import fewstep` light: torch loads on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
+
+
+__all__ = ["Callback", "build", "fit", "train"]

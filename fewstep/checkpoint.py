@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,15 +40,36 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict) -> Path:
-    """Write `ckpt-{step}` atomically; returns the JSON path."""
+    """Write `ckpt-{step}` atomically; returns the JSON path. A failed write (a full disk, say)
+    raises `CheckpointError` naming the last good checkpoint, and leaves every older one intact."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     stem = f"ckpt-{step:07d}"
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(directory / f"{stem}.safetensors", lambda p: save_file(flat, str(p)))
-    state = {"format_version": FORMAT_VERSION, "step": step, "tensors": f"{stem}.safetensors", **state}
-    _atomic_write(directory / f"{stem}.json", lambda p: p.write_text(json.dumps(state, indent=1)))
-    return directory / f"{stem}.json"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        state = {"format_version": FORMAT_VERSION, "step": step, "tensors": f"{stem}.safetensors", **state}
+        text = json.dumps(state, indent=1)
+        json_path = directory / f"{stem}.json"
+        _atomic_write(directory / f"{stem}.safetensors", lambda p: save_file(flat, str(p)))
+        _atomic_write(json_path, lambda p: p.write_text(text))
+    except Exception as e:  # noqa: BLE001 - OSError (disk full), safetensors' own errors: one clear line
+        good = list_checkpoints(directory)
+        last = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written before"
+        raise CheckpointError(f"could not write checkpoint {directory / stem} ({' '.join(str(e).split())}); "
+                              f"{last}") from None
+    return json_path
+
+
+def load_latest_good(directory: str | Path, device="cpu") -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint in `directory` that reads back, as (path, tensors, state); a damaged
+    newer one (truncated, say) is skipped with a warning naming the file. None when there is none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            tensors, state = load_checkpoint(path, device=device)
+            return path, tensors, state
+        except CheckpointError as e:
+            warnings.warn(f"skipping a damaged checkpoint: {e}; falling back to the one before", stacklevel=2)
+    return None
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewstep.samplers import TWO_STEP_TIMES
+
 
 DISTILLATION_METHODS = ("scd", "cd", "pd")  # methods that take train.teacher
 
@@ -27,42 +29,47 @@ class DataConfig:
     name: str = "digits"  # a registered dataset, or a path (image folder, .npy/.npz, IDX folder)
     resolution: int | None = None  # resize images to this size
     channels: int | None = None  # convert images to 1 or 3 channels
+    xflip: bool = False  # EDM's --xflip: every image also appears mirrored (the dataset doubles)
+    workers: int | None = None  # DataLoader worker processes (None: 0 for in-memory data, else up to 4)
+    options: dict = field(default_factory=dict)  # more load_dataset options: split, key, value_range, ...
 
     def validate(self):
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0 or null, got {self.workers}")
         if self.resolution is not None and self.resolution < 1:
             raise ConfigError(f"data.resolution must be a positive integer, got {self.resolution}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
 
 
-@dataclass
-class NetworkConfig:
-    arch: str = "auto"  # 'unet' for images, 'mlp' for vectors, 'auto' picks by data kind
-    model_channels: int = 64  # UNet
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_blocks: int = 2
-    attn_resolutions: list[int] = field(default_factory=list)
-    attn_heads: int = 1
-    width: int = 256  # MLP
-    depth: int = 4
-    dropout: float = 0.0
-    class_conditional: bool = False  # use the dataset's labels
-    emb_min_freq: float = 0.1  # time-embedding frequencies, applied to t itself (SPEC 2.4)
-    emb_max_freq: float = 1.0
-    adaptive_weight: bool = True  # learned w_phi(t) head (SPEC 1.3)
-    guidance_input: bool = False  # the network takes a CFG scale as input (an sCD student; class-conditional)
+def validate_network(cfg: dict) -> dict:
+    """The `network` section: `arch` ('auto': 'unet' for images, 'mlp' for vectors, or any registered
+    network), `class_conditional` (use the dataset's labels), and the architecture's own constructor
+    arguments (checked against its signature; data-shaped ones are filled in by `build`)."""
+    from fewstep.networks import BUILD_KEYS, DATA_ARGUMENTS, NETWORKS, constructor_arguments, constructor_hints
 
-    def validate(self):
-        _choice("network.arch", self.arch, ("auto", "unet", "mlp"))
-        for key in ("model_channels", "num_blocks", "attn_heads", "width", "depth"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"network.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ConfigError(f"network.channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
-        if not 0 < self.emb_min_freq <= self.emb_max_freq:
-            raise ConfigError("network.emb_min_freq must be > 0 and <= network.emb_max_freq")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"network must be a table/object, got {cfg!r}")
+    cfg = {"arch": "auto", "class_conditional": False, **cfg}
+    arch = cfg["arch"]
+    if arch != "auto" and arch not in NETWORKS:
+        raise ConfigError(f"network.arch must be 'auto' or a registered network ({', '.join(sorted(NETWORKS))}), "
+                          f"got {arch!r}; register your own with @fewstep.networks.register_network")
+    cfg["class_conditional"] = _coerce("network.class_conditional", cfg["class_conditional"], bool)
+    candidates = ["unet", "mlp"] if arch == "auto" else [arch]
+    params, hints = {}, {}
+    for name in candidates:
+        params.update(constructor_arguments(NETWORKS[name]))
+        hints.update(constructor_hints(NETWORKS[name]))
+    for key, value in cfg.items():
+        if key in BUILD_KEYS:
+            continue
+        if key not in params or key in DATA_ARGUMENTS:
+            known = sorted(k for k in params if k not in DATA_ARGUMENTS)
+            raise ConfigError(f"unknown key network.{key} for network {arch!r}; known: {known + list(BUILD_KEYS)}")
+        if key in hints:
+            cfg[key] = _coerce(f"network.{key}", value, hints[key])
+    return cfg
 
 
 @dataclass
@@ -106,7 +113,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     resume: bool = True  # continue from the latest checkpoint in the output folder
     max_nonfinite: int = 10  # stop after this many non-finite losses/gradients in a row
-    sample_times: list[float] = field(default_factory=lambda: [math.pi / 2, 1.1])
+    sample_times: list[float] = field(default_factory=lambda: list(TWO_STEP_TIMES))
     num_samples: int = 64
     progress: bool = True
     teacher: str | None = None  # sCD: checkpoint of the diffusion teacher (method flow or edm)
@@ -132,14 +139,15 @@ class TrainConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: dict = field(default_factory=lambda: {"arch": "auto"})  # arch + the architecture's own arguments
     method: dict = field(default_factory=lambda: {"name": "sct"})  # name + the method's own fields
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
-        for section in (self.data, self.network, self.optim, self.train):
+        for section in (self.data, self.optim, self.train):
             section.validate()
+        self.network = validate_network(self.network)
         build_method(self.method)  # the method's dataclass validates its own fields
         name = self.method.get("name")
         distils = name in DISTILLATION_METHODS
@@ -250,9 +258,9 @@ def config_from_dict(data: dict) -> Config:
     for key, value in data.items():
         if key not in sections:
             raise ConfigError(f"unknown config section {key!r}; known: {sorted(sections)}")
-        if key == "method":
+        if key in ("method", "network"):
             if not isinstance(value, dict):
-                raise ConfigError(f"method must be a table/object, got {value!r}")
+                raise ConfigError(f"{key} must be a table/object, got {value!r}")
             kwargs[key] = dict(value)
         else:
             kwargs[key] = _section_from_dict(typing.get_type_hints(Config)[key], value, key)

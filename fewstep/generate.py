@@ -18,24 +18,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# method name -> how its network samples. A new training method registers its sampling family here.
-VE_CONSISTENCY_METHODS = ("cd", "ct", "ict")  # discrete-time (EDM/VE) consistency models, sampled through TrigFlow
-CONSISTENCY_METHODS = ("sct", "scd") + VE_CONSISTENCY_METHODS  # multistep consistency sampling
-DIFFUSION_METHODS = ("flow", "edm", "pd")  # velocity / denoiser networks: probability-flow ODE solvers
-PD_METHODS = ("pd",)  # progressive-distillation students: DDIM on the uniform grid they were trained for
 CM_SAMPLER = "multistep"
-DEFAULT_ODE_SAMPLER = "heun"
 DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
 
 
 def cm_times(steps: int) -> list[float]:
     """Multistep consistency times: 1 -> [pi/2], 2 -> [pi/2, 1.1] (the sCM paper), k > 2 ->
     pi/2 then k - 1 times evenly spaced from 1.1 down to 0.2 (as `fewstep sample --steps k`)."""
+    from fewstep.samplers import TWO_STEP_TIMES
+
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps <= 2:
-        return [math.pi / 2, 1.1][:steps]
-    return [math.pi / 2] + [float(t) for t in np.linspace(1.1, 0.2, steps - 1)]
+        return list(TWO_STEP_TIMES[:steps])
+    return [math.pi / 2] + [float(t) for t in np.linspace(TWO_STEP_TIMES[1], 0.2, steps - 1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,32 +52,36 @@ class Schedule:
 
 @dataclass
 class Model:
-    """A network rebuilt from a checkpoint (EMA weights by default) and what sampling needs."""
+    """A network rebuilt from a checkpoint (EMA weights by default), its method (which says how it
+    samples: `fewstep.methods.base`), and what sampling needs."""
 
     net: torch.nn.Module
-    method: str
-    sigma_d: float
+    method: object  # the training method, rebuilt from the checkpoint (without its teacher)
     kind: str  # "image" or "vector"
     shape: tuple[int, ...]
     num_classes: int
-    config: dict  # the run's whole config, as a dict
+    config: dict  # the run's config, as a dict
     checkpoint: Path | None = None
     step: int = 0
     weights: str = "ema"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    @property
+    def sigma_d(self) -> float:
+        return float(self.method.sigma_d)
+
+    @property
     def is_consistency(self) -> bool:
-        return self.method in CONSISTENCY_METHODS
+        return self.method.sampling == "consistency"
 
     @property
     def default_steps(self) -> int | None:
-        """A progressive-distillation student's own step count (None: the sampler's default)."""
-        return pd_steps(self.config, self.step) if self.method in PD_METHODS else None
-
-    @property
-    def data_cfg(self) -> dict:
-        return self.config["data"]
+        """The steps this checkpoint samples with by default (a PD student: its own; else None)."""
+        return self.method.default_sample_steps(self.step)
 
     @property
     def run_dir(self) -> Path | None:
@@ -89,11 +89,11 @@ class Model:
         return None if self.checkpoint is None else run_dir_of(self.checkpoint)
 
     @classmethod
-    def from_net(cls, net: torch.nn.Module, config: dict, kind: str, shape) -> "Model":
+    def from_net(cls, net: torch.nn.Module, method, kind: str, shape, config: dict | None = None,
+                 step: int = 0) -> "Model":
         """Wrap a network in hand (e.g. the EMA network during training)."""
-        method = config["method"]["name"]
-        return cls(net, method, method_sigma_d(config["method"]), kind, tuple(shape),
-                   int(getattr(net, "num_classes", 0)), config, device=next(net.parameters()).device)
+        return cls(net, method, kind, tuple(shape), int(getattr(net, "num_classes", 0)), config or {}, step=step,
+                   device=next(net.parameters()).device)
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -112,45 +112,60 @@ def write_result(result: dict, out: str | None, default_name: str) -> Path:
     return path
 
 
-def method_sigma_d(method_cfg: dict) -> float:
-    """The data standard deviation a method's network assumes (EDM calls it sigma_data)."""
-    key = "sigma_data" if method_cfg["name"] in ("edm",) + VE_CONSISTENCY_METHODS else "sigma_d"
-    return float(method_cfg.get(key, 0.5))
-
-
 def consistency_sampler_fn(model: "Model", labels: torch.Tensor | None = None, guidance=None):
     """The consistency function of a consistency checkpoint as a TrigFlow sampler callable
-    `fn(x_t, t) -> x0` (discrete-time models are converted, `samplers.ve_consistency_as_trigflow`)."""
-    from fewstep.samplers import trigflow_sampler_fn, ve_consistency_as_trigflow
-
-    if model.method in VE_CONSISTENCY_METHODS:
-        cfg = model.config["method"]
-        return ve_consistency_as_trigflow(model.net, model.sigma_d, float(cfg.get("eps", 0.002)),
-                                          float(cfg.get("sigma_max", 80.0)), labels)
-    w = guidance if getattr(model.net, "guidance_input", False) else None
-    return trigflow_sampler_fn(model.net, model.sigma_d, labels, w)
+    `fn(x_t, t) -> x0` (the method converts other parameterizations)."""
+    return model.method.consistency_fn(model.net, labels, guidance)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
-    """Rebuild the network of a checkpoint (a run folder, its checkpoints/ folder, or a ckpt-*.json)."""
-    from fewstep.checkpoint import load_checkpoint, resolve_checkpoint, unprefixed
-    from fewstep.config import config_from_dict
-    from fewstep.networks import build_network
+    """Rebuild the network and method of a checkpoint (a run folder, its checkpoints/ folder, or a
+    ckpt-*.json). The network class must be registered (`fewstep.networks.register_network`);
+    nothing is imported on the checkpoint's say-so."""
+    from fewstep.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
+    from fewstep.config import ConfigError, build_method
+    from fewstep.networks import build_network, build_registered
 
     device = torch.device(device)
     json_path = resolve_checkpoint(checkpoint)
     tensors, state = load_checkpoint(json_path, device=device)
-    cfg = config_from_dict(state["config"])
-    method = cfg.method["name"]
-    if method not in CONSISTENCY_METHODS + DIFFUSION_METHODS:
-        raise ValueError(f"fewstep cannot sample method {method!r} yet; it knows "
-                         f"{', '.join(CONSISTENCY_METHODS + DIFFUSION_METHODS)}")
-    info = state["data"]
-    net = build_network(cfg.network, info["kind"], tuple(info["shape"]), info["num_classes"])
+    config = state.get("config") or {}
+    info = state.get("data")
+    method_cfg = state.get("method") or config.get("method")
+    if not info or not method_cfg:
+        raise CheckpointError(f"{json_path} records no data shape or method; it was not written by fewstep.fit")
+    try:
+        method = build_method(method_cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{json_path}: {e}; a user's method must be registered "
+                              f"(@fewstep.methods.register_method) and imported (--import MODULE)") from None
+    if state.get("network"):
+        net = build_registered(state["network"])
+    elif not config.get("network"):
+        raise CheckpointError(f"{json_path} names no network: its class was not registered when it was trained "
+                              f"(decorate it with @fewstep.networks.register_network('some-name'))")
+    else:  # fewstep 0.1 checkpoints: the network from the run's config
+        net = build_network(_legacy_network_config(config["network"], info["kind"]), info["kind"],
+                            tuple(info["shape"]), info["num_classes"])
+    if state.get("step") and getattr(method, "total_steps", None) == 0:
+        method.setup(net, int(config.get("train", {}).get("steps", state["step"])))
     prefix = "ema" if ema else "net"
-    net.load_state_dict(unprefixed(prefix, tensors))
-    return Model(net.to(device).eval(), method, method_sigma_d(cfg.method), info["kind"], tuple(info["shape"]),
-                 int(getattr(net, "num_classes", 0)), state["config"], json_path, int(state["step"]), prefix, device)
+    try:
+        net.load_state_dict(unprefixed(prefix, tensors))
+    except RuntimeError as e:
+        raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
+    return Model(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
+                 int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device)
+
+
+def _legacy_network_config(cfg: dict, kind: str) -> dict:
+    """A fewstep 0.1 `network` section mixed every architecture's fields: keep the arch's own."""
+    from fewstep.networks import BUILD_KEYS, constructor_arguments, network_class, resolve_arch
+
+    arch = resolve_arch(cfg.get("arch", "auto"), kind)
+    params = constructor_arguments(network_class(arch))
+    return {k: v for k, v in cfg.items() if k in params or k in BUILD_KEYS}
 
 
 def parse_times(text: str, option: str = "--times") -> list[float]:
@@ -179,35 +194,28 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-def pd_steps(config: dict, step: int) -> int:
-    """The DDIM step count a progressive-distillation checkpoint saved at `step` was trained for."""
-    from fewstep.methods.pd import pd_student_steps
-
-    m = config["method"]
-    total = int(m.get("total_steps") or config["train"]["steps"])
-    return pd_student_steps(max(step - 1, 0), int(m.get("start_steps", 64)), int(m.get("min_steps", 1)), total)
-
-
-def schedules(method: str, steps: list[int] | None = None, nfe: list[int] | None = None,
+def schedules(method, steps: list[int] | None = None, nfe: list[int] | None = None,
               samplers: list[str] | None = None, default_steps: int | None = None) -> list[Schedule]:
     """The rows to evaluate: consistency models sample at each step count (NFE = steps);
     diffusion models run each ODE sampler at each step count (default `default_steps`, else
     18), or at the steps that give each requested NFE (Heun: NFE = 2 steps - 1, so NFE must be
     odd; Euler, DPM-Solver++(2M), DDIM: NFE = steps). Progressive-distillation students default
-    to DDIM."""
+    to DDIM. `method`: a method object (`fewstep.methods.base`): its `sampling` and
+    `default_ode_sampler` decide."""
     if steps is not None and nfe is not None:
         raise ValueError("give --steps or --nfe, not both")
-    if method in CONSISTENCY_METHODS:
+    name = method.name
+    if method.sampling == "consistency":
         if samplers and set(samplers) != {CM_SAMPLER}:
-            raise ValueError(f"method {method!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
-                             f"(--sampler applies to diffusion checkpoints: {', '.join(DIFFUSION_METHODS)})")
+            raise ValueError(f"method {name!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
+                             f"(--sampler applies to diffusion checkpoints)")
         return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
     from fewstep.ode import SAMPLERS
 
-    samplers = samplers or ["ddim" if method in PD_METHODS else DEFAULT_ODE_SAMPLER]
+    samplers = samplers or [method.default_ode_sampler]
     for s in samplers:
         if s not in SAMPLERS:
-            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {method!r}, got {s!r}")
+            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {name!r}, got {s!r}")
     rows = []
     for s in samplers:
         if nfe is None:
@@ -233,18 +241,10 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
 
         fn = consistency_sampler_fn(model, labels, guidance)
         return multistep_sample(fn, noise, schedule.times, model.sigma_d, generator), len(schedule.times)
-    from fewstep.ode import EDMODE, TrigFlowODE, edm_net_denoiser, guided, solve, trigflow_net_velocity
+    from fewstep.ode import solve
 
-    null = model.num_classes if model.num_classes else None
-    times = None
-    if model.method in ("flow",) + PD_METHODS:
-        ode = TrigFlowODE(guided(trigflow_net_velocity(model.net, model.sigma_d), labels, guidance, null),
-                          model.sigma_d)
-        if model.method in PD_METHODS:  # the uniform grid in t the student was distilled on
-            times = torch.linspace(math.pi / 2, 0, schedule.steps + 1, dtype=torch.float64)
-    else:  # edm
-        ode = EDMODE(guided(edm_net_denoiser(model.net, model.sigma_d), labels, guidance, null))
-    return solve(ode, noise, schedule.steps, schedule.sampler, times=times)
+    ode = model.method.ode(model.net, labels, guidance)
+    return solve(ode, noise, schedule.steps, schedule.sampler, times=model.method.ode_times(schedule.steps))
 
 
 @torch.no_grad()
@@ -271,7 +271,7 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
     out, nfe = [], 0
     _sync(model.device)
     start_time = time.perf_counter()
-    desc = f"{model.method} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
+    desc = f"{model.method_name} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
     for start in tqdm(range(0, num, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         n = min(batch_size, num - start)
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)

@@ -1,76 +1,73 @@
-"""The training loop: one readable function, whatever the method.
+"""The training loop, `fit`: built objects in, a run folder out (EDM2's shape: the loop builds
+nothing and knows no method).
 
-Per step: a batch, the method's per-sample loss, a NaN/Inf guard, backward, gradient
-clipping, an optimizer step, EMA. Periodically: JSONL stats, sample grids, checkpoints
-(atomic; the run resumes from the latest one). At the end: loss curves and `metrics.json`.
+    from fewstep import fit
+    fit(net, method, loader, "runs/mine", steps=2000, optimizer=torch.optim.Adam(net.parameters(), 1e-3))
+
+Per step: a batch, the method's per-sample loss, a NaN/Inf guard, backward, gradient clipping,
+an optimizer step, EMA, the method's after-step hook. Periodically: JSONL stats, callbacks (sample
+grids), checkpoints (atomic safetensors + JSON; a run resumes exactly from its latest good one,
+data order included). At the end: loss curves and `metrics.json`. `fewstep.build.train(cfg)` is
+`fit` over the objects `build(cfg)` makes from a config.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from fewstep import checkpoint as ckpt
-from fewstep.config import Config, ConfigError, build_method, config_from_dict
-from fewstep.data import load_dataset
-from fewstep.distributed import (average_gradients, barrier, broadcast_parameters, gather_objects,
-                                 init_distributed, shutdown_distributed)
+from fewstep.devices import autocast_context, resolve_device
+from fewstep.distributed import (average_gradients, barrier, broadcast_parameters, gather_objects, init_distributed,
+                                 shutdown_distributed)
 from fewstep.ema import EMA
-from fewstep.image import save_image_grid, save_scatter
-from fewstep.plot import plot_log, read_log
-from fewstep.networks import build_network
-from fewstep.networks.convert import student_from_teacher
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return device
+# ----------------------------------------------------------------------------------------------
+# Callbacks: what the loop lets other code do (previews, extra logging)
 
 
-def make_optimizer(cfg, params) -> torch.optim.Optimizer:
-    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+@dataclass
+class Run:
+    """What callbacks see of a run in progress."""
+
+    out_dir: Path
+    net: torch.nn.Module
+    ema_net: torch.nn.Module
+    method: object
+    data_info: dict  # kind, shape, num_classes
+    total_steps: int
+    step: int = 0
+    config: dict = field(default_factory=dict)
 
 
-def learning_rate(cfg, step: int, total_steps: int) -> float:
-    """Linear warmup, then constant, cosine or linear decay to 0 at `total_steps`, or EDM2's
-    inverse square-root decay."""
-    lr = cfg.lr
-    if cfg.warmup_steps > 0:
-        lr *= min(1.0, (step + 1) / cfg.warmup_steps)
-    progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    if cfg.schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * progress))
-    elif cfg.schedule == "linear":
-        lr *= 1 - progress
-    elif cfg.schedule == "inv_sqrt":
-        lr /= math.sqrt(max(step / cfg.decay_start, 1.0))
-    return lr
+class Callback:
+    """Hooks of `fit`, called on the main process only. Override what you need."""
+
+    def on_log(self, run: Run, record: dict) -> None:
+        """After each JSONL record (every `log_every` steps)."""
+
+    def on_step(self, run: Run) -> None:
+        """After each optimizer step (`run.step` counts the steps done)."""
+
+    def on_end(self, run: Run) -> dict | None:
+        """At the end; a returned dict is merged into `metrics.json`."""
 
 
-def load_data(cfg: Config):
-    return load_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels)
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+# ----------------------------------------------------------------------------------------------
+# RNG states in checkpoints
 
 
 def rng_tensors(device: torch.device, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -92,137 +89,173 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: in
         torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"].cpu(), device)
 
 
-def preview_schedules(cfg: Config, step: int | None = None):
-    """What the training loop samples: consistency models at 1 step and at `train.sample_times`;
-    diffusion models with the default ODE solver (Heun, 35 NFE)."""
-    from fewstep.generate import CONSISTENCY_METHODS, Schedule, schedules
-
-    if cfg.method["name"] not in CONSISTENCY_METHODS:
-        from fewstep.generate import PD_METHODS, pd_steps
-
-        at = cfg.train.steps if step is None else step
-        default = pd_steps(cfg.to_dict(), at) if cfg.method["name"] in PD_METHODS else None
-        return schedules(cfg.method["name"], default_steps=default)
-    times = tuple(cfg.train.sample_times)
-    plan = [Schedule("multistep", 1, times[:1])]
-    return plan + ([Schedule("multistep", len(times), times)] if len(times) > 1 else [])
+# ----------------------------------------------------------------------------------------------
+# Batches, with a position that checkpoints keep
 
 
-def write_samples(net, dataset, cfg: Config, path: Path, step: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
-    """Sample grids (images) or scatter plots beside the data (vectors), one per preview schedule.
-    Returns `{name: (samples, NFE)}`."""
-    from fewstep.generate import Model, generate
-
-    model = Model.from_net(net, cfg.to_dict(), dataset.kind, dataset.shape)
-    n = cfg.train.num_samples if dataset.kind == "image" else max(cfg.train.num_samples, 2000)
-    samples = {}
-    for schedule in preview_schedules(cfg, step):
-        x, nfe, _ = generate(model, schedule, n, progress=False)
-        samples[f"{schedule.steps}-step" if schedule.sampler == "multistep" else f"{schedule.sampler}-nfe{nfe}"] = (x, nfe)
-    if dataset.kind == "image":
-        for name, (x, _) in samples.items():
-            save_image_grid(x, path.with_name(f"{path.stem}-{name}.png"))
-    else:
-        data = dataset.all()[0][:n]
-        save_scatter({"data": data, **{f"{k} (NFE {nfe})": x for k, (x, nfe) in samples.items()}},
-                     path.with_suffix(".png"), title=path.stem)
-    return samples
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch is `x0`, `(x0,)` or `(x0, labels)`."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    raise TypeError(f"a batch must be a tensor x0, (x0,) or (x0, labels); got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
 
 
-def sample_metrics(samples: dict[str, tuple[torch.Tensor, int]], dataset) -> dict:
-    """Quick quality numbers for `metrics.json`, each with its NFE: exact sample-based distances
-    to held-out data for vectors; pixel-space precision/recall and class coverage for the digits.
-    (Image FID/KID: `fewstep eval`.)"""
-    from fewstep.metrics.digits import digits_score
-    from fewstep.metrics.toy import energy_distance, sliced_wasserstein
+class BatchStream:
+    """Endless batches from an iterable, epoch after epoch, with a resumable position.
 
-    out = {}
-    for name, (x, nfe) in samples.items():
-        if dataset.kind == "vector":
-            ref = dataset.all()[0][: len(x)]
-            out[name] = {"nfe": nfe, "num": len(x), "sliced_wasserstein": float(sliced_wasserstein(x, ref)),
-                         "energy_distance": float(energy_distance(x, ref))}
-        elif tuple(dataset.shape) == (1, 8, 8) and dataset.name == "digits":
-            out[name] = {"nfe": nfe, "num": len(x), **digits_score(x)}
-    return out
+    A loader whose batch sampler has `set_position(epoch, batch)` (`fewstep.data.make_loader`)
+    is positioned directly. Any other re-iterable (a DataLoader with `shuffle=True`, say) is
+    replayed: its iterator is created again from the CPU RNG state of the epoch's start, and the
+    batches already consumed are skipped, so the order is the same as without the interruption.
+    """
+
+    def __init__(self, data: Iterable):
+        self.data = data
+        sampler = getattr(data, "batch_sampler", None)
+        self.positioned = callable(getattr(sampler, "set_position", None))
+        self.epoch, self.batch = 0, 0
+        self.epoch_rng: torch.Tensor | None = None
+        self._it = None
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {} if self.epoch_rng is None else {"data.epoch_rng": self.epoch_rng}
+        return {"epoch": self.epoch, "batch": self.batch}, tensors
+
+    def load_state(self, position: dict | None, tensors: dict[str, torch.Tensor]) -> None:
+        if position:
+            self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self.epoch_rng = tensors.get("data.epoch_rng")
+
+    def _start_epoch(self, skip: int) -> None:
+        if self.positioned:
+            self.data.batch_sampler.set_position(self.epoch, skip)
+            self._it = iter(self.data)
+            return
+        if skip and self.epoch_rng is not None:  # replay the epoch's shuffle and worker seeds, then skip
+            now = torch.get_rng_state()
+            torch.set_rng_state(self.epoch_rng)
+            self._it = iter(self.data)
+            for _ in range(skip):
+                next(self._it)
+            torch.set_rng_state(now)  # the checkpoint's state already includes what iter() drew
+            return
+        self.epoch_rng = torch.get_rng_state()
+        self._it = iter(self.data)
+        for _ in range(skip):
+            next(self._it)
+
+    def __next__(self):
+        if self._it is None:
+            self._start_epoch(self.batch)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self.batch == 0:
+                raise ValueError("the training data yielded no batches") from None
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._start_epoch(0)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise ValueError("the training data yielded no batches") from None
+        self.batch += 1
+        return batch
 
 
-def load_teacher(cfg: Config, method, dataset, device):
-    """sCD: load the diffusion teacher of `train.teacher` and give `method` its velocity.
-
-    Returns the teacher's checkpoint state (its network config and weights are the student's
-    starting point when `train.init_from_teacher`)."""
-    from fewstep.generate import load_model, method_sigma_d
-    from fewstep.methods.cm import CD, make_teacher_denoiser
-    from fewstep.methods.pd import ProgressiveDistillation
-    from fewstep.methods.scd import make_teacher_velocity
-
-    teacher = load_model(cfg.train.teacher, device)
-    if teacher.method not in ("flow", "edm"):
-        raise ConfigError(f"the sCD teacher must be a diffusion model (method 'flow' or 'edm'); "
-                          f"{teacher.checkpoint} was trained with {teacher.method!r}")
-    if tuple(teacher.shape) != tuple(dataset.shape):
-        raise ConfigError(f"the teacher was trained on data of shape {tuple(teacher.shape)}, "
-                          f"this run's data has shape {tuple(dataset.shape)}")
-    sigma_d = method_sigma_d(cfg.method)
-    if abs(teacher.sigma_d - sigma_d) > 1e-12:
-        raise ConfigError(f"teacher sigma_d {teacher.sigma_d} != this method's sigma_d {sigma_d}")
-    formulation = "trigflow" if teacher.method == "flow" else "edm"
-    if isinstance(method, ProgressiveDistillation):  # the teacher network itself: students replace it
-        if formulation != "trigflow":
-            raise ConfigError("progressive distillation distils a TrigFlow ('flow') teacher; "
-                              f"{teacher.checkpoint} is an {teacher.method!r} model")
-        method.set_teacher(teacher.net)
-    elif isinstance(method, CD):  # discrete-time distillation steps the teacher's ODE in sigma
-        method.teacher = make_teacher_denoiser(teacher.net.requires_grad_(False), formulation, sigma_d)
-    else:
-        method.teacher = make_teacher_velocity(teacher.net.requires_grad_(False), formulation, sigma_d)
-    return teacher
+# ----------------------------------------------------------------------------------------------
+# The loop
 
 
-def train(cfg: Config, out_dir: str | Path) -> dict:
-    """Train `cfg` into `out_dir`; resumes from its latest checkpoint when `train.resume`."""
-    cfg.validate()
-    tc = cfg.train
+def _data_info(data, x0: torch.Tensor, net) -> dict:
+    info = {"kind": getattr(data, "kind", None), "shape": list(getattr(data, "shape", x0.shape[1:])),
+            "num_classes": int(getattr(data, "num_classes", getattr(net, "num_classes", 0)) or 0)}
+    if info["kind"] is None:
+        info["kind"] = "image" if x0.ndim == 4 else "vector"
+    return info
+
+
+def _record_of(net, method) -> tuple[dict | None, dict]:
+    """What a checkpoint needs to rebuild the network and the method (None: an unregistered net)."""
+    from fewstep.methods.base import method_config
+    from fewstep.networks.registry import UnknownNetworkError, network_spec
+
+    try:
+        spec = network_spec(net)
+    except UnknownNetworkError as e:
+        warnings.warn(f"{e}; training continues, but `fewstep sample` will not be able to load its checkpoints",
+                      stacklevel=3)
+        spec = None
+    try:
+        method_cfg = method_config(method)
+    except ValueError as e:
+        warnings.warn(f"{e}; training continues, but `fewstep sample` will not know how to sample it", stacklevel=3)
+        method_cfg = {"name": getattr(method, "name", type(method).__name__)}
+    return spec, method_cfg
+
+
+def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, steps: int,
+        optimizer: torch.optim.Optimizer | None = None, lr_schedule: Callable[[int], float] | None = None,
+        batch_size: int | None = None, workers: int = 0, ema_decay: float = 0.999,
+        ema_sigma_rel: float | None = None, device: str | torch.device | None = "auto", precision: str = "fp32",
+        grad_clip: float | None = 1.0, seed: int = 0, log_every: int = 50, ckpt_every: int = 500,
+        keep_ckpts: int = 2, resume: bool = True, max_nonfinite: int = 10, progress: bool = True,
+        callbacks: Iterable[Callback] = (), config: dict | None = None, data_info: dict | None = None) -> dict:
+    """Train `net` with `method` on `data` for `steps` optimizer steps, writing `out_dir`.
+
+    net:       any `nn.Module` under the network contract `F(x_t / sigma_d, t, labels=None, **cond)`
+               (see `fewstep.networks`); register its class (`register_network`) so that
+               `fewstep sample` can rebuild it from the checkpoints.
+    method:    a training objective, `loss, stats = method(net, x0, labels, step)` (`fewstep.methods`).
+    data:      any iterable of batches `x0`, `(x0,)` or `(x0, labels)` -- a `torch.utils.data.DataLoader`
+               included -- or a `fewstep.data.Dataset` (then batched by `make_loader` with `batch_size`,
+               `workers`, shuffled per epoch and split across torchrun processes).
+    optimizer: default Adam(lr=1e-3, betas=(0.9, 0.99)); `lr_schedule(step) -> lr` sets the rate each step.
+    callbacks: `Callback`s, e.g. `fewstep.callbacks.SamplePreviews`.
+    config:    a dict recorded in checkpoints and `config.json` (the CLI's whole run config).
+
+    Resumes from the latest good checkpoint in `out_dir` when `resume`. Returns the summary that
+    `metrics.json` holds.
+    """
+    from fewstep.data import Dataset, make_loader
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    for name, value in (("log_every", log_every), ("keep_ckpts", keep_ckpts), ("max_nonfinite", max_nonfinite)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dist_info, device = init_distributed(resolve_device(tc.device))
+    ckpt_dir = out_dir / "checkpoints"
+    dist_info, device = init_distributed(resolve_device(device))
     main_process = dist_info.is_main
-    torch.manual_seed(tc.seed)  # the same initial weights on every process
-
-    dataset = load_data(cfg)
-    method = build_method(cfg.method)
-    teacher = load_teacher(cfg, method, dataset, device) if cfg.train.teacher else None
-    init_from_teacher = teacher is not None and cfg.train.init_from_teacher
-    if init_from_teacher:
-        # Diffusion fine-tuning (SPEC 2.4): the student is the teacher's network, weights and all
-        # (plus the student's own guidance input, if asked for).
-        student_cfg = dict(teacher.config["network"], guidance_input=cfg.network.guidance_input)
-        cfg.network = config_from_dict({"network": student_cfg}).network
-    net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes).to(device)
-    latest = ckpt.list_checkpoints(out_dir / "checkpoints") if tc.resume else []
-    if init_from_teacher and not latest:
-        from fewstep.generate import VE_CONSISTENCY_METHODS, method_sigma_d
-
-        done = student_from_teacher(net, teacher.net, "trigflow" if teacher.method == "flow" else "edm",
-                                    method_sigma_d(cfg.method), student_formulation="edm"
-                                    if cfg.method["name"] in VE_CONSISTENCY_METHODS else "trigflow")
-        if done and main_process:
-            print(f"student initialized from the {teacher.method} teacher: {done}")
+    net.to(device)
     broadcast_parameters(net, dist_info)
-    if getattr(method, "total_steps", None) == 0:
-        method.total_steps = tc.steps  # curricula (CT, iCT) are laid out over the whole run
-    if dist_info.enabled and dist_info.rank > 0:
-        torch.manual_seed(tc.seed + 1_000_003 * dist_info.rank)  # each process draws its own batches and noise
-    optimizer = make_optimizer(cfg.optim, net.parameters())
-    ema = EMA(net, tc.ema_decay, tc.ema_sigma_rel)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    if main_process:
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    torch.manual_seed(seed + 1_000_003 * dist_info.rank)  # each process draws its own noise
+    if isinstance(data, Dataset):
+        if batch_size is None:
+            raise ValueError("fit needs batch_size= to batch a fewstep Dataset")
+        data_info = data_info or {"kind": data.kind, "shape": list(data.shape), "num_classes": data.num_classes}
+        data = make_loader(data, batch_size, seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
+                           workers=workers, pin_memory=device.type == "cuda")
+    stream = BatchStream(data)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    if hasattr(method, "setup"):
+        method.setup(net, steps)
+    ema = EMA(net, ema_decay, ema_sigma_rel)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    spec, method_cfg = _record_of(net, method)
+    config = dict(config) if config else {"method": method_cfg, "train": {"steps": steps, "seed": seed}}
+    if main_process and "data" in config:
+        (out_dir / "config.json").write_text(json.dumps(config, indent=1))
 
     step, nonfinite_total = 0, 0
-    if latest:
-        tensors, state = ckpt.load_checkpoint(latest[-1], device=device)
+    found = ckpt.load_latest_good(ckpt_dir, device=device) if resume else None
+    if found is not None:
+        path, tensors, state = found
         net.load_state_dict(ckpt.unprefixed("net", tensors))
         ema.load_state_dict(ckpt.unprefixed("ema", tensors))
         ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
@@ -231,9 +264,16 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         if hasattr(method, "load_state_tensors"):
             method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
         restore_rng(tensors, device, dist_info.rank)
+        stream.load_state(state.get("data_position"), {k: v.cpu() for k, v in tensors.items()
+                                                       if k.startswith("data.")})
         step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        data_info = data_info or state.get("data")
         if main_process:
-            print(f"resumed from {latest[-1]} at step {step}")
+            print(f"resumed from {path} at step {step}")
+
+    def last_good() -> str:
+        good = ckpt.list_checkpoints(ckpt_dir)
+        return f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
 
     def save(at_step: int, gather: bool = True) -> None:
         """All processes call this (their RNG states are gathered); process 0 writes."""
@@ -242,36 +282,40 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         if not main_process:
             return
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer)
+        position, data_tensors = stream.state()
         tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("ema", ema.state_dict()),
-                   **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()}}
-        if hasattr(method, "state_tensors"):  # an EMA target network (CD, CT)
+                   **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()},
+                   **data_tensors}
+        if hasattr(method, "state_tensors"):  # an EMA target network (CD, CT), PD's teacher
             tensors.update(ckpt.prefixed("target", method.state_tensors()))
-        ckpt.save_checkpoint(out_dir / "checkpoints", at_step, tensors,
-                             {"config": cfg.to_dict(), "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
+        ckpt.save_checkpoint(ckpt_dir, at_step, tensors,
+                             {"config": config, "network": spec, "method": method_cfg, "data": data_info,
+                              "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
                               "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                              "data": {"kind": dataset.kind, "shape": list(dataset.shape),
-                                       "num_classes": dataset.num_classes}})
-        ckpt.prune_checkpoints(out_dir / "checkpoints", tc.keep_ckpts)
+                              "data_position": position})
+        ckpt.prune_checkpoints(ckpt_dir, keep_ckpts)
 
+    run = Run(out_dir, net, ema.net, method, data_info or {}, steps, step, config)
+    callbacks = list(callbacks)
     log_path = out_dir / "log.jsonl"
     if step == 0 and log_path.exists() and main_process:
         log_path.unlink()  # a fresh run: no stale records
     nonfinite_run, acc, acc_n, t_last, step_last = 0, {}, 0, time.perf_counter(), step
-    bar = tqdm(total=tc.steps, initial=step, disable=not (tc.progress and main_process), dynamic_ncols=True,
-               unit="step")
+    bar = tqdm(total=steps, initial=step, disable=not (progress and main_process), dynamic_ncols=True, unit="step")
     net.train()
     try:
-        while step < tc.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg.optim, step, tc.steps)
-            x0, labels = dataset.sample(tc.batch_size, device=device)
-            if not getattr(net, "num_classes", 0):
-                labels = None
-            with autocast_context(device, tc.precision):
+        while step < steps:
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule(step)
+            x0, labels = split_batch(next(stream))
+            if data_info is None:
+                data_info = run.data_info = _data_info(data, x0, net)
+            x0 = x0.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True) if labels is not None and getattr(net, "num_classes", 0) \
+                else None
+            with autocast_context(device, precision):
                 per_sample, stats = method(net, x0, labels, step)
-            if getattr(method, "restart_ema", False):  # a new progressive-distillation round
-                ema.net.load_state_dict(net.state_dict())
-                method.restart_ema = False
             loss = per_sample.mean()
             optimizer.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(loss))
@@ -280,14 +324,14 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
             ok = average_gradients(net.parameters(), dist_info, ok)  # several processes: all or none step
             if ok:
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or math.inf)
+                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip or math.inf)
                 ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()
             if ok:
                 scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
                 scaler.update()
                 ema.update(net, step)
-                if hasattr(method, "after_step"):
-                    method.after_step(net, step)  # e.g. the EMA target of CD / CT
+                if hasattr(method, "after_step") and method.after_step(net, step):
+                    ema.net.load_state_dict(net.state_dict())  # e.g. a new progressive-distillation round
                 nonfinite_run = 0
                 for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
                     acc[key] = acc.get(key, 0.0) + value.detach().float()  # no sync until logged
@@ -296,15 +340,16 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_run += 1
                 nonfinite_total += 1
-                if nonfinite_run >= tc.max_nonfinite:
+                if nonfinite_run >= max_nonfinite:
                     raise NonFiniteLossError(
                         f"{nonfinite_run} non-finite losses/gradients in a row at step {step}; stopping. "
-                        f"Try a lower optim.lr, train.precision='fp32'/'bf16', or a smaller method.p_std. "
-                        f"The last good checkpoint is in {out_dir / 'checkpoints'}.")
+                        f"Try a lower learning rate, precision 'fp32'/'bf16', or a smaller method.p_std; "
+                        f"{last_good()}.")
             step += 1
+            run.step = step
             bar.update(1)
 
-            if (step % tc.log_every == 0 or step == tc.steps) and main_process:  # process 0's stats
+            if (step % log_every == 0 or step == steps) and main_process:  # process 0's stats
                 now = time.perf_counter()
                 record = {"step": step, **{k: float(v) / max(acc_n, 1) for k, v in acc.items()},
                           "lr": optimizer.param_groups[0]["lr"],
@@ -313,16 +358,19 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", skipped=nonfinite_total)
+                for cb in callbacks:
+                    cb.on_log(run, record)
                 acc, acc_n, t_last, step_last = {}, 0, now, step
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and main_process:
-                write_samples(ema.net, dataset, cfg, out_dir / "samples" / f"step-{step:07d}", step)
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+            if main_process:
+                for cb in callbacks:
+                    cb.on_step(run)
+            if ckpt_every and step % ckpt_every == 0 and step < steps:
                 save(step)
     except KeyboardInterrupt:
         bar.close()
         save(step, gather=False)  # no collectives while the other processes are being stopped too
         if main_process:
-            print(f"\ninterrupted: checkpoint saved at step {step} in {out_dir / 'checkpoints'}")
+            print(f"\ninterrupted: checkpoint saved at step {step} in {ckpt_dir}")
         raise
     bar.close()
     save(step)
@@ -331,15 +379,15 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         shutdown_distributed(dist_info)
         return {"steps": step, "rank": dist_info.rank}
 
-    samples = write_samples(ema.net, dataset, cfg, out_dir / "samples" / "final")
+    summary = {"steps": step, "nonfinite_total": nonfinite_total}
+    for cb in callbacks:
+        summary.update(cb.on_end(run) or {})
+    from fewstep.plot import plot_log, read_log
+
     records = read_log(log_path) if log_path.exists() else []
     if records:
-        plot_log(records, out_dir / "loss.png", title=f"{cfg.method['name']} on {cfg.data.name}")
-    summary = {"steps": step, "nonfinite_total": nonfinite_total, "final": records[-1] if records else {},
-               "samples": sorted(str(p.relative_to(out_dir)) for p in (out_dir / "samples").glob("final*"))}
-    metrics = sample_metrics(samples, dataset)
-    if metrics:
-        summary["metrics"] = metrics
+        plot_log(records, out_dir / "loss.png", title=f"{method_cfg['name']} training")
+    summary["final"] = records[-1] if records else {}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     barrier(dist_info)
     shutdown_distributed(dist_info)

@@ -11,9 +11,11 @@ from fewstep.cli import main
 from fewstep.config import config_from_dict
 from fewstep.data import load_dataset
 from fewstep.metrics.toy import sliced_wasserstein
+from fewstep.build import train
+from fewstep.generate import Model, Schedule, generate
+from fewstep.methods import SCT
 from fewstep.networks import build_network
-from fewstep.samplers import sample_trigflow_cm
-from fewstep.train import NonFiniteLossError, train
+from fewstep.train import NonFiniteLossError
 
 
 def toy_config(**train):
@@ -60,10 +62,10 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     """20 steps in one go == 10 steps, stop, resume for 10 more (CPU, same seed), dropout on."""
     cfg = toy_config(steps=20)
-    cfg.network.dropout = 0.1
+    cfg.network["dropout"] = 0.1
     train(cfg, tmp_path / "full")
     cfg_half = toy_config(steps=10)
-    cfg_half.network.dropout = 0.1
+    cfg_half.network["dropout"] = 0.1
     train(cfg_half, tmp_path / "split")
     train(cfg, tmp_path / "split")  # resumes at step 10
     full, _ = ckpt.load_checkpoint(tmp_path / "full")
@@ -109,7 +111,9 @@ def test_sct_on_8_gaussians_beats_untrained(tmp_path):
     data = load_dataset("8gaussians").all()[0][:2000]
     torch.manual_seed(1)
     untrained = build_network(cfg.network, "vector", (2,))
-    sw_untrained = float(sliced_wasserstein(sample_trigflow_cm(untrained, 2000, (2,), [math.pi / 2]), data))
+    one_step = generate(Model.from_net(untrained, SCT(), "vector", (2,)), Schedule("multistep", 1, (math.pi / 2,)),
+                        2000, progress=False)[0]
+    sw_untrained = float(sliced_wasserstein(one_step, data))
     floor = float(sliced_wasserstein(load_dataset("8gaussians").sample(2000)[0], data))
     summary = train(cfg, tmp_path)
     sw = summary["metrics"]["1-step"]["sliced_wasserstein"]
@@ -227,7 +231,7 @@ def test_scd_needs_a_diffusion_teacher(tmp_path, capsys):
 
 def test_learning_rate_schedules():
     from fewstep.config import OptimConfig
-    from fewstep.train import learning_rate
+    from fewstep.build import learning_rate
 
     cfg = OptimConfig(lr=1.0, warmup_steps=10)
     assert learning_rate(cfg, 0, 110) == pytest.approx(0.1) and learning_rate(cfg, 50, 110) == 1.0

@@ -1,33 +1,95 @@
-"""Networks `F(x / sigma_d, t, labels)`: a UNet for images and an MLP for vectors."""
+"""Networks `F(x_t / sigma_d, t, labels=None, **cond)`: fewstep's UNet and MLP, a registry for
+any other network (`register_network`), and `build_network` from a run's `network` config.
+
+The network contract, which every method, sampler and command relies on:
+
+    F(x, t, labels=None, **cond) -> tensor shaped like x
+
+- `x` is the noisy sample divided by sigma_d (`x_t / sigma_d`), `t` the TrigFlow time in
+  [0, pi/2], one per sample (shape (B,)); `F` predicts the scaled velocity: the model's
+  velocity is `sigma_d * F(x_t / sigma_d, t)` (`fewstep.trigflow.net_velocity`), its
+  consistency function `cos(t) x_t - sin(t) sigma_d F` (SPEC 1.1). EDM-family methods (edm, cd,
+  ct, ict) feed the same signature `c_noise` and `c_in x` instead (SPEC 1.2).
+- `labels`: class indices (B,), or None for unconditional models; a class-conditional network
+  sets `num_classes` (K) and reads label K as "no label" (classifier-free guidance).
+- `**cond`: optional extra inputs, e.g. `guidance` (the CFG scale of a distilled student, with
+  `guidance_input = True`).
+- optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (SPEC 1.3); absent or
+  returning None means no adaptive weighting.
+- a network registered with `@register_network(name)` can be rebuilt from checkpoints.
+
+Call networks through `net(...)` (`__call__`), never `net.forward`, so that module hooks fire.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
+
 from fewstep.networks.mlp import MLP
+from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
+                                       network_spec, register_network, unwrap)
 from fewstep.networks.unet import UNet
 
+# Constructor arguments `build_network` fills in from the data when a network takes them.
+DATA_ARGUMENTS = ("img_channels", "img_resolution", "dim", "num_classes")
+# Keys of the `network` config section that are not constructor arguments.
+BUILD_KEYS = ("arch", "class_conditional")
 
-def build_network(cfg, kind: str, shape: tuple[int, ...], num_classes: int = 0):
-    """The network a `NetworkConfig` describes, for data of `kind` ('image'/'vector') and `shape`."""
-    arch = cfg.arch if cfg.arch != "auto" else ("unet" if kind == "image" else "mlp")
-    classes = num_classes if cfg.class_conditional else 0
-    if cfg.guidance_input and not classes:
+
+def constructor_arguments(cls) -> dict[str, inspect.Parameter]:
+    """The keyword arguments a network class takes (its registered `__init__`'s signature)."""
+    params = inspect.signature(inspect.unwrap(cls.__init__)).parameters
+    return {k: p for k, p in list(params.items())[1:]
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+
+
+def constructor_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(inspect.unwrap(cls.__init__))
+    except Exception:  # noqa: BLE001 - a user class with unresolvable annotations: no type checks
+        return {}
+
+
+def resolve_arch(arch: str, kind: str) -> str:
+    """'auto' -> 'unet' for images, 'mlp' for vectors."""
+    return arch if arch != "auto" else ("unet" if kind == "image" else "mlp")
+
+
+def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int = 0):
+    """The network a run's `network` section describes (`{"arch", "class_conditional", **kwargs}`),
+    for data of `kind` ('image'/'vector') and `shape`; data-shaped arguments are filled in."""
+    cfg = dict(cfg)
+    arch = resolve_arch(cfg.pop("arch", "auto"), kind)
+    classes = num_classes if cfg.pop("class_conditional", False) else 0
+    if cfg.get("guidance_input") and not classes:
         raise ValueError("network.guidance_input needs class labels (network.class_conditional=true, on labelled "
                          "data): classifier-free guidance mixes a class-conditional and an unconditional model")
-    common = dict(dropout=cfg.dropout, num_classes=classes, emb_min_freq=cfg.emb_min_freq,
-                  emb_max_freq=cfg.emb_max_freq, adaptive_weight=cfg.adaptive_weight,
-                  guidance_input=cfg.guidance_input)
-    if arch == "unet":
+    cls = network_class(arch)
+    params = constructor_arguments(cls)
+    for key in cfg:
+        if key not in params or key in DATA_ARGUMENTS:
+            raise ValueError(f"unknown key network.{key} for network {arch!r}; it takes: "
+                             f"{', '.join(k for k in params if k not in DATA_ARGUMENTS)}")
+    data = {"num_classes": classes}
+    if kind == "image":
         if len(shape) != 3:
-            raise ValueError(f"network.arch 'unet' needs image data (C, H, W), got shape {tuple(shape)}")
-        if shape[1] != shape[2]:
-            raise ValueError(f"network.arch 'unet' needs square images, got {shape[1]}x{shape[2]}")
-        return UNet(shape[0], shape[1], cfg.model_channels, tuple(cfg.channel_mult), cfg.num_blocks,
-                    tuple(cfg.attn_resolutions), cfg.attn_heads, **common)
-    if arch == "mlp":
-        if len(shape) != 1:
-            raise ValueError(f"network.arch 'mlp' needs vector data (D,), got shape {tuple(shape)}")
-        return MLP(shape[0], cfg.width, cfg.depth, **common)
-    raise ValueError(f"network.arch must be 'auto', 'unet' or 'mlp', got {arch!r}")
+            raise ValueError(f"network {arch!r} was given image data of shape {tuple(shape)}, expected (C, H, W)")
+        if "img_resolution" in params and shape[1] != shape[2]:
+            raise ValueError(f"network {arch!r} needs square images, got {shape[1]}x{shape[2]}")
+        data.update(img_channels=shape[0], img_resolution=shape[1])
+    else:
+        data["dim"] = shape[0]
+    if arch == "unet" and kind != "image":
+        raise ValueError(f"network.arch 'unet' needs image data (C, H, W), got shape {tuple(shape)}")
+    if arch == "mlp" and kind != "vector":
+        raise ValueError(f"network.arch 'mlp' needs vector data (D,), got shape {tuple(shape)}")
+    if classes and "num_classes" not in params:
+        raise ValueError(f"network {arch!r} takes no num_classes, so it cannot be class-conditional")
+    kwargs = {k: v for k, v in data.items() if k in params}
+    kwargs.update(cfg)
+    return cls(**kwargs)
 
 
-__all__ = ["MLP", "UNet", "build_network"]
+__all__ = ["DATA_ARGUMENTS", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
+           "constructor_arguments", "network_spec", "register_network", "unwrap"]

@@ -1,0 +1,161 @@
+"""From a config to the objects `fit` takes: `build(cfg)` makes the network, method (with its
+teacher), data, optimizer and the loop's options; `train(cfg, out_dir)` is `fit(*build(cfg), ...)`.
+This is what `fewstep train` runs; Python users can call `fit` on objects of their own instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fewstep.config import Config, ConfigError, build_method, validate_network
+from fewstep.devices import resolve_device
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.name]
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg, step: int, total_steps: int) -> float:
+    """Linear warmup, then constant, cosine or linear decay to 0 at `total_steps`, or EDM2's
+    inverse square-root decay."""
+    lr = cfg.lr
+    if cfg.warmup_steps > 0:
+        lr *= min(1.0, (step + 1) / cfg.warmup_steps)
+    progress = min(1.0, max(0, step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    elif cfg.schedule == "linear":
+        lr *= 1 - progress
+    elif cfg.schedule == "inv_sqrt":
+        lr /= math.sqrt(max(step / cfg.decay_start, 1.0))
+    return lr
+
+
+def load_data(cfg: Config):
+    """The run's dataset (`data.name` and its options), mirrored when `data.xflip`."""
+    from fewstep.data import XFlip, load_dataset
+
+    dataset = load_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels,
+                           **cfg.data.options)
+    return XFlip(dataset) if cfg.data.xflip else dataset
+
+
+def default_workers(dataset) -> int:
+    """Worker processes: none for data already in memory (nothing to overlap), else up to 4."""
+    from fewstep.data import GaussianDataset, TensorDataset, ToyDataset
+
+    inner = getattr(dataset, "dataset", dataset)  # through XFlip
+    if isinstance(inner, (TensorDataset, ToyDataset, GaussianDataset)):
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
+def _local_device(device: torch.device) -> torch.device:
+    """Under torchrun each process takes the GPU of its local rank."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def load_teacher(path: str, method, dataset, device: torch.device):
+    """The diffusion teacher of `train.teacher`, checked against the run, handed to `method`."""
+    from fewstep.generate import load_model
+
+    teacher = load_model(path, device)
+    if teacher.is_consistency:
+        raise ConfigError(f"the teacher must be a diffusion model (method 'flow' or 'edm'); "
+                          f"{teacher.checkpoint} was trained with {teacher.method_name!r}")
+    if tuple(teacher.shape) != tuple(dataset.shape):
+        raise ConfigError(f"the teacher was trained on data of shape {tuple(teacher.shape)}, "
+                          f"this run's data has shape {tuple(dataset.shape)}")
+    if abs(teacher.sigma_d - method.sigma_d) > 1e-12:
+        raise ConfigError(f"teacher sigma_d {teacher.sigma_d} != this method's sigma_d {method.sigma_d}")
+    try:
+        method.set_teacher(teacher.net, teacher.method.parameterization)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({teacher.checkpoint})") from None
+    return teacher
+
+
+def _student_network(cfg: Config, teacher):
+    """Diffusion fine-tuning (SPEC 2.4): the teacher's architecture, plus the student's own
+    guidance input when asked for."""
+    from fewstep.networks import build_registered, network_spec
+
+    spec = network_spec(teacher.net)
+    if cfg.network.get("guidance_input"):
+        spec["kwargs"]["guidance_input"] = True
+    return build_registered(spec)
+
+
+@dataclass
+class Built:
+    """What `build` makes; `fit(*built, out_dir, **built.options)` trains it."""
+
+    net: torch.nn.Module
+    method: object
+    data: object  # a fewstep.data.Dataset
+    options: dict = field(default_factory=dict)
+    teacher: object | None = None  # the teacher's `fewstep.generate.Model`
+
+    def __iter__(self):
+        return iter((self.net, self.method, self.data))
+
+
+def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
+    """Config -> network, method (teacher included), data, optimizer and `fit` options. `out_dir`:
+    a run folder that already holds checkpoints skips the student's initialization from its teacher."""
+    from fewstep.callbacks import SamplePreviews
+    from fewstep.checkpoint import list_checkpoints
+    from fewstep.networks import build_network
+    from fewstep.networks.convert import student_from_teacher
+
+    cfg.validate()
+    tc = cfg.train
+    device = _local_device(resolve_device(tc.device))
+    torch.manual_seed(tc.seed)  # the same initial weights on every process
+    dataset = load_data(cfg)
+    method = build_method(cfg.method)
+    teacher = load_teacher(tc.teacher, method, dataset, device) if tc.teacher else None
+    resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
+    if teacher is not None and tc.init_from_teacher:
+        if teacher.config.get("network"):  # the run records the architecture it really trains
+            cfg.network = validate_network({**teacher.config["network"],
+                                            "guidance_input": bool(cfg.network.get("guidance_input"))})
+        net = _student_network(cfg, teacher)
+        if not resuming:
+            done = student_from_teacher(net, teacher.net, teacher.method.parameterization, method.sigma_d,
+                                        student_formulation=method.parameterization)
+            if done and int(os.environ.get("RANK", "0")) == 0:
+                print(f"student initialized from the {teacher.method_name} teacher: {done}")
+    else:
+        try:
+            net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    workers = default_workers(dataset) if cfg.data.workers is None else cfg.data.workers
+    options = dict(
+        steps=tc.steps, optimizer=make_optimizer(cfg.optim, net.parameters()),
+        lr_schedule=functools.partial(learning_rate, cfg.optim, total_steps=tc.steps), batch_size=tc.batch_size,
+        workers=workers, ema_decay=tc.ema_decay, ema_sigma_rel=tc.ema_sigma_rel, device=device,
+        precision=tc.precision, grad_clip=cfg.optim.grad_clip, seed=tc.seed, log_every=tc.log_every,
+        ckpt_every=tc.ckpt_every, keep_ckpts=tc.keep_ckpts, resume=tc.resume, max_nonfinite=tc.max_nonfinite,
+        progress=tc.progress, config=cfg.to_dict(),
+        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset)])
+    return Built(net, method, dataset, options, teacher)
+
+
+def train(cfg: Config, out_dir: str | Path) -> dict:
+    """Train `cfg` into `out_dir`: `fit` over what `build(cfg)` makes. Resumes from the latest
+    checkpoint in `out_dir` when `train.resume`."""
+    from fewstep.train import fit
+
+    built = build(cfg, out_dir)
+    return fit(*built, out_dir, **built.options)
