@@ -46,7 +46,8 @@ def validate_network(cfg: dict) -> dict:
     """The `network` section: `arch` ('auto': 'unet' for images, 'mlp' for vectors, or any registered
     network), `class_conditional` (use the dataset's labels), and the architecture's own constructor
     arguments (checked against its signature; data-shaped ones are filled in by `build`)."""
-    from fewstep.networks import BUILD_KEYS, DATA_ARGUMENTS, NETWORKS, constructor_arguments, constructor_hints
+    from fewstep.networks import (BUILD_KEYS, DATA_ARGUMENTS, NETWORKS, check_network_values, constructor_arguments,
+                                  constructor_hints)
 
     if not isinstance(cfg, dict):
         raise ConfigError(f"network must be a table/object, got {cfg!r}")
@@ -69,6 +70,10 @@ def validate_network(cfg: dict) -> dict:
             raise ConfigError(f"unknown key network.{key} for network {arch!r}; known: {known + list(BUILD_KEYS)}")
         if key in hints:
             cfg[key] = _coerce(f"network.{key}", value, hints[key])
+    try:  # fewstep's own networks check their values now, before any weight is allocated
+        check_network_values(arch, {k: v for k, v in cfg.items() if k not in BUILD_KEYS})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

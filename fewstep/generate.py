@@ -280,3 +280,31 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         out.append(x.float().cpu())
     _sync(model.device)
     return torch.cat(out), nfe, time.perf_counter() - start_time
+
+
+def sample(net: torch.nn.Module, method, shape, num: int, *, steps: int | None = None, times=None,
+           sampler: str | None = None, seed: int = 0, guidance: float = 1.0, labels: torch.Tensor | None = None,
+           batch_size: int = 256) -> torch.Tensor:
+    """`num` samples of shape `shape` from a network in hand, the way its `method` samples:
+    consistency models at `steps` (default 2; or at the multistep `times`), diffusion models with
+    their ODE solver (`sampler`, default Heun, 18 steps). The network's mode is left as it was.
+
+        x = sample(net, SCT(), (2,), 1000, steps=1)     # one-step samples
+    """
+    kind = "image" if len(shape) == 3 else "vector"
+    model = Model.from_net(net, method, kind, shape)
+    if method.sampling == "consistency":
+        if sampler not in (None, CM_SAMPLER):
+            raise ValueError(f"a consistency model samples with {CM_SAMPLER!r}, not {sampler!r}")
+        times = tuple(parse_times(",".join(map(str, times)), "times") if times is not None else cm_times(steps or 2))
+        schedule = Schedule(CM_SAMPLER, len(times), times)
+    else:
+        if times is not None:
+            raise ValueError("times= is for consistency models; give steps= and sampler= for diffusion models")
+        schedule = schedules(method, [steps] if steps else None, samplers=[sampler] if sampler else None)[0]
+    was_training = net.training
+    net.eval()
+    try:
+        return generate(model, schedule, num, batch_size, seed, guidance, progress=False, labels=labels)[0]
+    finally:
+        net.train(was_training)

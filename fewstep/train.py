@@ -29,6 +29,7 @@ from fewstep.devices import autocast_context, resolve_device
 from fewstep.distributed import (average_gradients, barrier, broadcast_parameters, gather_objects, init_distributed,
                                  shutdown_distributed)
 from fewstep.ema import EMA
+from fewstep.methods.base import as_method
 
 
 class NonFiniteLossError(RuntimeError):
@@ -243,8 +244,8 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     stream = BatchStream(data)
     if optimizer is None:
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    if hasattr(method, "setup"):
-        method.setup(net, steps)
+    method = as_method(method)
+    method.setup(net, steps)
     ema = EMA(net, ema_decay, ema_sigma_rel)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     spec, method_cfg = _record_of(net, method)
@@ -261,8 +262,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
         if state.get("grad_scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["grad_scaler"])
-        if hasattr(method, "load_state_tensors"):
-            method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
+        method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
         restore_rng(tensors, device, dist_info.rank)
         stream.load_state(state.get("data_position"), {k: v.cpu() for k, v in tensors.items()
                                                        if k.startswith("data.")})
@@ -286,8 +286,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("ema", ema.state_dict()),
                    **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()},
                    **data_tensors}
-        if hasattr(method, "state_tensors"):  # an EMA target network (CD, CT), PD's teacher
-            tensors.update(ckpt.prefixed("target", method.state_tensors()))
+        tensors.update(ckpt.prefixed("target", method.state_tensors()))  # e.g. an EMA target (CD, CT)
         ckpt.save_checkpoint(ckpt_dir, at_step, tensors,
                              {"config": config, "network": spec, "method": method_cfg, "data": data_info,
                               "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
@@ -330,7 +329,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
                 scaler.update()
                 ema.update(net, step)
-                if hasattr(method, "after_step") and method.after_step(net, step):
+                if method.after_step(net, step):
                     ema.net.load_state_dict(net.state_dict())  # e.g. a new progressive-distillation round
                 nonfinite_run = 0
                 for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():

@@ -23,6 +23,8 @@ def test_presets_are_valid(name):
     ({"network": {"dropout": 1.5}}, "network.dropout"),
     ({"network": {"channel_mult": []}}, "network.channel_mult"),
     ({"network": {"arch": "vit"}}, "network.arch"),
+    ({"network": {"arch": "mlp", "model_channels": 8}}, "network.model_channels"),
+    ({"network": {"width": "wide"}}, "network.width"),
     ({"data": {"channels": 2}}, "data.channels"),
     ({"method": {"name": "nope"}}, "method.name"),
     ({"method": {"name": "sct", "p_std": -1}}, "method.p_std"),
@@ -74,7 +76,7 @@ def test_preset_adjusts_to_the_chosen_method():
                               no_progress=True, teacher="runs/teacher")
     cfg, _ = build_train_config(args)
     assert cfg.optim.lr == 5e-5 and cfg.method == {"name": "scd", "warmup_steps": 500} and cfg.train.steps == 2000
-    assert cfg.network.model_channels == 32  # the rest of the preset stays
+    assert cfg.network["model_channels"] == 32  # the rest of the preset stays
     args.lr, args.steps = 3e-4, 10
     cfg, _ = build_train_config(args)
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 10

@@ -169,3 +169,18 @@ def test_nonfinite_stop_says_when_no_checkpoint_exists(tmp_path):
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
         fit(TinyNet(), NaNMethod(), [torch.randn(8, 2)], tmp_path, steps=10, max_nonfinite=2, progress=False,
             ckpt_every=0)
+
+
+def test_a_plain_callable_is_a_method(tmp_path):
+    """Any `loss(net, x0, labels, step)` trains; the protocol's defaults fill in the rest."""
+    seen = []
+
+    def regression(net, x0, labels=None, step=0):
+        seen.append(step)
+        t = torch.full((x0.shape[0],), 0.5)
+        return (net(x0, t) - x0).square().mean(dim=1), {}
+
+    net = TinyNet(dropout=0.0)
+    with pytest.warns(UserWarning, match="not a registered method"):
+        fit(net, regression, [torch.randn(8, 2)], tmp_path, steps=3, progress=False)
+    assert seen == [0, 1, 2]

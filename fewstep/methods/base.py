@@ -106,6 +106,26 @@ class Method:
         return None
 
 
+class CallableMethod(Method):
+    """A plain callable `loss, stats = fn(net, x0, labels, step)` as a method: every optional part
+    takes the protocol's default."""
+
+    def __init__(self, fn: Callable, sigma_d: float = 0.5):
+        self.fn, self.sigma_d = fn, sigma_d
+
+    def __call__(self, net, x0, labels=None, step=0):
+        return self.fn(net, x0, labels, step)
+
+
+def as_method(obj) -> Method:
+    """`obj` itself when it follows the protocol (a `Method`), else a `CallableMethod` around it."""
+    if isinstance(obj, Method):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"a method is a callable loss(net, x0, labels, step); got {type(obj).__name__}")
+    return CallableMethod(obj, getattr(obj, "sigma_d", 0.5))
+
+
 def method_config(method) -> dict:
     """`{"name", **fields}`: what a checkpoint stores to rebuild `method` (no teacher, no state)."""
     name = getattr(method, "name", "")

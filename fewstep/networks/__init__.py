@@ -51,6 +51,24 @@ def constructor_hints(cls) -> dict:
         return {}
 
 
+def check_network_values(arch: str, kwargs: dict) -> None:
+    """Value checks of fewstep's UNet and MLP arguments (ranges), without building them; other
+    networks check their own arguments when built."""
+    from fewstep.networks.layers import check_arguments
+
+    for name in (("unet", "mlp") if arch == "auto" else (arch,)):
+        if name not in ("unet", "mlp"):
+            continue
+        params = constructor_arguments(NETWORKS[name])
+        value = {k: kwargs.get(k, p.default) for k, p in params.items() if k not in DATA_ARGUMENTS}
+        sizes = ("model_channels", "num_blocks", "attn_heads") if name == "unet" else ("width", "depth")
+        check_arguments(dropout=value["dropout"], emb_min_freq=value["emb_min_freq"],
+                        emb_max_freq=value["emb_max_freq"], **{k: value[k] for k in sizes})
+        if name == "unet" and (not value["channel_mult"] or min(value["channel_mult"]) < 1):
+            raise ValueError(f"network.channel_mult must be a non-empty list of positive ints, "
+                             f"got {value['channel_mult']}")
+
+
 def resolve_arch(arch: str, kind: str) -> str:
     """'auto' -> 'unet' for images, 'mlp' for vectors."""
     return arch if arch != "auto" else ("unet" if kind == "image" else "mlp")
@@ -91,5 +109,5 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return cls(**kwargs)
 
 
-__all__ = ["DATA_ARGUMENTS", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
+__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "check_network_values", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
            "constructor_arguments", "network_spec", "register_network", "unwrap"]
