@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fewstep.trigflow import trigflow_noise
+from fewstep.trigflow import expand_to, trigflow_noise
 
 ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Luminance weights (ITU-R BT.601), the first axis of the colour transform.
@@ -213,7 +213,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
     """Spherical interpolation between noises, per sample (alpha = 0 -> z0, 1 -> z1)."""
     a, b = z0.flatten(1), z1.flatten(1)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
-    theta = torch.acos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z0.ndim - 1)))
+    theta = expand_to(torch.acos(cos.clamp(-1, 1)), z0)
     sin = torch.sin(theta).clamp_min(1e-12)
     return torch.sin((1 - alpha) * theta) / sin * z0 + torch.sin(alpha * theta) / sin * z1
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from fewstep.trigflow import HALF_PI, _bcast
+from fewstep.trigflow import HALF_PI, expand_to
 
 EPS = 0.002  # smallest noise level, the consistency boundary
 T_MAX = 80.0  # largest noise level
@@ -55,7 +55,7 @@ def consistency_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA, eps
 
 def _precond_apply(coeffs, net, x, labels):
     c_skip, c_out, c_in, c_noise = coeffs
-    return _bcast(c_skip, x) * x + _bcast(c_out, x) * net(_bcast(c_in, x) * x, c_noise, labels)
+    return expand_to(c_skip, x) * x + expand_to(c_out, x) * net(expand_to(c_in, x) * x, c_noise, labels)
 
 
 def edm_denoiser(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
@@ -68,11 +68,6 @@ def edm_consistency(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = N
                     sigma_data: float = SIGMA_DATA, eps: float = EPS) -> torch.Tensor:
     """Consistency function `f(x, sigma)` with the boundary condition `f(x, eps) = x`."""
     return _precond_apply(consistency_precond(_per_sample(sigma, x), sigma_data, eps), net, x, labels)
-
-
-def edm_ode_derivative(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """PF-ODE `dx/dsigma = (x - D(x, sigma)) / sigma`."""
-    return (x - denoised) / _bcast(sigma, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +116,7 @@ def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_DATA, t_max: floa
 
     def velocity(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         t = _per_sample(t, x_t).clamp(max=t_max)
-        cos, sin = _bcast(torch.cos(t), x_t), _bcast(torch.sin(t), x_t)
+        cos, sin = expand_to(torch.cos(t), x_t), expand_to(torch.sin(t), x_t)
         return (cos * x_t - denoiser(x_t / cos, sigma_d * torch.tan(t), labels)) / sin
 
     return velocity
@@ -134,7 +129,7 @@ def trigflow_to_edm(velocity: Velocity, sigma_d: float = SIGMA_DATA) -> Denoiser
 
     def denoiser(x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.atan(_per_sample(sigma, x) / sigma_d)
-        cos, sin = _bcast(torch.cos(t), x), _bcast(torch.sin(t), x)
+        cos, sin = expand_to(torch.cos(t), x), expand_to(torch.sin(t), x)
         x_t = cos * x
         return cos * x_t - sin * velocity(x_t, t, labels)
 

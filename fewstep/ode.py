@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from fewstep.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_denoiser, karras_sigmas
-from fewstep.trigflow import HALF_PI, consistency_from_velocity
+from fewstep.trigflow import HALF_PI, consistency_from_velocity, expand_to, net_velocity
 
 # ---------------------------------------------------------------------------------------------
 # Classifier-free guidance
@@ -42,7 +42,7 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, guidance) -> torch.Ten
     """`uncond + w (cond - uncond)`: w = 1 is the conditional model, w = 0 the unconditional.
     `w` is a float or a per-sample (B,) tensor."""
     if isinstance(guidance, torch.Tensor) and guidance.ndim == 1:
-        guidance = guidance.to(cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+        guidance = expand_to(guidance.to(cond.dtype), cond)
     return uncond + guidance * (cond - uncond)
 
 
@@ -72,8 +72,9 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
 
 
 def trigflow_net_velocity(net, sigma_d: float = SIGMA_DATA) -> Callable:
-    """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network."""
-    return lambda x, t, labels=None: sigma_d * net(x / sigma_d, t, labels)
+    """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network
+    (`fewstep.trigflow.net_velocity` with the network bound)."""
+    return lambda x_t, t, labels=None: net_velocity(net, x_t, t, sigma_d, labels)
 
 
 def edm_net_denoiser(net, sigma_data: float = SIGMA_DATA) -> Callable:
@@ -108,6 +109,7 @@ class TrigFlowODE:
         return consistency_from_velocity(x, t, self.velocity(x, t))
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
+        t = min(t, HALF_PI)  # float32 pi/2 lies above pi/2, where cos(t) < 0
         return math.cos(t), self.sigma_d * math.sin(t)
 
     def times(self, steps: int, **kw) -> torch.Tensor:
@@ -121,7 +123,7 @@ class EDMODE:
     denoiser: Callable  # (x, sigma) -> D
 
     def derivative(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return (x - self.denoiser(x, sigma)) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        return (x - self.denoiser(x, sigma)) / expand_to(sigma, x)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, sigma)

@@ -1,6 +1,12 @@
-"""Consistency-model samplers (SPEC 2.5, 3.5): plain functions with one signature.
+"""Consistency-model samplers (SPEC 2.5, 3.5): plain functions.
 
-`consistency_fn(x_t, t) -> x0 estimate` where `t` is a (B,) tensor of TrigFlow times.
+- `multistep_sample(consistency_fn, noise, times, sigma_d, generator)`: TrigFlow (sCT, sCD), with
+  `consistency_fn(x_t, t) -> x0 estimate` and `t` a (B,) tensor of TrigFlow times.
+- `ve_multistep_sample(consistency_fn, noise, sigmas, eps, generator)`: the EDM/VE formulation of
+  the discrete-time models (CD, CT, iCT), CM paper Algorithm 1, with `consistency_fn(x, sigma)`.
+
+Both take unit Gaussian `noise`; `ve_sigmas` maps TrigFlow times (what schedules and the time search
+speak) to VE noise levels.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from fewstep.trigflow import trigflow_consistency, trigflow_noise
+from fewstep.edm import EPS, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
+from fewstep.trigflow import expand_to, trigflow_consistency, trigflow_noise
 
 TWO_STEP_TIMES = (math.pi / 2, 1.1)  # the sCM paper's 2-step schedule (t_mid = 1.1)
 
@@ -37,19 +44,52 @@ def multistep_sample(consistency_fn, noise: torch.Tensor, times, sigma_d: float 
     return x
 
 
-def ve_consistency_as_trigflow(net, sigma_data: float = 0.5, eps: float = 0.002, sigma_max: float = 80.0,
-                              labels: torch.Tensor | None = None):
-    """A discrete-time (EDM/VE) consistency network as a TrigFlow sampler callable, so that every
-    sampler and editing routine serves both families: `x_sigma = x_t / cos(t)`,
-    `sigma = sigma_data tan(t)` (SPEC 1.1), with t capped at `arctan(sigma_max / sigma_data)` (there
-    `x_t / cos(t)` is the VE prior sample `sigma_max z`) and sigma floored at eps (f = identity)."""
-    from fewstep.edm import edm_consistency
+@torch.no_grad()
+def ve_multistep_sample(consistency_fn, noise: torch.Tensor, sigmas, eps: float = EPS,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multistep consistency sampling in the VE formulation: CM paper Algorithm 1 (SPEC 3.5).
 
+    `consistency_fn(x, sigma) -> x0 estimate` with `sigma` a (B,) tensor of noise levels; `noise`
+    standard normal; `sigmas` decreasing in [eps, T], `sigmas[0] = T` (sigma_max for a full
+    sample). Step 1: `x = f(T z, T)`. Each further tau re-noises the estimate, which sits at level
+    eps (`f(x, eps) = x`), up to level tau: `x = f(x + sqrt(tau^2 - eps^2) z', tau)`.
+    NFE = len(sigmas).
+    """
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas:
+        raise ValueError("sigmas must hold at least one noise level")
+    if min(sigmas) < eps:
+        raise ValueError(f"noise levels must be >= eps = {eps}, got {min(sigmas)}")
+    b = noise.shape[0]
+    x = consistency_fn(sigmas[0] * noise, noise.new_full((b,), sigmas[0]))
+    for tau in sigmas[1:]:
+        z = torch.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
+        x = consistency_fn(x + math.sqrt(tau ** 2 - eps ** 2) * z, noise.new_full((b,), tau))
+    return x
+
+
+def ve_sigmas(times, sigma_d: float = SIGMA_DATA, eps: float = EPS, sigma_max: float = T_MAX) -> list[float]:
+    """TrigFlow times as VE noise levels, `sigma = sigma_d tan(t)` (SPEC 1.1) clipped to
+    [eps, sigma_max]: t = pi/2, the TrigFlow prior, is sigma_max, the VE prior's level."""
+    t_max = math.atan(sigma_max / sigma_d)
+    return [sigma_max if float(t) >= t_max else max(sigma_d * math.tan(float(t)), eps) for t in times]
+
+
+def ve_consistency_as_trigflow(net, sigma_data: float = SIGMA_DATA, eps: float = EPS, sigma_max: float = T_MAX,
+                              labels: torch.Tensor | None = None):
+    """A discrete-time (EDM/VE) consistency network as a TrigFlow callable `fn(x_t, t)`, for the
+    routines that speak TrigFlow (editing): `f(x_t / cos(t), sigma_data tan(t))` (SPEC 1.1), with t
+    capped at `t_max = arctan(sigma_max / sigma_data)` and sigma floored at eps (f = identity).
+
+    Not Algorithm 1 when passed to `multistep_sample`: at t = pi/2 the network sees
+    `sigma_d z / cos(t_max) = sqrt(sigma_max^2 + sigma_data^2) z` rather than `sigma_max z`, and a
+    re-noised estimate gets noise of std sigma rather than `sqrt(sigma^2 - eps^2)`. Sample these
+    models with `ve_multistep_sample` (`fewstep.methods.cm` models: `method.sample`)."""
     t_max = math.atan(sigma_max / sigma_data)
 
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.clamp(max=t_max)
-        x_sigma = x_t / torch.cos(t).reshape(-1, *([1] * (x_t.ndim - 1)))
+        x_sigma = x_t / expand_to(torch.cos(t), x_t)
         sigma = (sigma_data * torch.tan(t)).clamp(min=eps)
         return edm_consistency(net, x_sigma, sigma, labels, sigma_data, eps)
 
@@ -62,35 +102,10 @@ def trigflow_sampler_fn(net, sigma_d: float = 0.5, labels: torch.Tensor | None =
     return lambda x_t, t: trigflow_consistency(net, x_t, t, sigma_d, labels, guidance)
 
 
-@torch.no_grad()
-def sample_trigflow_cm(net, num: int, shape, times=TWO_STEP_TIMES, sigma_d: float = 0.5,
-                       labels: torch.Tensor | None = None, batch_size: int = 256, device=None,
-                       seed: int | None = 0) -> torch.Tensor:
-    """`num` samples from a TrigFlow consistency network in batches, on its device.
-
-    Uses its own generator (seeded), so sampling never disturbs the global RNG of a run.
-    """
-    device = device or next(net.parameters()).device
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    out = []
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        noise = torch.randn((n, *shape), device=device, generator=gen)
-        lab = None if labels is None else labels[start:start + n].to(device)
-        out.append(multistep_sample(trigflow_sampler_fn(net, sigma_d, lab), noise, times, sigma_d, gen).cpu())
-    return torch.cat(out)
-
-
 def trigflow_search_grid(points: int = 40, sigma_d: float = 0.5, sigma_min: float = 0.002,
                          sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
     """Candidate times for `ternary_search_times`: the Karras noise levels (SPEC 1.2) as TrigFlow
     times `arctan(sigma / sigma_d)`, decreasing, `points` of them."""
-    from fewstep.edm import karras_grid
-
     return [math.atan(s / sigma_d) for s in karras_grid(points, sigma_min, sigma_max, rho).flip(0).tolist()]
 
 

@@ -2,7 +2,8 @@
 
 SPEC 1.1. Data `x0` (per-dim std ~ sigma_d), noise `z ~ N(0, sigma_d^2 I)`,
 `x_t = cos(t) x0 + sin(t) z` for `t in [0, pi/2]`. The network `F` sees `x_t / sigma_d` and
-`c_noise(t) = t` (the identity time transform: `sin(t) d c_noise/dt` stays bounded).
+`c_noise(t) = t` (the identity time transform: `sin(t) d c_noise/dt` stays bounded): the network
+contract is `F(x_t / sigma_d, t, labels, **cond)`; `net_velocity` turns it into a velocity.
 """
 
 from __future__ import annotations
@@ -14,39 +15,43 @@ import torch
 HALF_PI = math.pi / 2
 
 
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample times of shape (B,) reshaped to broadcast against `x` of shape (B, ...)."""
+def expand_to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample (B,) tensor (times, noise levels, weights) reshaped to (B, 1, ..., 1), so that
+    it broadcasts against `x` of shape (B, ...)."""
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def trigflow_noise(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """`x_t = cos(t) x0 + sin(t) z`; `z` is already scaled by sigma_d."""
-    t = _bcast(t, x0)
+    t = expand_to(t, x0)
     return torch.cos(t) * x0 + torch.sin(t) * z
 
 
 def trigflow_velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Conditional velocity `dx_t/dt = cos(t) z - sin(t) x0` (the flow-matching target)."""
-    t = _bcast(t, x0)
+    t = expand_to(t, x0)
     return torch.cos(t) * z - torch.sin(t) * x0
 
 
-def trigflow_velocity_from_net(net, x_t, t, sigma_d: float, labels=None, guidance=None) -> torch.Tensor:
-    """Model velocity `v = sigma_d F(x_t / sigma_d, t)`; `guidance` goes to a network that takes
-    the CFG scale as input (a distilled student) and is left out otherwise."""
-    cond = {} if guidance is None else {"guidance": guidance}
+def net_velocity(net, x_t: torch.Tensor, t: torch.Tensor, sigma_d: float, labels=None, **cond) -> torch.Tensor:
+    """The TrigFlow velocity of a network, `v = sigma_d F(x_t / sigma_d, t, labels, **cond)` (SPEC 1.1).
+
+    `cond`: extra keyword inputs, e.g. `guidance` (the CFG scale of a student that takes it as
+    input); a keyword whose value is None is left out, so `guidance=None` suits any network.
+    """
+    cond = {k: v for k, v in cond.items() if v is not None}
     return sigma_d * net(x_t / sigma_d, t, labels, **cond)
 
 
 def consistency_from_velocity(x_t, t, v) -> torch.Tensor:
     """First-order DDIM step from t to 0: `f = cos(t) x_t - sin(t) v`. Exactly `x_t` at t = 0."""
-    t = _bcast(t, x_t)
+    t = expand_to(t, x_t)
     return torch.cos(t) * x_t - torch.sin(t) * v
 
 
 def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None, guidance=None) -> torch.Tensor:
     """Consistency function `f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t)`."""
-    return consistency_from_velocity(x_t, t, trigflow_velocity_from_net(net, x_t, t, sigma_d, labels, guidance))
+    return consistency_from_velocity(x_t, t, net_velocity(net, x_t, t, sigma_d, labels, guidance=guidance))
 
 
 def time_dtype(x: torch.Tensor) -> torch.dtype:

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from fewstep.edm import edm_precond
 from fewstep.networks import MLP, UNet
 
 
@@ -46,18 +47,37 @@ def per_sample(t, x):
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def v_star(x, t, labels=None, mu=MU, s=S):
-    """Exact TrigFlow velocity `k(t) (x - cos t mu) - sin t mu`, `k = sin t cos t (sd^2 - s^2) / q`."""
+def v_star(x, t, labels=None, mu=MU, s=S, sd=SD):
+    """Exact TrigFlow velocity `k(t) (x - cos t mu) - sin t mu`, `k = sin t cos t (sd^2 - s^2) / q`,
+    `q = s^2 cos^2 t + sd^2 sin^2 t` (usable as a teacher `v(x, t, labels)`)."""
     t = per_sample(t, x)
-    q = s ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
-    return torch.sin(t) * torch.cos(t) * (SD ** 2 - s ** 2) / q * (x - torch.cos(t) * mu) - torch.sin(t) * mu
+    q = s ** 2 * torch.cos(t) ** 2 + sd ** 2 * torch.sin(t) ** 2
+    return torch.sin(t) * torch.cos(t) * (sd ** 2 - s ** 2) / q * (x - torch.cos(t) * mu) - torch.sin(t) * mu
 
 
-def f_star(x, t, mu=MU, s=S):
+def f_star(x, t, mu=MU, s=S, sd=SD):
     """Exact TrigFlow consistency function (the ODE endpoint at t = 0 from (x, t))."""
     t = per_sample(t, x)
-    q = s ** 2 * torch.cos(t) ** 2 + SD ** 2 * torch.sin(t) ** 2
+    q = s ** 2 * torch.cos(t) ** 2 + sd ** 2 * torch.sin(t) ** 2
     return mu + (x - torch.cos(t) * mu) * s / q.sqrt()
+
+
+def exact_f(mu, s=None, cov=None, sd=SD):
+    """The exact TrigFlow consistency function `fn(x_t, t)` (a sampler callable) of N(mu, s^2 I)
+    data, or of N(mu, cov) data with `cov` over the flattened `mu`: per eigen-direction of cov with
+    std s_i, `f = mu + s_i / sqrt(s_i^2 cos^2 t + sd^2 sin^2 t) (x - cos t mu)`."""
+    if cov is None:
+        return lambda x_t, t: f_star(x_t, t, mu, s, sd)
+    lam, U = torch.linalg.eigh(cov)
+    std = lam.clamp_min(0).sqrt()
+
+    def f(x_t, t):
+        x, m = x_t.reshape(x_t.shape[0], -1), mu.flatten()
+        c, si = torch.cos(t)[:, None], torch.sin(t)[:, None]
+        gain = std / (std ** 2 * c ** 2 + sd ** 2 * si ** 2).sqrt()  # (B, D)
+        return (m + ((x - c * m) @ U * gain) @ U.T).reshape(x_t.shape)
+
+    return f
 
 
 def d_star(x, sigma, labels=None, mu=MU, s=S):
@@ -67,5 +87,53 @@ def d_star(x, sigma, labels=None, mu=MU, s=S):
 
 
 def f_star_edm(x, sigma, eps, mu=MU, s=S):
-    """Exact EDM PF-ODE solution through (x, sigma), at noise level eps."""
-    return mu + (x - mu) * math.sqrt(s ** 2 + eps ** 2) / math.sqrt(s ** 2 + sigma ** 2)
+    """Exact EDM/VE consistency function (the PF-ODE solution through (x, sigma) at noise level
+    eps): `mu + (x - mu) sqrt(s^2 + eps^2) / sqrt(s^2 + sigma^2)`; sigma a float or (B,) tensor."""
+    return mu + (x - mu) * math.sqrt(s ** 2 + eps ** 2) / (s ** 2 + per_sample(sigma, x) ** 2).sqrt()
+
+
+def algorithm_1_moments(sigmas, eps, mu=MU, s=S):
+    """Mean and variance (per dimension) of VE multistep consistency samples (CM paper Algorithm 1:
+    `x = f(T z, T)`, then `x = f(x + sqrt(tau^2 - eps^2) z', tau)`) with the exact consistency
+    function `f(x, sigma) = mu + (x - mu) r(sigma)`, `r = sqrt(s^2 + eps^2) / sqrt(s^2 + sigma^2)`:
+    f is affine, so each step maps a Gaussian to a Gaussian."""
+    def r(sigma):
+        return math.sqrt(s ** 2 + eps ** 2) / math.sqrt(s ** 2 + sigma ** 2)
+
+    mean, var = mu - mu * r(sigmas[0]), sigmas[0] ** 2 * r(sigmas[0]) ** 2
+    for tau in sigmas[1:]:
+        mean, var = mu + (mean - mu) * r(tau), r(tau) ** 2 * (var + tau ** 2 - eps ** 2)
+    return mean, var
+
+
+class ConsistencyOracle(torch.nn.Module):
+    """A TrigFlow network `F(x_t / sd, t)` whose consistency function `cos t x_t - sin t sd F` is
+    exactly f* (defined for t > 0). Not the velocity: `cos t x - sin t v*` is the posterior mean."""
+
+    num_classes = 0
+
+    def __init__(self, mu=MU, s=S, sd=SD):
+        super().__init__()
+        self.register_buffer("mu", torch.as_tensor(mu))
+        self.s, self.sd = s, sd
+
+    def forward(self, y, t, labels=None):
+        x = self.sd * y
+        return (per_sample(torch.cos(t), x) * x - f_star(x, t, self.mu, self.s, self.sd)) / (
+            self.sd * per_sample(torch.sin(t), x))
+
+
+class OracleEDMNet(torch.nn.Module):
+    """An EDM network `F(c_in x, c_noise)` whose preconditioned denoiser is exactly D*."""
+
+    num_classes = 0
+
+    def __init__(self, mu=MU, s=S, sigma_data=SD):
+        super().__init__()
+        self.mu, self.s, self.sigma_data = mu, s, sigma_data
+
+    def forward(self, y, c_noise, labels=None):
+        sigma = torch.exp(4 * c_noise)
+        c_skip, c_out, c_in, _ = edm_precond(sigma, self.sigma_data)
+        x = y / per_sample(c_in, y)
+        return (d_star(x, sigma, mu=self.mu, s=self.s) - per_sample(c_skip, x) * x) / per_sample(c_out, x)

@@ -13,27 +13,27 @@ from fewstep.methods.cm import (CD, CT, ICT, cm_distance, ct_num_scales, ct_targ
                                 lognormal_index_probs, make_teacher_denoiser, pseudo_huber_c)
 from fewstep.metrics.toy import sliced_wasserstein
 from fewstep.networks import MLP
-from fewstep.samplers import multistep_sample, ve_consistency_as_trigflow
-from helpers import MU, S, SD, d_star, per_sample
+from fewstep.samplers import multistep_sample
+from helpers import MU, S, SD, algorithm_1_moments, d_star, f_star_edm, per_sample, randomize_zero_params_, tiny_mlp
 
 EPS = 0.002
 
 
-def f_star_ve(x, sigma):
-    """Exact VE consistency function of N(MU, S^2 I): the PF-ODE endpoint at eps."""
-    return MU + (x - MU) * math.sqrt(S ** 2 + EPS ** 2) / (S ** 2 + per_sample(sigma, x) ** 2).sqrt()
-
-
 class OracleVENet(torch.nn.Module):
-    """`F(c_in x, ln(sigma) / 4)` whose consistency parameterization is exactly f*."""
+    """`F(c_in x, ln(sigma) / 4)` whose consistency parameterization (boundary at eps) is exactly the
+    VE consistency function f* of N(MU, S^2 I) (SPEC 9)."""
 
     num_classes = 0
 
+    def __init__(self, eps=EPS):
+        super().__init__()
+        self.eps = eps
+
     def forward(self, y, c_noise, labels=None):
         sigma = torch.exp(4 * c_noise)
-        c_skip, c_out, c_in, _ = consistency_precond(sigma, SD, EPS)
+        c_skip, c_out, c_in, _ = consistency_precond(sigma, SD, self.eps)
         x = y / per_sample(c_in, y)
-        return (f_star_ve(x, sigma) - per_sample(c_skip, x) * x) / per_sample(c_out, x).clamp_min(1e-300)
+        return (f_star_edm(x, sigma, self.eps) - per_sample(c_skip, x) * x) / per_sample(c_out, x).clamp_min(1e-300)
 
 
 def _data(n=4096, seed=0):
@@ -89,7 +89,7 @@ def test_boundary_condition():
     net = MLP(4, 16, 1).double()
     torch.testing.assert_close(edm_consistency(net, x, EPS, None, SD, EPS), x, rtol=0, atol=0)
     torch.testing.assert_close(edm_consistency(OracleVENet(), x, torch.full((6,), 3.0, dtype=torch.float64),
-                                               None, SD, EPS), f_star_ve(x, 3.0))
+                                               None, SD, EPS), f_star_edm(x, 3.0, EPS))
 
 
 def _mean_loss(method, n_seed=0):
@@ -150,9 +150,70 @@ def test_target_networks_and_config():
         torch.testing.assert_close(p, 0.9 * b + 0.1 * q)
     assert set(ct.state_tensors()) == set(net.state_dict())
     ict = METHODS["ict"](total_steps=100)
-    assert not hasattr(ict, "after_step") and ict.metric == "pseudo_huber"
+    assert ict.after_step(net, 0) is False and ict.state_tensors() == {} and ict.metric == "pseudo_huber"
     with pytest.raises(ValueError, match="teacher"):
         METHODS["cd"]()(net, torch.randn(8, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The online and target evaluations share their dropout masks (as in the official code)
+
+
+def _dropout_net():
+    net = randomize_zero_params_(tiny_mlp(dim=4, dropout=0.5)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    t = torch.ones(8, dtype=torch.float64)
+    assert not torch.equal(net(x, t), net(x, t)), "dropout must be active for the test to mean anything"
+    return net
+
+
+def _one_level(method, sigmas):
+    """Make every drawn pair (sigma_n, sigma_{n+1}) the given two levels."""
+    method.grid = lambda num_scales: torch.tensor(sigmas, dtype=torch.float64)
+    return method
+
+
+@pytest.mark.parametrize("make", [lambda: CT(sigma_data=SD, total_steps=1),
+                                  lambda: CD(teacher=d_star, num_scales_fixed=2, sigma_data=SD)],
+                         ids=["ct", "cd"])
+def test_online_and_target_see_the_same_dropout_masks(make):
+    """CT and CD with both levels equal (so x at both levels is the same) and the EMA target equal
+    to the network (its first call copies it): the two evaluations differ only by their dropout
+    masks, and the loss is exactly 0 because the target pass replays the online pass's RNG."""
+    method = _one_level(make(), [1.0, 1.0])
+    loss, stats = method(_dropout_net(), _data(64))
+    assert torch.equal(loss, torch.zeros_like(loss)), loss
+
+
+def test_ict_online_and_target_see_the_same_dropout_masks():
+    """iCT (theta^- = stopgrad(theta)) with levels 1 and 1 + 1e-9, weight 1 / 1e-9: the shared masks
+    leave a loss of 3e-7 (the 1e-9 step squared, times the weight); different masks give 7e8."""
+    method = _one_level(ICT(sigma_data=SD, total_steps=1), [1.0, 1.0 + 1e-9])
+    loss, stats = method(_dropout_net(), _data(64))
+    assert loss.max() < 1e-3, loss.max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: CM paper Algorithm 1 in the VE formulation
+
+
+def test_sample_is_algorithm_1():
+    """`method.sample` at TrigFlow times (pi/2, arctan(0.5 / sigma_d)) = VE levels (T, 0.5), with the
+    exact consistency network of N(MU, S^2 I), T = 1 and eps = 0.2 (so that the start `T z` and the
+    re-noising std `sqrt(tau^2 - eps^2)` matter): 1- and 2-step sample moments are Algorithm 1's
+    closed form. The TrigFlow route (`multistep_sample` of `consistency_fn`, which starts from
+    `sqrt(T^2 + sigma_d^2) z` and re-noises with std tau) is measurably off: variance +25%, +20%."""
+    eps, n = 0.2, 100_000
+    method, net = CT(sigma_data=SD, eps=eps, sigma_max=1.0), OracleVENet(eps)
+    noise = torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for times, sigmas in (([math.pi / 2], [1.0]), ([math.pi / 2, math.atan(0.5 / SD)], [1.0, 0.5])):
+        x = method.sample(net, noise, times, torch.Generator().manual_seed(1))
+        mean, var = algorithm_1_moments(sigmas, eps)
+        # Standard errors: mean sqrt(var / n) < 1e-3, variance var sqrt(2 / n) = 0.45%.
+        torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=4e-3)
+        torch.testing.assert_close(x.var(0), torch.full((4,), var, dtype=torch.float64), rtol=0.025, atol=0)
+        old = multistep_sample(method.consistency_fn(net), noise, times, SD, torch.Generator().manual_seed(1))
+        assert (old.var(0) / var - 1).min() > 0.15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,17 +232,16 @@ def test_ict_trains_on_8_gaussians():
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
     ref = data.all()[0][:2000]
-    fn = ve_consistency_as_trigflow(net, SD)
     with torch.no_grad():
-        untrained = sliced_wasserstein(multistep_sample(fn, noise, [math.pi / 2], SD), ref)
+        untrained = sliced_wasserstein(method.sample(net, noise, [math.pi / 2]), ref)
     for step in range(400):
         loss, _ = method(net, data.sample(512)[0], None, step)
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
     with torch.no_grad():
-        one = sliced_wasserstein(multistep_sample(fn, noise, [math.pi / 2], SD), ref)
-        two = sliced_wasserstein(multistep_sample(fn, noise, [math.pi / 2, 1.0], SD), ref)
+        one = sliced_wasserstein(method.sample(net, noise, [math.pi / 2]), ref)
+        two = sliced_wasserstein(method.sample(net, noise, [math.pi / 2, 1.0], torch.Generator().manual_seed(2)), ref)
     print(f"iCT SW2: untrained {untrained:.3f}, 1 step {one:.3f}, 2 steps {two:.3f}")
     assert one < 0.12 and two < 0.25 and one < untrained / 3
 

@@ -9,7 +9,7 @@ import torch
 from fewstep.edm import edm_denoiser, edm_to_trigflow
 from fewstep.networks import MLP
 from fewstep.networks.convert import copy_teacher_weights, edm_time_input, student_from_teacher
-from fewstep.trigflow import consistency_from_velocity, trigflow_velocity_from_net
+from fewstep.trigflow import consistency_from_velocity, net_velocity
 from helpers import randomize_zero_params_, tiny_unet
 
 SD = 0.5
@@ -55,7 +55,7 @@ def test_negated_edm_network_is_the_trigflow_network_at_the_teachers_time_input(
     t = torch.linspace(0.05, 1.5, 16, dtype=torch.float64)
     x_t = torch.randn(16, 3, dtype=torch.float64)
     c = edm_time_input(t, SD)
-    v = trigflow_velocity_from_net(lambda y, _t, labels=None: student(y, c, labels), x_t, t, SD)
+    v = net_velocity(lambda y, _t, labels=None: student(y, c, labels), x_t, t, SD)
     D = edm_denoiser(teacher, x_t / torch.cos(t)[:, None], SD * torch.tan(t), sigma_data=SD)
     torch.testing.assert_close(consistency_from_velocity(x_t, t, v), D, rtol=1e-12, atol=1e-12)
 
@@ -71,7 +71,7 @@ def test_edm_teacher_init_fits_the_time_embedding():
     x_t = torch.randn(len(t), 3, dtype=torch.float64)
 
     def error(student):
-        v = trigflow_velocity_from_net(student, x_t, t, SD)
+        v = net_velocity(student, x_t, t, SD)
         ref = exact(x_t, t)
         return ((v - ref).norm() / ref.norm()).item()
 

@@ -9,26 +9,10 @@ import torch.nn.functional as F
 
 from fewstep.editing import (LUMA, colorize, colour_matrix, denoise, edit, inpaint, inpaint_mask, interpolate,
                              luminance, patch_matrix, sdedit, slerp, super_resolve)
+from helpers import exact_f
 
 SD = 0.5
 DT = torch.float64
-
-
-def exact_f(mu: torch.Tensor, cov: torch.Tensor):
-    """The exact TrigFlow consistency function of N(mu, cov) data: per eigen-direction of cov with
-    std s, `f = mu + s / sqrt(s^2 cos^2 t + sd^2 sin^2 t) (x - cos t mu)`."""
-    lam, U = torch.linalg.eigh(cov)
-    s = lam.clamp_min(0).sqrt()
-    shape = mu.shape
-
-    def f(x_t, t):
-        x = x_t.reshape(x_t.shape[0], -1)
-        c, si = torch.cos(t)[:, None], torch.sin(t)[:, None]
-        gain = s / (s ** 2 * c ** 2 + SD ** 2 * si ** 2).sqrt()  # (B, D)
-        out = mu.flatten() + ((x - c * mu.flatten()) @ U * gain) @ U.T
-        return out.reshape(x_t.shape[0], *shape)
-
-    return f
 
 
 def smooth_gaussian(h: int = 4, w: int = 4, c: int = 1, length: float = 1.5):
@@ -114,7 +98,7 @@ def test_inpainting_a_correlated_gaussian_follows_the_known_pixels():
     0.21, 8 steps 0.37, 16 steps 0.50 (times pi/2, then 1.2 down to 0.3): Algorithm 4 needs
     several steps to pull the generated pixels towards the kept ones."""
     mu, cov = smooth_gaussian()
-    f = exact_f(mu, cov)
+    f = exact_f(mu, cov=cov)
     y = draw(mu, cov, 4000, seed=1)
     mask = torch.zeros(1, 1, 4, 4, dtype=DT)
     mask[..., 2:] = 1
@@ -136,7 +120,7 @@ def test_denoise_with_the_exact_function_returns_data_distributed_samples():
     """`f(x_t, t)` of data noised to t is distributed as the data: mean and covariance of the
     denoised samples match N(mu, cov)."""
     mu, cov = smooth_gaussian(2, 2)
-    f = exact_f(mu, cov)
+    f = exact_f(mu, cov=cov)
     x0 = draw(mu, cov, 20000, seed=2)
     sigma = 0.3
     noisy = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=DT)
@@ -150,7 +134,7 @@ def test_denoise_with_the_exact_function_returns_data_distributed_samples():
 
 def test_sdedit_keeps_a_lightly_noised_input_and_forgets_a_heavily_noised_one():
     mu, cov = smooth_gaussian(2, 2)
-    f = exact_f(mu, cov)
+    f = exact_f(mu, cov=cov)
     strokes = torch.full((500, 1, 2, 2), 0.5, dtype=DT)  # a flat "stroke" image, off the data mean
     gen = torch.Generator().manual_seed(0)
     light = sdedit(f, strokes, [0.05], SD, gen)

@@ -12,7 +12,7 @@ from fewstep.methods import METHODS, EDMDiffusion, FlowMatching
 from fewstep.methods.flow import drop_labels
 from fewstep.networks import MLP
 from fewstep.ode import EDMODE, TrigFlowODE, sample_heun
-from helpers import MU, S, SD, d_star, f_star_edm, per_sample, v_star
+from helpers import MU, S, SD, OracleEDMNet, d_star, f_star_edm, v_star
 
 
 def edm_trajectory(x_start, sigma_start, sigma):
@@ -22,22 +22,6 @@ def edm_trajectory(x_start, sigma_start, sigma):
 
 def _x(n=6, d=4, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-class OracleEDMNet(torch.nn.Module):
-    """`F(c_in x, c_noise)` such that the EDM preconditioning gives exactly `D*` (for data N(mu, s^2))."""
-
-    num_classes = 0
-
-    def __init__(self, mu=MU, s=S, sigma_data=SD):
-        super().__init__()
-        self.mu, self.s, self.sigma_data = mu, s, sigma_data
-
-    def forward(self, y, c_noise, labels=None):
-        sigma = torch.exp(4 * c_noise)
-        c_skip, c_out, c_in, _ = edm_precond(sigma, self.sigma_data)
-        x = y / per_sample(c_in, y)
-        return (d_star(x, sigma, mu=self.mu, s=self.s) - per_sample(c_skip, x) * x) / per_sample(c_out, x)
 
 
 # ---------------------------------------------------------------------------------------------

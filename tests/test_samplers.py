@@ -1,22 +1,15 @@
-"""Consistency samplers against the exact consistency function of Gaussian data (SPEC 9)."""
+"""Consistency samplers against the exact consistency functions of Gaussian data (SPEC 9)."""
 
 import math
 
 import pytest
 import torch
 
-from fewstep.samplers import multistep_sample, sample_trigflow_cm, ternary_search_times, trigflow_search_grid
+from fewstep.samplers import (multistep_sample, ternary_search_times, trigflow_sampler_fn, trigflow_search_grid,
+                              ve_multistep_sample, ve_sigmas)
+from helpers import ConsistencyOracle, algorithm_1_moments, exact_f, f_star_edm
 
 SD = 0.5
-
-
-def exact_f(mu, s):
-    """f*(x, t) = mu + (x - cos t mu) s / sqrt(s^2 cos^2 t + sd^2 sin^2 t) for data N(mu, s^2 I)."""
-    def f(x, t):
-        t = t.reshape(-1, *([1] * (x.ndim - 1)))
-        q = s**2 * torch.cos(t) ** 2 + SD**2 * torch.sin(t) ** 2
-        return mu + (x - torch.cos(t) * mu) * s / torch.sqrt(q)
-    return f
 
 
 def test_one_step_is_exact_map_of_noise():
@@ -38,31 +31,79 @@ def test_multistep_with_exact_f_keeps_the_data_distribution():
     torch.testing.assert_close(x.std(0), torch.full((2,), s, dtype=torch.float64), rtol=0, atol=3e-3)
 
 
-class ExactNet(torch.nn.Module):
-    """A 'network' whose TrigFlow consistency function is f*: F = (cos t x - f*) / (sin t sd) at x = sd * input."""
-
-    def __init__(self, mu, s):
-        super().__init__()
-        self.f = exact_f(mu, s)
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x_in, t, labels=None):
-        x = x_in * SD
-        tb = t.reshape(-1, *([1] * (x.ndim - 1)))
-        return (torch.cos(tb) * x - self.f(x, t)) / (torch.sin(tb) * SD)
-
-
-def test_sample_trigflow_cm_uses_net_and_own_generator():
+def test_multistep_sample_of_a_network_draws_only_from_its_generator():
+    """A consistency network through `trigflow_sampler_fn`: 2-step samples of the exact model have
+    the data's moments, the global RNG is untouched, and the same seed gives the same samples."""
     mu, s = torch.tensor([0.5, 0.5]), 0.2
-    net = ExactNet(mu, s)
+    fn = trigflow_sampler_fn(ConsistencyOracle(mu, s), SD)
+
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(5000, 2, generator=gen)
+        return multistep_sample(fn, noise, [math.pi / 2, 1.1], SD, gen)
+
     state = torch.get_rng_state()
-    x = sample_trigflow_cm(net, 5000, (2,), [math.pi / 2, 1.1], SD, batch_size=1000, seed=3)
+    x = draw(3)
     assert torch.equal(torch.get_rng_state(), state), "sampling must not consume the global RNG"
-    assert x.shape == (5000, 2)
     torch.testing.assert_close(x.mean(0), mu, rtol=0, atol=0.02)
     torch.testing.assert_close(x.std(0), torch.full((2,), s), rtol=0, atol=0.02)
-    z = sample_trigflow_cm(net, 5000, (2,), [math.pi / 2, 1.1], SD, batch_size=1000, seed=3)
-    assert torch.equal(x, z)
+    assert torch.equal(x, draw(3)) and not torch.equal(x, draw(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# VE multistep sampling, CM paper Algorithm 1 (SPEC 3.5)
+
+
+def test_ve_multistep_sample_follows_algorithm_1_step_by_step():
+    """`x = f(T z, T)`, then `x = f(x + sqrt(tau^2 - eps^2) z', tau)` with z' from the generator:
+    replayed draw by draw, with a nonlinear stand-in for f."""
+    eps, sigmas = 0.1, [5.0, 1.0, 0.3]
+    calls = []
+
+    def f(x, sigma):
+        calls.append((x.clone(), sigma.clone()))
+        return torch.tanh(x) + 0.1 * sigma[:, None]
+
+    noise = torch.randn(6, 3, dtype=torch.float64)
+    x = ve_multistep_sample(f, noise, sigmas, eps, torch.Generator().manual_seed(1))
+    assert len(calls) == len(sigmas)
+    gen, want = torch.Generator().manual_seed(1), sigmas[0] * noise
+    for i, ((x_in, sigma), tau) in enumerate(zip(calls, sigmas)):
+        if i > 0:
+            z = torch.randn(noise.shape, dtype=noise.dtype, generator=gen)
+            want = torch.tanh(want) + 0.1 * sigmas[i - 1] + math.sqrt(tau ** 2 - eps ** 2) * z
+        assert torch.equal(sigma, torch.full((6,), tau, dtype=torch.float64))
+        torch.testing.assert_close(x_in, want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(x, torch.tanh(want) + 0.1 * sigmas[-1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eps"):
+        ve_multistep_sample(f, noise, [1.0, 0.05], eps)
+
+
+def test_ve_sigmas_read_trigflow_times_as_noise_levels():
+    """t = pi/2 (also its float32 rounding, which lies above pi/2) is sigma_max; t is
+    sigma_d tan t, floored at eps; the Karras search grid maps back to its noise levels."""
+    t32 = float(torch.tensor(math.pi / 2, dtype=torch.float32))
+    assert ve_sigmas([math.pi / 2, t32, math.atan(0.8 / SD), 1e-6], SD, 0.002, 80.0) == pytest.approx(
+        [80.0, 80.0, 0.8, 0.002])
+    from fewstep.edm import karras_grid
+
+    grid = karras_grid(10, 0.002, 80.0).flip(0).tolist()
+    assert ve_sigmas(trigflow_search_grid(10, SD), SD) == pytest.approx(grid, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigmas", [[1.0], [1.0, 0.5], [1.0, 0.5, 0.25]])
+def test_ve_multistep_sample_matches_algorithm_1_in_closed_form(sigmas):
+    """Gaussian data N(MU, S^2 I) and its exact VE consistency function, with T = 1 and eps = 0.2
+    so that the start `T z` and the re-noising std `sqrt(tau^2 - eps^2)` matter: the sample moments
+    are Algorithm 1's closed form."""
+    eps, n = 0.2, 100_000
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(n, 4, dtype=torch.float64, generator=gen)
+    x = ve_multistep_sample(lambda x, sigma: f_star_edm(x, sigma, eps), noise, sigmas, eps, gen)
+    mean, var = algorithm_1_moments(sigmas, eps)
+    # Standard errors: mean sqrt(var / n) < 1e-3, variance var sqrt(2 / n) = 0.45%.
+    torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=4e-3)
+    torch.testing.assert_close(x.var(0), torch.full((4,), var, dtype=torch.float64), rtol=0.025, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

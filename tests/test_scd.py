@@ -16,29 +16,7 @@ from fewstep.metrics.toy import sliced_wasserstein
 from fewstep.networks import MLP
 from fewstep.ode import TrigFlowODE, solve, trigflow_net_velocity
 from fewstep.samplers import multistep_sample, trigflow_sampler_fn
-from helpers import MU, S, SD, d_star, f_star, per_sample, v_star
-
-
-class OracleConsistencyNet(torch.nn.Module):
-    """`F` whose consistency function `cos t x_t - sin t sigma_d F(x_t / sigma_d, t)` is exactly f*."""
-
-    num_classes = 0
-
-    def forward(self, y, t, labels=None):
-        x = SD * y
-        return (per_sample(torch.cos(t), x) * x - f_star(x, t)) / (SD * per_sample(torch.sin(t), x))
-
-
-class OracleEDMNet(torch.nn.Module):
-    """`F(c_in x, c_noise)` such that the EDM preconditioning gives exactly `D*`."""
-
-    num_classes = 0
-
-    def forward(self, y, c_noise, labels=None):
-        sigma = torch.exp(4 * c_noise)
-        c_skip, c_out, c_in, _ = edm_precond(sigma, SD)
-        x = y / per_sample(c_in, y)
-        return (d_star(x, sigma) - per_sample(c_skip, x) * x) / per_sample(c_out, x)
+from helpers import MU, S, SD, ConsistencyOracle, OracleEDMNet, d_star, f_star, per_sample, v_star
 
 
 def _data(n=256, seed=0):
@@ -56,7 +34,7 @@ def test_tangent_vanishes_for_the_exact_consistency_function_and_teacher():
     z = SD * torch.randn(64, 4, dtype=torch.float64)
     t = torch.linspace(0.01, math.pi / 2 - 0.01, 64, dtype=torch.float64)
     x_t = torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * z
-    net = OracleConsistencyNet()
+    net = ConsistencyOracle()
     for teacher in (v_star, edm_to_trigflow(d_star, SD), make_teacher_velocity(OracleEDMNet(), "edm", SD)):
         dxdt = teacher(x_t, t, None)
         F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, SD)
@@ -70,12 +48,12 @@ def test_tangent_vanishes_for_the_exact_consistency_function_and_teacher():
 
 def test_scd_loss_is_zero_at_the_exact_solution():
     method = SCD(teacher=v_star, warmup_steps=0, adaptive_weight=False)
-    loss, stats = method(OracleConsistencyNet(), _data(), None, step=0)
+    loss, stats = method(ConsistencyOracle(), _data(), None, step=0)
     assert loss.shape == (256,) and loss.max() < 1e-18
     assert stats["tangent_norm"] < 1e-9
     # Same, with an EDM teacher converted to TrigFlow (SPEC 1.1).
     loss, stats = SCD(teacher=make_teacher_velocity(OracleEDMNet(), "edm", SD), warmup_steps=0,
-                      adaptive_weight=False)(OracleConsistencyNet(), _data(), None, 0)
+                      adaptive_weight=False)(ConsistencyOracle(), _data(), None, 0)
     assert loss.max() < 1e-18 and stats["tangent_norm"] < 1e-9
 
 
@@ -84,8 +62,8 @@ def test_tangent_warmup_is_wired():
     which is nonzero for the exact f*; at the end of the warmup the tangent vanishes."""
     method = SCD(teacher=v_star, adaptive_weight=False)
     assert method.warmup_steps == 10_000
-    assert method(OracleConsistencyNet(), _data(), None, step=0)[1]["tangent_norm"] > 1e-2
-    assert method(OracleConsistencyNet(), _data(), None, step=10_000)[1]["tangent_norm"] < 1e-9
+    assert method(ConsistencyOracle(), _data(), None, step=0)[1]["tangent_norm"] > 1e-2
+    assert method(ConsistencyOracle(), _data(), None, step=10_000)[1]["tangent_norm"] < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +112,7 @@ def test_scd_config():
     assert (method.p_mean, method.p_std, method.warmup_steps, method.guidance) == (-0.8, 1.6, 10_000, 1.0)
     assert "teacher" not in {f.name for f in __import__("dataclasses").fields(method)}  # not config
     with pytest.raises(ValueError, match="make_teacher_velocity"):
-        method(OracleConsistencyNet(), _data(), None, 0)
+        method(ConsistencyOracle(), _data(), None, 0)
     with pytest.raises(ValueError, match="method.guidance"):
         SCD(guidance=-1.0)
     with pytest.raises(ValueError, match="method.tangent_norm"):
@@ -217,7 +195,7 @@ def test_guidance_range_config():
         SCD(guidance=2.0, guidance_range=[1.0, 3.0])
     x0, labels = _class_data(8)
     with pytest.raises(ValueError, match="network.guidance_input"):  # a student without the input
-        SCD(teacher=_class_teacher, guidance_range=[1.0, 3.0])(OracleConsistencyNet(), x0, labels, 0)
+        SCD(teacher=_class_teacher, guidance_range=[1.0, 3.0])(ConsistencyOracle(), x0, labels, 0)
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from fewstep.trigflow import (
     trigflow_noise,
     trigflow_velocity,
 )
-from helpers import randomize_zero_params_
+from helpers import ConsistencyOracle, d_star, f_star, randomize_zero_params_, v_star
 
 SIGMA_D = 0.5
 
@@ -269,28 +269,10 @@ def _q(t, s, sd=SIGMA_D):
     return s**2 * torch.cos(t) ** 2 + sd**2 * torch.sin(t) ** 2
 
 
-def v_star(x, t, mu, s, sd=SIGMA_D):
-    """Exact PF-ODE velocity (SPEC 9)."""
-    t = _bc(t, x)
-    k = torch.sin(t) * torch.cos(t) * (sd**2 - s**2) / _q(t, s, sd)
-    return k * (x - torch.cos(t) * mu) - torch.sin(t) * mu
-
-
-def f_star(x, t, mu, s, sd=SIGMA_D):
-    """Exact consistency function (SPEC 9): the PF-ODE flow map from t to 0."""
-    t = _bc(t, x)
-    return mu + (x - torch.cos(t) * mu) * s / torch.sqrt(_q(t, s, sd))
-
-
 def posterior_mean(x, t, mu, s, sd=SIGMA_D):
     """E[x0 | x_t = x] by Gaussian conditioning: Cov(x0, x_t) = s^2 cos t, Var(x_t) = q(t)."""
     t = _bc(t, x)
     return mu + s**2 * torch.cos(t) / _q(t, s, sd) * (x - torch.cos(t) * mu)
-
-
-def edm_denoiser(x_sigma, sigma, mu, s):
-    """Exact EDM/VE denoiser (SPEC 9)."""
-    return mu + s**2 / (s**2 + _bc(sigma, x_sigma) ** 2) * (x_sigma - mu)
 
 
 class VelocityOracle(nn.Module):
@@ -302,25 +284,7 @@ class VelocityOracle(nn.Module):
         self.s, self.sd = s, sd
 
     def forward(self, x, t, labels=None):
-        return v_star(x * self.sd, t, self.mu, self.s, self.sd) / self.sd
-
-
-class ConsistencyOracle(nn.Module):
-    """`F(x / sigma_d, t)` with `cos t x - sin t sigma_d F = f*`: the exact consistency model.
-
-    (Not the velocity: `cos t x - sin t v*` is the posterior mean, not the ODE flow map.)
-    Defined for t > 0.
-    """
-
-    def __init__(self, mu, s, sd=SIGMA_D):
-        super().__init__()
-        self.register_buffer("mu", mu)
-        self.s, self.sd = s, sd
-
-    def forward(self, x, t, labels=None):
-        x = x * self.sd
-        tb = _bc(t, x)
-        return (torch.cos(tb) * x - f_star(x, t, self.mu, self.s, self.sd)) / (self.sd * torch.sin(tb))
+        return v_star(x * self.sd, t, mu=self.mu, s=self.s, sd=self.sd) / self.sd
 
 
 GAUSS_CASES = [(0.0, 0.3), (0.0, 0.8), (0.7, 0.3), (-0.4, 1.1)]  # (mu scale, s), s != sigma_d
@@ -343,15 +307,15 @@ def test_gaussian_velocity_is_conditional_expectation(mu_scale, s):
     tb = _bc(t, x)
     m = posterior_mean(x, t, mu, s)
     v_cond = torch.cos(tb) * (x - torch.cos(tb) * m) / torch.sin(tb) - torch.sin(tb) * m  # E[z|x] = (x - cos t m)/sin t
-    torch.testing.assert_close(v_star(x, t, mu, s), v_cond, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v_star(x, t, mu=mu, s=s), v_cond, rtol=1e-12, atol=1e-12)
 
-    d_trig = consistency_from_velocity(x, t, v_star(x, t, mu, s))
+    d_trig = consistency_from_velocity(x, t, v_star(x, t, mu=mu, s=s))
     torch.testing.assert_close(d_trig, m, rtol=1e-12, atol=1e-12)
     # SPEC 1.1 conversion: D(x_t / cos t, sigma_d tan t) with the EDM denoiser of SPEC 9 gives
     # the same, and v = (cos t x - D) / sin t recovers v*.
-    d_edm = edm_denoiser(x / torch.cos(tb), SIGMA_D * torch.tan(t), mu, s)
+    d_edm = d_star(x / torch.cos(tb), SIGMA_D * torch.tan(t), mu=mu, s=s)
     torch.testing.assert_close(d_edm, m, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close((torch.cos(tb) * x - d_edm) / torch.sin(tb), v_star(x, t, mu, s),
+    torch.testing.assert_close((torch.cos(tb) * x - d_edm) / torch.sin(tb), v_star(x, t, mu=mu, s=s),
                                rtol=1e-11, atol=1e-11)
     # ... and it is NOT the consistency function when s != sigma_d (f* = D* only if cos t s/q = 1/sqrt(q)).
     assert (d_trig - f_star(x, t, mu, s)).abs().max() > 1e-3
@@ -383,7 +347,7 @@ def test_gaussian_consistency_function_constant_along_ode(mu_scale, s):
     n_steps = 400
     ts = torch.linspace(HALF_PI, 0.0, n_steps + 1, dtype=F64)
     f0 = f_star(x, torch.full((16,), HALF_PI, dtype=F64), mu, s)
-    v = lambda xx, tt: v_star(xx, torch.full((16,), float(tt), dtype=F64), mu, s)  # noqa: E731
+    v = lambda xx, tt: v_star(xx, torch.full((16,), float(tt), dtype=F64), mu=mu, s=s)  # noqa: E731
     max_dev = 0.0
     for i in range(n_steps):
         t0, t1 = ts[i].item(), ts[i + 1].item()
@@ -405,7 +369,7 @@ def test_gaussian_tangent_vanishes_along_exact_ode(mu_scale, s, jvp):
     tangent g = cos t df/dt computed through the JVP is ~0 (SPEC 2.1-2.3, issue 2 item 9)."""
     mu, t, x = _gauss(mu_scale, s, n=256, seed=6)
     net = ConsistencyOracle(mu, s)
-    dxdt = v_star(x, t, mu, s)
+    dxdt = v_star(x, t, mu=mu, s=s)
     F_minus, jvp_out = (scm_jvp if jvp == "separate" else scm_jvp_with_grad)(net, x, t, dxdt, SIGMA_D)
     g = scm_tangent(x, t, dxdt, F_minus, jvp_out, SIGMA_D)
     assert g.abs().max() < 1e-8, g.abs().max()

@@ -313,7 +313,7 @@ def test_bf16_autocast_runs_and_stays_close():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_on_cuda_matches_jvp():
-    """The CUDA attention path (a registered fused kernel, or the math path) against the JVP."""
+    """The attention tangent on CUDA against the JVP."""
     q, k, v, qd, kd, vd = (torch.randn(2, 2, 64, 32, device="cuda") for _ in range(6))
     o, od = T.attention_forward_tangent(q, k, v, qd, kd, vd)
     with torch.no_grad():

@@ -13,8 +13,12 @@ target `f_theta^-` at the other:
   `1 / (sigma_{n+1} - sigma_n)`, noise levels drawn from a discretized log-normal, an
   exponential curriculum for N.
 
-Objectives with an EMA target hold it themselves (`target`); the training loop calls
-`after_step(net, step)` after each optimizer step and checkpoints `state_tensors()`.
+The online and the target evaluation draw the same dropout masks (the RNG is replayed, as in the
+official code), so that they differ only by their inputs and weights. Objectives with an EMA
+target hold it themselves (`target`); the training loop calls `after_step(net, step)` after each
+optimizer step and checkpoints `state_tensors()`.
+
+Sampling is Algorithm 1 in the VE formulation (`sample`, `fewstep.samplers.ve_multistep_sample`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Callable
 import torch
 
 from fewstep.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
-from fewstep.methods.common import check_choice, check_range
-from fewstep.trigflow import _bcast
+from fewstep.methods.base import Method, register_method
+from fewstep.methods.common import check_choice, check_range, same_random_draws
+from fewstep.trigflow import expand_to
 
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
@@ -107,7 +112,7 @@ def _draw_pair(sigmas: torch.Tensor, like: torch.Tensor, probs: torch.Tensor | N
 
 
 @dataclass
-class _DiscreteCM:
+class _DiscreteCM(Method):
     sigma_data: float = SIGMA_DATA
     eps: float = EPS
     sigma_max: float = T_MAX
@@ -125,6 +130,38 @@ class _DiscreteCM:
         if self.metric == "lpips":
             cm_distance(torch.zeros(1, 1), torch.zeros(1, 1), "lpips")
 
+    sampling = "consistency"
+    parameterization = "edm"
+
+    @property
+    def sigma_d(self) -> float:
+        return self.sigma_data
+
+    def setup(self, net, total_steps: int) -> None:
+        if self.total_steps == 0:
+            self.total_steps = total_steps  # curricula (CT, iCT) are laid out over the whole run
+
+    def consistency_fn(self, net, labels=None, guidance=None):
+        """The network's consistency function as a TrigFlow callable `fn(x_t, t)`, for routines that
+        speak TrigFlow (editing; `samplers.ve_consistency_as_trigflow`). Sample with `sample`, which
+        is Algorithm 1 exactly. `guidance` is ignored (these networks take no guidance input)."""
+        from fewstep.samplers import ve_consistency_as_trigflow
+
+        return ve_consistency_as_trigflow(net, self.sigma_data, self.eps, self.sigma_max, labels)
+
+    @torch.no_grad()
+    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
+        """Multistep consistency sampling, CM paper Algorithm 1 (SPEC 3.5), from unit Gaussian
+        `noise`: `x = f(T z, T)`, then `x = f(x + sqrt(tau^2 - eps^2) z', tau)` for each further level.
+        `times` are decreasing TrigFlow times as in every fewstep schedule, read as the levels
+        `sigma = sigma_data tan(t)` (t = pi/2: T = sigma_max; `samplers.ve_sigmas`). NFE = len(times).
+        `guidance` is ignored (these networks take no guidance input)."""
+        from fewstep.samplers import ve_multistep_sample, ve_sigmas
+
+        sigmas = ve_sigmas(times, self.sigma_data, self.eps, self.sigma_max)
+        return ve_multistep_sample(lambda x, sigma: self.f(net, x, sigma, labels), noise, sigmas, self.eps, generator)
+
     def grid(self, num_scales: int) -> torch.Tensor:
         """The N Karras noise levels, increasing, in float64."""
         return karras_grid(num_scales, self.eps, self.sigma_max, self.rho)
@@ -132,20 +169,30 @@ class _DiscreteCM:
     def f(self, net, x, sigma, labels):
         return edm_consistency(net, x, sigma, labels, self.sigma_data, self.eps)
 
+    def pred_and_target(self, net, target_net, x_hi, s_hi, x_lo, s_lo, labels):
+        """`f_theta(x_hi, s_hi)` (graded) and the target `f_theta^-(x_lo, s_lo)` (no graph), both
+        evaluated with the same dropout masks: the RNG is replayed for the target pass."""
+        with same_random_draws(x_hi):
+            pred = self.f(net, x_hi, s_hi, labels)
+        with torch.no_grad():
+            target = self.f(target_net, x_lo, s_lo, labels)
+        return pred, target
+
     def _loss(self, pred, target, weight, n_scales):
         dist = cm_distance(pred, target.to(pred.dtype), self.metric, self.huber_c)
         return weight * dist, {"distance": dist.detach().mean(), "num_scales": torch.tensor(float(n_scales))}
 
 
 class _EMATarget:
-    """theta^-: an EMA copy of the network, created at the first call."""
+    """theta^-: an EMA copy of the network, created at the first call; it follows the network's
+    train/eval mode, so that both draw the same dropout masks."""
 
     target: torch.nn.Module | None
 
     def _target(self, net):
         if self.target is None:
             self.target = copy.deepcopy(net).requires_grad_(False)
-        return self.target
+        return self.target.train(net.training)
 
     @torch.no_grad()
     def _ema(self, net, mu: float) -> None:
@@ -159,13 +206,18 @@ class _EMATarget:
         if tensors:
             self._target(net).load_state_dict(tensors)
 
+    def after_step(self, net, step: int) -> bool:
+        self._ema(net, self.target_decay(step))
+        return False
+
 
 # ---------------------------------------------------------------------------------------------
 # The objectives
 
 
+@register_method("ct")
 @dataclass
-class CT(_DiscreteCM, _EMATarget):
+class CT(_EMATarget, _DiscreteCM):
     """Consistency training (CM paper, Algorithm 3), SPEC 3.2."""
 
     s0: int = 2
@@ -186,15 +238,15 @@ class CT(_DiscreteCM, _EMATarget):
         N = self.num_scales(step)
         _, s_lo, s_hi = _draw_pair(self.grid(N), x0)
         z = torch.randn_like(x0)
-        pred = self.f(net, x0 + _bcast(s_hi, x0) * z, s_hi, labels)
-        with torch.no_grad():
-            target = self.f(self._target(net), x0 + _bcast(s_lo, x0) * z, s_lo, labels)
+        pred, target = self.pred_and_target(net, self._target(net), x0 + expand_to(s_hi, x0) * z, s_hi,
+                                            x0 + expand_to(s_lo, x0) * z, s_lo, labels)
         return self._loss(pred, target, torch.ones_like(s_hi), N)
 
-    def after_step(self, net, step: int) -> None:
-        self._ema(net, ct_target_decay(self.num_scales(step), self.s0, self.mu0))
+    def target_decay(self, step: int) -> float:
+        return ct_target_decay(self.num_scales(step), self.s0, self.mu0)
 
 
+@register_method("ict")
 @dataclass
 class ICT(_DiscreteCM):
     """Improved consistency training (Song & Dhariwal 2023), SPEC 3.3: no EMA target."""
@@ -219,9 +271,9 @@ class ICT(_DiscreteCM):
         sigmas = self.grid(N)
         _, s_lo, s_hi = _draw_pair(sigmas, x0, lognormal_index_probs(sigmas, self.p_mean, self.p_std))
         z = torch.randn_like(x0)
-        pred = self.f(net, x0 + _bcast(s_hi, x0) * z, s_hi, labels)
-        with torch.no_grad():  # theta^- = stopgrad(theta)
-            target = self.f(net, x0 + _bcast(s_lo, x0) * z, s_lo, labels)
+        # theta^- = stopgrad(theta): the same network, its target pass without a graph
+        pred, target = self.pred_and_target(net, net, x0 + expand_to(s_hi, x0) * z, s_hi,
+                                            x0 + expand_to(s_lo, x0) * z, s_lo, labels)
         return self._loss(pred, target, 1.0 / (s_hi - s_lo), N)
 
 
@@ -248,8 +300,9 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
     return denoiser
 
 
+@register_method("cd")
 @dataclass
-class CD(_DiscreteCM, _EMATarget):
+class CD(_EMATarget, _DiscreteCM):
     """Consistency distillation (CM paper, Algorithm 2), SPEC 3.1. `teacher`: an EDM denoiser
     `D(x, sigma, labels)` (see `make_teacher_denoiser`), given at construction."""
 
@@ -271,22 +324,26 @@ class CD(_DiscreteCM, _EMATarget):
         """One PF-ODE step `dx/dsigma = (x - D(x, sigma)) / sigma` from s_hi down to s_lo."""
         if self.teacher is None:
             raise ValueError("CD needs a teacher: CD(teacher=make_teacher_denoiser(net, ...)) or --teacher CKPT")
-        d = (x - self.teacher(x, s_hi, labels)) / _bcast(s_hi, x)
-        x_lo = x + _bcast(s_lo - s_hi, x) * d
+        d = (x - self.teacher(x, s_hi, labels)) / expand_to(s_hi, x)
+        x_lo = x + expand_to(s_lo - s_hi, x) * d
         if self.solver == "heun":
-            d_lo = (x_lo - self.teacher(x_lo, s_lo, labels)) / _bcast(s_lo, x)
-            x_lo = x + _bcast(s_lo - s_hi, x) * 0.5 * (d + d_lo)
+            d_lo = (x_lo - self.teacher(x_lo, s_lo, labels)) / expand_to(s_lo, x)
+            x_lo = x + expand_to(s_lo - s_hi, x) * 0.5 * (d + d_lo)
         return x_lo
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         N = self.num_scales_fixed
         _, s_lo, s_hi = _draw_pair(self.grid(N), x0)
-        x_hi = x0 + _bcast(s_hi, x0) * torch.randn_like(x0)
+        x_hi = x0 + expand_to(s_hi, x0) * torch.randn_like(x0)
         x_lo = self.teacher_step(x_hi, s_hi, s_lo, labels).to(x0.dtype)
-        pred = self.f(net, x_hi, s_hi, labels)
-        with torch.no_grad():
-            target = self.f(self._target(net), x_lo, s_lo, labels)
+        pred, target = self.pred_and_target(net, self._target(net), x_hi, s_hi, x_lo, s_lo, labels)
         return self._loss(pred, target, torch.ones_like(s_hi), N)
 
-    def after_step(self, net, step: int) -> None:
-        self._ema(net, self.mu)
+    takes_teacher = True
+
+    def set_teacher(self, net, formulation: str = "trigflow") -> None:
+        """Discrete-time distillation steps the teacher's ODE in sigma: its EDM denoiser."""
+        self.teacher = make_teacher_denoiser(net.requires_grad_(False), formulation, self.sigma_data)
+
+    def target_decay(self, step: int) -> float:
+        return self.mu

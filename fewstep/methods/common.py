@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def same_random_draws(like: torch.Tensor):
+    """A context that restores the RNG state of `like`'s device (and the CPU's) on exit, so that the
+    code after the block draws the same random numbers as the code inside it: two forward passes
+    of a network, one inside and one after, see the same dropout masks. This is how the official
+    consistency-model code evaluates its online and target networks (`get_rng_state` /
+    `set_rng_state` around the two passes)."""
+    devices = [like.device] if like.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices, device_type=like.device.type)
+
+
 def per_sample_mse(residual: torch.Tensor) -> torch.Tensor:
     """`||residual||^2 / D` for each sample, in float32 or wider."""
     r = residual.float() if residual.dtype in (torch.float16, torch.bfloat16) else residual

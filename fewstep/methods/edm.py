@@ -14,18 +14,32 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.edm import edm_denoiser
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.trigflow import _bcast
+from fewstep.trigflow import expand_to
 
 
+@register_method("edm")
 @dataclass
-class EDMDiffusion:
+class EDMDiffusion(Method):
     sigma_data: float = 0.5
     p_mean: float = -1.2
     p_std: float = 1.2
     adaptive_weight: bool = False
     label_dropout: float = 0.0  # probability of the null label, for CFG
+
+    parameterization = "edm"
+
+    @property
+    def sigma_d(self) -> float:
+        return self.sigma_data
+
+    def ode(self, net, labels=None, guidance: float = 1.0):
+        from fewstep.ode import EDMODE, edm_net_denoiser, guided
+
+        null = getattr(net, "num_classes", 0) or None
+        return EDMODE(guided(edm_net_denoiser(net, self.sigma_data), labels, guidance, null))
 
     def __post_init__(self):
         check_range("method.sigma_data", self.sigma_data, 0, low_open=True)
@@ -35,7 +49,7 @@ class EDMDiffusion:
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         labels = drop_labels(labels, self.label_dropout, net)
         sigma = (torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp().to(x0.dtype)
-        x = x0 + _bcast(sigma, x0) * torch.randn_like(x0)
+        x = x0 + expand_to(sigma, x0) * torch.randn_like(x0)
         weight = (sigma.square() + self.sigma_data ** 2) / (sigma * self.sigma_data).square()
         mse = per_sample_mse(edm_denoiser(net, x, sigma, labels, self.sigma_data) - x0)
         loss, w = adaptive_weighting(weight * mse, net, sigma.log() / 4, self.adaptive_weight)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
-from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.trigflow import lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
 
 
 def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | None:
@@ -24,8 +25,9 @@ def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | No
     return torch.where(drop, torch.full_like(labels, net.num_classes), labels)
 
 
+@register_method("flow")
 @dataclass
-class FlowMatching:
+class FlowMatching(Method):
     sigma_d: float = 0.5
     p_mean: float = -1.0
     p_std: float = 1.4
@@ -43,7 +45,7 @@ class FlowMatching:
                            dtype=time_dtype(x0))
         z = torch.randn_like(x0) * self.sigma_d
         x_t = trigflow_noise(x0, z, t)
-        v_pred = self.sigma_d * net(x_t / self.sigma_d, t, labels)
+        v_pred = net_velocity(net, x_t, t, self.sigma_d, labels)
         mse = per_sample_mse(v_pred - trigflow_velocity(x0, z, t))
         loss, w = adaptive_weighting(mse, net, t, self.adaptive_weight)
         stats = {"mse": mse.detach().mean()}

@@ -26,13 +26,14 @@ from dataclasses import InitVar, dataclass, field
 
 import torch
 
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_range, per_sample_mse
-from fewstep.trigflow import _bcast, time_dtype, trigflow_noise
+from fewstep.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
 
 
 def ddim_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """TrigFlow DDIM from t to s with velocity v at (x_t, t): `cos(t - s) x_t - sin(t - s) v`."""
-    d = _bcast(t - s, x_t)
+    d = expand_to(t - s, x_t)
     return torch.cos(d) * x_t - torch.sin(d) * v
 
 
@@ -48,8 +49,9 @@ def pd_num_rounds(start_steps: int, min_steps: int) -> int:
     return max(1, int(round(math.log2(start_steps / min_steps))))
 
 
+@register_method("pd")
 @dataclass
-class ProgressiveDistillation:
+class ProgressiveDistillation(Method):
     """`teacher`: the diffusion teacher's velocity network `F` (TrigFlow), frozen; a copy of it
     is kept and replaced by the student at each round's end."""
 
@@ -73,8 +75,34 @@ class ProgressiveDistillation:
         if teacher is not None:
             self.set_teacher(teacher)
 
-    def set_teacher(self, net: torch.nn.Module) -> None:
+    takes_teacher = True
+    default_ode_sampler = "ddim"
+
+    def set_teacher(self, net: torch.nn.Module, formulation: str = "trigflow") -> None:
+        """The teacher network itself (a copy): students replace it round by round."""
+        if formulation != "trigflow":
+            raise ValueError("progressive distillation distils a TrigFlow ('flow') teacher, "
+                             f"not an {formulation!r} model")
         self.teacher_net = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def setup(self, net, total_steps: int) -> None:
+        if self.total_steps == 0:
+            self.total_steps = total_steps  # the rounds split the whole run
+
+    def after_step(self, net, step: int) -> bool:
+        """A round that began at this step restarts the sampling EMA: it never mixes students
+        of different step counts."""
+        restart, self.restart_ema = self.restart_ema, False
+        return restart
+
+    def ode_times(self, steps: int) -> torch.Tensor:
+        """The uniform grid in t the student was distilled on."""
+        return torch.linspace(math.pi / 2, 0, steps + 1, dtype=torch.float64)
+
+    def default_sample_steps(self, step: int | None = None) -> int:
+        """The DDIM steps of the student saved after `step` optimizer steps (default: the run's end)."""
+        step = self.total_steps if step is None else step
+        return pd_student_steps(max(step - 1, 0), self.start_steps, self.min_steps, max(self.total_steps, 1))
 
     def student_steps(self, step: int) -> int:
         return pd_student_steps(step, self.start_steps, self.min_steps, self.total_steps)
@@ -82,7 +110,7 @@ class ProgressiveDistillation:
     def _teacher_velocity(self, x_t, t, labels):
         if self.teacher_net is None:
             raise ValueError("progressive distillation needs a teacher: --teacher CKPT (a 'flow' model)")
-        return self.sigma_d * self.teacher_net(x_t / self.sigma_d, t, labels)
+        return net_velocity(self.teacher_net, x_t, t, self.sigma_d, labels)
 
     @torch.no_grad()
     def _begin_round(self, net, n_steps: int) -> None:
@@ -104,7 +132,7 @@ class ProgressiveDistillation:
             x_mid = ddim_step(x_t, t, t_mid, self._teacher_velocity(x_t, t, labels))
             x_end = ddim_step(x_mid, t_mid, t_end, self._teacher_velocity(x_mid, t_mid, labels))
             v_target = (math.cos(h) * x_t - x_end) / math.sin(h)
-        v_pred = self.sigma_d * net(x_t / self.sigma_d, t, labels)
+        v_pred = net_velocity(net, x_t, t, self.sigma_d, labels)
         mse = per_sample_mse(v_pred - v_target)
         return mse, {"mse": mse.detach().mean(), "student_steps": torch.tensor(float(n_steps))}
 

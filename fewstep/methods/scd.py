@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from fewstep.edm import edm_to_trigflow
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.ode import edm_net_denoiser, guided, trigflow_net_velocity
@@ -59,8 +60,9 @@ def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0
     return teacher_velocity
 
 
+@register_method("scd")
 @dataclass
-class SCD:
+class SCD(Method):
     """sCD. `teacher`: a callable `v(x_t, t, labels) -> dx_t/dt` in TrigFlow units (see
     `make_teacher_velocity`); given at construction, not part of the config."""
 
@@ -77,6 +79,13 @@ class SCD:
     warmup_steps: int = 10000  # tangent warmup (paper: 10k)
     adaptive_weight: bool = True
     jvp_mode: str = "tangent"  # as in SCT
+
+    sampling = "consistency"
+    takes_teacher = True
+
+    def set_teacher(self, net, formulation: str = "trigflow") -> None:
+        """The teacher's velocity, from a frozen TrigFlow or EDM diffusion network."""
+        self.teacher = make_teacher_velocity(net.requires_grad_(False), formulation, self.sigma_d)
 
     def __post_init__(self, teacher):
         self.teacher = teacher

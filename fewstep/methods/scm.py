@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from fewstep.methods.common import adaptive_weighting, per_sample_mse
-from fewstep.trigflow import _bcast
+from fewstep.methods.common import adaptive_weighting, per_sample_mse, same_random_draws
+from fewstep.trigflow import expand_to
 
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
 JVP_MODES = ("separate", "single", "tangent")
@@ -33,7 +33,7 @@ def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d
             labels: torch.Tensor | None = None, guidance=None):
     """One forward-mode pass of `F` (no graph): returns `(F^-, sigma_d cos t sin t dF^-/dt)`."""
     cs = torch.cos(t) * torch.sin(t)
-    tangents = (_bcast(cs, x_t) * dxdt, cs * sigma_d)
+    tangents = (expand_to(cs, x_t) * dxdt, cs * sigma_d)
     with torch.no_grad():
         return torch.func.jvp(lambda x, tt: net(x, tt, labels, **_cond(guidance)), (x_t / sigma_d, t), tangents)
 
@@ -46,7 +46,7 @@ def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=N
     """
     cs = torch.cos(t) * torch.sin(t)
     with forward_ad.dual_level():
-        x_dual = forward_ad.make_dual(x_t / sigma_d, _bcast(cs, x_t) * dxdt)
+        x_dual = forward_ad.make_dual(x_t / sigma_d, expand_to(cs, x_t) * dxdt)
         t_dual = forward_ad.make_dual(t, cs * sigma_d)
         out = forward_ad.unpack_dual(net(x_dual, t_dual, labels, **_cond(guidance)))
         return out.primal, out.tangent.detach()
@@ -60,14 +60,14 @@ def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=Non
     of a plain forward (fewstep.networks.tangent).
     """
     cs = torch.cos(t) * torch.sin(t)
-    F_theta, jvp_out = net.forward_tangent(x_t / sigma_d, t, _bcast(cs, x_t) * dxdt, cs * sigma_d, labels,
+    F_theta, jvp_out = net.forward_tangent(x_t / sigma_d, t, expand_to(cs, x_t) * dxdt, cs * sigma_d, labels,
                                            **_cond(guidance))
     return F_theta, jvp_out.detach()
 
 
 def scm_tangent(x_t, t, dxdt, F_minus, jvp_out, sigma_d: float, r: float = 1.0) -> torch.Tensor:
     """`g = cos(t) df^-/dt` from the JVP output (SPEC 2.3), before normalization."""
-    cos, sin = torch.cos(_bcast(t, x_t)), torch.sin(_bcast(t, x_t))
+    cos, sin = torch.cos(expand_to(t, x_t)), torch.sin(expand_to(t, x_t))
     return -cos.square() * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + jvp_out)
 
 
@@ -84,7 +84,7 @@ def normalize_tangent(g: torch.Tensor, kind: str = "l2", c: float = 0.1) -> torc
         norm = norm / (g[0].numel() ** 0.5)
     elif kind != "l2":
         raise ValueError(f"tangent_norm must be one of {TANGENT_NORMS}, got {kind!r}")
-    return g / _bcast(norm + c, g)
+    return g / expand_to(norm + c, g)
 
 
 def tangent_warmup(step: int, warmup_steps: int) -> float:
@@ -103,8 +103,7 @@ def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
     if jvp_mode == "separate":
         # Dropout must draw the same masks in the JVP pass and in the graded forward so that
         # `F_theta - F^-` is exactly zero in value: replay the RNG state.
-        devices = [x_t.device] if x_t.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=x_t.device.type):
+        with same_random_draws(x_t):
             F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance)
         F_theta = net(x_in, t, labels, **_cond(guidance))
     elif jvp_mode == "single":

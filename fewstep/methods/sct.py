@@ -10,13 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
 
 
+@register_method("sct")
 @dataclass
-class SCT:
+class SCT(Method):
+    sampling = "consistency"
+
     sigma_d: float = 0.5
     p_mean: float = -1.0
     p_std: float = 1.4

@@ -21,6 +21,17 @@ from fewstep.networks.tangent import (add_tangents, affine_forward_tangent, atte
                                       norm_forward_tangent, pnorm_tangent, silu_forward_tangent)
 
 
+def check_arguments(*, dropout: float, emb_min_freq: float, emb_max_freq: float, **sizes: int) -> None:
+    """Constructor checks shared by the UNet and the MLP, as one-line errors naming the config key."""
+    for key, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"network.{key} must be >= 1, got {value}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"network.dropout must be in [0, 1), got {dropout}")
+    if not 0 < emb_min_freq <= emb_max_freq:
+        raise ValueError("network.emb_min_freq must be > 0 and <= network.emb_max_freq")
+
+
 def num_groups(channels: int) -> int:
     """GroupNorm groups: 32 for wide layers, fewer (at least 4 channels each) for narrow ones."""
     return math.gcd(channels, min(32, max(1, channels // 4)))

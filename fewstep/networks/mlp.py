@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import AdaDoubleNorm, AdaptiveWeight, TimeEmbedding
+from fewstep.networks.registry import register_network
+from fewstep.networks.layers import AdaDoubleNorm, check_arguments, AdaptiveWeight, TimeEmbedding
 from fewstep.networks.tangent import (add_tangents, affine_forward_tangent, dropout_forward_tangent,
                                       norm_forward_tangent, silu_forward_tangent)
 
@@ -29,11 +30,14 @@ class _MLPBlock(nn.Module):
         return h + u, add_tangents(u_dot, h_dot)
 
 
+@register_network("mlp")
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 256, depth: int = 4, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
                  adaptive_weight: bool = True, guidance_input: bool = False):
         super().__init__()
+        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq, width=width,
+                        depth=depth)
         self.dim, self.num_classes, self.guidance_input = dim, num_classes, guidance_input
         self.time_emb = TimeEmbedding(width, width, num_classes, emb_min_freq, emb_max_freq, guidance_input)
         self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None

@@ -17,8 +17,6 @@ VJP: the rules call ATen's fused backward kernels with the tangent in place of t
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,20 +198,6 @@ def module_forward_tangent(module: nn.Module, x: torch.Tensor, x_dot: torch.Tens
 # Attention (SPEC 6): S = Q K^T / sqrt(d), P = softmax(S), O = P V,
 #   S' = (Q' K^T + Q K'^T) / sqrt(d),  mu_i = sum_j P_ij S'_ij,  O' = (P * S') V - mu O + P V'.
 
-# A fused kernel (e.g. Triton, FlashAttention-style with the tangent carried through the online
-# softmax, SPEC 6) can be registered here. Contract: `fn(q, k, v, q_dot, k_dot, v_dot)` with
-# (B, heads, N, d) tensors returns `(o, o_dot)` where `o` carries autograd (its backward is the
-# standard attention backward) and `o_dot` has no graph; it must match `attention_forward_tangent`
-# to float tolerance. It is used only for CUDA tensors.
-_FUSED_ATTENTION: Callable | None = None
-
-
-def register_fused_attention(fn: Callable | None) -> None:
-    """Install (or remove, with None) a fused attention-with-tangent kernel for CUDA tensors."""
-    global _FUSED_ATTENTION
-    _FUSED_ATTENTION = fn
-
-
 @torch.no_grad()
 def attention_tangent(q, k, v, p, o, q_dot, k_dot, v_dot) -> torch.Tensor:
     """`O'` of SPEC 6 from the primal `q, k, v`, the probabilities `p` and the output `o`."""
@@ -230,8 +214,6 @@ def attention_forward_tangent(q, k, v, q_dot, k_dot, v_dot):
     The primal ops are those of `layers.math_attention`; the probabilities it already holds
     (autograd saves them for the backward) feed the tangent, so nothing is recomputed.
     """
-    if _FUSED_ATTENTION is not None and q.is_cuda:
-        return _FUSED_ATTENTION(q, k, v, q_dot, k_dot, v_dot)
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
     p = torch.softmax(scores, dim=-1)
     o = p @ v

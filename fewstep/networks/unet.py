@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import AdaptiveWeight, ResBlock2d, SelfAttention2d, TimeEmbedding, num_groups
+from fewstep.networks.registry import register_network
+from fewstep.networks.layers import AdaptiveWeight, check_arguments, ResBlock2d, SelfAttention2d, TimeEmbedding, num_groups
 from fewstep.networks.tangent import affine_forward_tangent, norm_forward_tangent, silu_forward_tangent
 
 
+@register_network("unet")
 class UNet(nn.Module):
     def __init__(self, img_channels: int, img_resolution: int, model_channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2), num_blocks: int = 2,
@@ -22,6 +24,10 @@ class UNet(nn.Module):
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
                  adaptive_weight: bool = True, guidance_input: bool = False):
         super().__init__()
+        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq,
+                        model_channels=model_channels, num_blocks=num_blocks, attn_heads=attn_heads)
+        if not channel_mult or min(channel_mult) < 1:
+            raise ValueError(f"network.channel_mult must be a non-empty list of positive ints, got {channel_mult}")
         if img_resolution % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^(levels-1) "
                              f"for channel_mult {tuple(channel_mult)}")
