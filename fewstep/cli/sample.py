@@ -1,0 +1,83 @@
+"""`fewstep sample`: a checkpoint -> a PNG grid (images) or scatter plot (vectors), and .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fewstep.cli.common import add_sampling, checkpoint_command, count, number
+
+EXAMPLES = """examples:
+  fewstep sample runs/digits                       # 2 steps (t = pi/2, 1.1), 64 samples -> runs/digits/samples.png
+  fewstep sample runs/digits --steps 1 --num 256 --out one_step.png --npz one_step.npz
+  fewstep sample runs/digits/checkpoints/ckpt-0003000.json --times 1.5708,1.1,0.6
+  fewstep sample runs/teacher --sampler heun --steps 18 --label 3 --guidance 2   # a diffusion model, 35 NFE
+  fewstep sample runs/mine --import mynets.py     # a network of your own: import its registered class first
+"""
+
+
+def add_parser(sub) -> None:
+    p = checkpoint_command(sub, "sample", help="sample from a checkpoint to a PNG grid and .npz",
+                           description="Sample from a trained model (EMA weights by default).", epilog=EXAMPLES)
+    p.add_argument("--steps", type=count(1), default=None,
+                   help="consistency models: 1 (t = pi/2) or 2 (pi/2, 1.1; the default) or more; "
+                        "diffusion models: ODE solver steps (default 18)")
+    p.add_argument("--times", default=None, help="consistency models: comma-separated decreasing times in (0, pi/2]")
+    p.add_argument("--sampler", default=None,
+                   help="diffusion models: heun (default), euler, dpmpp_2m (ddim for a PD student)")
+    p.add_argument("--guidance", type=number(0), default=1.0,
+                   help="classifier-free guidance scale (class-conditional diffusion models, and sCD students "
+                        "distilled with method.guidance_range; 1 = none)")
+    p.add_argument("--num", type=count(1), default=64, help="number of samples (default 64)")
+    p.add_argument("--label", type=count(0), default=None, help="class label for a class-conditional model")
+    add_sampling(p)
+    p.add_argument("--out", default=None, help="PNG path (default: <run>/samples.png)")
+    p.add_argument("--npz", default=None, help="also write the samples as .npz (key 'x', and 'labels')")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numpy as np
+    import torch
+
+    from fewstep.devices import resolve_device
+    from fewstep.generate import Schedule, cm_times, generate, load_model, parse_times, schedules
+    from fewstep.image import save_image_grid, save_scatter
+
+    if args.times is not None and args.steps is not None:
+        raise ValueError("give --steps or --times, not both")
+    model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
+    if model.is_consistency:
+        if args.sampler not in (None, "multistep"):
+            raise ValueError(f"{model.method_name!r} is a consistency model: it samples with its own multistep "
+                             f"sampler; --sampler is for diffusion checkpoints")
+        times = parse_times(args.times) if args.times is not None else cm_times(args.steps or 2)
+        schedule = Schedule("multistep", len(times), tuple(times))
+    else:
+        if args.times is not None:
+            raise ValueError("--times is for consistency models; use --steps and --sampler for diffusion models")
+        schedule = schedules(model.method, [args.steps] if args.steps else None,
+                             samplers=[args.sampler] if args.sampler else None,
+                             default_steps=model.default_steps)[0]
+    labels = None
+    if model.num_classes:
+        if args.label is not None and not args.label < model.num_classes:
+            raise ValueError(f"--label must be in [0, {model.num_classes}), got {args.label}")
+        labels = torch.full((args.num,), args.label) if args.label is not None else None
+    elif args.label is not None:
+        raise ValueError("--label needs a class-conditional checkpoint (network.class_conditional=true)")
+    x, nfe, seconds = generate(model, schedule, args.num, args.batch_size, args.seed, args.guidance,
+                               progress=True, labels=labels)
+    out = Path(args.out or model.run_dir / "samples.png")
+    if model.kind == "image":
+        save_image_grid(x, out)
+    else:
+        save_scatter({f"{schedule.sampler}, NFE {nfe}": x}, out)
+    if args.npz:
+        Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
+        if model.num_classes and labels is None:  # generate's default: balanced 0, 1, ..., K-1, 0, ...
+            labels = torch.arange(args.num) % model.num_classes
+        extra = {} if labels is None else {"labels": labels.numpy()}
+        np.savez(args.npz, x=x.numpy(), nfe=nfe, **schedule.to_dict(), **extra)
+    print(f"wrote {args.num} samples ({model.method_name}, {schedule.sampler}, NFE {nfe}, {seconds:.2f}s) to {out}"
+          + (f" and {args.npz}" if args.npz else ""))
+    return 0
