@@ -237,10 +237,7 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
                   generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
     """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
     if model.is_consistency:
-        from fewstep.samplers import multistep_sample
-
-        fn = consistency_sampler_fn(model, labels, guidance)
-        return multistep_sample(fn, noise, schedule.times, model.sigma_d, generator), len(schedule.times)
+        return model.method.sample(model.net, noise, schedule.times, generator, labels, guidance), len(schedule.times)
     from fewstep.ode import solve
 
     ode = model.method.ode(model.net, labels, guidance)

@@ -16,7 +16,8 @@ typing) for the rest:
 | `setup(net, total_steps)` | nothing | methods with curricula laid out over the run |
 | `after_step(net, step) -> bool` | False | EMA targets (CD, CT); True restarts the sampling EMA (PD) |
 | `state_tensors()` / `load_state_tensors(net, tensors)` | none | EMA targets, PD's current teacher |
-| `consistency_fn(net, labels, guidance)` | TrigFlow `f` | discrete-time (VE) models |
+| `consistency_fn(net, labels, guidance)` | TrigFlow `f` | discrete-time (VE) models (for editing) |
+| `sample(net, noise, times, generator, labels, guidance)` | multistep consistency sampling | VE models: CM Algorithm 1 |
 | `ode(net, labels, guidance)`, `ode_times(steps)`, `default_ode_sampler`, `default_sample_steps()` | TrigFlow velocity, Heun | EDM, PD |
 
 Register a method with `@register_method("name")` so that configs and checkpoints can name it.
@@ -88,6 +89,14 @@ class Method:
 
         w = guidance if getattr(net, "guidance_input", False) else None
         return trigflow_sampler_fn(net, self.sigma_d, labels, w)
+
+    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
+        """Consistency models: multistep consistency sampling from unit Gaussian `noise` at the
+        decreasing TrigFlow `times` (NFE = len(times))."""
+        from fewstep.samplers import multistep_sample
+
+        return multistep_sample(self.consistency_fn(net, labels, guidance), noise, times, self.sigma_d, generator)
 
     def ode(self, net, labels: torch.Tensor | None = None, guidance: float = 1.0):
         """Diffusion models: the probability-flow ODE of `net` (classifier-free guided)."""
