@@ -182,18 +182,6 @@ def parse_times(text: str, option: str = "--times") -> list[float]:
     return times
 
 
-def parse_ints(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{option} must be positive integers, got {text!r}")
-    return values
-
-
 def schedules(method, steps: list[int] | None = None, nfe: list[int] | None = None,
               samplers: list[str] | None = None, default_steps: int | None = None) -> list[Schedule]:
     """The rows to evaluate: consistency models sample at each step count (NFE = steps);

@@ -2,7 +2,8 @@
 
 import pytest
 
-from fewstep.cli import build_train_config, main
+from fewstep.cli import main
+from fewstep.cli.train import build_train_config
 from fewstep.config import ConfigError, apply_overrides, config_from_dict, parse_override
 from fewstep.presets import PRESETS
 
