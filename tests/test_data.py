@@ -1,10 +1,17 @@
-"""fewstep.data: embedded digits, 2-D toys, user images / arrays / IDX files, and the clear errors."""
+"""fewstep.data: embedded digits, 2-D toys, user images (folders, zips) / arrays / IDX files, CIFAR-10,
+and the clear errors. The loader (sampler, DataLoader, x-flip) is in test_loader.py."""
 
 from __future__ import annotations
 
 import gzip
+import io
+import json
 import math
+import os
+import pickle
 import struct
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep import data
-from fewstep.data import DATASETS, DataError, load_dataset, read_idx
+from fewstep.data import (DATASETS, DataError, ImageFolderDataset, ZipImageDataset, load_cifar10, load_dataset,
+                          read_idx, register_dataset, toys)
 
 TOYS = ["8gaussians", "checkerboard", "moons", "swissroll"]
 
@@ -210,16 +217,29 @@ def test_labels_follow_the_same_draw():
 
 
 def test_construction_and_all_leave_the_global_rng_alone(monkeypatch):
-    monkeypatch.setattr(data, "_MOMENT_DRAWS", 1000)  # small: only the RNG bookkeeping is under test
-    data._toy_moments.cache_clear()  # force the fixed-seed moment draw to run again
+    monkeypatch.setattr(toys, "_MOMENT_DRAWS", 1000)  # small: only the RNG bookkeeping is under test
+    toys._toy_moments.cache_clear()  # force the fixed-seed moment draw to run again
     try:
         state = torch.get_rng_state()
         for name in [*TOYS, "gaussian"]:
             first = load_dataset(name).all()[0]
             assert torch.equal(first, load_dataset(name).all()[0])  # fixed-seed reference set
+            load_dataset(name).__getitems__([0, 1, 2])  # the DataLoader's path draws from its own generator
         assert torch.equal(state, torch.get_rng_state())
     finally:
-        data._toy_moments.cache_clear()  # later tests get the full-size constants again
+        toys._toy_moments.cache_clear()  # later tests get the full-size constants again
+
+
+@pytest.mark.parametrize("name", [*TOYS, "gaussian"])
+def test_toy_batches_are_a_function_of_their_indices(name):
+    ds = load_dataset(name)
+    a = ds.__getitems__([3, 1, 4, 1])[0]
+    assert a.shape == (4, *ds.shape) and torch.equal(a, load_dataset(name).__getitems__([3, 1, 4, 1])[0])
+    assert not torch.equal(a, ds.__getitems__([3, 1, 4, 2])[0])  # any other batch: other points
+    assert not torch.equal(a, load_dataset(name, seed=1).__getitems__([3, 1, 4, 1])[0])
+    assert torch.equal(ds[5][0], ds.__getitems__([5])[0][0])
+    many = torch.cat([ds.__getitems__(list(range(k, k + 500)))[0] for k in range(0, 10_000, 500)])
+    assert torch.allclose(many.std(0), ds.all()[0].std(0), rtol=0.05)  # same distribution as all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,21 +258,22 @@ def test_folder_of_grey_pngs(tmp_path):
     assert y is None and torch.equal(x[:, 0], pixels_to_unit(arrays))
 
 
-def test_folder_mixed_grey_and_rgb_becomes_rgb(tmp_path):
+def test_folder_first_image_sets_the_channels(tmp_path):
     rng = np.random.default_rng(1)
     grey, rgb = rng.integers(0, 256, (4, 4), dtype=np.uint8), rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
     save_png(tmp_path / "a.png", grey)
     save_png(tmp_path / "b.png", rgb)
-    x, _ = load_dataset(tmp_path).all()
+    x, _ = load_dataset(tmp_path, channels=3).all()
     assert x.shape == (2, 3, 4, 4)
     assert all(torch.equal(x[0, c], pixels_to_unit(grey)) for c in range(3))
     assert torch.equal(x[1], pixels_to_unit(rgb).permute(2, 0, 1))
     red = np.zeros((4, 4, 3), np.uint8)
     red[..., 0] = 255
     save_png(tmp_path / "b.png", red)
-    x, _ = load_dataset(tmp_path, channels=1).all()
-    assert x.shape == (2, 1, 4, 4)
-    assert torch.equal(x[1, 0], pixels_to_unit(np.full((4, 4), round(0.299 * 255))))  # ITU-R 601 luma
+    for ds in (load_dataset(tmp_path), load_dataset(tmp_path, channels=1)):  # a.png is grey: the set is grey
+        x, _ = ds.all()
+        assert x.shape == (2, 1, 4, 4)
+        assert torch.equal(x[1, 0], pixels_to_unit(np.full((4, 4), round(0.299 * 255))))  # ITU-R 601 luma
 
 
 def test_folder_other_formats(tmp_path):
@@ -310,10 +331,15 @@ def test_folder_errors(tmp_path):
     raises_data_error(lambda: load_dataset(tmp_path), "no images", str(tmp_path))
     save_png(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
     save_png(tmp_path / "b.png", np.zeros((4, 5), np.uint8))
-    raises_data_error(lambda: load_dataset(tmp_path), "b.png", "5x4", "4x4", "resolution")
+    lazy = load_dataset(tmp_path)  # images are read lazily: a bad one fails when read, named
+    assert lazy[0][0].shape == (1, 4, 4)
+    raises_data_error(lambda: lazy[1], "b.png", "a.png", "5x4", "4x4", "resolution")
+    raises_data_error(lambda: lazy.all(), "b.png", "5x4", "4x4", "resolution")
     assert load_dataset(tmp_path, resolution=4).shape == (1, 4, 4)
     (tmp_path / "c.png").write_bytes(b"not a png at all")
-    raises_data_error(lambda: load_dataset(tmp_path, resolution=4), "cannot read image", "c.png")
+    raises_data_error(lambda: load_dataset(tmp_path, resolution=4).all(), "cannot read image", "c.png")
+    (tmp_path / "a.png").write_bytes(b"")  # the first image fixes the shape: read at once
+    raises_data_error(lambda: load_dataset(tmp_path), "cannot read image", "a.png")
 
 
 def test_folder_loose_images_beside_classes(tmp_path):
@@ -321,6 +347,207 @@ def test_folder_loose_images_beside_classes(tmp_path):
         save_png(tmp_path / cls / "x.png", np.zeros((2, 2), np.uint8))
     save_png(tmp_path / "loose.png", np.zeros((2, 2), np.uint8))
     raises_data_error(lambda: load_dataset(tmp_path), str(tmp_path), "loose.png")
+
+
+def write_edm_layout(root: Path, n: int = 7, per_folder: int = 4) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """EDM's dataset_tool layout: 00000/img00000000.png ... and dataset.json. Returns (names, pixels, labels)."""
+    rng = np.random.default_rng(10)
+    pixels, labels = rng.integers(0, 256, (n, 5, 6, 3), dtype=np.uint8), rng.integers(0, 4, n)
+    names = [f"{i // per_folder:05d}/img{i:08d}.png" for i in range(n)]
+    for name, image in zip(names, pixels):
+        save_png(root / name, image)
+    entries = [[name, int(label)] for name, label in zip(names, labels)]
+    (root / "dataset.json").write_text(json.dumps({"labels": entries[::-1]}))  # any order in the file
+    return names, pixels, labels
+
+
+def zip_folder(folder: Path, dest: Path, method: int = zipfile.ZIP_STORED, top: str = "") -> Path:
+    """Every file under `folder` into a zip, as members `top` + its relative path."""
+    with zipfile.ZipFile(dest, "w", compression=method) as archive:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                archive.write(p, top + p.relative_to(folder).as_posix())
+    return dest
+
+
+def read_directly(root: Path, names: list[str]) -> torch.Tensor:
+    """PIL's own reading of the files, as float in [-1, 1] (N, C, H, W)."""
+    return pixels_to_unit(np.stack([np.asarray(Image.open(root / n)) for n in names])).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("form", ["folder", "zip", "zip-deflate", "zip-bzip2", "zip-of-its-folder"])
+def test_edm_layout_folder_and_zip(tmp_path, form):
+    names, _, labels = write_edm_layout(tmp_path / "src")
+    method = {"zip-deflate": zipfile.ZIP_DEFLATED, "zip-bzip2": zipfile.ZIP_BZIP2}.get(form, zipfile.ZIP_STORED)
+    top = "src/" if form == "zip-of-its-folder" else ""  # as `zip -r src.zip src/` writes it
+    path = tmp_path / "src" if form == "folder" else zip_folder(tmp_path / "src", tmp_path / "d.zip", method, top)
+    ds = load_dataset(path)
+    assert isinstance(ds, ImageFolderDataset if form == "folder" else ZipImageDataset)
+    assert (ds.kind, ds.shape, len(ds), ds.num_classes) == ("image", (3, 5, 6), 7, int(labels.max()) + 1)
+    x, y = ds.all()
+    assert torch.equal(x, read_directly(tmp_path / "src", names)) and torch.equal(y, torch.from_numpy(labels))
+    xb, yb = ds.__getitems__([6, 0, 6])  # the DataLoader's path: any order, repeats
+    assert torch.equal(xb, x[[6, 0, 6]]) and torch.equal(yb, y[[6, 0, 6]])
+    x3, y3 = ds[3]
+    assert torch.equal(x3, x[3]) and y3 == y[3]
+    small = load_dataset(path, resolution=4, channels=1)
+    assert small.shape == (1, 4, 4) and small.all()[0].shape == (7, 1, 4, 4)
+
+
+def test_dataset_json_labels_null_wins_over_subfolders(tmp_path):
+    write_edm_layout(tmp_path)  # two subfolders, 00000 and 00001: classes, but for dataset.json
+    (tmp_path / "dataset.json").write_text('{"labels": null}')
+    for path in (tmp_path, zip_folder(tmp_path, tmp_path.parent / "null.zip")):
+        ds = load_dataset(path)
+        assert ds.num_classes == 0 and ds.all()[1] is None and len(ds[0]) == 1
+
+
+def test_dataset_json_errors(tmp_path):
+    names, _, _ = write_edm_layout(tmp_path)
+    table = [[n, 1] for n in names[1:]]
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": table}))
+    raises_data_error(lambda: load_dataset(tmp_path), "dataset.json", "no label for", names[0])
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [[names[0], -1]]}))
+    raises_data_error(lambda: load_dataset(tmp_path), "dataset.json", "bad entry", "class index")
+    (tmp_path / "dataset.json").write_text("{not json")
+    raises_data_error(lambda: load_dataset(tmp_path), "dataset.json", "not valid JSON")
+    (tmp_path / "dataset.json").write_text("[]")
+    raises_data_error(lambda: load_dataset(tmp_path), "dataset.json", '"labels"')
+
+
+def test_folder_is_read_lazily(tmp_path):
+    a, b = np.full((4, 4), 10, np.uint8), np.full((4, 4), 200, np.uint8)
+    save_png(tmp_path / "a.png", a)
+    save_png(tmp_path / "b.png", a)
+    ds = load_dataset(tmp_path)
+    save_png(tmp_path / "b.png", b)  # after loading: the dataset holds names, not pixels
+    assert torch.equal(ds[1][0][0], pixels_to_unit(b))
+    (tmp_path / "b.png").unlink()
+    raises_data_error(lambda: ds[1], "cannot read image", "b.png")
+
+
+def test_zip_class_subfolders_like_the_folder(tmp_path):
+    for cls, values in (("cat", [10, 20]), ("dog", [100, 110])):
+        for v in values:
+            save_png(tmp_path / "src" / cls / f"{v}.png", np.full((4, 4), v, np.uint8))
+    save_png(tmp_path / "src" / ".hidden" / "skip.png", np.zeros((4, 4), np.uint8))
+    folder = load_dataset(tmp_path / "src")
+    archive = load_dataset(zip_folder(tmp_path / "src", tmp_path / "classes.zip", zipfile.ZIP_DEFLATED))
+    assert archive.class_names == folder.class_names == ["cat", "dog"] and len(archive) == 4
+    for a, b in zip(archive.all(), folder.all()):
+        assert torch.equal(a, b)
+
+
+def test_zip_pickles_and_refuses_what_it_cannot_read(tmp_path):
+    names, _, labels = write_edm_layout(tmp_path / "src")
+    path = zip_folder(tmp_path / "src", tmp_path / "d.zip")
+    ds = load_dataset(path)
+    x, y = ds.all()  # opens the archive in this process
+    copy = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it: without the open handle
+    assert torch.equal(copy.all()[0], x) and torch.equal(copy.all()[1], y)
+    ds.close()
+    assert torch.equal(ds[2][0], x[2])  # reopened on demand
+    with zipfile.ZipFile(tmp_path / "lzma.zip", "w", compression=zipfile.ZIP_LZMA) as archive:
+        archive.write(tmp_path / "src" / names[0], names[0])
+    raises_data_error(lambda: load_dataset(tmp_path / "lzma.zip"), "lzma.zip", names[0], "method 14")
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"\x89PNG", raw.index(names[3].encode()))  # member 3's stored PNG bytes
+    raw[start + 40] ^= 0xFF
+    (tmp_path / "bad.zip").write_bytes(bytes(raw))
+    bad = load_dataset(tmp_path / "bad.zip")
+    assert torch.equal(bad[2][0], x[2])
+    raises_data_error(lambda: bad[3], "cannot read image", names[3], "CRC")
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    raises_data_error(lambda: load_dataset(tmp_path / "junk.zip"), "junk.zip")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
+        archive.writestr("notes.txt", "no images here")
+    raises_data_error(lambda: load_dataset(tmp_path / "empty.zip"), "no images", "empty.zip")
+
+
+@pytest.mark.parametrize("spec", ["digits", "moons", "folder"])
+def test_batches_are_all_in_order(tmp_path, spec):
+    if spec == "folder":
+        write_edm_layout(tmp_path)
+    ds = load_dataset(tmp_path if spec == "folder" else spec)
+    x, y = ds.all()
+    parts = list(ds.batches(3, limit=5))
+    assert [len(p[0]) for p in parts] == [3, 2]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x[:5])
+    if y is not None:
+        assert torch.equal(torch.cat([p[1] for p in parts]), y[:5])
+    assert torch.equal(torch.cat([p[0] for p in ds.batches(1000)]), x)
+    raises_data_error(lambda: next(ds.batches(0)), "batch_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 (python version)
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar(root: Path, per_batch: int = 3, meta_key=b"label_names", evil: bytes | None = None
+                ) -> tuple[Path, dict[str, tuple[np.ndarray, list[int]]]]:
+    """cifar-10-python.tar.gz in the real format: protocol-2 pickles of dicts with bytes keys."""
+    rng = np.random.default_rng(11)
+    batches, members = {}, {}
+    for k, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        batches[name] = data, labels
+        members[name] = pickle.dumps({b"batch_label": f"batch {k}".encode(), b"labels": labels, b"data": data,
+                                      b"filenames": [b"x.png"] * per_batch}, protocol=2)
+    names = [c.encode() for c in CIFAR_CLASSES] if isinstance(meta_key, bytes) else CIFAR_CLASSES
+    members["batches.meta"] = pickle.dumps({meta_key: names, b"num_vis": 3072}, protocol=2)
+    if evil is not None:
+        members["test_batch"] = evil
+    path = root / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path, batches
+
+
+@pytest.mark.parametrize("meta_key", [b"label_names", "label_names"])
+def test_cifar10_archive_and_folder(tmp_path, meta_key):
+    path, batches = write_cifar(tmp_path, meta_key=meta_key)
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    for spec in (path, tmp_path / "extracted" / "cifar-10-batches-py"):
+        train, test = load_dataset(spec), load_dataset(spec, split="test")
+        assert (train.shape, len(train), len(test), train.class_names) == ((3, 32, 32), 15, 3, CIFAR_CLASSES)
+        data = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
+        x, y = train.all()
+        assert torch.equal(x, pixels_to_unit(data.reshape(15, 3, 32, 32)))  # rows are channel-first
+        assert y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+        assert torch.equal(test.all()[0], pixels_to_unit(batches["test_batch"][0].reshape(3, 3, 32, 32)))
+    assert load_cifar10(path, "test", resolution=16, channels=1).shape == (1, 16, 16)
+    raises_data_error(lambda: load_dataset(path, split="valid"), "split", "'valid'")
+
+
+class _RunsACommand:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_cifar10_refuses_a_pickle_that_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({b"data": _RunsACommand(f"touch {marker}"), b"labels": [0]}, protocol=2)
+    path, _ = write_cifar(tmp_path, evil=evil)
+    raises_data_error(lambda: load_dataset(path, split="test"), "test_batch", "refusing", "system")
+    assert not marker.exists()
+    assert len(load_dataset(path)) == 15  # the train batches are fine
+    builtin = pickle.dumps({b"data": eval, b"labels": []}, protocol=2)
+    path, _ = write_cifar(tmp_path, evil=builtin)
+    raises_data_error(lambda: load_dataset(path, split="test"), "refusing", "eval")  # __builtin__.eval
+    path, _ = write_cifar(tmp_path, evil=pickle.dumps({b"data": [1, 2], b"labels": [0]}, protocol=2))
+    raises_data_error(lambda: load_dataset(path, split="test"), "test_batch", "uint8 array (N, 3072)")
+    path, _ = write_cifar(tmp_path, evil=b"\x80\x02 garbage")
+    raises_data_error(lambda: load_dataset(path, split="test"), "test_batch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,3 +744,22 @@ def test_bad_options_name_the_key(npy_images):
     raises_data_error(lambda: load_dataset("gaussian", dim=3, mean=[0.0, 1.0]), "mean")
     raises_data_error(lambda: load_dataset("8gaussians", size=0), "size")
     raises_data_error(lambda: load_dataset("digits").sample(0), "batch_size")
+
+
+def test_register_dataset(tmp_path):
+    write_edm_layout(tmp_path)
+
+    @register_dataset("tiny-edm")
+    def tiny(resolution=None, channels=None):
+        return ImageFolderDataset(tmp_path, "tiny-edm", resolution=resolution, channels=channels)
+
+    try:
+        assert DATASETS["tiny-edm"] is tiny
+        ds = load_dataset("tiny-edm", resolution=4)
+        assert (ds.name, ds.shape, len(ds)) == ("tiny-edm", (3, 4, 4), 7)
+        raises_data_error(lambda: load_dataset("tiny-edm", split="test"), "'split'", "tiny-edm", "resolution")
+        raises_data_error(lambda: register_dataset("tiny-edm")(lambda: ds), "tiny-edm", "already registered")
+        assert register_dataset("tiny-edm")(tiny) is tiny  # the same factory again: no harm
+    finally:
+        DATASETS.pop("tiny-edm", None)
+    raises_data_error(lambda: register_dataset("a/b"), "'a/b'")
