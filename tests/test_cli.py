@@ -149,6 +149,27 @@ def test_sample_needs_the_import_of_a_user_network(user_run, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_eval_scores_a_user_network_with_import(user_run, tmp_path, capsys):
+    """`fewstep eval --import`: a user's network trained by `fit` on its own data, scored against
+    a reference array with exact sample distances, NFE beside each row."""
+    import json
+
+    import numpy as np
+
+    run, module_file = user_run
+    ref = tmp_path / "ref.npy"
+    np.save(ref, np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--import", str(module_file), "--steps", "1,2", "--num", "200", "--ref", str(ref),
+                 "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["nfe"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["sliced_wasserstein"]) for r in rows)
+    NETWORKS.pop("test-cli-tiny-mlp", None)
+    sys.modules.pop(USER_MODULE, None)
+    capsys.readouterr()
+
+
 def test_edit_takes_import(user_run, capsys):
     """`fewstep edit --import` loads the user's checkpoint, then says what editing needs."""
     run, module_file = user_run

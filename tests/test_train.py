@@ -241,3 +241,31 @@ def test_learning_rate_schedules():
     assert learning_rate(cfg, 35, 110) == pytest.approx(0.75)
     cfg.schedule, cfg.decay_start = "inv_sqrt", 20
     assert learning_rate(cfg, 20, 110) == 1.0 and learning_rate(cfg, 80, 110) == pytest.approx(0.5)
+
+
+def test_cli_trains_on_a_lazy_image_folder_with_workers_and_xflip(tmp_path):
+    """An EDM dataset_tool layout (images + dataset.json labels), read lazily by 2 worker
+    processes, mirrored by data.xflip; resuming continues the loader's position."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    (folder / "00000").mkdir(parents=True)
+    labels = []
+    for i in range(12):
+        name = f"00000/img{i:08d}.png"
+        Image.fromarray((np.random.default_rng(i).random((8, 8, 3)) * 255).astype(np.uint8)).save(folder / name)
+        labels.append([name, i % 3])
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder), "--out", str(out), "--batch-size", "8", "--no-progress",
+            "--set", "data.xflip=true", "--set", "data.workers=2", "--set", "network.model_channels=8",
+            "--set", "network.channel_mult=[1]", "--set", "network.class_conditional=true",
+            "--set", "train.num_samples=4", "--set", "train.sample_every=0", "--set", "train.ckpt_every=2"]
+    assert main([*argv, "--steps", "4"]) == 0
+    _, state = ckpt.load_checkpoint(out)
+    assert state["data"] == {"kind": "image", "shape": [3, 8, 8], "num_classes": 3}
+    assert state["data_position"] == {"epoch": 1, "batch": 1}  # 24 mirrored images: 3 batches an epoch
+    assert main([*argv, "--steps", "5"]) == 0
+    _, state = ckpt.load_checkpoint(out)
+    assert state["step"] == 5 and state["data_position"] == {"epoch": 1, "batch": 2}
