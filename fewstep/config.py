@@ -17,7 +17,6 @@ from typing import Any
 from fewstep.samplers import TWO_STEP_TIMES
 
 
-DISTILLATION_METHODS = ("scd", "cd", "pd")  # methods that take train.teacher
 
 
 class ConfigError(ValueError):
@@ -153,15 +152,17 @@ class Config:
         for section in (self.data, self.optim, self.train):
             section.validate()
         self.network = validate_network(self.network)
-        build_method(self.method)  # the method's dataclass validates its own fields
+        method = build_method(self.method)  # the method's dataclass validates its own fields
         name = self.method.get("name")
-        distils = name in DISTILLATION_METHODS
-        if distils and not self.train.teacher:
+        if method.takes_teacher and not self.train.teacher:
             raise ConfigError(f"method {name!r} distils a diffusion teacher: give its checkpoint with "
                               "--teacher CKPT (train.teacher)")
-        if self.train.teacher and not distils:
-            raise ConfigError(f"train.teacher is used by the distillation methods "
-                              f"({', '.join(DISTILLATION_METHODS)}) only, not {name!r}")
+        if self.train.teacher and not method.takes_teacher:
+            from fewstep.methods import METHODS
+
+            distillers = sorted(k for k, cls in METHODS.items() if cls.takes_teacher)
+            raise ConfigError(f"train.teacher is used by the distillation methods ({', '.join(distillers)}) "
+                              f"only, not {name!r}")
         return self
 
     def to_dict(self) -> dict:

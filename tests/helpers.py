@@ -1,7 +1,11 @@
 """Helpers shared by the test files."""
 
+import gzip
 import math
+import struct
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from fewstep.edm import edm_precond
@@ -137,3 +141,14 @@ class OracleEDMNet(torch.nn.Module):
         c_skip, c_out, c_in, _ = edm_precond(sigma, self.sigma_data)
         x = y / per_sample(c_in, y)
         return (d_star(x, sigma, mu=self.mu, s=self.s) - per_sample(c_skip, x) * x) / per_sample(c_out, x)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """The MNIST IDX format: magic 0x0000TTNN, N big-endian uint32 sizes, big-endian data."""
+    code = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D,
+            np.float64: 0x0E}[array.dtype.type]
+    raw = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw += array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    return path

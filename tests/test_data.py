@@ -21,6 +21,7 @@ from PIL import Image
 
 from fewstep.data import (DATASETS, DataError, ImageFolderDataset, ZipImageDataset, load_cifar10, load_dataset,
                           read_idx, register_dataset, toys)
+from helpers import write_idx
 
 TOYS = ["8gaussians", "checkerboard", "moons", "swissroll"]
 
@@ -39,16 +40,6 @@ def raises_data_error(fn, *needles: str) -> str:
 def save_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
-    return path
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
-    """The MNIST IDX format: magic 0x0000TTNN, N big-endian uint32 sizes, big-endian data."""
-    code = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D,
-            np.float64: 0x0E}[array.dtype.type]
-    raw = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw += array.astype(array.dtype.newbyteorder(">")).tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
     return path
 
 

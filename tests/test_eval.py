@@ -2,11 +2,9 @@
 checkpoints trained here, and the Fashion-MNIST / MNIST loaders. Tiny N throughout; `RandomConvFeatures` except
 where the Inception path itself is checked."""
 
-import gzip
 import io
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from fewstep.cli import build_parser
 from fewstep.evaluate import evaluate
 from fewstep.generate import cm_times, schedules
 from fewstep.methods import SCT, EDMDiffusion, FlowMatching
+from helpers import write_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -256,18 +255,11 @@ def test_eval_with_inception_tiny(digits_run, tmp_path):
 # Fashion-MNIST and MNIST
 
 
-def write_idx(path: Path, a: np.ndarray) -> Path:
-    header = bytes([0, 0, 0x08, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(header + a.astype(np.uint8).tobytes()))
-    return path
-
-
 def fake_mnist(folder: Path, n_train: int = 12, n_test: int = 5) -> None:
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), gz=True)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8), gz=True)
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST not installed at {FASHION_DIR} "
