@@ -166,7 +166,8 @@ def test_nonfinite_stop_says_when_no_checkpoint_exists(tmp_path):
             loss, stats = super().__call__(net, x0, labels, step)
             return loss * float("nan"), stats
 
-    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"), \
+            pytest.warns(UserWarning, match="not a registered method"):
         fit(TinyNet(), NaNMethod(), [torch.randn(8, 2)], tmp_path, steps=10, max_nonfinite=2, progress=False,
             ckpt_every=0)
 
