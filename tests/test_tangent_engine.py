@@ -1,0 +1,308 @@
+"""The tangent engine for unmodified networks (fewstep.networks.engine, issue #10).
+
+References: `torch.func.jvp` of each op in float64 (every rule), float64 central finite
+differences of whole networks (fewstep's UNet and MLP, a reference DiT written here, diffusers'
+UNet2DModel when installed), and fewstep's hand-written `forward_tangent`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fewstep.networks import MLP, UNet
+from fewstep.networks.engine import check_tangent, tangent_forward
+
+DT = torch.float64
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def r(*shape):
+    return torch.randn(*shape, dtype=DT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each rule against torch.func.jvp of its op (float64). op: (fn, primals, which have tangents)
+
+W, B, CW = r(5, 4), r(5), r(6, 3, 3, 3)
+G, BETA = r(6), r(6)
+MASK = torch.rand(3, 3) > 0.3
+MASK.fill_diagonal_(True)
+
+OPS = {
+    "linear": (lambda x: F.linear(x, W, B), (r(2, 4),)),
+    "linear_weight_tangent": (lambda x, w: F.linear(x, w, B), (r(2, 4), r(5, 4))),
+    "conv1d": (lambda x: F.conv1d(x, CW[:, :, :, 0], B.new_ones(6), padding=1), (r(2, 3, 7),)),
+    "conv2d": (lambda x: F.conv2d(x, CW, None, stride=2, padding=1), (r(2, 3, 6, 6),)),
+    "group_norm": (lambda x: F.group_norm(x, 3, G, BETA, 1e-5), (r(2, 6, 3, 3),)),
+    "group_norm_plain": (lambda x: F.group_norm(x, 2), (r(2, 6, 4),)),
+    "layer_norm": (lambda x: F.layer_norm(x, (6,), G, BETA), (r(3, 6),)),
+    "layer_norm_affine_tangents": (lambda x, g, b: F.layer_norm(x, (6,), g, b), (r(3, 6), r(6), r(6))),
+    "silu": (F.silu, (r(7),)),
+    "gelu": (F.gelu, (r(7),)),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), (r(7),)),
+    "relu": (torch.relu, (r(7),)),
+    "sigmoid": (torch.sigmoid, (r(7),)),
+    "tanh": (torch.tanh, (r(7),)),
+    "softmax": (lambda x: F.softmax(x, dim=-1), (r(3, 5),)),
+    "log_softmax": (lambda x: x.log_softmax(0), (r(3, 5),)),
+    "exp": (torch.exp, (r(7),)),
+    "sin": (torch.sin, (r(7),)),
+    "cos": (lambda x: x.cos(), (r(7),)),
+    "log": (lambda x: torch.log(x.abs() + 1), (r(7),)),
+    "sqrt": (lambda x: (x * x + 1).sqrt(), (r(7),)),
+    "rsqrt": (lambda x: torch.rsqrt(x * x + 1), (r(7),)),
+    "pow": (lambda x: x ** 3 + x.pow(2) + (x * x + 1) ** 0.5, (r(7),)),
+    "rpow": (lambda x: 2.0 ** x, (r(7),)),
+    "add_sub_broadcast": (lambda a, b: a + b - 2 * b + torch.add(a, b, alpha=3) - (1 - a), (r(3, 4), r(4))),
+    "mul_div_broadcast": (lambda a, b: a * b / (b * b + 1) + 2 / (a * a + 1) - a / 3, (r(3, 1), r(4))),
+    "neg": (lambda a: -a + torch.neg(a), (r(4),)),
+    "views": (lambda x: x.view(2, 12).reshape(4, 6).permute(1, 0).transpose(0, 1).flatten()
+              .unsqueeze(0).squeeze(0).reshape(2, 3, 4).expand(2, 2, 3, 4).contiguous()[:, 1, ::2, 1:]
+              .mT, (r(2, 3, 4),)),
+    "T_2d": (lambda x: x.T @ x, (r(3, 2),)),
+    "chunk_split_unbind": (lambda x: sum(c.sum() for c in x.chunk(2, 1)) * x.split(1, 0)[1]
+                           + torch.stack(x.unbind(0), 1).sum(1), (r(2, 4),)),
+    "cat_stack_constant": (lambda x: torch.cat([x, B[:4].expand(2, 4)], 1)
+                           + torch.stack([x, x], 0).mean(0).repeat(1, 2),
+                           (r(2, 4),)),
+    "interpolate_nearest": (lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"), (r(1, 2, 3, 3),)),
+    "interpolate_bilinear": (lambda x: F.interpolate(x, size=(5, 5), mode="bilinear"), (r(1, 2, 3, 3),)),
+    "avg_pool_pad": (lambda x: F.pad(F.avg_pool2d(x, 2), (1, 1, 1, 1), value=3.0), (r(1, 2, 4, 4),)),
+    "mean_sum": (lambda x: x.mean(1, keepdim=True) * x.sum() + x.sum((0, 1)), (r(2, 3),)),
+    "matmul_bmm": (lambda a, b: (a @ b) + torch.bmm(a, b) + torch.matmul(a, b[0]), (r(2, 3, 4), r(2, 4, 3))),
+    "einsum": (lambda a, b: torch.einsum("bij,bjk->bik", a, b), (r(2, 3, 4), r(2, 4, 3))),
+    "sdpa": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (r(2, 2, 3, 4), r(2, 2, 3, 4), r(2, 2, 3, 4))),
+    "sdpa_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3),
+                    (r(1, 2, 3, 4), r(1, 2, 3, 4), r(1, 2, 3, 4))),
+    "sdpa_bool_mask": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=MASK),
+                       (r(1, 2, 3, 4), r(1, 2, 3, 4), r(1, 2, 3, 4))),
+    "sdpa_float_mask_q_only": (lambda q: F.scaled_dot_product_attention(q, W[None, :3, :3].mT, W[None, :3, :3],
+                                                                      attn_mask=W[:3, :3]),
+                               (r(1, 3, 3),)),
+    "dropout_eval": (lambda x: F.dropout(x, 0.5, training=False), (r(5),)),
+    "embedding_plus": (lambda x: x + F.embedding(torch.tensor([0, 2]), W), (r(2, 4),)),
+    "where_getitem_setitem": (lambda x: _setitem(torch.where(x > 0, x, 2 * x)), (r(3, 4),)),
+    "inplace_methods": (lambda x: _inplace(x), (r(3, 4),)),
+}
+
+
+def _setitem(y):
+    y = y.clone()
+    y[0] = y[1] * 3
+    y[:, 1] = 0.5
+    return y
+
+
+def _inplace(x):
+    y = x * 1.0
+    y.mul_(2).add_(x).sin_()
+    y += x
+    y[0].zero_()  # a view modified in place: y keeps its (stale) tangent, row 0 is re-set below
+    y[0] = x[0] * 2
+    return F.relu(F.silu(y, True) - 0.1, inplace=True)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_rule_matches_func_jvp(name):
+    fn, primals = OPS[name]
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    out, tout, mode = tangent_forward(fn, primals, tangents, debug=True)
+    with sdpa_kernel(SDPBackend.MATH):  # fused CPU attention has no forward-mode AD
+        ref_out, ref_t = torch.func.jvp(fn, primals, tangents)
+    assert torch.allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert rel(tout, ref_t) <= TOL
+    assert all(err is not None for _, err in mode.record), f"ops without a rule: {mode.record}"
+
+
+def test_structured_outputs():
+    x = r(3)
+    out, tout = tangent_forward(lambda x: (x.sin(), None, {"y": 2 * x, "k": torch.ones(2)}), (x,), (torch.ones(3),))
+    assert tout[1] is None and torch.equal(tout[2]["k"], torch.zeros(2))
+    assert torch.allclose(tout[0], x.cos()) and torch.equal(tout[2]["y"], 2 * torch.ones(3, dtype=DT))
+
+
+def test_sdpa_dropout_refuses():
+    q = r(1, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        tangent_forward(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5), (q,), (q,))
+
+
+def test_op_without_rule_falls_back_and_warns_once():
+    x = r(5)
+    fn = lambda x: torch.atan(x) + torch.atan(2 * x)  # noqa: E731
+    with pytest.warns(UserWarning, match="no tangent rule") as record:
+        out, tout = tangent_forward(fn, (x,), (torch.ones_like(x),))
+    assert sum("atan" in str(w.message) for w in record) == 1
+    assert torch.allclose(tout, 1 / (1 + x * x) + 2 / (1 + 4 * x * x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole networks.
+
+
+def tiny_unet():
+    net = UNet(1, 8, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
+    with torch.no_grad():
+        for p in net.parameters():  # zero-initialised output layers would hide errors
+            p.add_(0.2 * torch.randn_like(p))
+    return net
+
+
+class DiT(nn.Module):
+    """A plain reference DiT: patchify conv, adaLN-modulated blocks with LayerNorm, SDPA, GELU MLP."""
+
+    def __init__(self, channels=1, size=8, patch=2, dim=16, heads=2, depth=2):
+        super().__init__()
+        self.patch, self.heads, self.size = patch, heads, size
+        self.embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, (size // patch) ** 2, dim))
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(dim, elementwise_affine=False), qkv=nn.Linear(dim, 3 * dim),
+            proj=nn.Linear(dim, dim), norm2=nn.LayerNorm(dim, elementwise_affine=False),
+            mlp=nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim)),
+            ada=nn.Linear(dim, 6 * dim))) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, patch * patch * channels)
+
+    def time_embedding(self, t):
+        half = self.pos.shape[-1] // 2
+        freqs = torch.exp(-math.log(100.0) * torch.arange(half, dtype=t.dtype) / half)
+        arg = t[:, None] * freqs
+        return self.t_mlp(torch.cat([arg.cos(), arg.sin()], dim=-1))
+
+    def forward(self, x, t):
+        b, c = x.shape[:2]
+        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        emb = F.silu(self.time_embedding(t))
+        for blk in self.blocks:
+            s1, b1, g1, s2, b2, g2 = blk["ada"](emb)[:, None].chunk(6, dim=-1)
+            q, k, v = blk["qkv"](blk["norm1"](h) * (1 + s1) + b1).unflatten(-1, (3, self.heads, -1)).permute(
+                2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(h.shape)
+            h = h + g1 * blk["proj"](a)
+            h = h + g2 * blk["mlp"](blk["norm2"](h) * (1 + s2) + b2)
+        h = self.out(self.norm_out(h))
+        n, p = self.size // self.patch, self.patch
+        return h.reshape(b, n, n, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+
+
+NETS = {
+    "unet": (tiny_unet, lambda: (torch.randn(2, 1, 8, 8), torch.rand(2))),
+    "mlp": (lambda: MLP(2), lambda: (torch.randn(3, 2), torch.rand(3))),
+    "dit": (DiT, lambda: (torch.randn(2, 1, 8, 8), torch.rand(2))),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_network_against_finite_differences(name):
+    build, inputs = NETS[name]
+    report = check_tangent(build(), inputs())
+    assert report["rel_err_fd"] < 1e-6, report
+    assert report["first_bad_op"] is None, report
+    assert report["rel_err_jvp"] is None or report["rel_err_jvp"] < 1e-10, report
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+def test_network_against_forward_tangent(name):
+    build, inputs = NETS[name]
+    net = build().double()
+    x, t = (u.double() for u in inputs())
+    x_dot, t_dot = torch.randn_like(x), torch.randn_like(t)
+    out, tout = tangent_forward(net, (x, t), (x_dot, t_dot))
+    ref, ref_t = net.forward_tangent(x, t, x_dot, t_dot)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    assert rel(tout, ref_t) < 1e-10
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_primal_and_autograd_intact(name):
+    build, inputs = NETS[name]
+    net = build()
+    x, t = inputs()
+    plain = net(x, t)
+    grads = torch.autograd.grad(plain.sum(), list(net.parameters()), allow_unused=True)
+    out, tout = tangent_forward(net, (x, t), (torch.randn_like(x), 1.0))
+    assert torch.equal(out, plain)
+    assert tout.grad_fn is None and not tout.requires_grad
+    for g, h in zip(grads, torch.autograd.grad(out.sum(), list(net.parameters()), allow_unused=True)):
+        assert (g is None and h is None) or torch.equal(g, h)
+
+
+def test_labels_without_tangent_and_hooks_fire():
+    net = UNet(1, 8, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), num_classes=3).double()
+    calls = []
+    net.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    x, t, y = torch.randn(2, 1, 8, 8, dtype=DT), torch.rand(2, dtype=DT), torch.tensor([0, 2])
+    x_dot = torch.randn_like(x)
+    out, tout = tangent_forward(net, (x, t, y), (x_dot, None, None))
+    assert calls == [1]
+    _, ref = torch.func.jvp(lambda x: net(x, t, y), (x,), (x_dot,))
+    assert rel(tout, ref) < 1e-10
+
+
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, t):
+        return self.b(self.drop(torch.tanh(self.a(x) * t[:, None])))
+
+
+def test_dropout_shares_the_primal_mask():
+    net = DropoutNet().double().train()
+    x, t = torch.randn(3, 4, dtype=DT), torch.rand(3, dtype=DT)
+    x_dot, t_dot = torch.randn_like(x), torch.randn_like(t)
+
+    def run(fn):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            return fn()
+
+    out, tout = run(lambda: tangent_forward(net, (x, t), (x_dot, t_dot)))
+    assert torch.equal(out, run(lambda: net(x, t)))  # same mask as a plain forward
+    eps = 1e-6
+    plus = run(lambda: net(x + eps * x_dot, t + eps * t_dot))
+    fd = (plus - run(lambda: net(x - eps * x_dot, t - eps * t_dot))) / (2 * eps)
+    assert rel(tout, fd) < 1e-6
+    report = check_tangent(net, (x, t))
+    assert report["rel_err_fd"] < 1e-6, report
+
+
+def test_diffusers_unet2d_against_finite_differences():
+    diffusers = pytest.importorskip("diffusers")
+    net = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4,
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = check_tangent(_Wrap(net), (torch.randn(1, 1, 8, 8), torch.rand(1) * 10))
+    assert report["rel_err_fd"] < 1e-6, report
+
+
+class _Wrap(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x, t).sample
