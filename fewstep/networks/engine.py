@@ -9,8 +9,8 @@ torch op is intercepted once at its outermost entry (`F.linear`, `F.group_norm`,
 tensors (so autograd records the primal exactly as in a plain forward, fused kernels and all,
 and module hooks fire because `net.__call__` is used), then, if any input has a tangent, the
 op's tangent rule runs under `torch.no_grad()` on DETACHED primals. Tangents live beside the
-tensors in a `WeakIdKeyDictionary` keyed by tensor identity, so a tangent dies with its
-primal. Why a mode rather than a subclass: a subclass would have to wrap every tensor the
+tensors in a `TangentStore`, keyed by tensor identity with weak references, so a tangent
+dies with its primal. Why a mode rather than a subclass: a subclass would have to wrap every tensor the
 network creates (parameters, buffers, `torch.zeros` inside forward, outputs of custom
 autograd Functions), changes `type(x)` seen by user code (isinstance checks, `.data`, C++
 extensions reject subclasses), and adds a wrapper allocation per op; the mode sees every op
