@@ -278,3 +278,71 @@ def test_func_jvp_through_unet_with_attention(dtype):
     assert out.primal.requires_grad
     torch.testing.assert_close(out.tangent, tangent, rtol=1e-4 if dtype == torch.float32 else 1e-10,
                                atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT
+
+
+def tiny_dit(**kw):
+    from fewstep.networks import DiT
+
+    net = DiT(**{"img_channels": 2, "img_resolution": 8, "patch_size": 2, "hidden_size": 32, "depth": 2,
+                 "heads": 4, **kw})
+    return randomize_zero_params_(net, scale=0.05)
+
+
+def test_dit_shapes_labels_and_registry():
+    from fewstep.networks import build_registered, network_spec
+
+    net = tiny_dit(num_classes=3, guidance_input=True)
+    x, t = torch.randn(4, 2, 8, 8), torch.rand(4) * math.pi / 2
+    out = net(x, t, torch.tensor([0, 1, 2, 3]), guidance=2.0)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(net(x, t, torch.tensor([0, 0, 0, 0])), net(x, t, torch.tensor([1, 1, 1, 1])))
+    assert torch.equal(net(x, t), net(x, t, torch.full((4,), 3)))  # no labels = the null label
+    assert net.adaptive_weight(t).shape == (4,)
+    spec = network_spec(net)
+    assert spec["name"] == "dit" and spec["kwargs"]["num_classes"] == 3
+    rebuilt = build_registered(spec)
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(x, t), net(x, t))
+
+
+def test_dit_patches_are_put_back_where_they_came_from():
+    """With identity blocks (adaLN-Zero at init) and a head that copies each patch's pixels,
+    F(x) == x: unpatchify inverts patchify, pixel for pixel."""
+    from fewstep.networks import DiT
+
+    p, c = 2, 2
+    net = DiT(c, 8, patch_size=p, hidden_size=p * p * c * 4, depth=1, heads=1, adaptive_weight=False)
+    hidden = net.patchify.out_channels
+    with torch.no_grad():
+        net.pos.zero_()
+        net.patchify.weight.zero_()
+        net.patchify.bias.zero_()
+        for ch in range(c):  # hidden unit (ch, i, j) <- pixel (ch, i, j) of the patch
+            for i in range(p):
+                for j in range(p):
+                    net.patchify.weight[(ch * p + i) * p + j, ch, i, j] = 1.0
+        net.head.weight.zero_()
+        for ch in range(c):  # head output (i, j, ch) <- hidden unit (ch, i, j), as unpatchify reads it
+            for i in range(p):
+                for j in range(p):
+                    net.head.weight[(i * p + j) * c + ch, (ch * p + i) * p + j] = 1.0
+        net.norm_out = nn.Identity()
+    x = torch.randn(3, c, 8, 8)
+    assert hidden >= p * p * c
+    torch.testing.assert_close(net(x, torch.rand(3)), x)
+
+
+def test_dit_from_config():
+    from fewstep.config import ConfigError, config_from_dict
+    from fewstep.networks import DiT, build_network
+
+    cfg = config_from_dict({"network": {"arch": "dit", "hidden_size": 32, "depth": 1, "heads": 2}})
+    assert isinstance(build_network(cfg.network, "image", (1, 8, 8)), DiT)
+    with pytest.raises(ConfigError, match="network.width"):
+        config_from_dict({"network": {"arch": "dit", "width": 3}})
+    with pytest.raises(ValueError, match="divisible by network.heads"):
+        DiT(1, 8, hidden_size=32, heads=3)

@@ -1,4 +1,4 @@
-"""Networks `F(x_t / sigma_d, t, labels=None, **cond)`: fewstep's UNet and MLP, a registry for
+"""Networks `F(x_t / sigma_d, t, labels=None, **cond)`: fewstep's UNet, DiT and MLP, a registry for
 any other network (`register_network`), and `build_network` from a run's `network` config.
 
 The network contract, which every method, sampler and command relies on:
@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import typing
 
+from fewstep.networks.dit import DiT
 from fewstep.networks.mlp import MLP
 from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
                                        network_spec, register_network, unwrap)
@@ -109,5 +110,5 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return cls(**kwargs)
 
 
-__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "check_network_values", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
+__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiT", "check_network_values", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
            "constructor_arguments", "network_spec", "register_network", "unwrap"]
