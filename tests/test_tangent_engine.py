@@ -288,15 +288,21 @@ def test_dropout_shares_the_primal_mask():
 
 
 def test_diffusers_unet2d_against_finite_differences():
+    """diffusers' UNet2DModel with attention, unmodified (torch.func.jvp fails on it on CPU: the
+    forward-AD formula of group_norm views a non-contiguous input). Its time embedding runs in
+    float32 by design (`timesteps.float()`), so the t direction is checked with a wider step."""
     diffusers = pytest.importorskip("diffusers")
-    net = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=4,
-                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    net = _Wrap(diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                      block_out_channels=(8, 16), norm_num_groups=4,
+                                      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                      up_block_types=("AttnUpBlock2D", "UpBlock2D")))
+    x, t = torch.randn(1, 1, 8, 8), torch.rand(1) * 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = check_tangent(_Wrap(net), (torch.randn(1, 1, 8, 8), torch.rand(1) * 10))
-    assert report["rel_err_fd"] < 1e-6, report
+        report = check_tangent(net, (x, t), (torch.randn_like(x), None))
+        assert report["rel_err_fd"] < 1e-6 and report["first_bad_op"] is None, report
+        report = check_tangent(net, (x, t), (None, torch.ones_like(t)), eps=1e-3)
+        assert report["rel_err_fd"] < 1e-3 and report["first_bad_op"] is None, report
 
 
 class _Wrap(nn.Module):

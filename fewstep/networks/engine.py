@@ -339,7 +339,7 @@ def _group_norm(c, x, num_groups, weight=None, bias=None, eps=1e-5):
     tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
     b, ch = x.shape[:2]
     # the normalized x and 1/std in one pass (the kernel the primal ran)
-    n, _, rstd = torch.native_group_norm(x, None, None, b, ch, x.numel() // (b * ch), num_groups, eps)
+    n, _, rstd = torch.native_group_norm(x.contiguous(), None, None, b, ch, x.numel() // (b * ch), num_groups, eps)
     tn = None
     if tx is not None:
         ng = n.reshape(b, num_groups, -1)
@@ -350,7 +350,7 @@ def _group_norm(c, x, num_groups, weight=None, bias=None, eps=1e-5):
 @_rule("layer_norm", where=(F,))
 def _layer_norm(c, x, normalized_shape, weight=None, bias=None, eps=1e-5):
     tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
-    n, _, rstd = torch.native_layer_norm(x, normalized_shape, None, None, eps)
+    n, _, rstd = torch.native_layer_norm(x.contiguous(), normalized_shape, None, None, eps)
     dims = tuple(range(-len(normalized_shape), 0))
     tn = None if tx is None else _norm_tangent(n, rstd, tx.to(x.dtype), dims)
     return _affine_tangent(n, tn, weight, bias, tw, tb, tuple(normalized_shape))
@@ -454,10 +454,24 @@ _SPECIAL[torch.Tensor.zero_] = _SPECIAL[torch.Tensor.fill_] = _overwrite_primal
 
 def _forward_ad_tangent(func, args, kwargs, tangents: dict[int, torch.Tensor]):
     """The tangent of one op by forward-mode AD on detached primals (no graph)."""
+    try:
+        return _forward_ad(func, args, kwargs, tangents, contiguous=False)
+    except RuntimeError:  # some forward-AD formulas (group_norm) view non-contiguous inputs
+        return _forward_ad(func, args, kwargs, tangents, contiguous=True)
+
+
+def _forward_ad(func, args, kwargs, tangents, contiguous):
     with fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):  # fused CPU attention has no forward AD
         def dual(x):
-            tx = tangents.get(id(x)) if isinstance(x, torch.Tensor) else None
-            return fwAD.make_dual(x, tx.to(x.dtype)) if tx is not None else x
+            if not isinstance(x, torch.Tensor):
+                return x
+            tx = tangents.get(id(x))
+            if contiguous:
+                x = x.contiguous()
+            if tx is None:
+                return x
+            tx = tx.to(x.dtype)
+            return fwAD.make_dual(x, tx.contiguous() if contiguous else tx)
         out = func(*_map(dual, args), **_map(dual, kwargs))
         return _map(lambda y: fwAD.unpack_dual(y).tangent if isinstance(y, torch.Tensor) else None, out)
 
@@ -687,10 +701,11 @@ def check_tangent(net, example_inputs: tuple, tangents: tuple | None = None, kwa
             full[i] = p
         return net64(*full, **kw)
 
-    try:
-        _, jt = replay(lambda: torch.func.jvp(f, tuple(xs[i] for i in idx), tuple(ts[i].expand(xs[i].shape)
+    try:  # the MATH attention backend: fused CPU attention has no forward-mode AD
+        with sdpa_kernel(SDPBackend.MATH):
+            _, jt = replay(lambda: torch.func.jvp(f, tuple(xs[i] for i in idx), tuple(ts[i].expand(xs[i].shape)
                                                                                 for i in idx)))
-        report["rel_err_jvp"] = _rel_err(tout, jt)
+            report["rel_err_jvp"] = _rel_err(tout, jt)
     except Exception as e:  # noqa: BLE001 - reported, not raised: func.jvp is only a second opinion
         report["jvp_error"] = f"{type(e).__name__}: {e}"[:200]
     return report
