@@ -1,6 +1,8 @@
 """Cost of one training step: flow matching against sCT with each JVP path.
 
-Same UNet, same batch, full step (forward, loss, backward, optimizer step). Wall-clock is the
+Networks (`--net`): fewstep's UNet (`fewstep-unet`), an unmodified diffusers `UNet2DModel` of
+about the same size with attention at the lowest resolution (`diffusers-unet`), and fewstep's
+DiT (`dit`, patch 2, hidden 256, depth 6). Same network, same batch, full step (forward, loss, backward, optimizer step). Wall-clock is the
 median of `--repeats` rounds in ONE process, after warmup, with the modes interleaved in each
 round so that drift hits all of them alike. Peak memory is measured per mode in a fresh
 subprocess: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set size
@@ -16,12 +18,13 @@ Modes:
   flow           TrigFlow flow matching (SPEC 1.1)
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
-  sct-tangent    sCT, the network's own tangent propagation (`forward_tangent`)
+  sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.networks.engine`)
 
 Examples:
   python benchmarks/step_cost.py                                  # CPU: batch 32, 32x32, 64 channels
   python benchmarks/step_cost.py --device cuda --amp bf16 --batch 128 --out gpu.json
   python benchmarks/step_cost.py --modes flow sct-tangent --profile  # where the time goes
+  python benchmarks/step_cost.py --net dit --threads 2 --out benchmarks/results/step_cost-dit-2t.json
 """
 
 from __future__ import annotations
@@ -48,14 +51,16 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fewstep.methods import SCT, FlowMatching  # noqa: E402
-from fewstep.networks import UNet  # noqa: E402
+from fewstep.networks import DiffusersNetwork, DiT, UNet  # noqa: E402
 
 MODES = ("flow", "sct-separate", "sct-single", "sct-tangent")
+NETS = ("fewstep-unet", "diffusers-unet", "dit")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--net", default="fewstep-unet", choices=NETS)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--img-channels", type=int, default=3)
@@ -85,14 +90,27 @@ def parse_args(argv=None):
 
 
 def build(args):
-    """The UNet (each mode trains its own copy) and the batch every step sees."""
+    """The network (each mode trains its own copy) and the batch every step sees."""
     torch.manual_seed(args.seed)
     levels = len(args.mult)
     attn = args.attn if args.attn is not None else [args.resolution // 2 ** (levels - 1)]
-    net = UNet(args.img_channels, args.resolution, args.channels, tuple(args.mult), args.blocks,
-               attn_resolutions=tuple(attn), dropout=args.dropout)
-    # Weights as after some training: the zero-initialized output convolutions would make
-    # parts of the backward trivially cheap.
+    if args.net == "fewstep-unet":
+        net = UNet(args.img_channels, args.resolution, args.channels, tuple(args.mult), args.blocks,
+                   attn_resolutions=tuple(attn), dropout=args.dropout)
+    elif args.net == "diffusers-unet":
+        down = ["AttnDownBlock2D" if args.resolution // 2 ** i in attn else "DownBlock2D" for i in range(levels)]
+        up = ["AttnUpBlock2D" if "Attn" in d else "UpBlock2D" for d in reversed(down)]
+        net = DiffusersNetwork("UNet2DModel", {
+            "sample_size": args.resolution, "in_channels": args.img_channels, "out_channels": args.img_channels,
+            "block_out_channels": [args.channels * m for m in args.mult], "layers_per_block": args.blocks,
+            "down_block_types": down, "up_block_types": up, "attention_head_dim": args.channels,
+            "dropout": args.dropout})
+    else:
+        attn = ["all"]
+        net = DiT(args.img_channels, args.resolution, patch_size=2, hidden_size=4 * args.channels, depth=6,
+                  heads=4, dropout=args.dropout)
+    # Weights as after some training: the zero-initialized output layers would make parts of
+    # the backward trivially cheap.
     with torch.no_grad():
         for p in net.parameters():
             if p.ndim > 1 and not p.abs().sum():
@@ -109,11 +127,19 @@ def make_step(mode: str, net, x0, args):
     def amp():
         return torch.autocast(x0.device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()
     sync = torch.cuda.synchronize if x0.device.type == "cuda" else (lambda: None)
+
+    def attention_backend():
+        """torch.func.jvp (separate, single) needs the math SDPA backend: the fused ones have no
+        forward AD. The tangent engine runs on whatever backend the network picks."""
+        if mode in ("sct-separate", "sct-single"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            return sdpa_kernel(SDPBackend.MATH)
+        return nullcontext()
     step_no = [0]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with amp():
+        with amp(), attention_backend():
             loss, _ = method(net, x0, None, step_no[0])
         loss.mean().backward()
         opt.step()
@@ -189,7 +215,7 @@ def main(argv=None):
     device_name = (torch.cuda.get_device_name() if x0.device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(f"UNet {n_params / 1e6:.2f}M params, {args.resolution}x{args.resolution}x{args.img_channels}, "
+    print(f"{args.net} {n_params / 1e6:.2f}M params, {args.resolution}x{args.resolution}x{args.img_channels}, "
           f"channels {args.channels} x {tuple(args.mult)}, attention at {attn}, batch {args.batch}, "
           f"amp {args.amp}, on {device_name}")
 

@@ -53,15 +53,18 @@ def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=N
 
 
 def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=None):
-    """The same pass through the network's own tangent propagation (`net.forward_tangent`):
-    returns the graded `F_theta` and the tangent, which carries no graph.
+    """The same pass through the tangent engine (`fewstep.networks.engine`): one call of the
+    network's own `forward`, which autograd records for the backward, with the tangent carried
+    beside it op by op, without a graph. Returns the graded `F_theta` and the tangent.
 
-    One forward, one tangent pass and the backward: the cheapest mode, with about the memory
-    of a plain forward (fewstep.networks.tangent).
+    One forward with tangents, then the backward: about the memory of a flow-matching step,
+    and any network (fewstep's, diffusers', a DiT) with no change to it.
     """
+    from fewstep.networks.engine import tangent_forward
+
     cs = torch.cos(t) * torch.sin(t)
-    F_theta, jvp_out = net.forward_tangent(x_t / sigma_d, t, expand_to(cs, x_t) * dxdt, cs * sigma_d, labels,
-                                           **_cond(guidance))
+    F_theta, jvp_out = tangent_forward(net, (x_t / sigma_d, t, labels), (expand_to(cs, x_t) * dxdt, cs * sigma_d, None),
+                                       _cond(guidance))
     return F_theta, jvp_out.detach()
 
 
@@ -98,8 +101,6 @@ def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
     """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (SPEC 2.1-2.3).
     `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input."""
     x_in = x_t / sigma_d
-    if jvp_mode == "tangent" and not hasattr(net, "forward_tangent"):
-        jvp_mode = "separate"  # the network has no tangent propagation: fall back to torch.func.jvp
     if jvp_mode == "separate":
         # Dropout must draw the same masks in the JVP pass and in the graded forward so that
         # `F_theta - F^-` is exactly zero in value: replay the RNG state.

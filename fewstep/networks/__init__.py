@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import typing
 
+from fewstep.networks.diffusers_adapter import DiffusersNetwork
 from fewstep.networks.dit import DiT
 from fewstep.networks.mlp import MLP
 from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
@@ -110,5 +111,5 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return cls(**kwargs)
 
 
-__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiT", "check_network_values", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
+__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiffusersNetwork", "DiT", "check_network_values", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
            "constructor_arguments", "network_spec", "register_network", "unwrap"]

@@ -177,7 +177,8 @@ _LINEAR_NAMES = (
     "repeat_interleave", "tile", "mean", "sum", "neg", "negative", "__neg__", "to", "float", "double",
     "half", "bfloat16", "type_as", "interpolate", "upsample", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle",
-    "pixel_unshuffle", "diagonal", "tril", "triu", "where", "real", "imag", "conj", "__pos__",
+    "pixel_unshuffle", "diagonal", "tril", "triu", "where", "real", "imag", "conj", "__pos__", "as_tensor",
+    "asarray",
 )
 _register(_funcs(*_LINEAR_NAMES) + [torch._C._nn.avg_pool2d, torch.Tensor.T.__get__,
                                      torch.Tensor.mT.__get__], _linear_in_all)
