@@ -55,6 +55,9 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 __all__ = ["attention_with_tangent", "attention_tangent_math", "attention_tangent_triton", "triton_supported"]
 
 BACKENDS = ("auto", "math", "triton")
+# What `attention_tangent(backend=None)` uses, e.g. in the tangent engine's attention rule; tests
+# set "triton" to run the kernel in Triton's CPU interpreter through whole networks.
+DEFAULT_BACKEND = "auto"
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -67,27 +70,38 @@ def attention_with_tangent(q, k, v, q_dot=None, k_dot=None, v_dot=None, attn_mas
     (zero). With `enable_gqa=True`, k and v may have fewer heads (dim -3) than q, as in SDPA.
     Returns `(out, out_dot)`; `out_dot` has no grad_fn and is all zeros when every tangent is None.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"attention_with_tangent: backend must be one of {BACKENDS}, got {backend!r}")
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                          enable_gqa=enable_gqa)
-    with torch.no_grad():
-        q, k, v = q.detach(), k.detach(), v.detach()
-        q_dot, k_dot, v_dot = (None if t is None else t.detach() for t in (q_dot, k_dot, v_dot))
-        if k.shape[-3:-2] != q.shape[-3:-2] and enable_gqa:  # grouped-query attention: repeat K/V heads
-            rep = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-            k_dot = None if k_dot is None else k_dot.repeat_interleave(rep, -3)
-            v_dot = None if v_dot is None else v_dot.repeat_interleave(rep, -3)
-        if q_dot is None and k_dot is None and v_dot is None:
-            return out, torch.zeros_like(out, memory_format=torch.contiguous_format)
-        if backend == "auto":
-            backend = "triton" if q.is_cuda and triton_supported(q, k, v, attn_mask) is None else "math"
-        if backend == "math":
-            out_dot = attention_tangent_math(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale)
-        else:
-            out_dot = attention_tangent_triton(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale)[1]
-    return out, out_dot.to(out.dtype)
+    out_dot = attention_tangent(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale, backend)
+    return out, (torch.zeros_like(out, memory_format=torch.contiguous_format) if out_dot is None
+                 else out_dot.to(out.dtype))
+
+
+@torch.no_grad()
+def attention_tangent(q, k, v, q_dot=None, k_dot=None, v_dot=None, attn_mask=None, is_causal=False, scale=None,
+                      backend: str | None = None) -> torch.Tensor | None:
+    """The tangent of SDPA alone (from detached values, no graph), None when every tangent is
+    None. K/V with fewer heads than q (grouped-query attention) are repeated. `backend`: 'auto'
+    (the Triton kernel on CUDA when it supports the call, else the math path), 'math', 'triton'.
+    The tangent engine's rule for `F.scaled_dot_product_attention` (`fewstep.networks.engine`);
+    None: `DEFAULT_BACKEND`."""
+    backend = DEFAULT_BACKEND if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_with_tangent: backend must be one of {BACKENDS}, got {backend!r}")
+    if q_dot is None and k_dot is None and v_dot is None:
+        return None
+    q, k, v = q.detach(), k.detach(), v.detach()
+    q_dot, k_dot, v_dot = (None if t is None else t.detach() for t in (q_dot, k_dot, v_dot))
+    if k.shape[-3:-2] != q.shape[-3:-2] and q.dim() >= 3:  # grouped-query attention: repeat K/V heads
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+        k_dot = None if k_dot is None else k_dot.repeat_interleave(rep, -3)
+        v_dot = None if v_dot is None else v_dot.repeat_interleave(rep, -3)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton_supported(q, k, v, attn_mask) is None else "math"
+    if backend == "math":
+        return attention_tangent_math(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale)
+    return attention_tangent_triton(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale)[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -365,31 +365,15 @@ def _pad(c, x, pad, mode="constant", value=None):
 
 @_rule("scaled_dot_product_attention", where=(F,))
 def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SPEC 6: `S' = (Q' K^T + Q K'^T) s`, `mu = rowsum(P * S')`, `O' = (P * S') V - mu O + P V'`."""
+    """SPEC 6, by `fewstep.networks.attention_jvp`: the math path, or on CUDA the fused Triton kernel
+    (one pass over K/V, O(L) memory) whatever backend computed the primal."""
     if dropout_p > 0.0:  # the fused kernel's mask is not observable; a redraw would not match it
         raise NotImplementedError("tangent engine: scaled_dot_product_attention with dropout_p > 0 has no tangent "
                                   "with the primal's mask; use dropout_p=0 (or F.dropout on the attention output)")
-    tq, tk, tv = c.t(q), c.t(k), c.t(v)
-    if k.shape[-3] != q.shape[-3]:  # grouped-query attention
-        rep = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-        tk = None if tk is None else tk.repeat_interleave(rep, -3)
-        tv = None if tv is None else tv.repeat_interleave(rep, -3)
-    s = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = q @ k.transpose(-1, -2) * s
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
-    p = torch.softmax(scores, dim=-1)
-    ds = _sum(None if tq is None else tq @ k.transpose(-1, -2), None if tk is None else q @ tk.transpose(-1, -2))
-    terms = [None if tv is None else p @ tv]
-    if ds is not None:
-        pds = p * (ds * s)
-        terms.append(pds @ v - pds.sum(-1, keepdim=True) * c.out)
-    return _sum(*terms)
+    from fewstep.networks.attention_jvp import attention_tangent
+
+    out_dot = attention_tangent(q, k, v, c.t(q), c.t(k), c.t(v), attn_mask, is_causal, scale)
+    return None if out_dot is None else out_dot.to(c.out.dtype)
 
 
 _SPECIAL = {}  # ops whose rule also computes the primal: func -> f(engine, args, kwargs) -> out
