@@ -7,10 +7,9 @@ the global batch is `world_size x batch_size`); after each backward the gradient
 over processes in one flattened all-reduce, so every process takes the same optimizer step and
 the replicas stay identical. Process 0 alone logs, samples and writes checkpoints.
 
-Why not `DistributedDataParallel`: the sCM objective runs the network through
-`net.forward_tangent` (a second entry point besides `forward`), which DDP's forward-time
-bookkeeping does not see. One all-reduce per step is what DDP does too, minus the overlap of
-communication with the backward pass. Backend: NCCL on CUDA, Gloo on CPU.
+One all-reduce per step is what DDP does too, minus the overlap of communication with the
+backward pass. Since the tangent engine runs the network through its ordinary `__call__`, a
+DDP or FSDP2 wrapper would see every forward (issue 11). Backend: NCCL on CUDA, Gloo on CPU.
 """
 
 from __future__ import annotations

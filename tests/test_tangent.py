@@ -1,8 +1,9 @@
-"""Tangent propagation (fewstep.networks.tangent, `forward_tangent` of every layer).
+"""The tangent engine (`fewstep.networks.engine`) on fewstep's own layers and networks, and the
+sCT loss through it.
 
-Reference: `torch.func.jvp` of the layer's plain `forward`, in float64. Each `forward_tangent`
-must return the same primal (with autograd) and the same tangent (without a graph), and the
-sCT loss through it must have the same gradients as through `torch.func.jvp`.
+Reference: `torch.func.jvp` of the layer's plain `forward`, in float64 (math SDPA backend: the
+fused kernels have no forward AD). The engine runs the ordinary `forward` once and carries
+tangents beside it; no module has a second, hand-written tangent forward.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.methods import SCT
 from fewstep.methods.scm import JVP_MODES, scm_loss
-from fewstep.networks import MLP, UNet
-from fewstep.networks import tangent as T
-from fewstep.networks.layers import (AdaDoubleNorm, PositionalEmbedding, ResBlock2d, SelfAttention2d,
-                                     TimeEmbedding, math_attention, pnorm, pnorm_forward_tangent)
+from fewstep.networks import MLP, DiT, UNet
+from fewstep.networks.engine import tangent_forward
+from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, ResBlock2d, SelfAttention2d, TimeEmbedding, pnorm
 from fewstep.networks.unet import _Stage
 from fewstep.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
 
@@ -41,12 +42,24 @@ def randomize(module: nn.Module, std: float = 0.3) -> nn.Module:
     return module.to(DT)
 
 
-def check(fn_tangent, fn, primals, tangents):
-    """`fn_tangent(*primals, *tangents) -> (y, y_dot)` against `torch.func.jvp(fn, primals, tangents)`."""
+class Call(nn.Module):
+    """A function as a module, so that the engine runs it through `__call__`."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def check(fn, primals, tangents):
+    """The engine's `(y, y_dot)` of `fn` against `torch.func.jvp(fn, primals, tangents)`."""
+    module = fn if isinstance(fn, nn.Module) else Call(fn)
     primals = [p.requires_grad_() if p.is_floating_point() else p for p in primals]
-    y, y_dot = fn_tangent(*primals, *tangents)
-    with torch.no_grad():
-        y_ref, y_dot_ref = torch.func.jvp(fn, tuple(p.detach() for p in primals), tuple(tangents))
+    y, y_dot = tangent_forward(module, tuple(primals), tuple(tangents))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        y_ref, y_dot_ref = torch.func.jvp(module, tuple(p.detach() for p in primals), tuple(tangents))
     assert y_dot.grad_fn is None and not y_dot.requires_grad, "the tangent must carry no graph"
     assert rel_err(y.detach(), y_ref) <= 1e-12
     assert rel_err(y_dot, y_dot_ref) <= TOL, rel_err(y_dot, y_dot_ref)
@@ -68,13 +81,13 @@ def test_affine(module):
     module = randomize(module)
     x = randn(2, 5) if isinstance(module, nn.Linear) else randn(2, 3, 6) if isinstance(module, nn.Conv1d) \
         else randn(2, 3, 6, 6)
-    check(lambda x, xd: T.affine_forward_tangent(module, x, xd), module, (x,), (randn(*x.shape),))
+    check(module, (x,), (randn(*x.shape),))
 
 
 @pytest.mark.parametrize("module", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh")])
 def test_activations(module):
     x = randn(3, 4, 5) * 3
-    check(lambda x, xd: T.module_forward_tangent(module, x, xd), module, (x,), (randn(3, 4, 5),))
+    check(module, (x,), (randn(3, 4, 5),))
 
 
 @pytest.mark.parametrize("module", [nn.GroupNorm(2, 6, affine=False), nn.GroupNorm(3, 6),
@@ -82,18 +95,18 @@ def test_activations(module):
 def test_norms(module):
     module = randomize(module)
     x = randn(3, 6, 4, 5) * 2 + 1 if isinstance(module, nn.GroupNorm) else randn(3, 5, 6) * 2 + 1
-    check(lambda x, xd: T.norm_forward_tangent(module, x, xd), module, (x,), (randn(*x.shape),))
+    check(module, (x,), (randn(*x.shape),))
 
 
 def test_pnorm():
-    check(pnorm_forward_tangent, pnorm, (randn(4, 8),), (randn(4, 8),))
-    check(pnorm_forward_tangent, pnorm, (randn(2, 8, 3, 3),), (randn(2, 8, 3, 3),))
+    check(pnorm, (randn(4, 8),), (randn(4, 8),))
+    check(pnorm, (randn(2, 8, 3, 3),), (randn(2, 8, 3, 3),))
 
 
 def test_positional_embedding_carries_the_time_tangent():
     pos = PositionalEmbedding(16).to(DT)
     t, t_dot = torch.rand(5, dtype=DT) * 1.5, randn(5)
-    check(pos.forward_tangent, pos, (t,), (t_dot,))
+    check(pos, (t,), (t_dot,))
 
 
 @pytest.mark.parametrize("num_classes", [0, 4])
@@ -101,7 +114,7 @@ def test_time_embedding(num_classes):
     emb = randomize(TimeEmbedding(16, 32, num_classes))
     t, t_dot = torch.rand(5, dtype=DT) * 1.5, randn(5)
     labels = torch.tensor([0, 1, 2, 3, 4]) if num_classes else None
-    check(lambda t, td: emb.forward_tangent(t, td, labels), lambda t: emb(t, labels), (t,), (t_dot,))
+    check(lambda t: emb(t, labels), (t,), (t_dot,))
 
 
 def test_time_embedding_with_guidance_input():
@@ -114,44 +127,41 @@ def test_time_embedding_with_guidance_input():
     w = torch.tensor([1.0, 1.5, 2.0, 4.0, 7.0], dtype=DT)
     assert rel_err(emb(t, labels, w), emb(t, labels)) > 1e-2  # None means w = 1
     torch.testing.assert_close(emb(t, labels, 1.0), emb(t, labels))
-    check(lambda t, td: emb.forward_tangent(t, td, labels, w), lambda t: emb(t, labels, w), (t,), (randn(5),))
+    check(lambda t: emb(t, labels, w), (t,), (randn(5),))
 
 
 @pytest.mark.parametrize("image", [True, False])
 def test_ada_double_norm(image):
     norm = randomize(AdaDoubleNorm(8, 12, image=image))
     x = randn(3, 8, 4, 4) if image else randn(3, 8)
-    check(lambda x, e, xd, ed: norm.forward_tangent(x, xd, e, ed), norm, (x, randn(3, 12)),
-          (randn(*x.shape), randn(3, 12)))
+    check(norm, (x, randn(3, 12)), (randn(*x.shape), randn(3, 12)))
 
 
-def test_attention_math():
+def test_attention():
     q, k, v = (randn(2, 3, 10, 4) * 2 for _ in range(3))
     tangents = tuple(randn(2, 3, 10, 4) for _ in range(3))
-    check(T.attention_forward_tangent, math_attention, (q, k, v), tangents)
+    check(torch.nn.functional.scaled_dot_product_attention, (q, k, v), tangents)
 
 
 @pytest.mark.parametrize("heads", [1, 2])
 def test_self_attention(heads):
     attn = randomize(SelfAttention2d(8, heads))
     x = randn(2, 8, 4, 4)
-    check(attn.forward_tangent, attn, (x,), (randn(2, 8, 4, 4),))
+    check(attn, (x,), (randn(2, 8, 4, 4),))
 
 
 @pytest.mark.parametrize("in_ch,out_ch", [(8, 8), (8, 12)])
 def test_resblock(in_ch, out_ch):
     block = randomize(ResBlock2d(in_ch, out_ch, 16, dropout=0.3)).eval()
     x = randn(2, in_ch, 6, 6)
-    check(lambda x, e, xd, ed: block.forward_tangent(x, xd, e, ed), block, (x, randn(2, 16)),
-          (randn(2, in_ch, 6, 6), randn(2, 16)))
+    check(block, (x, randn(2, 16)), (randn(2, in_ch, 6, 6), randn(2, 16)))
 
 
 @pytest.mark.parametrize("resample", ["down", "up"])
 def test_resampling(resample):
     stage = _Stage(None, None, resample=resample)
     emb = randn(2, 4)
-    check(lambda h, hd: stage.forward_tangent(h, hd, emb, torch.zeros_like(emb)), lambda h: stage(h, emb),
-          (randn(2, 3, 4, 4),), (randn(2, 3, 4, 4),))
+    check(lambda h: stage(h, emb), (randn(2, 3, 4, 4),), (randn(2, 3, 4, 4),))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,13 +170,13 @@ def test_resampling(resample):
 
 def test_dropout_shares_one_mask():
     x, x_dot, p = randn(4, 50) + 3.0, randn(4, 50), 0.4  # x != 0, so the mask is readable from y
-    y, y_dot = T.dropout_forward_tangent(x.requires_grad_(), x_dot, p, training=True)
+    y, y_dot = tangent_forward(nn.Dropout(p).train(), (x.requires_grad_(),), (x_dot,))
     mask = (y.detach() != 0).to(DT)
     assert 0 < mask.mean() < 1
     with torch.no_grad():
         y_ref, y_dot_ref = torch.func.jvp(lambda x: x * mask / (1 - p), (x.detach(),), (x_dot,))
     assert rel_err(y.detach(), y_ref) <= 1e-12 and rel_err(y_dot, y_dot_ref) <= 1e-12
-    assert T.dropout_forward_tangent(x, x_dot, p, training=False)[1] is x_dot
+    assert torch.equal(tangent_forward(nn.Dropout(p).eval(), (x,), (x_dot,))[1], x_dot)
 
 
 def test_dropout_in_train_mode_matches_jvp_with_the_same_mask():
@@ -176,7 +186,7 @@ def test_dropout_in_train_mode_matches_jvp_with_the_same_mask():
     block = randomize(ResBlock2d(6, 6, 8, dropout=0.5)).train()
     x, emb, x_dot, emb_dot = randn(3, 6, 5, 5), randn(3, 8), randn(3, 6, 5, 5), randn(3, 8)
     torch.manual_seed(1)
-    y, y_dot = block.forward_tangent(x, x_dot, emb, emb_dot)
+    y, y_dot = tangent_forward(block, (x, emb), (x_dot, emb_dot))
     torch.manual_seed(1)
     with torch.no_grad():
         y_ref, y_dot_ref = torch.func.jvp(block, (x, emb), (x_dot, emb_dot))
@@ -197,14 +207,19 @@ def small_unet(**kw):
 def test_unet():
     net = small_unet().eval()
     x, t, labels = randn(3, 3, 8, 8), torch.rand(3, dtype=DT) * 1.5, torch.tensor([0, 4, 5])
-    check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td, labels), lambda x, t: net(x, t, labels),
-          (x, t), (randn(3, 3, 8, 8), randn(3)))
+    check(lambda x, t: net(x, t, labels), (x, t), (randn(3, 3, 8, 8), randn(3)))
 
 
 def test_mlp():
     net = randomize(MLP(2, 32, 3, dropout=0.2, num_classes=3)).eval()
     x, t = randn(6, 2), torch.rand(6, dtype=DT) * 1.5
-    check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td), net, (x, t), (randn(6, 2), randn(6)))
+    check(net, (x, t), (randn(6, 2), randn(6)))
+
+
+def test_dit():
+    net = randomize(DiT(2, 8, patch_size=2, hidden_size=16, depth=2, heads=2, num_classes=3), std=0.2).eval()
+    x, t, labels = randn(3, 2, 8, 8), torch.rand(3, dtype=DT) * 1.5, torch.tensor([0, 2, 3])
+    check(lambda x, t: net(x, t, labels), (x, t), (randn(3, 2, 8, 8), randn(3)))
 
 
 @pytest.mark.parametrize("arch", ["unet", "mlp"])
@@ -216,8 +231,7 @@ def test_networks_with_guidance_input(arch):
         net = randomize(MLP(2, 32, 3, num_classes=3, guidance_input=True)).eval()
         x, labels = randn(3, 2), torch.tensor([0, 1, 3])
     t, w = torch.rand(3, dtype=DT) * 1.5, torch.tensor([1.0, 2.5, 5.0], dtype=DT)
-    check(lambda x, t, xd, td: net.forward_tangent(x, t, xd, td, labels, w), lambda x, t: net(x, t, labels, w),
-          (x, t), (randn(*x.shape), randn(3)))
+    check(lambda x, t: net(x, t, labels, w), (x, t), (randn(*x.shape), randn(3)))
     assert net.guidance_input and rel_err(net(x, t, labels, w), net(x, t, labels)) > 1e-3
 
 
@@ -225,14 +239,14 @@ def test_unet_tangent_is_linear_in_the_input_tangents():
     net = small_unet().eval()
     x, t = randn(2, 3, 8, 8), torch.rand(2, dtype=DT)
     xd, td = randn(2, 3, 8, 8), randn(2)
-    _, a = net.forward_tangent(x, t, xd, torch.zeros(2, dtype=DT))
-    _, b = net.forward_tangent(x, t, torch.zeros_like(xd), td)
-    _, ab = net.forward_tangent(x, t, 2 * xd, -3 * td)
+    _, a = tangent_forward(net, (x, t), (xd, torch.zeros(2, dtype=DT)))
+    _, b = tangent_forward(net, (x, t), (torch.zeros_like(xd), td))
+    _, ab = tangent_forward(net, (x, t), (2 * xd, -3 * td))
     assert rel_err(ab, 2 * a - 3 * b) <= 1e-12
 
 
 # ------------------------------------------------------------------------------------------------
-# The sCT loss through the tangent path.
+# The sCT loss through the engine.
 
 
 def sct_grads(net, jvp_mode, x0, labels=None):
@@ -248,11 +262,14 @@ def sct_grads(net, jvp_mode, x0, labels=None):
     return loss.detach(), [p.grad.clone() for p in net.parameters()]
 
 
-@pytest.mark.parametrize("kind", ["unet", "mlp"])
+@pytest.mark.parametrize("kind", ["unet", "mlp", "dit"])
 def test_sct_gradients_match_the_reference_path(kind):
     if kind == "unet":
         net = randomize(UNet(3, 8, 8, (1, 2), 1, attn_resolutions=(4,), num_classes=3), std=0.2)
         x0, labels = randn(4, 3, 8, 8) * 0.5, torch.tensor([0, 1, 2, 3])
+    elif kind == "dit":
+        net = randomize(DiT(2, 8, patch_size=2, hidden_size=16, depth=1, heads=2), std=0.2)
+        x0, labels = randn(4, 2, 8, 8) * 0.5, None
     else:
         net = randomize(MLP(2, 32, 2, num_classes=0))
         x0, labels = randn(6, 2) * 0.5, None
@@ -275,25 +292,8 @@ def test_sct_with_dropout_in_train_mode_matches_the_separate_path():
     assert all(rel_err(g, g_ref) <= TOL for g, g_ref in zip(grads, grads_ref))
 
 
-def test_tangent_mode_falls_back_to_func_jvp():
-    class Plain(nn.Module):  # a network without forward_tangent
-        def __init__(self):
-            super().__init__()
-            self.inner = randomize(MLP(2, 16, 2, adaptive_weight=False))
-
-        def forward(self, x, t, labels=None):
-            return self.inner(x, t, labels)
-
-    net = Plain()
-    x_t, t, dxdt = randn(5, 2), torch.rand(5, dtype=DT), randn(5, 2)
-    ref, _ = scm_loss(net, x_t, t, dxdt, 0.5, jvp_mode="separate")
-    out, _ = scm_loss(net, x_t, t, dxdt, 0.5, jvp_mode="tangent")
-    assert torch.equal(ref, out)
-
-
 def test_config_accepts_the_tangent_mode():
-    assert "tangent" in JVP_MODES
-    SCT(jvp_mode="tangent")
+    assert "tangent" in JVP_MODES and SCT().jvp_mode == "tangent"
     with pytest.raises(ValueError, match="jvp_mode"):
         SCT(jvp_mode="fast")
 
@@ -304,18 +304,24 @@ def test_bf16_autocast_runs_and_stays_close():
         for p in net.parameters():
             p.normal_(0.0, 0.1)
     x, t, xd, td = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 3, 8, 8), torch.randn(2)
-    y32, yd32 = net.forward_tangent(x, t, xd, td)
+    y32, yd32 = tangent_forward(net, (x, t), (xd, td))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, yd16 = net.forward_tangent(x, t, xd, td)
+        y16, yd16 = tangent_forward(net, (x, t), (xd, td))
     assert torch.isfinite(yd16).all()
     assert rel_err(y16.float().detach(), y32.detach()) < 0.05 and rel_err(yd16.float(), yd32) < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_attention_on_cuda_matches_jvp():
-    """The attention tangent on CUDA against the JVP."""
-    q, k, v, qd, kd, vd = (torch.randn(2, 2, 64, 32, device="cuda") for _ in range(6))
-    o, od = T.attention_forward_tangent(q, k, v, qd, kd, vd)
+def test_unet_on_cuda_matches_jvp():
+    """The engine on CUDA (fused attention for the primal, the Triton kernel or the math path for
+    its tangent) against the JVP with math attention."""
+    net = UNet(3, 16, 32, (1, 2), 1, attn_resolutions=(8,)).cuda()
     with torch.no_grad():
-        o_ref, od_ref = torch.func.jvp(math_attention, (q, k, v), (qd, kd, vd))
-    assert rel_err(o.detach(), o_ref) < 1e-3 and rel_err(od, od_ref) < 1e-3
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    x, t, xd, td = torch.randn(2, 3, 16, 16, device="cuda"), torch.rand(2, device="cuda"), \
+        torch.randn(2, 3, 16, 16, device="cuda"), torch.randn(2, device="cuda")
+    y, yd = tangent_forward(net, (x, t), (xd, td))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        y_ref, yd_ref = torch.func.jvp(net, (x, t), (xd, td))
+    assert rel_err(y.detach(), y_ref) < 1e-3 and rel_err(yd, yd_ref) < 1e-3

@@ -2,7 +2,7 @@
 
 References: `torch.func.jvp` of each op in float64 (every rule), float64 central finite
 differences of whole networks (fewstep's UNet and MLP, a reference DiT written here, diffusers'
-UNet2DModel when installed), and fewstep's hand-written `forward_tangent`.
+UNet2DModel when installed).
 """
 
 from __future__ import annotations
@@ -217,18 +217,6 @@ def test_network_against_finite_differences(name):
     assert report["rel_err_fd"] < 1e-6, report
     assert report["first_bad_op"] is None, report
     assert report["rel_err_jvp"] is None or report["rel_err_jvp"] < 1e-10, report
-
-
-@pytest.mark.parametrize("name", ["unet", "mlp"])
-def test_network_against_forward_tangent(name):
-    build, inputs = NETS[name]
-    net = build().double()
-    x, t = (u.double() for u in inputs())
-    x_dot, t_dot = torch.randn_like(x), torch.randn_like(t)
-    out, tout = tangent_forward(net, (x, t), (x_dot, t_dot))
-    ref, ref_t = net.forward_tangent(x, t, x_dot, t_dot)
-    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
-    assert rel(tout, ref_t) < 1e-10
 
 
 @pytest.mark.parametrize("name", list(NETS))

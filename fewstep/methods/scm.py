@@ -29,12 +29,20 @@ def _cond(guidance) -> dict:
     return {} if guidance is None else {"guidance": guidance}
 
 
+def forward_ad_attention():
+    """`torch.func.jvp` and dual tensors need the math SDPA backend: the fused kernels have no
+    forward-mode AD (pytorch#128971). The tangent engine needs no such switch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
             labels: torch.Tensor | None = None, guidance=None):
     """One forward-mode pass of `F` (no graph): returns `(F^-, sigma_d cos t sin t dF^-/dt)`."""
     cs = torch.cos(t) * torch.sin(t)
     tangents = (expand_to(cs, x_t) * dxdt, cs * sigma_d)
-    with torch.no_grad():
+    with torch.no_grad(), forward_ad_attention():
         return torch.func.jvp(lambda x, tt: net(x, tt, labels, **_cond(guidance)), (x_t / sigma_d, t), tangents)
 
 
@@ -45,7 +53,7 @@ def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=N
     tangent's activations alive too (more memory).
     """
     cs = torch.cos(t) * torch.sin(t)
-    with forward_ad.dual_level():
+    with forward_ad.dual_level(), forward_ad_attention():
         x_dual = forward_ad.make_dual(x_t / sigma_d, expand_to(cs, x_t) * dxdt)
         t_dual = forward_ad.make_dual(t, cs * sigma_d)
         out = forward_ad.unpack_dual(net(x_dual, t_dual, labels, **_cond(guidance)))
@@ -104,9 +112,10 @@ def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
     if jvp_mode == "separate":
         # Dropout must draw the same masks in the JVP pass and in the graded forward so that
         # `F_theta - F^-` is exactly zero in value: replay the RNG state.
-        with same_random_draws(x_t):
-            F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance)
-        F_theta = net(x_in, t, labels, **_cond(guidance))
+        with forward_ad_attention():  # both passes: the same attention arithmetic
+            with same_random_draws(x_t):
+                F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance)
+            F_theta = net(x_in, t, labels, **_cond(guidance))
     elif jvp_mode == "single":
         F_theta, jvp_out = scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d, labels, guidance)
         F_minus = F_theta.detach()

@@ -1,11 +1,9 @@
 """Building blocks shared by fewstep's networks.
 
-Every op here is exact under forward-mode AD (`torch.func.jvp`): no BatchNorm, no fused
-attention kernels, no in-place updates of tensors that carry tangents (SPEC 2.4, 6).
-Each layer has a plain `forward` and, beside it, `forward_tangent(x, x_dot, ...)` that
-returns `(y, y_dot)`: `y` exactly as `forward` computes it (recorded by autograd), `y_dot` its
-forward-mode tangent computed without a graph (rules in `fewstep.networks.tangent`). The
-tangent in t enters through the time embedding.
+Each layer has one `forward`; sCT/sCD's JVP comes from the tangent engine
+(`fewstep.networks.engine`), which carries tangents through these same ops. No BatchNorm
+(SPEC 2.4); attention is `F.scaled_dot_product_attention`, whose tangent the engine computes
+exactly (SPEC 6) whatever backend runs the primal.
 """
 
 from __future__ import annotations
@@ -16,9 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.tangent import (add_tangents, affine_forward_tangent, attention_forward_tangent,
-                                      dropout_forward_tangent, module_forward_tangent,
-                                      norm_forward_tangent, pnorm_tangent, silu_forward_tangent)
 
 
 def check_arguments(*, dropout: float, emb_min_freq: float, emb_max_freq: float, **sizes: int) -> None:
@@ -42,10 +37,6 @@ def pnorm(v: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return v * torch.rsqrt(v.square().mean(dim=1, keepdim=True) + eps)
 
 
-def pnorm_forward_tangent(v: torch.Tensor, v_dot: torch.Tensor, eps: float = 1e-4):
-    return pnorm(v, eps), pnorm_tangent(v, v_dot, eps)
-
-
 class PositionalEmbedding(nn.Module):
     """Sinusoidal embedding of `c_noise(t) = t` itself with small frequencies.
 
@@ -66,16 +57,6 @@ class PositionalEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).to(t.dtype)
-
-    def forward_tangent(self, t: torch.Tensor, t_dot: torch.Tensor):
-        """`(emb, d emb/dt * t_dot)`: d/dt [cos(f t), sin(f t)] = [-f sin(f t), f cos(f t)]."""
-        emb = self.forward(t)
-        with torch.no_grad():
-            arg = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
-            arg_dot = t_dot.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
-            emb_dot = torch.cat([-torch.sin(arg) * arg_dot, torch.cos(arg) * arg_dot], dim=1).to(t.dtype)
-        return emb, emb_dot
-
 
 class AdaDoubleNorm(nn.Module):
     """Adaptive double normalization (sCM, SPEC 2.4).
@@ -100,28 +81,6 @@ class AdaDoubleNorm(nn.Module):
             s, b = s[:, :, None, None], b[:, :, None, None]
         return self.norm(x) * s + b
 
-    def forward_tangent(self, x: torch.Tensor, x_dot: torch.Tensor, emb: torch.Tensor, emb_dot: torch.Tensor):
-        s, s_dot = pnorm_forward_tangent(*affine_forward_tangent(self.scale, emb, emb_dot))
-        b, b_dot = pnorm_forward_tangent(*affine_forward_tangent(self.shift, emb, emb_dot))
-        if self.image:
-            s, b, s_dot, b_dot = (u[:, :, None, None] for u in (s, b, s_dot, b_dot))
-        n, n_dot = norm_forward_tangent(self.norm, x, x_dot)
-        y = n * s + b
-        with torch.no_grad():  # (n s + b)' = n' s + n s' + b'  (this order is the fastest on CPU)
-            y_dot = (n_dot * s).addcmul_(n, s_dot).add_(b_dot)
-        return y, y_dot
-
-
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention written with plain ops, exact under forward-mode AD.
-
-    q, k, v: (B, heads, N, d). Fused SDPA kernels raise under `torch.func.jvp` on CPU;
-    this path never does.
-    """
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
-    return torch.softmax(scores, dim=-1) @ v
-
-
 class SelfAttention2d(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, with a residual."""
 
@@ -144,17 +103,8 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split_heads(self.qkv(self.norm(x)))
-        out = math_attention(q, k, v).transpose(-1, -2).reshape(x.shape)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(x.shape)
         return x + self.proj(out)
-
-    def forward_tangent(self, x: torch.Tensor, x_dot: torch.Tensor):
-        h, h_dot = norm_forward_tangent(self.norm, x, x_dot)
-        qkv, qkv_dot = affine_forward_tangent(self.qkv, h, h_dot)
-        o, o_dot = attention_forward_tangent(*self._split_heads(qkv), *self._split_heads(qkv_dot))
-        out, out_dot = affine_forward_tangent(self.proj, o.transpose(-1, -2).reshape(x.shape),
-                                              o_dot.transpose(-1, -2).reshape(x.shape))
-        return x + out, add_tangents(out_dot, x_dot)
-
 
 class ResBlock2d(nn.Module):
     """Residual block: AdaDoubleNorm -> SiLU -> conv -> AdaDoubleNorm -> SiLU -> dropout -> conv."""
@@ -174,16 +124,6 @@ class ResBlock2d(nn.Module):
         h = self.conv1(F.silu(self.norm1(x, emb)))
         h = F.dropout(F.silu(self.norm2(h, emb)), p=self.dropout, training=self.training)
         return self.skip(x) + self.conv2(h)
-
-    def forward_tangent(self, x: torch.Tensor, x_dot: torch.Tensor, emb: torch.Tensor, emb_dot: torch.Tensor):
-        h, h_dot = silu_forward_tangent(*self.norm1.forward_tangent(x, x_dot, emb, emb_dot))
-        h, h_dot = affine_forward_tangent(self.conv1, h, h_dot)
-        h, h_dot = silu_forward_tangent(*self.norm2.forward_tangent(h, h_dot, emb, emb_dot))
-        h, h_dot = dropout_forward_tangent(h, h_dot, self.dropout, self.training)
-        h, h_dot = affine_forward_tangent(self.conv2, h, h_dot)
-        s, s_dot = affine_forward_tangent(self.skip, x, x_dot)
-        return s + h, add_tangents(h_dot, s_dot)
-
 
 class TimeEmbedding(nn.Module):
     """`c_noise(t) = t` -> sinusoids -> MLP; plus an optional class embedding and an optional
@@ -223,13 +163,6 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor, labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
         return F.silu(self._conditions(self.mlp(self.pos(t)), labels, guidance))
-
-    def forward_tangent(self, t: torch.Tensor, t_dot: torch.Tensor, labels: torch.Tensor | None = None,
-                        guidance=None):
-        """`(emb, d emb/dt * t_dot)`: the tangent in t enters the network here."""
-        emb, emb_dot = module_forward_tangent(self.mlp, *self.pos.forward_tangent(t, t_dot))
-        return silu_forward_tangent(self._conditions(emb, labels, guidance), emb_dot)
-
 
 class AdaptiveWeight(nn.Module):
     """Learned adaptive weighting `w_phi(t)` (SPEC 1.3): a linear layer on a time embedding.

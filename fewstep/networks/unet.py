@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewstep.networks.layers import (AdaptiveWeight, ResBlock2d, SelfAttention2d, TimeEmbedding, check_arguments,
+                                     num_groups)
 from fewstep.networks.registry import register_network
-from fewstep.networks.layers import AdaptiveWeight, check_arguments, ResBlock2d, SelfAttention2d, TimeEmbedding, num_groups
-from fewstep.networks.tangent import affine_forward_tangent, norm_forward_tangent, silu_forward_tangent
 
 
 @register_network("unet")
@@ -90,31 +90,6 @@ class UNet(nn.Module):
             h = stage(torch.cat([h, skips.pop()], dim=1) if stage.takes_skip else h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def forward_tangent(self, x: torch.Tensor, t: torch.Tensor, x_dot: torch.Tensor, t_dot: torch.Tensor,
-                        labels: torch.Tensor | None = None, guidance=None):
-        """`(F(x, t), dF = J_x F x_dot + d_t F t_dot)` in one pass (SPEC 2.2, fewstep.networks.tangent).
-
-        `F` is the same as `forward(x, t, labels)` and carries autograd; the tangent has no graph.
-        """
-        t_dot = torch.as_tensor(t_dot, dtype=t.dtype, device=t.device).expand(t.shape)
-        emb, emb_dot = self.time_emb.forward_tangent(t, t_dot, labels, guidance)
-        h, h_dot = affine_forward_tangent(self.conv_in, x, x_dot)
-        skips = [(h, h_dot)]
-        for stage in self.enc:
-            h, h_dot = stage.forward_tangent(h, h_dot, emb, emb_dot)
-            skips.append((h, h_dot))
-        for stage in self.mid:
-            h, h_dot = stage.forward_tangent(h, h_dot, emb, emb_dot)
-        for stage in self.dec:
-            if stage.takes_skip:
-                s, s_dot = skips.pop()
-                h = torch.cat([h, s], dim=1)
-                with torch.no_grad():
-                    h_dot = torch.cat([h_dot, s_dot], dim=1)
-            h, h_dot = stage.forward_tangent(h, h_dot, emb, emb_dot)
-        h, h_dot = silu_forward_tangent(*norm_forward_tangent(self.norm_out, h, h_dot))
-        return affine_forward_tangent(self.conv_out, h, h_dot)
-
     def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor | None:
         """`w_phi(t)` of SPEC 1.3, or None when the network has no weighting head."""
         return None if self.weight_head is None else self.weight_head(t)
@@ -135,11 +110,3 @@ class _Stage(nn.Module):
             return F.interpolate(h, scale_factor=2.0, mode="nearest")
         h = self.block(h, emb)
         return self.attn(h) if self.attn is not None else h
-
-    def forward_tangent(self, h: torch.Tensor, h_dot: torch.Tensor, emb: torch.Tensor, emb_dot: torch.Tensor):
-        if self.resample is not None:  # linear maps: the tangent takes the same path
-            with torch.no_grad():
-                h_dot = self.forward(h_dot, emb)
-            return self.forward(h, emb), h_dot
-        h, h_dot = self.block.forward_tangent(h, h_dot, emb, emb_dot)
-        return self.attn.forward_tangent(h, h_dot) if self.attn is not None else (h, h_dot)
