@@ -19,6 +19,9 @@ The network contract, which every method, sampler and command relies on:
 - a network registered with `@register_network(name)` can be rebuilt from checkpoints.
 
 Call networks through `net(...)` (`__call__`), never `net.forward`, so that module hooks fire.
+sCT and sCD take the network's JVP from the tangent engine (`tangent_forward`), which needs no
+change to the network; `check_tangent(net, example_inputs)` checks it on yours against float64
+finite differences and names the first op that disagrees or has no rule.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import typing
 
 from fewstep.networks.diffusers_adapter import DiffusersNetwork
 from fewstep.networks.dit import DiT
+from fewstep.networks.engine import check_tangent, tangent_forward
 from fewstep.networks.mlp import MLP
 from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
                                        network_spec, register_network, unwrap)
@@ -111,5 +115,6 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return cls(**kwargs)
 
 
-__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiffusersNetwork", "DiT", "check_network_values", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
+__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiffusersNetwork", "DiT", "check_network_values", "check_tangent",
+           "tangent_forward", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
            "constructor_arguments", "network_spec", "register_network", "unwrap"]
