@@ -529,6 +529,8 @@ class TangentMode(TorchFunctionMode):
         self.tangents = TangentStore()
         self.debug = debug
         self.record: list[tuple[str, float | None]] = []
+        self.record_modules: list[str] = []  # debug: the module each recorded op ran in
+        self.module_stack: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -588,6 +590,7 @@ class TangentMode(TorchFunctionMode):
             if self.debug:
                 self.record.append((name, None if rule is None else
                                     _rel_err(tout, _forward_ad_tangent(func, dargs, dkwargs, tangents))))
+                self.record_modules.append(self.module_stack[-1] if self.module_stack else "")
             if tout is None:
                 return out
             for y, ty in zip(_leaves(out), _leaves(tout)):
@@ -611,6 +614,24 @@ def _rel_err(a, b) -> float:
     return err / max(scale, 1e-300)
 
 
+def _module_tracking(net, mode: TangentMode) -> list:
+    """Debug: global forward hooks that keep the qualified name of the running module on
+    `mode.module_stack`, so that a bad op can be named with its module."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    names = {id(m): (n or type(m).__name__) for n, m in net.named_modules()} if isinstance(net, torch.nn.Module) \
+        else {}
+
+    def enter(module, args):
+        mode.module_stack.append(names.get(id(module), type(module).__name__))
+
+    def leave(module, args, out):
+        if mode.module_stack:
+            mode.module_stack.pop()
+
+    return [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+
+
 def tangent_forward(net, args: tuple, tangents: tuple, kwargs: dict | None = None, debug: bool = False):
     """`(net(*args, **kwargs), J net . tangents)` in one call of `net.__call__`.
 
@@ -625,8 +646,13 @@ def tangent_forward(net, args: tuple, tangents: tuple, kwargs: dict | None = Non
             continue
         tx = torch.as_tensor(tx, dtype=x.dtype, device=x.device)
         mode.tangents[x] = tx.detach().expand(x.shape)
-    with mode:
-        out = net(*args, **(kwargs or {}))
+    hooks = _module_tracking(net, mode) if debug else []
+    try:
+        with mode:
+            out = net(*args, **(kwargs or {}))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
     def tangent_of(y):
         if not isinstance(y, torch.Tensor):
@@ -648,7 +674,8 @@ def check_tangent(net, example_inputs: tuple, tangents: tuple | None = None, kwa
     where it runs). Random tangents for the floating inputs when `tangents` is None. Every
     evaluation replays the same RNG state, so dropout masks agree. Returns a dict:
     `rel_err_fd`, `rel_err_jvp` (None if func.jvp failed), `jvp_error`, `first_bad_op` (the first
-    op whose rule differs from forward-mode AD by more than `tol`, or that had no rule),
+    op whose rule differs from forward-mode AD by more than `tol`, or that had no rule) and
+    `first_bad_module` (the qualified name of the module it ran in),
     `ops_without_rule`, `ops` (number of ops with a tangent)."""
     net64 = copy.deepcopy(net).double() if isinstance(net, torch.nn.Module) else net
     to64 = lambda x: x.detach().double() if _is_float(x) else x  # noqa: E731
@@ -672,11 +699,12 @@ def check_tangent(net, example_inputs: tuple, tangents: tuple | None = None, kwa
         warnings.simplefilter("ignore")
         _, tout, mode = replay(lambda: tangent_forward(net64, xs, ts, kw, debug=True))
     report = {"rel_err_fd": _rel_err(tout, fd), "rel_err_jvp": None, "jvp_error": None,
-              "ops": len(mode.record), "first_bad_op": None,
+              "ops": len(mode.record), "first_bad_op": None, "first_bad_module": None,
               "ops_without_rule": sorted({n for n, e in mode.record if e is None})}
-    for name, err in mode.record:
+    for (name, err), module in zip(mode.record, mode.record_modules):
         if err is None or err > tol:
             report["first_bad_op"] = (name, err)
+            report["first_bad_module"] = module
             break
     idx = [i for i, t in enumerate(ts) if t is not None]
 
