@@ -113,3 +113,29 @@ def gather_objects(obj, info: DistInfo) -> list:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def gather_batches(parts: list, info: DistInfo, main_only: bool = False) -> list | None:
+    """Every process's `parts` (its batches rank, rank + world_size, ... as `fewstep.generate.generate`
+    splits them), interleaved back into batch order. `main_only`: gathered to process 0 alone
+    (the others get None), for payloads such as Inception features that only process 0 scores."""
+    if not info.enabled:
+        return list(parts)
+    if main_only:
+        per_rank = [None] * info.world_size if info.is_main else None
+        dist.gather_object(parts, per_rank, dst=0)
+        if not info.is_main:
+            return None
+    else:
+        per_rank = gather_objects(parts, info)
+    total = sum(len(p) for p in per_rank)
+    return [per_rank[k % info.world_size][k // info.world_size] for k in range(total)]
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Process 0's `obj` on every process."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from fewstep.data import DataError, Dataset, load_dataset
 from fewstep.devices import resolve_device
+from fewstep.distributed import DistInfo, barrier, broadcast_object, gather_batches, gather_objects
 from fewstep.generate import generate, load_model, schedules
 from fewstep.image import to_uint8
 
@@ -136,10 +137,21 @@ def reference_image_stats(dataset: Dataset, spec: str, split: str | None, extrac
     return stats, path, not computed
 
 
-def _image_scores(samples: torch.Tensor, ref_stats, extractor, seed: int, progress: bool) -> dict:
+class Scorer:
+    """Scores samples in two halves: `features(samples)`, which each process runs on its own
+    batches (image features; vectors are their own features), and `scores(features)` of all the
+    features together, which process 0 runs on what it gathered. `scorer(samples)` does both."""
+
+    def __init__(self, features, scores):
+        self.features, self.scores = features, scores
+
+    def __call__(self, samples: torch.Tensor) -> dict:
+        return self.scores(self.features(samples))
+
+
+def _image_scores(feats: torch.Tensor, ref_stats, seed: int, progress: bool) -> dict:
     from fewstep.metrics import FeatureStats, fid, kid, precision_recall
 
-    feats = extractor(to_uint8(samples), progress=progress)
     fake = FeatureStats.from_features(feats)
     real = ref_stats.features
     # Precision / recall on equal set sizes: the k-NN radii shrink as a set grows.
@@ -167,7 +179,8 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
                     inception_weights: str | Path | None = None, device=None, download: bool = False,
                     cache_dir=None, seed: int = 0, progress: bool = True):
     """The reference of `model`'s samples and a scorer for them: returns `(info, score)` where
-    `info` describes the reference and protocol (JSON-ready) and `score(samples) -> {metric: value}`."""
+    `info` describes the reference and protocol (JSON-ready) and `score(samples) -> {metric: value}`
+    (a `Scorer`, whose halves `evaluate` splits over processes)."""
     data = training_data(model)
     ref_spec = reference_name(model, ref)
     ref_ds, ref_split = load_reference(ref_spec, split, resolution=data.get("resolution"),
@@ -189,7 +202,8 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
         info["metrics"] = list(IMAGE_METRICS)
         info["protocol"] = (f"FID on all {ref_stats.num} reference features; KID: {KID_SUBSETS} subsets of "
                             f"min({KID_SUBSET}, N); precision/recall k={PR_K} on equal-size sets")
-        return info, lambda x: _image_scores(x, ref_stats, extractor, seed, progress)
+        return info, Scorer(lambda x: extractor(to_uint8(x), progress=False),
+                            lambda feats: _image_scores(feats, ref_stats, seed, progress))
     if model.shape != ref_ds.shape:
         raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} "
                          f"holds {ref_ds.shape}")
@@ -198,19 +212,33 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
     info["metrics"] = list(VECTOR_METRICS)
     info["protocol"] = ("model space, equal set sizes; sliced Wasserstein p=2, 512 directions; "
                         "MMD^2 RBF mixture (median x 0.5, 1, 2); energy distance")
-    return info, lambda x: _vector_scores(x, ref_x)
+    return info, Scorer(lambda x: x, lambda x: _vector_scores(x, ref_x))
 
 
-def _sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score) -> dict:
-    x, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress)
-    if not torch.isfinite(x).all():
+def _sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score,
+                      distributed: DistInfo | None = None) -> dict:
+    """One table row. Each process samples its batches (`generate`'s split) and extracts their
+    features batch by batch; process 0 gathers the features in batch order and scores them, so
+    the row equals a single process's bit for bit. Every process returns the row."""
+    dist_info = distributed or DistInfo()
+    x, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress,
+                                    rank=dist_info.rank, world_size=dist_info.world_size)
+    finite = bool(torch.isfinite(x).all())
+    t0 = time.perf_counter()
+    feats = [score.features(b) for b in x.split(batch_size)] if finite and len(x) else []
+    status = gather_objects((finite, used_nfe, seconds, time.perf_counter() - t0), dist_info)
+    if not all(s[0] for s in status):
         raise ValueError(f"{model.method_name} {schedule.sampler} with {schedule.steps} steps produced "
                          f"non-finite samples")
-    t0 = time.perf_counter()
-    scores = score(x)
-    return {"method": model.method_name, **schedule.to_dict(), "nfe": used_nfe,
-            **{k: float(v) for k, v in scores.items()}, "seconds": seconds,
-            "metric_seconds": time.perf_counter() - t0}
+    feats = gather_batches(feats, dist_info, main_only=True)
+    row = None
+    if dist_info.is_main:
+        t0 = time.perf_counter()
+        scores = score.scores(torch.cat(feats))
+        row = {"method": model.method_name, **schedule.to_dict(), "nfe": max(s[1] for s in status),
+               **{k: float(v) for k, v in scores.items()}, "seconds": max(s[2] for s in status),
+               "metric_seconds": max(s[3] for s in status) + time.perf_counter() - t0}
+    return broadcast_object(row, dist_info)
 
 
 def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: list[int] | None = None,
@@ -218,7 +246,8 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
              ref: str | None = None, split: str | None = None, ref_num: int | None = None,
              features: str = "inception", extractor=None, inception_weights: str | Path | None = None,
              device: str = "auto", batch_size: int = 256, seed: int = 0, guidance: float = 1.0,
-             ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True) -> dict:
+             ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True,
+             distributed: DistInfo | None = None) -> dict:
     """Sample a checkpoint at each schedule and score the samples against a reference.
 
     `ref` defaults to the checkpoint's training data (`data.name`, with its resolution and
@@ -226,11 +255,18 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     `features`. `times`: explicit multistep time lists for a consistency model, each one row
     (instead of `steps`). Returns a JSON-ready dict; its `rows` hold one dict per
     (method, sampler, NFE).
+
+    `distributed` (`fewstep.distributed.init_distributed` under `torchrun`): the processes split
+    each row's sampling batches and feature extraction; process 0 computes (or reads the cache
+    of) the reference statistics first and scores the gathered features. The result equals a
+    single process's with the same seed and batch size, and every process returns it.
     """
     from fewstep.generate import CM_SAMPLER, Schedule
 
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")
+    dist_info = distributed or DistInfo()
+    progress = progress and dist_info.is_main
     dev = resolve_device(device)
     model = load_model(checkpoint, dev, ema)
     if times:
@@ -239,14 +275,21 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
         plan = [Schedule(CM_SAMPLER, len(ts), tuple(ts)) for ts in times]
     else:
         plan = schedules(model.method, steps, nfe, samplers, default_steps=model.default_steps)
+    if not dist_info.is_main:
+        barrier(dist_info)  # process 0 computes and caches the reference statistics; the others read them
     info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
                                   extractor=extractor, inception_weights=inception_weights, device=dev,
-                                  download=download, cache_dir=cache_dir, seed=seed, progress=progress)
+                                  download=download and dist_info.is_main, cache_dir=cache_dir, seed=seed,
+                                  progress=progress)
+    if dist_info.is_main:
+        barrier(dist_info)
+    info = broadcast_object(info, dist_info)  # process 0's (its `cached` flag)
     result = {"fewstep_eval": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
               "method": model.method_name, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
               "num": num, "seed": seed, "guidance": guidance, **info}
     generate(model, plan[0], 2, batch_size, seed, guidance, progress=False)  # warm-up: not in the timings
-    result["rows"] = [_sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score)
+    result["processes"] = dist_info.world_size
+    result["rows"] = [_sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score, dist_info)
                       for schedule in tqdm(plan, desc="eval", unit="row", disable=not progress or len(plan) < 2,
                                            leave=False)]
     return result

@@ -221,6 +221,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of sampling batch `index`: each batch draws its noise (and multistep re-noising)
+    from a generator of its own, so a sample depends on (seed, batch_size, its index) alone, not
+    on which process draws it (EDM draws per-sample seeds the same way)."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
 def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None, schedule: Schedule,
                   generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
     """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
@@ -234,37 +241,45 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
 
 @torch.no_grad()
 def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, seed: int = 0,
-             guidance: float = 1.0, progress: bool = True,
-             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float]:
-    """`num` samples (on the CPU) in batches with a seeded generator of its own (the global RNG is
-    untouched); class-conditional models get `labels`, by default balanced 0, 1, ..., K-1, 0, ...
-    Returns (samples, NFE, seconds of sampling)."""
+             guidance: float = 1.0, progress: bool = True, labels: torch.Tensor | None = None, *,
+             rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, int, float]:
+    """`num` samples (on the CPU) in batches of `batch_size`; batch k draws from a generator seeded
+    by `batch_seed(seed, k)` (the global RNG is untouched). Class-conditional models get `labels`,
+    by default balanced 0, 1, ..., K-1, 0, ... Returns (samples, NFE, seconds of sampling).
+
+    Split over processes, process `rank` of `world_size` draws batches rank, rank + world_size, ...
+    and returns them in that order; interleaved in batch order, the processes' samples equal
+    those of `world_size=1`, bit for bit (`fewstep.distributed.gather_batches`)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     if guidance != 1.0 and not model.num_classes:
         raise ValueError("guidance applies to class-conditional checkpoints only")
     if guidance != 1.0 and model.is_consistency and not getattr(model.net, "guidance_input", False):
         raise ValueError("this consistency model's guidance was fixed when it was distilled (method.guidance); "
                          "a student distilled with method.guidance_range takes --guidance")
-    gen = torch.Generator(device=model.device).manual_seed(seed)
     if not model.num_classes:
         labels = None
     elif labels is None:
         labels = torch.arange(num) % model.num_classes
+    starts = list(range(0, num, batch_size))[rank::world_size]
     out, nfe = [], 0
     _sync(model.device)
     start_time = time.perf_counter()
     desc = f"{model.method_name} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
-    for start in tqdm(range(0, num, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         n = min(batch_size, num - start)
+        gen = torch.Generator(device=model.device).manual_seed(batch_seed(seed, start // batch_size))
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
         lab = None if labels is None else labels[start:start + n].to(model.device)
         x, nfe = _sample_batch(model, noise, lab, schedule, gen, guidance)
         out.append(x.float().cpu())
     _sync(model.device)
-    return torch.cat(out), nfe, time.perf_counter() - start_time
+    samples = torch.cat(out) if out else torch.empty(0, *model.shape)
+    return samples, nfe, time.perf_counter() - start_time
 
 
 def sample(net: torch.nn.Module, method, shape, num: int, *, steps: int | None = None, times=None,

