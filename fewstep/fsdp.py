@@ -1,0 +1,181 @@
+"""Sharded data parallelism (`train.parallel = "fsdp"`, issue 11): the FSDP2 building blocks
+`fewstep.train.fit` calls.
+
+    blocks = transformer_blocks(net)      # what to shard (and to checkpoint)
+    shard(net, precision="bf16")          # fully_shard each block, then the root; in place
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) replaces every parameter by a `DTensor` sharded on
+dim 0 over the processes; a module's forward all-gathers its block's parameters (a collective:
+every process must run every forward of a sharded module) and its backward reduce-scatters the
+gradients, averaged over processes. With `precision="bf16"` the forward runs in bfloat16 and the
+gradients are reduced and kept in float32 (the parameters stay in their own dtype).
+
+Checkpoints hold FULL tensors in one format whatever the number of processes, so that a run
+saved by N sharded processes resumes on M, or in one unsharded process:
+
+- `full_state_dict(net)` / `load_full_state_dict(net, state)`: weights (and an EMA net's).
+- `full_optimizer_state(net, opt)` / `load_full_optimizer_state(net, opt, tensors, meta)`:
+  tensors keyed `"<param FQN>/<state key>"` (`"blocks.0.linear.weight/exp_avg"`) plus a
+  JSON-able `meta` (param groups with parameter FQNs, non-tensor state).
+
+Rank behaviour: the getters are collectives (every process calls them); process 0 gets the full
+dict, the others an empty one (`cpu_offload=True` gathers to rank 0 only). The loaders take the
+full dict on EVERY process (each reads the checkpoint file) and keep their own shards.
+
+The EMA (`fewstep.ema.EMA`) works unchanged: copy the net BEFORE sharding it, shard the copy
+the same way (`shard(ema.net)`), and its `torch._foreach_lerp_` runs shard by shard on DTensors
+with identical placements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+PRECISIONS = ("fp32", "bf16")
+
+__all__ = ["PRECISIONS", "clip_grad_norm", "full_optimizer_state", "full_state_dict", "is_sharded",
+           "load_full_optimizer_state", "load_full_state_dict", "shard", "transformer_blocks"]
+
+
+def transformer_blocks(net: nn.Module) -> list[nn.Module]:
+    """The elements of every `nn.ModuleList` of `net`, outermost lists only (a list inside a chosen
+    block belongs to that block), in module order: the units to shard and to checkpoint.
+    fewstep's UNet: enc/mid/dec stages; DiT and MLP: `blocks`; diffusers' UNet2DModel:
+    down_blocks/up_blocks, and the resnets and attentions of its mid_block (a module holding
+    lists, not a list)."""
+    out: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                out.extend(child)
+            else:
+                visit(child)
+
+    visit(net)
+    return out
+
+
+def is_sharded(net: nn.Module) -> bool:
+    return isinstance(net, FSDPModule)
+
+
+def shard(net: nn.Module, precision: str = "fp32", mesh=None,
+          called_outside_forward: tuple[str, ...] = ("weight_head",)) -> nn.Module:
+    """`fully_shard` each of `transformer_blocks(net)`, then the root, over `mesh` (None: all
+    processes of the default group). 'bf16': forward in bfloat16, gradients reduced in float32;
+    'fp32': the parameters' own dtype throughout. Returns `net` itself (sharded in place).
+
+    `called_outside_forward`: submodules (by name) that the methods call directly rather than
+    through `net(...)`, each made a unit of its own so that its call gathers its weights and
+    casts its inputs: the adaptive-weight head (`net.adaptive_weight(t)`, SPEC 1.3). Under
+    'bf16' the root's weights stay bf16 after the forward, and a float32 `t` would meet them.
+
+    Call on every process, after the replicas hold the same weights (broadcast first) and
+    after anything that copies the unsharded net (the EMA)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    kwargs = {"mesh": mesh}
+    if precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in transformer_blocks(net):
+        fully_shard(block, **kwargs)
+    for name in called_outside_forward:
+        module = getattr(net, name, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            fully_shard(module, **kwargs)
+    fully_shard(net, **kwargs)
+    return net
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full, unsharded state dict on the CPU. Sharded: a collective (every process calls it);
+    process 0 gets the dict, the others `{}`. Unsharded: the module's own state dict on the CPU."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (as `full_state_dict` returns on process 0). Sharded: every process
+    passes the full dict and keeps its shards (no communication). Unsharded: `load_state_dict`."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _full_optimizer_dict(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    if is_sharded(net):
+        return get_optimizer_state_dict(net, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # One process, plain tensors: the same FQN keys without the distributed machinery.
+    names = {p: name for name, p in net.named_parameters(remove_duplicate=False)}
+    state = {names[p]: dict(s) for p, s in optimizer.state.items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def full_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state with full tensors, the same whether `net` is sharded or not and on any
+    number of processes: `(tensors, meta)` with `tensors["<param FQN>/<key>"]` (CPU tensors:
+    Adam's `exp_avg`, `exp_avg_sq` and its tensor `step`) and `meta = {"param_groups": [{..., "params":
+    [FQN, ...]}], "state": {FQN: {key: number}}}` (JSON-able). Sharded: a collective; process 0
+    gets the state, the others `({}, {})`."""
+    osd = _full_optimizer_dict(net, optimizer)
+    if not osd:
+        return {}, {}
+    tensors, scalars = {}, {}
+    for fqn, s in osd["state"].items():
+        for key, value in s.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{fqn}/{key}"] = value.detach().cpu().clone()
+            else:
+                scalars.setdefault(fqn, {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "state": scalars}
+
+
+def load_full_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                              meta: dict) -> None:
+    """Load what `full_optimizer_state` returned on process 0 (every process passes it all; a
+    sharded net keeps its shards). Parameters are matched by FQN, so the processes may differ
+    in number from the run that saved it."""
+    state: dict[str, dict] = {fqn: dict(s) for fqn, s in meta.get("state", {}).items()}
+    for name, value in tensors.items():
+        fqn, _, key = name.rpartition("/")
+        state.setdefault(fqn, {})[key] = value
+    groups = []
+    for g, live in zip(meta["param_groups"], optimizer.param_groups):
+        # JSON turns tuples (Adam's betas) into lists: give back the optimizer's own type.
+        groups.append({k: (type(live[k])(v) if isinstance(live.get(k), tuple) else v) for k, v in g.items()})
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint has {len(meta['param_groups'])} parameter groups, "
+                         f"the optimizer {len(optimizer.param_groups)}")
+    osd = {"state": state, "param_groups": groups}
+    if is_sharded(net):
+        set_optimizer_state_dict(net, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        return
+    params = dict(net.named_parameters(remove_duplicate=False))
+    ids = {}  # plain `Optimizer.load_state_dict` keys parameters by their index over the groups
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            ids[p] = len(ids)
+    optimizer.load_state_dict({
+        "state": {ids[params[fqn]]: s for fqn, s in state.items()},
+        "param_groups": [{**g, "params": [ids[params[fqn]] for fqn in g["params"]]} for g in groups],
+    })
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for plain or DTensor (FSDP2) gradients; returns the total
+    norm over all processes as a plain tensor (a collective when the gradients are sharded)."""
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
