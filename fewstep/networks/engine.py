@@ -614,6 +614,19 @@ def _rel_err(a, b) -> float:
     return err / max(scale, 1e-300)
 
 
+def _save_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """What autograd keeps for the backward: an alias of the tensor (same storage and version
+    counter), not the tensor object itself. A tensor object that autograd holds keeps its Python
+    object alive (PyTorch preserves it), and with it its tangent in the store; through the alias
+    a tangent dies as soon as the forward code drops its tensor, as in a plain forward, so the
+    tangents never pile up beside the saved activations."""
+    return tensor.detach()
+
+
+def _load_alias(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _module_tracking(net, mode: TangentMode) -> list:
     """Debug: global forward hooks that keep the qualified name of the running module on
     `mode.module_stack`, so that a bad op can be named with its module."""
@@ -640,6 +653,7 @@ def tangent_forward(net, args: tuple, tangents: tuple, kwargs: dict | None = Non
     (zeros if the output does not depend on the tangents). With `debug=True` also returns the
     mode (its `record` of per-op rule errors).
     """
+    net = getattr(net, "_orig_mod", net)  # torch.compile'd: the tangent pass runs eagerly (see fit)
     mode = TangentMode(debug=debug)
     for x, tx in zip(args, tangents):
         if tx is None or not _is_float(x):
@@ -648,7 +662,7 @@ def tangent_forward(net, args: tuple, tangents: tuple, kwargs: dict | None = Non
         mode.tangents[x] = tx.detach().expand(x.shape)
     hooks = _module_tracking(net, mode) if debug else []
     try:
-        with mode:
+        with mode, torch.autograd.graph.saved_tensors_hooks(_save_alias, _load_alias):
             out = net(*args, **(kwargs or {}))
     finally:
         for hook in hooks:
