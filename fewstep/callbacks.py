@@ -37,8 +37,11 @@ class SamplePreviews(Callback):
     def __init__(self, every: int = 500, num: int = 64, times=None, dataset=None):
         self.every, self.num, self.times, self.dataset = every, num, times, dataset
 
+    def needs_ema(self, run: Run) -> bool:
+        return bool(self.every) and run.step % self.every == 0 and run.step < run.total_steps
+
     def on_step(self, run: Run) -> None:
-        if self.every and run.step % self.every == 0 and run.step < run.total_steps:
+        if self.needs_ema(run):
             self.write(run, run.out_dir / "samples" / f"step-{run.step:07d}")
 
     def on_end(self, run: Run) -> dict:

@@ -56,6 +56,8 @@ def validate_network(cfg: dict) -> dict:
         raise ConfigError(f"network.arch must be 'auto' or a registered network ({', '.join(sorted(NETWORKS))}), "
                           f"got {arch!r}; register your own with @fewstep.networks.register_network")
     cfg["class_conditional"] = _coerce("network.class_conditional", cfg["class_conditional"], bool)
+    if "checkpoint_activations" in cfg:
+        cfg["checkpoint_activations"] = _coerce("network.checkpoint_activations", cfg["checkpoint_activations"], bool)
     candidates = ["unet", "mlp"] if arch == "auto" else [arch]
     params, hints = {}, {}
     for name in candidates:
@@ -121,10 +123,14 @@ class TrainConfig:
     num_samples: int = 64
     progress: bool = True
     teacher: str | None = None  # sCD: checkpoint of the diffusion teacher (method flow or edm)
+    parallel: str = "auto"  # under torchrun: 'ddp', 'fsdp' (sharded), or 'auto' (ddp with several processes)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size each)
+    compile: bool = False  # torch.compile the network (falls back to eager with a message)
     init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
 
     def validate(self):
-        for key in ("steps", "batch_size", "log_every", "keep_ckpts", "max_nonfinite", "num_samples"):
+        _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        for key in ("steps", "batch_size", "log_every", "keep_ckpts", "max_nonfinite", "num_samples", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("sample_every", "ckpt_every"):

@@ -1,15 +1,16 @@
 """Data-parallel training across processes (`torchrun`), SPEC 5.
 
-    torchrun --standalone --nproc_per_node=8 -m fewstep train --preset digits
+    torchrun --standalone --nproc_per_node=8 -m fewstep train --preset digits --set train.parallel=ddp
 
-Every process holds the whole model and draws its own batch (`train.batch_size` per process, so
-the global batch is `world_size x batch_size`); after each backward the gradients are averaged
-over processes in one flattened all-reduce, so every process takes the same optimizer step and
-the replicas stay identical. Process 0 alone logs, samples and writes checkpoints.
-
-One all-reduce per step is what DDP does too, minus the overlap of communication with the
-backward pass. Since the tangent engine runs the network through its ordinary `__call__`, a
-DDP or FSDP2 wrapper would see every forward (issue 11). Backend: NCCL on CUDA, Gloo on CPU.
+Every process draws its own batch (`train.batch_size` per process, so the global batch is
+`world_size x batch_size`). `train.parallel`:
+- `ddp`: every process holds the whole model; `DistributedDataParallel` averages the gradients
+  in buckets, overlapped with the backward, so every process takes the same optimizer step;
+- `fsdp`: `fully_shard` per block (`fewstep.fsdp`): parameters, gradients and optimizer state
+  are sharded over the processes.
+The tangent engine runs the network through its ordinary `__call__`, so both wrappers see every
+forward: the sCM JVP is exact under either. Process 0 alone logs, samples and writes
+checkpoints. Backend: NCCL on CUDA, Gloo on CPU.
 """
 
 from __future__ import annotations
@@ -67,38 +68,34 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-@torch.no_grad()
-def average_gradients(params, info: DistInfo, local_ok: bool) -> bool:
-    """Average `.grad` over processes in one all-reduce; returns whether every process had a
-    finite loss (if one did not, all of them skip the step together). A parameter that no
-    process gave a gradient keeps `grad = None` (as in one process: the optimizer skips it);
-    one that only some processes did counts the others' as 0."""
+def all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
+    """Whether the loss is finite on EVERY process (one MIN all-reduce): a non-finite loss on one
+    process makes all of them skip the step together, before any backward (DDP's and FSDP's
+    backward are collective: a process that skipped it alone would hang the others)."""
+    ok = torch.isfinite(loss.detach()).all()
     if not info.enabled:
-        return local_ok
-    params = [p for p in params if p.requires_grad]
-    ref = params[0]
-    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32  # fp16/bf16: sum in fp32
-    flags = [0.0 if local_ok else 1.0] + [float(p.grad is not None) for p in params]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(wide)
-                      for p in params] + [torch.tensor(flags, device=ref.device, dtype=wide)])
-    dist.all_reduce(flat)
-    flags = flat[-len(flags):].tolist()
-    if flags[0] > 0:
-        return False
-    flat /= info.world_size
-    offset = 0
-    for p, has_grad in zip(params, flags[1:]):
-        n = p.numel()
-        if has_grad == 0:
-            p.grad = None
-        else:
-            value = flat[offset:offset + n].view_as(p).to(p.dtype)
-            if p.grad is None:
-                p.grad = value.clone()
-            else:
-                p.grad.copy_(value)
-        offset += n
-    return True
+        return bool(ok)
+    flag = ok.to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+class ContractDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that still answers the network contract's optional attributes (`num_classes`,
+    `adaptive_weight`, `guidance_input`, ...) from the module it wraps."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap_ddp(net: torch.nn.Module, device: torch.device) -> ContractDDP:
+    """DistributedDataParallel: bucketed gradient all-reduce overlapped with the backward."""
+    # static_graph: the same parameters take part in every step, and some may take none (a head a
+    # method does not use): DDP learns that at the first step instead of searching every step.
+    return ContractDDP(net, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
 
 
 def gather_objects(obj, info: DistInfo) -> list:

@@ -1,7 +1,7 @@
 """Sharded data parallelism (`train.parallel = "fsdp"`, issue 11): the FSDP2 building blocks
 `fewstep.train.fit` calls.
 
-    blocks = transformer_blocks(net)      # what to shard (and to checkpoint)
+    blocks(net)                    # what to shard (fewstep.networks.blocks; checkpointing uses it too)
     shard(net, precision="bf16")          # fully_shard each block, then the root; in place
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) replaces every parameter by a `DTensor` sharded on
@@ -36,29 +36,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from fewstep.networks.blocks import blocks
+
 PRECISIONS = ("fp32", "bf16")
 
 __all__ = ["PRECISIONS", "clip_grad_norm", "full_optimizer_state", "full_state_dict", "is_sharded",
-           "load_full_optimizer_state", "load_full_state_dict", "shard", "transformer_blocks"]
-
-
-def transformer_blocks(net: nn.Module) -> list[nn.Module]:
-    """The elements of every `nn.ModuleList` of `net`, outermost lists only (a list inside a chosen
-    block belongs to that block), in module order: the units to shard and to checkpoint.
-    fewstep's UNet: enc/mid/dec stages; DiT and MLP: `blocks`; diffusers' UNet2DModel:
-    down_blocks/up_blocks, and the resnets and attentions of its mid_block (a module holding
-    lists, not a list)."""
-    out: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
-            if isinstance(child, nn.ModuleList):
-                out.extend(child)
-            else:
-                visit(child)
-
-    visit(net)
-    return out
+           "load_full_optimizer_state", "load_full_state_dict", "shard"]
 
 
 def is_sharded(net: nn.Module) -> bool:
@@ -67,7 +50,7 @@ def is_sharded(net: nn.Module) -> bool:
 
 def shard(net: nn.Module, precision: str = "fp32", mesh=None,
           called_outside_forward: tuple[str, ...] = ("weight_head",)) -> nn.Module:
-    """`fully_shard` each of `transformer_blocks(net)`, then the root, over `mesh` (None: all
+    """`fully_shard` each of `blocks(net)`, then the root, over `mesh` (None: all
     processes of the default group). 'bf16': forward in bfloat16, gradients reduced in float32;
     'fp32': the parameters' own dtype throughout. Returns `net` itself (sharded in place).
 
@@ -83,7 +66,7 @@ def shard(net: nn.Module, precision: str = "fp32", mesh=None,
     kwargs = {"mesh": mesh}
     if precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in transformer_blocks(net):
+    for block in blocks(net):
         fully_shard(block, **kwargs)
     for name in called_outside_forward:
         module = getattr(net, name, None)

@@ -13,8 +13,12 @@ data order included). At the end: loss curves and `metrics.json`. `fewstep.build
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,18 +26,81 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fewstep import checkpoint as ckpt
 from fewstep.devices import autocast_context, resolve_device
-from fewstep.distributed import (average_gradients, barrier, broadcast_parameters, gather_objects, init_distributed,
-                                 shutdown_distributed)
+from fewstep.distributed import (all_finite, barrier, broadcast_parameters, gather_objects, init_distributed,
+                                 shutdown_distributed, wrap_ddp)
+from fewstep import fsdp
 from fewstep.ema import EMA
-from fewstep.methods.base import as_method
+from fewstep.methods.base import Method, as_method
+
+
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+class RunStoppedError(RuntimeError):
+    """Another process of a distributed run failed: this one stops too (one line, with the last
+    good checkpoint to resume from)."""
+
+
+class _StopRequests:
+    """SIGINT / SIGTERM while `fit` runs: the first asks for a stop at the end of the current step,
+    where the state is consistent and a checkpoint can be written; a second stops at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another process is gone."""
+    text = str(err).lower()
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe"))
+
+
+def method_cfg_name(method) -> str:
+    return getattr(method, "name", "") or type(method).__name__
+
+
+def _rebuild_optimizer(optimizer: torch.optim.Optimizer, net: torch.nn.Module, names: list[list[str]]):
+    """The same optimizer (class, hyper-parameters, parameter groups) over `net`'s new parameters
+    after sharding replaced them (matched by name)."""
+    params = dict(net.named_parameters())
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [params[n] for n in group_names]}
+              for group, group_names in zip(optimizer.param_groups, names)]
+    return type(optimizer)(groups, **optimizer.defaults)
+
+
+def _compile_failed(err: Exception, eager: torch.nn.Module, main_process: bool) -> torch.nn.Module:
+    """`torch.compile` could not compile this network (or its tangent pass): say so in one line
+    and train eagerly."""
+    if main_process:
+        print(f"fewstep: torch.compile failed ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+              f"training continues without compiling")
+    return eager
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +132,11 @@ class Callback:
 
     def on_end(self, run: Run) -> dict | None:
         """At the end; a returned dict is merged into `metrics.json`."""
+
+    def needs_ema(self, run: Run) -> bool:
+        """Called on EVERY process before `on_step`: whether `run.ema_net` will be used at this
+        step (under fsdp its full weights are then gathered, a collective)."""
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +275,8 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         ema_sigma_rel: float | None = None, device: str | torch.device | None = "auto", precision: str = "fp32",
         grad_clip: float | None = 1.0, seed: int = 0, log_every: int = 50, ckpt_every: int = 500,
         keep_ckpts: int = 2, resume: bool = True, max_nonfinite: int = 10, progress: bool = True,
-        callbacks: Iterable[Callback] = (), config: dict | None = None, data_info: dict | None = None) -> dict:
+        callbacks: Iterable[Callback] = (), config: dict | None = None, data_info: dict | None = None,
+        parallel: str = "auto", grad_accum: int = 1, compile: bool | str = False) -> dict:
     """Train `net` with `method` on `data` for `steps` optimizer steps, writing `out_dir`.
 
     net:       any `nn.Module` under the network contract `F(x_t / sigma_d, t, labels=None, **cond)`
@@ -216,6 +289,12 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     optimizer: default Adam(lr=1e-3, betas=(0.9, 0.99)); `lr_schedule(step) -> lr` sets the rate each step.
     callbacks: `Callback`s, e.g. `fewstep.callbacks.SamplePreviews`.
     config:    a dict recorded in checkpoints and `config.json` (the CLI's whole run config).
+    parallel:  under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, `fewstep.fsdp`);
+               "auto": ddp with several processes, none with one.
+    grad_accum: K micro-batches per optimizer step (the same step as one batch K times larger).
+    compile:   `torch.compile` the network (True: inductor; or a backend name); if compiling fails,
+               one line says why and training continues eagerly. The tangent engine's pass runs
+               eagerly: traced op by op it recompiled at every step and was slower (docs/results.md).
 
     Resumes from the latest good checkpoint in `out_dir` when `resume`. Returns the summary that
     `metrics.json` holds.
@@ -224,6 +303,10 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {parallel!r}")
     for name, value in (("log_every", log_every), ("keep_ckpts", keep_ckpts), ("max_nonfinite", max_nonfinite)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -233,7 +316,12 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     dist_info, device = init_distributed(resolve_device(device))
     main_process = dist_info.is_main
     net.to(device)
-    broadcast_parameters(net, dist_info)
+    broadcast_parameters(net, dist_info)  # the same initial weights everywhere (ddp, fsdp)
+    if parallel == "auto":
+        parallel = "ddp" if dist_info.enabled else "none"
+    if parallel == "none" and dist_info.enabled:
+        raise ValueError(f"parallel 'none' with {dist_info.world_size} processes would train {dist_info.world_size} "
+                         f"separate models; use 'ddp' or 'fsdp'")
     torch.manual_seed(seed + 1_000_003 * dist_info.rank)  # each process draws its own noise
     if isinstance(data, Dataset):
         if batch_size is None:
@@ -247,6 +335,24 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     method = as_method(method)
     method.setup(net, steps)
     ema = EMA(net, ema_decay, ema_sigma_rel)
+    preview_ema = None  # fsdp: an unsharded copy of the EMA network on process 0, for callbacks
+    if parallel == "fsdp":
+        if type(method).state_tensors is not Method.state_tensors:
+            raise ValueError(f"parallel 'fsdp' does not shard the extra networks of method {method_cfg_name(method)!r} "
+                             f"(an EMA target, a teacher) yet; use 'ddp'")
+        param_names = {id(p): n for n, p in net.named_parameters()}
+        names = [[param_names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        preview_ema = copy.deepcopy(ema.net) if main_process else None
+        fsdp.shard(net, precision)  # in place: every parameter becomes a DTensor shard
+        fsdp.shard(ema.net, precision)
+        optimizer = _rebuild_optimizer(optimizer, net, names)
+    model = wrap_ddp(net, device) if parallel == "ddp" else net  # what the method calls
+    eager_model = model
+    if compile:
+        try:
+            model = torch.compile(model, backend=compile if isinstance(compile, str) else "inductor")
+        except Exception as err:  # noqa: BLE001 - e.g. an unknown backend: train eagerly
+            model = _compile_failed(err, eager_model, main_process)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     spec, method_cfg = _record_of(net, method)
     config = dict(config) if config else {"method": method_cfg, "train": {"steps": steps, "seed": seed}}
@@ -257,9 +363,12 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     found = ckpt.load_latest_good(ckpt_dir, device=device) if resume else None
     if found is not None:
         path, tensors, state = found
-        net.load_state_dict(ckpt.unprefixed("net", tensors))
-        ema.load_state_dict(ckpt.unprefixed("ema", tensors))
-        ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
+        fsdp.load_full_state_dict(net, ckpt.unprefixed("net", tensors))  # sharded or not, any process count
+        fsdp.load_full_state_dict(ema.net, ckpt.unprefixed("ema", tensors))
+        if state.get("optimizer_format") == "fqn":
+            fsdp.load_full_optimizer_state(net, optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
+        else:  # fewstep 0.1: keyed by parameter index
+            ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
         if state.get("grad_scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["grad_scaler"])
         method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
@@ -277,24 +386,40 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
 
     def save(at_step: int, gather: bool = True) -> None:
         """All processes call this (their RNG states are gathered); process 0 writes."""
+        if not gather and parallel == "fsdp":
+            if main_process:
+                print(f"\ninterrupted: the shards cannot be gathered now; {last_good()}")
+            return
         rngs = (gather_objects({k: v.cpu() for k, v in rng_tensors(device, dist_info.rank).items()}, dist_info)
                 if gather else [rng_tensors(device, dist_info.rank)])
+        # Full (unsharded) weights and optimizer state keyed by parameter name: the same file
+        # whatever the parallelism, so a run resumes on any number of processes.
+        net_state, ema_state = fsdp.full_state_dict(net), fsdp.full_state_dict(ema.net)
+        opt_tensors, opt_meta = fsdp.full_optimizer_state(net, optimizer)
         if not main_process:
             return
-        opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer)
         position, data_tensors = stream.state()
-        tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("ema", ema.state_dict()),
+        tensors = {**ckpt.prefixed("net", net_state), **ckpt.prefixed("ema", ema_state),
                    **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()},
                    **data_tensors}
         tensors.update(ckpt.prefixed("target", method.state_tensors()))  # e.g. an EMA target (CD, CT)
         ckpt.save_checkpoint(ckpt_dir, at_step, tensors,
                              {"config": config, "network": spec, "method": method_cfg, "data": data_info,
-                              "optimizer": opt_meta, "nonfinite_total": nonfinite_total,
+                              "optimizer": opt_meta, "optimizer_format": "fqn", "nonfinite_total": nonfinite_total,
                               "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                               "data_position": position})
         ckpt.prune_checkpoints(ckpt_dir, keep_ckpts)
 
-    run = Run(out_dir, net, ema.net, method, data_info or {}, steps, step, config)
+    run = Run(out_dir, net, preview_ema if parallel == "fsdp" else ema.net, method, data_info or {}, steps, step,
+              config)
+
+    def gather_ema(force: bool = False) -> None:
+        """fsdp: the full EMA weights into process 0's unsharded copy, when a callback needs them
+        (a collective: every process decides the same way)."""
+        if parallel == "fsdp" and (force or any(cb.needs_ema(run) for cb in callbacks)):
+            full = fsdp.full_state_dict(ema.net)
+            if main_process:
+                preview_ema.load_state_dict(full)
     callbacks = list(callbacks)
     log_path = out_dir / "log.jsonl"
     if step == 0 and log_path.exists() and main_process:
@@ -302,28 +427,44 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     nonfinite_run, acc, acc_n, t_last, step_last = 0, {}, 0, time.perf_counter(), step
     bar = tqdm(total=steps, initial=step, disable=not (progress and main_process), dynamic_ncols=True, unit="step")
     net.train()
+    stops = _StopRequests()
     try:
+        stops.__enter__()
         while step < steps:
             if lr_schedule is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_schedule(step)
-            x0, labels = split_batch(next(stream))
-            if data_info is None:
-                data_info = run.data_info = _data_info(data, x0, net)
-            x0 = x0.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True) if labels is not None and getattr(net, "num_classes", 0) \
-                else None
-            with autocast_context(device, precision):
-                per_sample, stats = method(net, x0, labels, step)
-            loss = per_sample.mean()
             optimizer.zero_grad(set_to_none=True)
-            ok = bool(torch.isfinite(loss))
-            if ok:
-                scaler.scale(loss).backward()
-            ok = average_gradients(net.parameters(), dist_info, ok)  # several processes: all or none step
+            ok, loss_sum, stats_sum = True, 0.0, {}
+            for micro in range(grad_accum):  # K micro-batches = one batch K times larger
+                x0, labels = split_batch(next(stream))
+                if data_info is None:
+                    data_info = run.data_info = _data_info(data, x0, net)
+                x0 = x0.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True) if labels is not None and \
+                    getattr(net, "num_classes", 0) else None
+                last = micro == grad_accum - 1
+                # DDP all-reduces in the last micro-batch's backward only
+                with (eager_model.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()):
+                    with autocast_context(device, precision):
+                        try:
+                            per_sample, stats = method(model, x0, labels, step)
+                        except Exception as err:  # noqa: BLE001 - only a failed compile is caught
+                            if model is eager_model:
+                                raise
+                            model = _compile_failed(err, eager_model, main_process)
+                            per_sample, stats = method(model, x0, labels, step)
+                    loss = per_sample.mean()
+                    if not all_finite(loss, dist_info):  # all processes skip together, before any backward
+                        ok = False
+                        break
+                    scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.detach() / grad_accum
+                for key, value in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + value.detach().float() / grad_accum
             if ok:
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip or math.inf)
+                grad_norm = fsdp.clip_grad_norm(net.parameters(), grad_clip or math.inf)
                 ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()
             if ok:
                 scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
@@ -332,7 +473,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 if method.after_step(net, step):
                     ema.net.load_state_dict(net.state_dict())  # e.g. a new progressive-distillation round
                 nonfinite_run = 0
-                for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **stats}.items():
+                for key, value in {"loss": loss_sum, "grad_norm": grad_norm, **stats_sum}.items():
                     acc[key] = acc.get(key, 0.0) + value.detach().float()  # no sync until logged
                 acc_n += 1
             else:
@@ -360,19 +501,33 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 for cb in callbacks:
                     cb.on_log(run, record)
                 acc, acc_n, t_last, step_last = {}, 0, now, step
+            gather_ema()
             if main_process:
                 for cb in callbacks:
                     cb.on_step(run)
             if ckpt_every and step % ckpt_every == 0 and step < steps:
                 save(step)
+            if stops.signal:  # at a step's end: a consistent state to save
+                bar.close()
+                save(step, gather=False)  # no collectives while the other processes are being stopped too
+                if main_process:
+                    print(f"\nstopped by {stops.signal}: checkpoint saved at step {step} in {ckpt_dir}")
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        save(step, gather=False)  # no collectives while the other processes are being stopped too
-        if main_process:
-            print(f"\ninterrupted: checkpoint saved at step {step} in {ckpt_dir}")
         raise
+    except Exception as err:
+        if dist_info.enabled and _peer_failure(err):
+            bar.close()
+            raise RunStoppedError(f"process {dist_info.rank} stops: another process of the run failed "
+                                  f"({' '.join(str(err).split())[:120]}); {last_good()}; run the same command "
+                                  f"to resume") from None
+        raise
+    finally:
+        stops.__exit__()
     bar.close()
     save(step)
+    gather_ema(force=True)
     if not main_process:
         barrier(dist_info)  # process 0 writes samples and plots, then releases everyone
         shutdown_distributed(dist_info)

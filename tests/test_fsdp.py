@@ -24,8 +24,9 @@ import fewstep.methods.flow as flow_module
 import fewstep.methods.sct as sct_module
 from fewstep.ema import EMA
 from fewstep.fsdp import (clip_grad_norm, full_optimizer_state, full_state_dict, load_full_optimizer_state,
-                          load_full_state_dict, shard, transformer_blocks)
+                          load_full_state_dict, shard)
 from fewstep.methods import SCT, FlowMatching
+from fewstep.networks.blocks import blocks
 from fewstep.networks import MLP, DiT, UNet
 
 WORLD, BATCH = 2, 8
@@ -234,10 +235,10 @@ def _part(results, name):
 # Tests
 
 
-def test_transformer_blocks_are_the_outermost_module_list_elements():
+def test_blocks_are_the_outermost_module_list_elements():
     nets = _nets()
-    assert transformer_blocks(nets["mlp"][0]) == list(nets["mlp"][0].blocks)
-    assert transformer_blocks(nets["dit"][0]) == list(nets["dit"][0].blocks)
+    assert blocks(nets["mlp"][0]) == list(nets["mlp"][0].blocks)
+    assert blocks(nets["dit"][0]) == list(nets["dit"][0].blocks)
 
     class Nested(nn.Module):
         def __init__(self):
@@ -246,18 +247,17 @@ def test_transformer_blocks_are_the_outermost_module_list_elements():
             self.inner = nn.Sequential(nn.ModuleList([nn.Linear(2, 2)]))
 
     net = Nested()
-    assert transformer_blocks(net) == [net.stages[0], net.stages[1], net.inner[0][0]]
+    assert blocks(net) == [net.stages[0], net.stages[1], net.inner[0][0]]
     unet = UNet(1, 8, model_channels=8)
-    assert transformer_blocks(unet) == [*unet.enc, *unet.mid, *unet.dec]
+    assert blocks(unet) == [*unet.enc, *unet.mid, *unet.dec]
 
 
-def test_transformer_blocks_of_a_diffusers_unet():
+def test_blocks_of_a_diffusers_unet():
     diffusers = pytest.importorskip("diffusers")
     net = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
                                 up_block_types=("UpBlock2D",) * 2)
-    blocks = transformer_blocks(net)
-    assert blocks == [*net.down_blocks, *net.up_blocks, *net.mid_block.attentions, *net.mid_block.resnets]
+    assert blocks(net) == [*net.down_blocks, *net.up_blocks, *net.mid_block.attentions, *net.mid_block.resnets]
 
 
 @pytest.mark.parametrize("net", ["mlp", "dit"])

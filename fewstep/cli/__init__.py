@@ -41,7 +41,7 @@ def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, (ValueError, FileNotFoundError)):  # ConfigError, DataError, CheckpointError, ... too
         return True
     train = sys.modules.get("fewstep.train")  # not imported: training never ran, so it did not diverge
-    return train is not None and isinstance(e, train.NonFiniteLossError)
+    return train is not None and isinstance(e, (train.NonFiniteLossError, train.RunStoppedError))
 
 
 def main(argv: list[str] | None = None) -> int:

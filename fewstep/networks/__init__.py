@@ -40,7 +40,7 @@ from fewstep.networks.unet import UNet
 # Constructor arguments `build_network` fills in from the data when a network takes them.
 DATA_ARGUMENTS = ("img_channels", "img_resolution", "dim", "num_classes")
 # Keys of the `network` config section that are not constructor arguments.
-BUILD_KEYS = ("arch", "class_conditional")
+BUILD_KEYS = ("arch", "class_conditional", "checkpoint_activations")
 
 
 def constructor_arguments(cls) -> dict[str, inspect.Parameter]:
@@ -85,6 +85,7 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     for data of `kind` ('image'/'vector') and `shape`; data-shaped arguments are filled in."""
     cfg = dict(cfg)
     arch = resolve_arch(cfg.pop("arch", "auto"), kind)
+    checkpointed = cfg.pop("checkpoint_activations", False)
     classes = num_classes if cfg.pop("class_conditional", False) else 0
     if cfg.get("guidance_input") and not classes:
         raise ValueError("network.guidance_input needs class labels (network.class_conditional=true, on labelled "
@@ -112,7 +113,12 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
         raise ValueError(f"network {arch!r} takes no num_classes, so it cannot be class-conditional")
     kwargs = {k: v for k, v in data.items() if k in params}
     kwargs.update(cfg)
-    return cls(**kwargs)
+    net = cls(**kwargs)
+    if checkpointed:
+        from fewstep.networks.blocks import checkpoint_activations
+
+        checkpoint_activations(net)
+    return net
 
 
 __all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiffusersNetwork", "DiT", "check_network_values", "check_tangent",

@@ -200,6 +200,12 @@ _register(_funcs("mul", "multiply", "__mul__", "__rmul__", "matmul", "__matmul__
                  "bmm", "einsum", "outer", "dot", "bilinear"), _multilinear)
 
 
+@_rule("detach")
+def _detach(c, x):
+    """`detach` cuts the tangent as it cuts the gradient (as forward-mode AD does)."""
+    return None
+
+
 @_rule("add", "__add__", "__radd__")
 def _add(c, a, b, *, alpha=1):
     ta, tb = c.t(a), c.t(b)
