@@ -128,6 +128,21 @@ def _sum(*terms):
     return total
 
 
+def _sum_fresh(terms):
+    """`_sum` of tensors this rule just made (no one else holds them): accumulated in place, one
+    allocation less per term -- the rules run on activation-sized tensors."""
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for term in terms[1:]:
+        if total.shape == torch.broadcast_shapes(total.shape, term.shape) and total.dtype == term.dtype:
+            total.add_(term)
+        else:
+            total = total + term
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # Rules: rule(ctx, *args, **kwargs) -> tangent (same structure as the op's output) or None.
 
@@ -193,7 +208,7 @@ def _multilinear(c, *args, **kwargs):
         if tx is not None:
             sub = lambda y, x=x, tx=tx: tx if y is x else y  # noqa: E731
             terms.append(c.func(*_map(sub, args), **_map(sub, kwargs)))
-    return _sum(*terms)
+    return _sum_fresh(terms)
 
 
 _register(_funcs("mul", "multiply", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "mm",
@@ -253,29 +268,24 @@ _register(_funcs("sqrt"), _unary(lambda x, y: 0.5 / y))
 _register(_funcs("rsqrt"), _unary(lambda x, y: -0.5 * y * y * y))
 _register(_funcs("abs"), _unary(lambda x, y: torch.sign(x)))
 _register(_funcs("square"), _unary(lambda x, y: 2.0 * x))
-_register(_funcs("sigmoid"), _unary(lambda x, y: y * (1.0 - y)))
-_register(_funcs("tanh"), _unary(lambda x, y: 1.0 - y * y))
+def _fused_unary(backward):
+    """Elementwise ops have a diagonal Jacobian, so the JVP is the VJP: PyTorch's fused backward
+    kernel of the op, fed the tangent as its incoming gradient (one pass, one allocation)."""
+    def rule(c, x, *args, **kwargs):
+        tx = c.t(x)
+        return None if tx is None else backward(tx.to(x.dtype), x, c.out, *args, **kwargs)
+    return rule
+
+
+_register(_funcs("sigmoid"), _fused_unary(lambda tx, x, y: torch.ops.aten.sigmoid_backward(tx, y)))
+_register(_funcs("tanh"), _fused_unary(lambda tx, x, y: torch.ops.aten.tanh_backward(tx, y)))
 _register(_funcs("relu"), _unary(lambda x, y, inplace=False: (x > 0).to(x.dtype)))
 
 
-def _silu_deriv(x, y, inplace=False):
-    s = torch.sigmoid(x)
-    return s * (1.0 + x * (1.0 - s))
-
-
-_register(_funcs("silu") + [torch._C._nn.silu], _unary(_silu_deriv))
-
-
-def _gelu_deriv(x, y, approximate="none"):
-    if approximate == "tanh":
-        k = math.sqrt(2.0 / math.pi)
-        u = torch.tanh(k * (x + 0.044715 * x ** 3))
-        return 0.5 * (1.0 + u) + 0.5 * x * (1.0 - u * u) * k * (1.0 + 3 * 0.044715 * x * x)
-    cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-    return cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-
-
-_register(_funcs("gelu"), _unary(_gelu_deriv))
+_register(_funcs("silu") + [torch._C._nn.silu],
+          _fused_unary(lambda tx, x, y, inplace=False: torch.ops.aten.silu_backward(tx, x)))
+_register(_funcs("gelu"), _fused_unary(lambda tx, x, y, approximate="none":
+                                       torch.ops.aten.gelu_backward(tx, x, approximate=approximate)))
 
 
 @_rule("pow", "__pow__")
@@ -329,8 +339,10 @@ def _conv(c, x, weight, bias=None, *rest, **kwargs):
 
 def _norm_tangent(n, r, tx, dims):
     """Tangent of `n = (x - mean) r`, `r = 1 / sqrt(var + eps)` over `dims`:
-    `r (dx - mean(dx) - n mean(n dx))` (mean(n) = 0)."""
-    return r * (tx - tx.mean(dims, keepdim=True) - n * (n * tx).mean(dims, keepdim=True))
+    `r (dx - mean(dx) - n mean(n dx))` (mean(n) = 0); two activation-sized allocations."""
+    n_dot_mean = (n * tx).mean(dims, keepdim=True)
+    out = tx - tx.mean(dims, keepdim=True)
+    return out.addcmul_(n, n_dot_mean, value=-1).mul_(r)
 
 
 def _affine_tangent(n, tn, weight, bias, tw, tb, shape):
@@ -345,8 +357,14 @@ def _affine_tangent(n, tn, weight, bias, tw, tb, shape):
 def _group_norm(c, x, num_groups, weight=None, bias=None, eps=1e-5):
     tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
     b, ch = x.shape[:2]
-    # the normalized x and 1/std in one pass (the kernel the primal ran)
-    n, _, rstd = torch.native_group_norm(x.contiguous(), None, None, b, ch, x.numel() // (b * ch), num_groups, eps)
+    # the normalized x and 1/std in one pass (the kernel the primal ran; without an affine
+    # transform the primal's output is n itself, and only the small 1/std is recomputed)
+    if weight is None and bias is None:
+        n = c.out
+        rstd = torch.rsqrt(x.reshape(b, num_groups, -1).var(-1, unbiased=False) + eps)
+    else:
+        n, _, rstd = torch.native_group_norm(x.contiguous(), None, None, b, ch, x.numel() // (b * ch), num_groups,
+                                             eps)
     tn = None
     if tx is not None:
         ng = n.reshape(b, num_groups, -1)
