@@ -148,6 +148,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         precision=tc.precision, grad_clip=cfg.optim.grad_clip, seed=tc.seed, log_every=tc.log_every,
         ckpt_every=tc.ckpt_every, keep_ckpts=tc.keep_ckpts, resume=tc.resume, max_nonfinite=tc.max_nonfinite,
         progress=tc.progress, config=cfg.to_dict(), parallel=tc.parallel, grad_accum=tc.grad_accum, compile=tc.compile,
+        sharded_checkpoints=tc.sharded_checkpoints,
         callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset)])
     return Built(net, method, dataset, options, teacher)
 

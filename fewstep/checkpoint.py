@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def prune_checkpoints(directory: str | Path, keep: int) -> None:
     for p in list_checkpoints(directory)[:-keep]:
         p.unlink(missing_ok=True)  # JSON first: the checkpoint stops counting at once
         p.with_suffix(".safetensors").unlink(missing_ok=True)
+        shards = p.with_suffix(".shards")
+        if shards.is_dir():
+            shutil.rmtree(shards, ignore_errors=True)
+
+
+def write_shard(directory: str | Path, rank: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """One process's part of a sharded checkpoint, `<directory>/rank<r>.safetensors`, atomically.
+    The checkpoint counts only once process 0 has written its JSON, after every shard."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"rank{rank:05d}.safetensors"
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        _atomic_write(path, lambda p: save_file(flat, str(p)))
+    except Exception as e:  # noqa: BLE001 - disk full and the like: one line
+        raise CheckpointError(f"could not write {path} ({' '.join(str(e).split())})") from None
+    return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

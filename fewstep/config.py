@@ -126,6 +126,7 @@ class TrainConfig:
     parallel: str = "auto"  # under torchrun: 'ddp', 'fsdp' (sharded), or 'auto' (ddp with several processes)
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size each)
     compile: bool = False  # torch.compile the network (falls back to eager with a message)
+    sharded_checkpoints: bool = False  # fsdp: each process writes its own shards (models beyond one process)
     init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
 
     def validate(self):

@@ -29,6 +29,8 @@ with identical placements.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -162,3 +164,129 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     norm over all processes as a plain tensor (a collective when the gradients are sharded)."""
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints: each process writes its own shards (safetensors, never pickles); a run
+# resumes on any number of processes by reading, per tensor, only the rows its new shard needs.
+
+
+def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The dim-0 rows of `rank`'s shard of `n` rows over `world` processes (FSDP2: `torch.chunk`)."""
+    size = -(-n // world)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
+
+
+def sharded_state(net: nn.Module, ema_net: nn.Module, optimizer: torch.optim.Optimizer
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's shards of the weights, the EMA and the optimizer state, as CPU tensors keyed
+    `net.<FQN>`, `ema.<FQN>`, `optim.<FQN>/<key>`, and the layout (full shapes; which tensors are
+    sharded on dim 0) with the optimizer's JSON part. Replicated tensors (buffers, Adam's `step`)
+    are kept by process 0 only. No communication."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    tensors, layout = {}, {}
+
+    def put(name, value):
+        if isinstance(value, DTensor):
+            tensors[name] = value.to_local().detach().cpu().contiguous().clone()
+            layout[name] = {"shape": list(value.shape), "sharded": True}
+        elif isinstance(value, torch.Tensor):
+            if rank == 0:
+                tensors[name] = value.detach().cpu().contiguous().clone()
+            layout[name] = {"shape": list(value.shape), "sharded": False}
+
+    options = StateDictOptions(full_state_dict=False)
+    for prefix, module in (("net", net), ("ema", ema_net)):
+        for fqn, value in get_model_state_dict(module, options=options).items():
+            put(f"{prefix}.{fqn}", value)
+    osd = get_optimizer_state_dict(net, optimizer, options=options)
+    scalars = {}
+    for fqn, state in osd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                put(f"optim.{fqn}/{key}", value)
+            else:
+                scalars.setdefault(fqn, {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, {"layout": layout, "optimizer": {"param_groups": groups, "state": scalars}}
+
+
+def read_rows(files: list[Path], name: str, shape: list[int], rows: tuple[int, int]) -> torch.Tensor:
+    """Rows `[a, b)` of the full tensor `name`, sharded on dim 0 over `files` (one per process of
+    the run that wrote them), reading only the overlapping slices."""
+    from safetensors import safe_open
+
+    a, b = rows
+    parts = []
+    for j, path in enumerate(files):
+        lo, hi = _rows(shape[0], len(files), j)
+        start, stop = max(a, lo), min(b, hi)
+        if start < stop:
+            with safe_open(str(path), framework="pt") as f:
+                parts.append(f.get_slice(name)[start - lo:stop - lo])
+    if not parts:
+        return torch.empty(0, *shape[1:])
+    return torch.cat(parts)
+
+
+def _replicated(files: list[Path], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def read_full(files: list[Path], layout: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """The full tensors under `prefix` (e.g. 'ema') of a sharded checkpoint, unprefixed."""
+    out = {}
+    for name, info in layout.items():
+        if name.startswith(prefix + "."):
+            out[name[len(prefix) + 1:]] = (read_rows(files, name, info["shape"], (0, info["shape"][0]))
+                                           if info["sharded"] else _replicated(files, name))
+    return out
+
+
+def shard_files(directory: Path, processes: int) -> list[Path]:
+    """The per-process files of a sharded checkpoint, in rank order (all must exist)."""
+    files = [Path(directory) / f"rank{r:05d}.safetensors" for r in range(processes)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"sharded checkpoint {directory} lacks {', '.join(missing[:3])}")
+    return files
+
+
+def load_sharded_state(files: list[Path], meta: dict, net: nn.Module, ema_net: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> None:
+    """Load what `sharded_state` wrote (`files`: one per process of that run, in rank order) into
+    `net`, `ema_net` and `optimizer`, sharded over any number of processes now, or not sharded."""
+    layout = meta["layout"]
+    if not is_sharded(net):  # one process: the full tensors
+        load_full_state_dict(net, read_full(files, layout, "net"))
+        load_full_state_dict(ema_net, read_full(files, layout, "ema"))
+        load_full_optimizer_state(net, optimizer, read_full(files, layout, "optim"), meta["optimizer"])
+        return
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    options = StateDictOptions(full_state_dict=False)
+
+    def local(name: str, template) -> torch.Tensor:
+        info = layout[name]
+        if not info["sharded"]:
+            return _replicated(files, name).to(template.device if isinstance(template, torch.Tensor) else "cpu")
+        rows = read_rows(files, name, info["shape"], _rows(info["shape"][0], world, rank))
+        return DTensor.from_local(rows.to(template.device_mesh.device_type), template.device_mesh,
+                                  template.placements, shape=template.shape, stride=template.stride())
+
+    for prefix, module in (("net", net), ("ema", ema_net)):
+        templates = get_model_state_dict(module, options=options)
+        set_model_state_dict(module, {fqn: local(f"{prefix}.{fqn}", t) for fqn, t in templates.items()},
+                             options=options)
+    params = get_model_state_dict(net, options=options)  # the optimizer state is shaped as its parameter
+    state: dict[str, dict] = {fqn: dict(s) for fqn, s in meta["optimizer"].get("state", {}).items()}
+    for name in layout:
+        if name.startswith("optim."):
+            fqn, _, key = name[6:].rpartition("/")
+            state.setdefault(fqn, {})[key] = local(name, params[fqn])
+    groups = [{k: (type(live[k])(v) if isinstance(live.get(k), tuple) else v) for k, v in g.items()}
+              for g, live in zip(meta["optimizer"]["param_groups"], optimizer.param_groups)]
+    set_optimizer_state_dict(net, optimizer, {"state": state, "param_groups": groups}, options=options)

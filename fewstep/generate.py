@@ -150,8 +150,16 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
     if state.get("step") and getattr(method, "total_steps", None) == 0:
         method.setup(net, int(config.get("train", {}).get("steps", state["step"])))
     prefix = "ema" if ema else "net"
+    if state.get("shards"):  # a sharded (fsdp) checkpoint: the full weights from every process's file
+        from fewstep.fsdp import read_full, shard_files
+
+        shards = state["shards"]
+        weights = read_full(shard_files(json_path.parent / shards["dir"], shards["processes"]), shards["layout"],
+                            prefix)
+    else:
+        weights = unprefixed(prefix, tensors)
     try:
-        net.load_state_dict(unprefixed(prefix, tensors))
+        net.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None

@@ -276,7 +276,8 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         grad_clip: float | None = 1.0, seed: int = 0, log_every: int = 50, ckpt_every: int = 500,
         keep_ckpts: int = 2, resume: bool = True, max_nonfinite: int = 10, progress: bool = True,
         callbacks: Iterable[Callback] = (), config: dict | None = None, data_info: dict | None = None,
-        parallel: str = "auto", grad_accum: int = 1, compile: bool | str = False) -> dict:
+        parallel: str = "auto", grad_accum: int = 1, compile: bool | str = False,
+        sharded_checkpoints: bool = False) -> dict:
     """Train `net` with `method` on `data` for `steps` optimizer steps, writing `out_dir`.
 
     net:       any `nn.Module` under the network contract `F(x_t / sigma_d, t, labels=None, **cond)`
@@ -292,6 +293,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     parallel:  under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, `fewstep.fsdp`);
                "auto": ddp with several processes, none with one.
     grad_accum: K micro-batches per optimizer step (the same step as one batch K times larger).
+    sharded_checkpoints: with fsdp, each process writes its own shards (safetensors) instead of
+               gathering the full model on process 0: for models larger than one process's memory.
+               Either kind resumes on any number of processes.
     compile:   `torch.compile` the network (True: inductor; or a backend name); if compiling fails,
                one line says why and training continues eagerly. The tangent engine's pass runs
                eagerly: traced op by op it recompiled at every step and was slower (docs/results.md).
@@ -319,6 +323,8 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     broadcast_parameters(net, dist_info)  # the same initial weights everywhere (ddp, fsdp)
     if parallel == "auto":
         parallel = "ddp" if dist_info.enabled else "none"
+    if sharded_checkpoints and parallel != "fsdp":
+        raise ValueError("sharded_checkpoints needs parallel 'fsdp' (there is nothing sharded to write otherwise)")
     if parallel == "none" and dist_info.enabled:
         raise ValueError(f"parallel 'none' with {dist_info.world_size} processes would train {dist_info.world_size} "
                          f"separate models; use 'ddp' or 'fsdp'")
@@ -363,11 +369,17 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     found = ckpt.load_latest_good(ckpt_dir, device=device) if resume else None
     if found is not None:
         path, tensors, state = found
-        fsdp.load_full_state_dict(net, ckpt.unprefixed("net", tensors))  # sharded or not, any process count
-        fsdp.load_full_state_dict(ema.net, ckpt.unprefixed("ema", tensors))
-        if state.get("optimizer_format") == "fqn":
+        if state.get("shards"):  # written shard by shard: read only the rows this process needs
+            shards = state["shards"]
+            files = fsdp.shard_files(ckpt_dir / shards["dir"], shards["processes"])
+            fsdp.load_sharded_state(files, {**shards, "optimizer": state["optimizer"]}, net, ema.net, optimizer)
+        elif state.get("optimizer_format") == "fqn":  # full tensors: sharded or not, any process count
+            fsdp.load_full_state_dict(net, ckpt.unprefixed("net", tensors))
+            fsdp.load_full_state_dict(ema.net, ckpt.unprefixed("ema", tensors))
             fsdp.load_full_optimizer_state(net, optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
-        else:  # fewstep 0.1: keyed by parameter index
+        else:  # fewstep 0.1: the optimizer keyed by parameter index
+            net.load_state_dict(ckpt.unprefixed("net", tensors))
+            ema.load_state_dict(ckpt.unprefixed("ema", tensors))
             ckpt.optimizer_from_flat(optimizer, ckpt.unprefixed("optim", tensors), state["optimizer"])
         if state.get("grad_scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["grad_scaler"])
@@ -392,10 +404,18 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
             return
         rngs = (gather_objects({k: v.cpu() for k, v in rng_tensors(device, dist_info.rank).items()}, dist_info)
                 if gather else [rng_tensors(device, dist_info.rank)])
-        # Full (unsharded) weights and optimizer state keyed by parameter name: the same file
-        # whatever the parallelism, so a run resumes on any number of processes.
-        net_state, ema_state = fsdp.full_state_dict(net), fsdp.full_state_dict(ema.net)
-        opt_tensors, opt_meta = fsdp.full_optimizer_state(net, optimizer)
+        shards = None
+        if sharded_checkpoints:  # every process writes its own part; process 0 the rest, last
+            shard_tensors, shards = fsdp.sharded_state(net, ema.net, optimizer)
+            shards.update(dir=f"ckpt-{at_step:07d}.shards", processes=dist_info.world_size)
+            ckpt.write_shard(ckpt_dir / shards["dir"], dist_info.rank, shard_tensors)
+            barrier(dist_info)
+            net_state, ema_state, opt_tensors, opt_meta = {}, {}, {}, shards.pop("optimizer")
+        else:
+            # Full (unsharded) weights and optimizer state keyed by parameter name: the same file
+            # whatever the parallelism, so a run resumes on any number of processes.
+            net_state, ema_state = fsdp.full_state_dict(net), fsdp.full_state_dict(ema.net)
+            opt_tensors, opt_meta = fsdp.full_optimizer_state(net, optimizer)
         if not main_process:
             return
         position, data_tensors = stream.state()
@@ -406,6 +426,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         ckpt.save_checkpoint(ckpt_dir, at_step, tensors,
                              {"config": config, "network": spec, "method": method_cfg, "data": data_info,
                               "optimizer": opt_meta, "optimizer_format": "fqn", "nonfinite_total": nonfinite_total,
+                              "shards": shards,
                               "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                               "data_position": position})
         ckpt.prune_checkpoints(ckpt_dir, keep_ckpts)

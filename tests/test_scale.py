@@ -231,3 +231,36 @@ def test_losing_a_process_stops_the_run_and_it_resumes(tmp_path):
     step = ckpt.load_checkpoint(out)[1]["step"]
     resumed = _run(cmd[:cmd.index("--steps") + 1] + [str(step + 2)] + cmd[cmd.index("--steps") + 2:])
     assert "resumed from" in resumed.stdout and ckpt.load_checkpoint(out)[1]["step"] == step + 2
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_sharded_fsdp_checkpoints_resume_identically_on_two_processes_and_on_one(tmp_path):
+    """`train.sharded_checkpoints`: each process writes its own shards (no full model on process 0);
+    2 + 2 steps equal 4 steps, the shards load on one process, and `fewstep sample` reads them."""
+    from fewstep.fsdp import read_full, shard_files
+
+    sharded = ("--set", "train.sharded_checkpoints=true")
+    _run(_train_cmd(tmp_path / "full", 4, "fsdp", 2, *sharded))
+    _run(_train_cmd(tmp_path / "split", 2, "fsdp", 2, *sharded))
+    _run(_train_cmd(tmp_path / "split", 4, "fsdp", 2, *sharded))
+
+    def weights(run):
+        path = ckpt.resolve_checkpoint(run)
+        state = json.loads(path.read_text())
+        files = shard_files(path.parent / state["shards"]["dir"], 2)
+        main_file = ckpt.load_checkpoint(path)[0]  # process 0's own file: RNG states, no weights
+        assert state["step"] == 4 and len(files) == 2 and not any(k.startswith(("net.", "ema.")) for k in main_file)
+        return {p: read_full(files, state["shards"]["layout"], p) for p in ("net", "ema", "optim")}
+
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for part in full:
+        assert full[part].keys() == split[part].keys() and full[part]
+        for key in full[part]:
+            assert torch.equal(full[part][key], split[part][key]), (part, key)
+    one = _run(_train_cmd(tmp_path / "split", 6, "none", 0))  # the shards, on one process
+    assert "resumed from" in one.stdout and ckpt.load_checkpoint(tmp_path / "split")[1]["step"] == 6
+    from fewstep.generate import load_model
+
+    model = load_model(tmp_path / "full")
+    for key, value in model.net.state_dict().items():
+        assert torch.equal(value, full["ema"][key]), key
