@@ -152,3 +152,16 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(raw) if gz else raw)
     return path
+
+
+def init_gloo(rank: int, world: int, directory) -> None:
+    """A Gloo process group for an `mp.spawn` test, met through a file in `directory` (no TCP port
+    to race for), with a timeout so that a failed peer fails the test instead of hanging it."""
+    import datetime
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{Path(directory).resolve() / 'gloo-store'}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))

@@ -4,7 +4,6 @@ run on CPU (Gloo) that resumes."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -15,18 +14,11 @@ import torch.multiprocessing as mp
 from fewstep import checkpoint as ckpt
 from fewstep.distributed import DistInfo, broadcast_parameters, gather_objects
 from fewstep.networks import MLP
+from helpers import init_gloo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    init_gloo(rank, world, out_dir)
     info = DistInfo(rank, world)
     torch.manual_seed(100 + rank)  # different initial weights: broadcast must fix them
     net = MLP(3, 16, 2, adaptive_weight=False).double()
@@ -40,7 +32,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_broadcast_makes_replicas_identical_and_gather_keeps_rank_order(tmp_path):
     """(The DDP gradient against the full-batch gradient: tests/test_scale.py.)"""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["gathered"] == r1["gathered"] == [0, 1]
     assert r0["weights"] == r1["weights"]

@@ -7,10 +7,8 @@ One `mp.spawn` runs every distributed check (a module fixture); each test reads 
 
 import contextlib
 import copy
-import datetime
 import json
 import os
-import socket
 import traceback
 
 import pytest
@@ -28,14 +26,9 @@ from fewstep.fsdp import (clip_grad_norm, full_optimizer_state, full_state_dict,
 from fewstep.methods import SCT, FlowMatching
 from fewstep.networks.blocks import blocks
 from fewstep.networks import MLP, DiT, UNet
+from helpers import init_gloo
 
 WORLD, BATCH = 2, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,10 +191,8 @@ def _check_bf16(rank, out):
                 "grads": len(grads)}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+def _worker(rank: int, out_dir: str) -> None:
+    init_gloo(rank, WORLD, out_dir)
     out = {}
     for name, check in (("gradients", lambda: _check_gradients(rank, out)),
                         ("checkpoint", lambda: _check_checkpoint(rank, out, out_dir)),
@@ -220,7 +211,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD, join=True)
     return out_dir, [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ from fewstep.methods.scm import scm_loss
 from fewstep.networks import MLP, DiT
 from fewstep.networks.blocks import checkpoint_activations
 from fewstep.trigflow import net_velocity, trigflow_noise, trigflow_velocity
+from helpers import init_gloo
 
 SD = 0.5
 TORCHRUN = shutil.which("torchrun")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(kind: str):
@@ -58,10 +52,8 @@ def _loss(objective, model, x_t, t, v):
     return scm_loss(model, x_t, t, v, SD, jvp_mode="tangent")[0].mean()
 
 
-def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, out):
+    init_gloo(rank, world, out)
     result = {}
     for kind in ("mlp", "dit"):
         for objective in ("flow", "sct"):
@@ -83,7 +75,7 @@ def _ddp_worker(rank, world, port, out):
 def test_ddp_gradient_equals_the_full_batch_gradient(tmp_path):
     """Flow matching and sCT through the tangent engine, through DDP's own forward (its hooks see
     every call): the gradient of 2 processes x 4 samples equals that of 8 samples on one process."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, tmp_path), nprocs=2, join=True)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["all_finite"] == [True, False]  # a NaN on one process stops all of them
