@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import signal
@@ -549,6 +550,10 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     bar.close()
     save(step)
     gather_ema(force=True)
+    # Drop the DDP wrapper while the process group lives: freed later, its reducer would take the
+    # group down from a Python destructor, which deadlocks Gloo's worker thread on the GIL.
+    model = eager_model = None
+    gc.collect()
     if not main_process:
         barrier(dist_info)  # process 0 writes samples and plots, then releases everyone
         shutdown_distributed(dist_info)

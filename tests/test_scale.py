@@ -3,6 +3,7 @@ checkpointing, and FSDP2 runs under torchrun that resume on another number of pr
 survive the loss of a process. CPU, Gloo."""
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -66,6 +67,8 @@ def _ddp_worker(rank, world, out):
             err = max(((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-300)).item()
                       for p, q in zip(net.parameters(), full.parameters()) if q.grad is not None)
             result[f"{kind}-{objective}"] = err
+            del model  # before the group goes: a DDP reducer freed after it deadlocks Gloo's thread
+            gc.collect()
     result["all_finite"] = [all_finite(torch.tensor(1.0), DistInfo(rank, world)),
                             all_finite(torch.tensor(float("nan") if rank == 1 else 1.0), DistInfo(rank, world))]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
