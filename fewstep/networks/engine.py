@@ -106,6 +106,22 @@ def _leaves(x):
         yield x
 
 
+def _any_tangent(store: dict, xs) -> bool:
+    """Whether any tensor among `xs` (nested tuples, lists, dicts) has a tangent in `store`
+    (`TangentStore._d`): the mode's first question for every op, without generators."""
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            entry = store.get(id(x))
+            if entry is not None and entry[0]() is x:
+                return True
+        elif isinstance(x, (list, tuple)):
+            if not isinstance(x, torch.Size) and _any_tangent(store, x):
+                return True
+        elif isinstance(x, dict) and _any_tangent(store, x.values()):
+            return True
+    return False
+
+
 class _Ctx:
     """What a rule sees: the op, its primal output (detached), and `t(x)`: the tangent of a
     detached primal argument (None = zero)."""
@@ -553,8 +569,9 @@ class TangentMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not any(isinstance(x, torch.Tensor) and x in self.tangents for x in _leaves((args, kwargs))):
-            return func(*args, **kwargs)
+        store = self.tangents._d
+        if not (_any_tangent(store, args) or (kwargs and _any_tangent(store, kwargs.values()))):
+            return func(*args, **kwargs)  # the common case, kept cheap: this runs for every op
         special = _SPECIAL.get(func)
         if special is not None:
             out, tout = special(self, func, args, kwargs)
