@@ -80,6 +80,16 @@ def all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
     return bool(flag.item() > 0)
 
 
+def any_process(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` holds on ANY process (one MAX all-reduce): e.g. a stop signal that reached
+    one process stops all of them at the same step."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 class ContractDDP(torch.nn.parallel.DistributedDataParallel):
     """DDP that still answers the network contract's optional attributes (`num_classes`,
     `adaptive_weight`, `guidance_input`, ...) from the module it wraps."""

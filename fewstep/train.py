@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fewstep import checkpoint as ckpt
 from fewstep.devices import autocast_context, resolve_device
-from fewstep.distributed import (all_finite, barrier, broadcast_parameters, gather_objects, init_distributed,
+from fewstep.distributed import (all_finite, any_process, barrier, broadcast_parameters, gather_objects, init_distributed,
                                  shutdown_distributed, wrap_ddp)
 from fewstep import fsdp
 from fewstep.ema import EMA
@@ -367,6 +367,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         (out_dir / "config.json").write_text(json.dumps(config, indent=1))
 
     step, nonfinite_total = 0, 0
+    if not resume and ckpt.list_checkpoints(ckpt_dir):
+        raise ValueError(f"resume is off but {ckpt_dir} already holds checkpoints (a new run would mix with them "
+                         f"and prune its own); choose another out_dir or delete them")
     found = ckpt.load_latest_good(ckpt_dir, device=device) if resume else None
     if found is not None:
         path, tensors, state = found
@@ -386,8 +389,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
             scaler.load_state_dict(state["grad_scaler"])
         method.load_state_tensors(net, ckpt.unprefixed("target", tensors))
         restore_rng(tensors, device, dist_info.rank)
-        stream.load_state(state.get("data_position"), {k: v.cpu() for k, v in tensors.items()
-                                                       if k.startswith("data.")})
+        epoch_rng = "data.epoch_rng" + (f".rank{dist_info.rank}" if dist_info.rank else "")
+        stream.load_state(state.get("data_position"),
+                          {"data.epoch_rng": tensors[epoch_rng].cpu()} if epoch_rng in tensors else {})
         step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         data_info = data_info or state.get("data")
         if main_process:
@@ -397,14 +401,16 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
         good = ckpt.list_checkpoints(ckpt_dir)
         return f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
 
-    def save(at_step: int, gather: bool = True) -> None:
+    def own_state() -> dict[str, torch.Tensor]:
+        """This process's RNG states and its data stream's epoch RNG, keyed by rank."""
+        out = {k: v.cpu() for k, v in rng_tensors(device, dist_info.rank).items()}
+        suffix = f".rank{dist_info.rank}" if dist_info.rank else ""
+        out.update({k + suffix: v for k, v in stream.state()[1].items()})
+        return out
+
+    def save(at_step: int) -> None:
         """All processes call this (their RNG states are gathered); process 0 writes."""
-        if not gather and parallel == "fsdp":
-            if main_process:
-                print(f"\ninterrupted: the shards cannot be gathered now; {last_good()}")
-            return
-        rngs = (gather_objects({k: v.cpu() for k, v in rng_tensors(device, dist_info.rank).items()}, dist_info)
-                if gather else [rng_tensors(device, dist_info.rank)])
+        rngs = gather_objects(own_state(), dist_info)
         shards = None
         if sharded_checkpoints:  # every process writes its own part; process 0 the rest, last
             shard_tensors, shards = fsdp.sharded_state(net, ema.net, optimizer)
@@ -419,10 +425,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
             opt_tensors, opt_meta = fsdp.full_optimizer_state(net, optimizer)
         if not main_process:
             return
-        position, data_tensors = stream.state()
+        position = stream.state()[0]
         tensors = {**ckpt.prefixed("net", net_state), **ckpt.prefixed("ema", ema_state),
-                   **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()},
-                   **data_tensors}
+                   **ckpt.prefixed("optim", opt_tensors), **{k: v for r in rngs for k, v in r.items()}}
         tensors.update(ckpt.prefixed("target", method.state_tensors()))  # e.g. an EMA target (CD, CT)
         ckpt.save_checkpoint(ckpt_dir, at_step, tensors,
                              {"config": config, "network": spec, "method": method_cfg, "data": data_info,
@@ -529,11 +534,12 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                     cb.on_step(run)
             if ckpt_every and step % ckpt_every == 0 and step < steps:
                 save(step)
-            if stops.signal:  # at a step's end: a consistent state to save
+            if any_process(stops.signal is not None, dist_info, device):  # at a step's end, all processes together
                 bar.close()
-                save(step, gather=False)  # no collectives while the other processes are being stopped too
+                save(step)
                 if main_process:
-                    print(f"\nstopped by {stops.signal}: checkpoint saved at step {step} in {ckpt_dir}")
+                    print(f"\nstopped by {stops.signal or 'a signal to another process'}: checkpoint saved at "
+                          f"step {step} in {ckpt_dir}")
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()

@@ -185,3 +185,10 @@ def test_a_plain_callable_is_a_method(tmp_path):
     with pytest.warns(UserWarning, match="not a registered method"):
         fit(net, regression, [torch.randn(8, 2)], tmp_path, steps=3, progress=False)
     assert seen == [0, 1, 2]
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    """resume=False over old checkpoints would mix two runs (and prune the new one's files)."""
+    _fit(tmp_path, 2, data=[torch.randn(8, 2)], ckpt_every=1)
+    with pytest.raises(ValueError, match="resume is off but .* already holds checkpoints"):
+        _fit(tmp_path, 2, data=[torch.randn(8, 2)], resume=False)

@@ -318,3 +318,24 @@ def test_check_tangent_names_the_op_and_module_without_a_rule():
     assert report["first_bad_op"][0].endswith("erf") and report["first_bad_op"][1] is None
     assert report["first_bad_module"] == "1.1"
     assert any(name.endswith("erf") for name in report["ops_without_rule"])
+
+
+@pytest.mark.parametrize("inplace, plain", [
+    (torch.exp_, torch.exp), (torch.sigmoid_, torch.sigmoid), (F.relu_, F.relu),
+    (lambda y: F.leaky_relu_(y, 0.1), lambda y: F.leaky_relu(y, 0.1)),
+    (lambda y: F.silu(y, inplace=True), F.silu), (lambda y: y.exp_(), torch.exp)])
+def test_functional_inplace_ops_run_once_with_the_right_tangent(inplace, plain):
+    """`torch.exp_`, `F.relu_`, ...: in place by name; the op must run once on the real tensor
+    (not again in the tangent's fallback) and carry its exact tangent."""
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return inplace(x * 1.0)
+
+    x, tx = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, tout = tangent_forward(Net(), (x,), (tx,))
+    ref, tref = torch.func.jvp(plain, (x,), (tx,))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tout, tref, rtol=1e-10, atol=1e-12)

@@ -515,11 +515,13 @@ def _inplace_flag(func, args, kwargs) -> bool:
 
 
 def _inplace_name(func) -> str | None:
-    """The out-of-place twin's name of an in-place Tensor method ('add_' -> 'add'), or None."""
+    """The out-of-place twin's name of an in-place op, or None: Tensor methods ('add_' -> 'add')
+    and the functional forms (`torch.exp_`, `F.relu_`, `F.leaky_relu_`): by PyTorch's naming, a
+    trailing underscore means in place."""
     name = getattr(func, "__name__", "")
     if name.startswith("__i") and name.endswith("__"):
         return "__" + name[3:]
-    if name.endswith("_") and not name.endswith("__") and getattr(torch.Tensor, name, None) is func:
+    if name.endswith("_") and not name.endswith("__") and not name.startswith("_"):
         return name[:-1]
     return None
 
@@ -606,8 +608,9 @@ class TangentMode(TorchFunctionMode):
                 return out
 
         rule_func = func
-        if twin is not None:
-            rule_func = getattr(torch.Tensor, twin, None)
+        if twin is not None:  # the out-of-place op's rule, on the saved copy of the input
+            rule_func = next((f for f in (getattr(where, twin, None) for where in (torch.Tensor, torch, F))
+                              if f is not None and f in RULES), None)
         if "inplace" in dkwargs:
             dkwargs = dict(dkwargs, inplace=False)
         name = op_name(func)
@@ -628,6 +631,10 @@ class TangentMode(TorchFunctionMode):
                                     _rel_err(tout, _forward_ad_tangent(func, dargs, dkwargs, tangents))))
                 self.record_modules.append(self.module_stack[-1] if self.module_stack else "")
             if tout is None:
+                if inplace:  # the old tangent no longer describes the overwritten tensor
+                    for y in _leaves(out):
+                        if isinstance(y, torch.Tensor):
+                            self.tangents.pop(y)
                 return out
             for y, ty in zip(_leaves(out), _leaves(tout)):
                 if _is_float(y) and isinstance(ty, torch.Tensor):
