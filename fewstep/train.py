@@ -167,16 +167,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device, rank: in
 # Batches, with a position that checkpoints keep
 
 
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch is `x0`, `(x0,)` or `(x0, labels)`."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor):
-        return batch[0], (batch[1] if len(batch) == 2 else None)
-    raise TypeError(f"a batch must be a tensor x0, (x0,) or (x0, labels); got {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-
-
 class BatchStream:
     """Endless batches from an iterable, epoch after epoch, with a resumable position.
 
@@ -304,7 +294,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     Resumes from the latest good checkpoint in `out_dir` when `resume`. Returns the summary that
     `metrics.json` holds.
     """
-    from fewstep.data import Dataset, make_loader
+    from fewstep.data import Dataset, make_loader, unpack_batch
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -464,7 +454,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
             optimizer.zero_grad(set_to_none=True)
             ok, loss_sum, stats_sum = True, 0.0, {}
             for micro in range(grad_accum):  # K micro-batches = one batch K times larger
-                x0, labels = split_batch(next(stream))
+                x0, labels = unpack_batch(next(stream))
                 if data_info is None:
                     data_info = run.data_info = _data_info(data, x0, net)
                 x0 = x0.to(device, non_blocking=True)

@@ -35,11 +35,16 @@ def check_count(value, what: str) -> None:
         raise DataError(f"{what} must be a positive integer, got {value!r}")
 
 
-def unpack_batch(batch: tuple[torch.Tensor, ...], device: torch.device | str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(x,)` or `(x, labels)` -> `(x, labels or None)`, moved to `device`."""
+def unpack_batch(batch, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch `x`, `(x,)` or `(x, labels)` -> `(x, labels or None)`, moved to `device` (the
+    batch forms `fewstep.fit` takes from any iterable)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device), None
+    if not (isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor)):
+        raise TypeError(f"a batch must be a tensor x0, (x0,) or (x0, labels); got {type(batch).__name__}"
+                        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
     x = batch[0].to(device)
-    return x, (batch[1].to(device) if len(batch) > 1 else None)
+    return x, (batch[1].to(device) if len(batch) == 2 and batch[1] is not None else None)
 
 
 def index_spans(n: int, batch_size: int, limit: int | None = None) -> Iterator[range]:
