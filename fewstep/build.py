@@ -64,11 +64,18 @@ def _local_device(device: torch.device) -> torch.device:
     return device
 
 
-def load_teacher(path: str, method, dataset, device: torch.device):
+def load_teacher(path: str, method, dataset, device: torch.device, scheduler: str | None = None):
     """The diffusion teacher of `train.teacher`, checked against the run, handed to `method`."""
-    from fewstep.generate import load_model
+    from fewstep.generate import load_diffusers_model, load_model
+    from fewstep.pretrained import PretrainedError, is_diffusers_folder, is_hub_id
 
-    teacher = load_model(path, device)
+    try:
+        if is_diffusers_folder(path) or is_hub_id(path):  # a diffusers model, converted to TrigFlow exactly
+            teacher = load_diffusers_model(path, device, method.sigma_d, scheduler)
+        else:
+            teacher = load_model(path, device)
+    except PretrainedError as e:
+        raise ConfigError(str(e)) from None
     if teacher.is_consistency:
         raise ConfigError(f"the teacher must be a diffusion model (method 'flow' or 'edm'); "
                           f"{teacher.checkpoint} was trained with {teacher.method_name!r}")
@@ -84,12 +91,17 @@ def load_teacher(path: str, method, dataset, device: torch.device):
     return teacher
 
 
-def _student_network(cfg: Config, teacher):
+def _student_network(cfg: Config, teacher, method):
     """Diffusion fine-tuning (SPEC 2.4): the teacher's architecture, plus the student's own
     guidance input when asked for."""
     from fewstep.networks import build_registered, network_spec
 
     spec = network_spec(teacher.net)
+    if spec["name"] == "diffusers":  # the teacher's own network, read in the student's formulation
+        if cfg.network.get("guidance_input"):
+            raise ConfigError("network.guidance_input is for fewstep's own networks, not a diffusers student")
+        spec["kwargs"]["formulation"] = method.parameterization
+        return build_registered(spec)
     if cfg.network.get("guidance_input"):
         spec["kwargs"]["guidance_input"] = True
     return build_registered(spec)
@@ -114,8 +126,8 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     a run folder that already holds checkpoints skips the student's initialization from its teacher."""
     from fewstep.callbacks import SamplePreviews
     from fewstep.checkpoint import list_checkpoints
-    from fewstep.networks import build_network
-    from fewstep.networks.convert import student_from_teacher
+    from fewstep.networks import build_network, network_spec
+    from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
 
     cfg.validate()
     tc = cfg.train
@@ -123,14 +135,19 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     torch.manual_seed(tc.seed)  # the same initial weights on every process
     dataset = load_data(cfg)
     method = build_method(cfg.method)
-    teacher = load_teacher(tc.teacher, method, dataset, device) if tc.teacher else None
+    teacher = load_teacher(tc.teacher, method, dataset, device, tc.teacher_scheduler) if tc.teacher else None
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
     if teacher is not None and tc.init_from_teacher:
         if teacher.config.get("network"):  # the run records the architecture it really trains
             cfg.network = validate_network({**teacher.config["network"],
                                             "guidance_input": bool(cfg.network.get("guidance_input"))})
-        net = _student_network(cfg, teacher)
-        if not resuming:
+        net = _student_network(cfg, teacher, method)
+        if not resuming and network_spec(net)["name"] == "diffusers":
+            copy_teacher_weights(net, teacher.net)  # the same model behind the same exact conversion
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"student initialized from the diffusers teacher {tc.teacher} ({type(net.model).__name__}, "
+                      f"{type(net.schedule).__name__} {net.schedule.kind}/{net.schedule.prediction})")
+        elif not resuming:
             done = student_from_teacher(net, teacher.net, teacher.method.parameterization, method.sigma_d,
                                         student_formulation=method.parameterization)
             if done and int(os.environ.get("RANK", "0")) == 0:

@@ -122,7 +122,8 @@ class TrainConfig:
     sample_times: list[float] = field(default_factory=lambda: list(TWO_STEP_TIMES))
     num_samples: int = 64
     progress: bool = True
-    teacher: str | None = None  # sCD: checkpoint of the diffusion teacher (method flow or edm)
+    teacher: str | None = None  # sCD/CD: the diffusion teacher: a fewstep run (flow or edm), a diffusers folder or Hub id
+    teacher_scheduler: str | None = None  # a diffusers model folder's scheduler config (default: found beside it)
     parallel: str = "auto"  # under torchrun: 'ddp', 'fsdp' (sharded), or 'auto' (ddp with several processes)
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size each)
     compile: bool = False  # torch.compile the network (falls back to eager with a message)

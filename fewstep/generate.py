@@ -127,6 +127,10 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
     from fewstep.networks import build_network, build_registered
 
     device = torch.device(device)
+    from fewstep.pretrained import is_diffusers_folder, is_hub_id
+
+    if is_diffusers_folder(checkpoint) or is_hub_id(str(checkpoint)):
+        return load_diffusers_model(checkpoint, device)
     json_path = resolve_checkpoint(checkpoint)
     tensors, state = load_checkpoint(json_path, device=device)
     config = state.get("config") or {}
@@ -165,6 +169,28 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
                               f"{' '.join(str(e).split())[:300]}") from None
     return Model(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
                  int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device)
+
+
+def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: float | None = None,
+                         scheduler=None) -> Model:
+    """A diffusers pipeline or model folder (or Hub id) as a fewstep model. A folder that fewstep
+    exported (`fewstep.json` beside it) is the consistency model it was trained as; any other is a
+    diffusion model, sampled with fewstep's ODE solvers through the exact TrigFlow conversion
+    (`fewstep.networks.noise_schedules`)."""
+    from fewstep.config import build_method
+    from fewstep.pretrained import load_diffusers_network, read_diffusers_source
+
+    record = read_diffusers_source(source, scheduler).fewstep or {}
+    if sigma_d is None:
+        sigma_d = float(record.get("method", {}).get("sigma_d", 0.5))
+    net, src = load_diffusers_network(source, sigma_d, scheduler, device=device)
+    method = build_method(record.get("method") or {"name": "flow", "sigma_d": sigma_d})
+    size = src.config.get("sample_size")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (int(src.config.get("in_channels", 3)), *size)
+    config = {k: record[k] for k in ("data", "network") if k in record}
+    return Model(net, method, "image", shape, int(net.num_classes), config, Path(source), int(record.get("step", 0)),
+                 "ema", torch.device(device))
 
 
 def _legacy_network_config(cfg: dict, kind: str) -> dict:

@@ -95,6 +95,8 @@ OPS = {
     "sdpa_float_mask_q_only": (lambda q: F.scaled_dot_product_attention(q, W[None, :3, :3].mT, W[None, :3, :3],
                                                                       attn_mask=W[:3, :3]),
                                (r(1, 3, 3),)),
+    "clamp": (lambda x: x.clamp(-0.5, 0.7) + torch.clamp(x, min=B * 0.1) + x.clamp_min(0.2) + torch.clamp_max(x, 0.3)
+              + x.clip(max=0.1), (r(5),)),
     "dropout_eval": (lambda x: F.dropout(x, 0.5, training=False), (r(5),)),
     "embedding_plus": (lambda x: x + F.embedding(torch.tensor([0, 2]), W), (r(2, 4),)),
     "where_getitem_setitem": (lambda x: _setitem(torch.where(x > 0, x, 2 * x)), (r(3, 4),)),

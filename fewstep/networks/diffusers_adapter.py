@@ -10,13 +10,22 @@ is looked up by name among diffusers' image models in `MODELS` only: a checkpoin
 `time_scale` maps TrigFlow's t in [0, pi/2] to the model's timestep input (1: t itself);
 `num_classes` K for class-conditional models whose class embedding has K + 1 rows (the last one
 is fewstep's "no label", for classifier-free guidance).
+
+A model trained by diffusers (DDPM/DDIM VP schedules, rectified flow) keeps its own time input and
+output: `schedule={"scheduler": "DDPMScheduler", "config": {...}}` converts exactly between TrigFlow
+and the model's noise levels (`fewstep.networks.noise_schedules`), so the network is a TrigFlow
+velocity model without a change to its weights. `formulation="edm"` presents the same network in
+EDM's inputs (`c_in x_sigma = x_t / sigma_d`, `c_noise = ln(sigma) / 4`, output negated:
+`fewstep.networks.convert`), for the discrete-time consistency methods.
 """
 
 from __future__ import annotations
 
+
 import torch
 from torch import nn
 
+from fewstep.networks.noise_schedules import TrigFlowSchedule
 from fewstep.networks.registry import register_network
 
 MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel")
@@ -30,16 +39,46 @@ def import_diffusers():
     return diffusers
 
 
+def class_count(model_name: str, config: dict) -> int:
+    """K, the classes of a class-conditional diffusers model whose "no label" is class K: DiT's
+    `num_embeds_ada_norm` (its label table has a CFG row); a UNet2DModel's `num_class_embeds` - 1."""
+    if model_name == "DiTTransformer2DModel" or (model_name == "Transformer2DModel"
+                                                 and config.get("norm_type") == "ada_norm_zero"):
+        return int(config.get("num_embeds_ada_norm") or 0)
+    if model_name == "UNet2DModel" and config.get("num_class_embeds"):
+        return int(config["num_class_embeds"]) - 1
+    return 0
+
+
 @register_network("diffusers")
 class DiffusersNetwork(nn.Module):
-    def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0):
+    def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0,
+                 schedule: dict | None = None, sigma_d: float = 0.5, formulation: str = "trigflow"):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"network.model must be one of {', '.join(MODELS)}, got {model!r}")
+        if formulation not in ("trigflow", "edm"):
+            raise ValueError(f"formulation must be 'trigflow' or 'edm', got {formulation!r}")
+        if formulation == "edm" and schedule is None:
+            raise ValueError("formulation 'edm' is for diffusers models with their schedule (schedule=...)")
         self.model = getattr(import_diffusers(), model).from_config(dict(config))
         self.time_scale = time_scale
         self.num_classes = num_classes  # K: labels 0..K-1, and K for "no label" (the model embeds K + 1)
+        self.formulation = formulation
+        self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
+            schedule["scheduler"], schedule["config"], sigma_d, schedule.get("prediction"))
+
+    def _model(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        kwargs = {} if labels is None else {"class_labels": labels}
+        out = self.model(x, timestep, **kwargs, return_dict=False)[0]
+        if out.shape[1] == 2 * x.shape[1]:  # a learned-variance model (DiT): the first half is the prediction
+            out = out[:, :x.shape[1]]
+        return out
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {} if labels is None else {"class_labels": labels}
-        return self.model(x, t * self.time_scale, **kwargs, return_dict=False)[0]
+        if self.schedule is None:
+            return self._model(x, t * self.time_scale, labels)
+        if self.formulation == "edm":  # t is c_noise = ln(sigma) / 4, sigma = sigma_d tan(t_trigflow)
+            t_trig = torch.atan(torch.exp(4 * t) / self.schedule.sigma_d)
+            return -self.schedule.velocity(lambda xm, k: self._model(xm, k, labels), x, t_trig)
+        return self.schedule.velocity(lambda xm, k: self._model(xm, k, labels), x, t)
