@@ -39,12 +39,43 @@ def learning_rate(cfg, step: int, total_steps: int) -> float:
 
 
 def load_data(cfg: Config):
-    """The run's dataset (`data.name` and its options), mirrored when `data.xflip`."""
+    """The run's dataset (`data.name` and its options), mirrored when `data.xflip`; with `data.vae`,
+    its latents (encoded once into fewstep's cache, `latent_cache_dir()`)."""
     from fewstep.data import XFlip, load_dataset
+    from fewstep.latents import LatentDataset
 
     dataset = load_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels,
                            **cfg.data.options)
+    if cfg.data.vae and not isinstance(dataset, LatentDataset):
+        dataset = _encoded(cfg, dataset)
     return XFlip(dataset) if cfg.data.xflip else dataset
+
+
+def latent_cache_dir() -> Path:
+    """Where `data.vae` runs keep their encoded datasets ($FEWSTEP_CACHE, default ~/.cache/fewstep)."""
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "latents"
+
+
+def _encoded(cfg: Config, dataset):
+    """`dataset` encoded with `data.vae`: from the cache, or encoded now (keyed by data and VAE)."""
+    import hashlib
+    import json
+
+    from fewstep.latents import LatentDataset, encode_dataset
+    from fewstep.pretrained import resolve_pretrained
+
+    vae_dir = resolve_pretrained(cfg.data.vae)
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vae_dir.rglob("*.safetensors"))
+    source = {"name": cfg.data.name, "resolution": cfg.data.resolution, "channels": cfg.data.channels,
+              "options": cfg.data.options}
+    where = [str(Path(p).resolve()) if Path(p).exists() else p for p in (cfg.data.name, cfg.data.vae)]
+    key = hashlib.sha256(json.dumps([source, where, weights], sort_keys=True, default=str).encode())
+    path = latent_cache_dir() / f"{key.hexdigest()[:20]}.safetensors"
+    if not path.exists():
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"encoding {len(dataset)} images of {cfg.data.name!r} with the VAE {cfg.data.vae} -> {path}")
+        encode_dataset(dataset, cfg.data.vae, path, source=source, progress=cfg.train.progress)
+    return LatentDataset(path, name=cfg.data.name)
 
 
 def default_workers(dataset) -> int:
@@ -55,6 +86,19 @@ def default_workers(dataset) -> int:
     if isinstance(inner, (TensorDataset, ToyDataset, GaussianDataset)):
         return 0
     return min(4, os.cpu_count() or 1)
+
+
+def _report_latents(cfg: Config, dataset) -> None:
+    """Latent data: the measured sigma_d becomes the method's unless the config sets one."""
+    latents = getattr(dataset, "latents", None)
+    if not latents:
+        return
+    measured = float(latents["sigma_d"])
+    if "sigma_d" not in cfg.method:
+        cfg.method["sigma_d"] = round(measured, 6)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"latents {tuple(dataset.shape)} of {tuple(latents['pixel_shape'])} images (VAE {latents['vae']}): "
+              f"sigma_d = {measured:.4f} measured; method.sigma_d = {cfg.method['sigma_d']}")
 
 
 def _local_device(device: torch.device) -> torch.device:
@@ -134,6 +178,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     device = _local_device(resolve_device(tc.device))
     torch.manual_seed(tc.seed)  # the same initial weights on every process
     dataset = load_data(cfg)
+    _report_latents(cfg, dataset)
     method = build_method(cfg.method)
     teacher = load_teacher(tc.teacher, method, dataset, device, tc.teacher_scheduler) if tc.teacher else None
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))

@@ -60,7 +60,9 @@ class SamplePreviews(Callback):
         info = run.data_info
         if not info:
             return {}
-        model = Model.from_net(run.ema_net, run.method, info["kind"], info["shape"], run.config, run.step)
+        model = Model.from_net(run.ema_net, run.method, info["kind"], info["shape"], run.config, run.step,
+                               latents=info.get("latents"))
+        model._decoder = getattr(self, "_decoder", None)  # the VAE of a latent run, loaded once
         n = self.num if info["kind"] == "image" else max(self.num, 2000)
         samples = {}
         was_training = run.ema_net.training
@@ -70,6 +72,7 @@ class SamplePreviews(Callback):
             name = f"{schedule.steps}-step" if schedule.sampler == "multistep" else f"{schedule.sampler}-nfe{nfe}"
             samples[name] = (x, nfe)
         run.ema_net.train(was_training)
+        self._decoder = model._decoder
         if info["kind"] == "image":
             for name, (x, _) in samples.items():
                 save_image_grid(x, path.with_name(f"{path.stem}-{name}.png"))
@@ -98,6 +101,6 @@ def sample_metrics(samples: dict[str, tuple[torch.Tensor, int]], dataset) -> dic
             ref = _reference(dataset, len(x))
             out[name] = {"nfe": nfe, "num": len(x), "sliced_wasserstein": float(sliced_wasserstein(x, ref)),
                          "energy_distance": float(energy_distance(x, ref))}
-        elif tuple(dataset.shape) == (1, 8, 8) and dataset.name == "digits":
+        elif tuple(x.shape[1:]) == (1, 8, 8) and dataset.name == "digits":  # pixels (decoded, for latents)
             out[name] = {"nfe": nfe, "num": len(x), **digits_score(x)}
     return out

@@ -31,6 +31,7 @@ class DataConfig:
     xflip: bool = False  # EDM's --xflip: every image also appears mirrored (the dataset doubles)
     workers: int | None = None  # DataLoader worker processes (None: 0 for in-memory data, else up to 4)
     options: dict = field(default_factory=dict)  # more load_dataset options: split, key, value_range, ...
+    vae: str | None = None  # train in the latent space of this diffusers AutoencoderKL (folder or Hub id)
 
     def validate(self):
         if self.workers is not None and self.workers < 0:
@@ -39,6 +40,9 @@ class DataConfig:
             raise ConfigError(f"data.resolution must be a positive integer, got {self.resolution}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.vae is not None and self.xflip:
+            raise ConfigError("data.xflip mirrors pixels, not latents: encode a mirrored dataset instead of "
+                              "combining it with data.vae")
 
 
 def validate_network(cfg: dict) -> dict:

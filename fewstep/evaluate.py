@@ -65,7 +65,9 @@ def load_reference(spec: str, split: str | None = None, *, resolution: int | Non
 
 def training_data(model) -> dict:
     """The `data` section of a checkpoint's run config (empty for a network trained by `fit` on
-    data of the user's own)."""
+    data of the user's own); for a latent model, the pixel dataset that was encoded."""
+    if getattr(model, "latents", None):
+        return model.latents.get("source") or {}
     return model.config.get("data") or {}
 
 

@@ -65,6 +65,23 @@ class Model:
     step: int = 0
     weights: str = "ema"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    latents: dict | None = None  # latent data: the VAE that decodes samples to pixels (`fewstep.latents`)
+    _decoder: object = field(default=None, repr=False)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of a sample as `generate` returns it: pixels for a latent model."""
+        return tuple(self.latents["pixel_shape"]) if self.latents else tuple(self.shape)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> what `generate` returns (VAE-decoded pixels for latent models)."""
+        if not self.latents:
+            return x
+        if self._decoder is None:
+            from fewstep.latents import Decoder
+
+            self._decoder = Decoder(self.latents, self.device)
+        return self._decoder(x)
 
     @property
     def method_name(self) -> str:
@@ -90,10 +107,10 @@ class Model:
 
     @classmethod
     def from_net(cls, net: torch.nn.Module, method, kind: str, shape, config: dict | None = None,
-                 step: int = 0) -> "Model":
+                 step: int = 0, latents: dict | None = None) -> "Model":
         """Wrap a network in hand (e.g. the EMA network during training)."""
         return cls(net, method, kind, tuple(shape), int(getattr(net, "num_classes", 0)), config or {}, step=step,
-                   device=next(net.parameters()).device)
+                   device=next(net.parameters()).device, latents=latents)
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -168,7 +185,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
         raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None
     return Model(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
-                 int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device)
+                 int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device,
+                 info.get("latents"))
 
 
 def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: float | None = None,
@@ -277,7 +295,7 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
 def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, seed: int = 0,
              guidance: float = 1.0, progress: bool = True, labels: torch.Tensor | None = None, *,
              rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, int, float]:
-    """`num` samples (on the CPU) in batches of `batch_size`; batch k draws from a generator seeded
+    """`num` samples (on the CPU; pixels for a latent model) in batches of `batch_size`; batch k draws from a generator seeded
     by `batch_seed(seed, k)` (the global RNG is untouched). Class-conditional models get `labels`,
     by default balanced 0, 1, ..., K-1, 0, ... Returns (samples, NFE, seconds of sampling).
 
@@ -310,9 +328,9 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
         lab = None if labels is None else labels[start:start + n].to(model.device)
         x, nfe = _sample_batch(model, noise, lab, schedule, gen, guidance)
-        out.append(x.float().cpu())
+        out.append(model.decode(x).float().cpu())
     _sync(model.device)
-    samples = torch.cat(out) if out else torch.empty(0, *model.shape)
+    samples = torch.cat(out) if out else torch.empty(0, *model.output_shape)
     return samples, nfe, time.perf_counter() - start_time
 
 

@@ -233,11 +233,14 @@ class BatchStream:
 # The loop
 
 
-def _data_info(data, x0: torch.Tensor, net) -> dict:
-    info = {"kind": getattr(data, "kind", None), "shape": list(getattr(data, "shape", x0.shape[1:])),
+def _data_info(data, x0: torch.Tensor | None, net) -> dict:
+    """kind, shape, num_classes; and `latents` (the VAE that decodes them) for latent data."""
+    info = {"kind": getattr(data, "kind", None), "shape": list(getattr(data, "shape", None) or x0.shape[1:]),
             "num_classes": int(getattr(data, "num_classes", getattr(net, "num_classes", 0)) or 0)}
     if info["kind"] is None:
         info["kind"] = "image" if x0.ndim == 4 else "vector"
+    if getattr(data, "latents", None):
+        info["latents"] = data.latents
     return info
 
 
@@ -323,7 +326,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     if isinstance(data, Dataset):
         if batch_size is None:
             raise ValueError("fit needs batch_size= to batch a fewstep Dataset")
-        data_info = data_info or {"kind": data.kind, "shape": list(data.shape), "num_classes": data.num_classes}
+        data_info = data_info or _data_info(data, None, net)
         data = make_loader(data, batch_size, seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
                            workers=workers, pin_memory=device.type == "cuda")
     stream = BatchStream(data)

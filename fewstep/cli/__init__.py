@@ -5,6 +5,7 @@
     evaluate.py   fewstep eval, search-times, ref-stats
     plot.py       fewstep plot
     edit.py       fewstep edit
+    diffusers.py  fewstep encode, export
     common.py     the parser, typed numeric options, --import MODULE
 
 Each module adds its parsers (`add_parser(s)(subparsers)`) and runs a parsed command (`run*(args)`)
@@ -25,7 +26,7 @@ __all__ = ["build_parser", "build_train_config", "main"]
 
 
 def build_parser() -> Parser:
-    from fewstep.cli import edit, evaluate, plot, sample, train
+    from fewstep.cli import diffusers, edit, evaluate, plot, sample, train
 
     parser = Parser(prog="fewstep", description="Consistency models: train, sample, evaluate, edit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +35,7 @@ def build_parser() -> Parser:
     evaluate.add_parsers(sub)  # eval, search-times, ref-stats
     plot.add_parser(sub)
     edit.add_parser(sub)
+    diffusers.add_parsers(sub)  # encode, export
     return parser
 
 

@@ -33,7 +33,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 _PATH_KINDS = (f"a folder of images, a .zip of images, a .npy/.npz file, a folder of MNIST IDX files, "
-               f"or {ARCHIVE_NAME}")
+               f"{ARCHIVE_NAME}, or a .safetensors file of latents (fewstep encode)")
 
 
 def register_dataset(name: str) -> Callable[[Factory], Factory]:
@@ -78,6 +78,10 @@ def _path_loader(path: Path) -> Callable[..., Dataset]:
         return load_array_file
     if suffix == ".zip":
         return ZipImageDataset
+    if suffix == ".safetensors":
+        from fewstep.latents import LatentDataset  # VAE latents written by `fewstep encode`
+
+        return LatentDataset
     if is_idx_images(path):
         return load_idx
     raise DataError(f"'{path}': unsupported file type; expected {_PATH_KINDS}")

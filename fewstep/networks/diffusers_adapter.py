@@ -65,6 +65,7 @@ class DiffusersNetwork(nn.Module):
         self.time_scale = time_scale
         self.num_classes = num_classes  # K: labels 0..K-1, and K for "no label" (the model embeds K + 1)
         self.formulation = formulation
+        self.schedule_source = schedule  # {"scheduler": class name, "config": ...}, as given
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
             schedule["scheduler"], schedule["config"], sigma_d, schedule.get("prediction"))
 

@@ -1,0 +1,63 @@
+"""Export a consistency student in a diffusers architecture as a diffusers pipeline folder.
+
+    fewstep export runs/scd --out ddpm-scd-1step
+    pipe = diffusers.DDPMPipeline.from_pretrained("ddpm-scd-1step")
+    images = pipe(batch_size=16, num_inference_steps=1).images      # or 2 steps
+
+Why this is exact: an sCT/sCD student built on a diffusers model keeps the model's own time input
+and output (`networks.noise_schedules`), and with that conversion its TrigFlow consistency function
+`cos(t) x_t - sin(t) sigma_d F` is exactly the model's x0 estimate at the noise level of t. That is
+what diffusers' `LCMScheduler` computes at each step, from the same epsilon / v / sample prediction
+and the same `alphas_cumprod`; it then re-noises to the next timestep, which is multistep
+consistency sampling (SPEC 2.5). LCM's boundary-condition mix `c_skip x + c_out x0` is made
+negligible (`timestep_scaling` = 1000: `c_skip < 1e-9` at every timestep LCM visits), so diffusers'
+pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
+
+The folder keeps `fewstep.json` (method, data, training step) beside diffusers' files, so that
+`fewstep sample`/`eval` read it as the consistency model it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LCM_TIMESTEP_SCALING = 1000.0
+VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+           "rescale_betas_zero_snr")
+
+
+def export_diffusers(model, out: str | Path) -> Path:
+    """Write `model` (a `fewstep.generate.Model` of an sCT/sCD student on a diffusers `UNet2DModel`
+    with a VP schedule) as a `DDPMPipeline` folder with an `LCMScheduler`."""
+    from fewstep.methods.base import method_config
+    from fewstep.networks.diffusers_adapter import DiffusersNetwork, import_diffusers
+    from fewstep.networks.registry import unwrap
+
+    net = unwrap(model.net)
+    if not isinstance(net, DiffusersNetwork) or net.schedule is None:
+        raise ValueError("export needs a student on a diffusers model with its schedule (distilled from a diffusers "
+                         "teacher); this checkpoint's network is fewstep's own")
+    if net.schedule.kind != "vp":
+        raise ValueError("export writes VP (DDPM/DDIM-schedule) students; this student has a rectified-flow "
+                         "schedule, which no diffusers UNet pipeline samples")
+    if model.method.sampling != "consistency" or getattr(model.method, "parameterization", "trigflow") != "trigflow":
+        raise ValueError(f"export writes TrigFlow consistency models (sct, scd), whose consistency function is the "
+                         f"model's x0 estimate; this checkpoint was trained with {model.method_name!r}")
+    if type(net.model).__name__ != "UNet2DModel":
+        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline); got {type(net.model).__name__}")
+    if net.num_classes:
+        raise ValueError("export writes unconditional students: DDPMPipeline takes no class labels")
+    if model.latents:
+        raise ValueError("export writes pixel-space students: DDPMPipeline has no VAE")
+    diffusers = import_diffusers()
+    sched_cfg = {k: v for k, v in net.schedule_source["config"].items() if k in VP_KEYS}
+    sched_cfg.update(prediction_type=net.schedule.prediction, clip_sample=False, thresholding=False,
+                     set_alpha_to_one=True, timestep_scaling=LCM_TIMESTEP_SCALING)
+    scheduler = diffusers.LCMScheduler.from_config(sched_cfg)
+    out = Path(out)
+    diffusers.DDPMPipeline(unet=net.model, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    record = {"method": method_config(model.method), "data": model.config.get("data") or {}, "step": model.step,
+              "weights": model.weights, "exported_from": str(model.checkpoint) if model.checkpoint else None}
+    (out / "fewstep.json").write_text(json.dumps(record, indent=1))
+    return out

@@ -1,0 +1,168 @@
+"""Latent space with a diffusers `AutoencoderKL`: encode a dataset once, train in latents, decode samples.
+
+    fewstep encode --data digits --vae path/to/vae --out latents.safetensors
+    fewstep train --data latents.safetensors ...          # or: --data digits --set data.vae=path/to/vae
+
+As in EDM2, `encode` stores the encoder's posterior, mean and std per example, and training draws a
+fresh latent `mean + std * eps` from it at every load. Model space is the VAE's scaled latent,
+`(latent - shift_factor) * scaling_factor`; the data std `sigma_d` of that space is measured over
+the whole posterior mixture when encoding, stored, and reported (the method's `sigma_d` defaults to
+it). A run records its VAE (`data.latents` in every checkpoint), so `fewstep sample`, `eval` and the
+training previews decode to pixels.
+
+The encoded file is safetensors (`mean`, `std`, `labels`) with a JSON record in its metadata: what
+was encoded, with which VAE, and the measured `sigma_d`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fewstep.data.base import DataError, Dataset, batch_generator
+
+RECORD_KEY = "fewstep_latents"
+
+
+def load_vae(spec: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A diffusers `AutoencoderKL` from a folder (its own, or a pipeline's `vae/`) or a Hub id,
+    from safetensors only. Frozen, in eval mode."""
+    from fewstep.networks.diffusers_adapter import import_diffusers
+    from fewstep.pretrained import PretrainedError, read_safetensors, resolve_pretrained
+
+    root = resolve_pretrained(spec)
+    folder = root / "vae" if (root / "model_index.json").exists() else root
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise PretrainedError(f"{folder}: no config.json (not a diffusers VAE folder)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("_class_name") != "AutoencoderKL":
+        raise PretrainedError(f"{folder}: data.vae must be an AutoencoderKL, got {config.get('_class_name')!r}")
+    vae = import_diffusers().AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    try:
+        vae.load_state_dict(read_safetensors(folder))
+    except RuntimeError as e:
+        raise PretrainedError(f"{folder}: the weights do not fit its config.json: {' '.join(str(e).split())[:300]}") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_factors(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE's config (SD: 0.18215 and 0; SD3/Flux: with a shift)."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+class Decoder:
+    """Model-space latents -> pixels in [-1, 1], through the run's VAE (loaded once, on `device`)."""
+
+    def __init__(self, info: dict, device: str | torch.device = "cpu"):
+        self.vae = load_vae(info["vae"], device)
+        self.scaling_factor, self.shift_factor = float(info["scaling_factor"]), float(info["shift_factor"])
+        self.pixel_shape = tuple(info["pixel_shape"])
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.to(next(self.vae.parameters()).dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z, return_dict=False)[0].float()
+
+
+@torch.no_grad()
+def encode_dataset(dataset: Dataset, vae_spec: str, out: str | os.PathLike, *, batch_size: int = 64,
+                   device: str | torch.device = "cpu", progress: bool = True, source: dict | None = None) -> Path:
+    """Encode every image of `dataset` with the VAE `vae_spec` into the safetensors file `out`
+    (written atomically). `source`: how to load the dataset again (recorded, for `fewstep eval`)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if dataset.kind != "image":
+        raise DataError(f"only images can be encoded with a VAE; {dataset.name!r} holds {dataset.kind}s")
+    vae = load_vae(vae_spec, device)
+    if vae.config.in_channels != dataset.shape[0]:
+        raise DataError(f"the VAE takes {vae.config.in_channels}-channel images, {dataset.name!r} has "
+                        f"{dataset.shape[0]} (set data.channels)")
+    sf, shift = vae_factors(vae)
+    means, stds, labels = [], [], []
+    bar = tqdm(total=len(dataset), desc="encode", unit="img", disable=not progress)
+    for x, y in dataset.batches(batch_size):
+        posterior = vae.encode(x.to(device), return_dict=False)[0]
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+        if y is not None:
+            labels.append(y)
+        bar.update(len(x))
+    bar.close()
+    mean, std = torch.cat(means), torch.cat(stds)
+    # The std of model-space latents over the posterior mixture: E over examples of (m^2 + s^2).
+    m = (mean.double() - shift) * sf
+    second = (m.square() + (std.double() * sf).square()).mean()
+    sigma_d = float((second - m.mean().square()).sqrt())
+    record = {"vae": str(vae_spec), "scaling_factor": sf, "shift_factor": shift, "pixel_shape": list(dataset.shape),
+              "latent_shape": list(mean.shape[1:]), "count": len(mean), "sigma_d": sigma_d,
+              "source": source or {"name": dataset.name}, "class_names": dataset.class_names,
+              "num_classes": dataset.num_classes}
+    tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
+    if labels:
+        tensors["labels"] = torch.cat(labels).to(torch.int64)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={RECORD_KEY: json.dumps(record)})
+    os.replace(tmp, out)
+    return out
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    """The latents record of a safetensors file, or None when it is not a fewstep latents file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a safetensors file at all
+        return None
+    return json.loads(meta[RECORD_KEY]) if RECORD_KEY in meta else None
+
+
+class LatentDataset(Dataset):
+    """Encoded images: each read draws a latent from the stored posterior, `mean + std * eps`, with
+    noise from a generator seeded by the batch's indices (so a resumed run reads the same latents)."""
+
+    kind = "image"
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None, seed: int = 0):
+        from safetensors.torch import load_file
+
+        record = read_record(path)
+        if record is None:
+            raise DataError(f"'{path}' is not a fewstep latents file (make one with `fewstep encode`)")
+        tensors = load_file(str(path))
+        self.name = name or str(path)
+        self.record = record
+        self._mean, self._std = tensors["mean"], tensors["std"]
+        self._labels = tensors.get("labels")
+        self.shape = tuple(self._mean.shape[1:])
+        self.class_names = record.get("class_names")
+        self.num_classes = int(record.get("num_classes") or 0) if self._labels is not None else 0
+        self.scaling_factor, self.shift_factor = record["scaling_factor"], record["shift_factor"]
+        self.seed = seed
+
+    @property
+    def sigma_d(self) -> float:
+        return float(self.record["sigma_d"])
+
+    @property
+    def latents(self) -> dict:
+        """What decoding needs (stored in every checkpoint as `data.latents`)."""
+        keys = ("vae", "scaling_factor", "shift_factor", "pixel_shape", "sigma_d", "source")
+        return {k: self.record[k] for k in keys}
+
+    def __len__(self) -> int:
+        return len(self._mean)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        eps = torch.randn(self._mean[idx].shape, generator=batch_generator(list(indices), self.seed))
+        x = (self._mean[idx] + self._std[idx] * eps - self.shift_factor) * self.scaling_factor
+        return (x,) if self._labels is None else (x, self._labels[idx])
