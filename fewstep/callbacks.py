@@ -104,3 +104,51 @@ def sample_metrics(samples: dict[str, tuple[torch.Tensor, int]], dataset) -> dic
         elif tuple(x.shape[1:]) == (1, 8, 8) and dataset.name == "digits":  # pixels (decoded, for latents)
             out[name] = {"nfe": nfe, "num": len(x), **digits_score(x)}
     return out
+
+
+class TensorBoard(Callback):
+    """Logs every JSONL record's numbers as TensorBoard scalars, and the preview grids as images,
+    to `<run>/tensorboard` (`train.tensorboard`; needs the `tensorboard` extra)."""
+
+    def __init__(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("train.tensorboard needs TensorBoard: pip install 'fewstep[tensorboard]'") from None
+        self._writer_cls = SummaryWriter
+        self.writer = None
+        self._seen: set[str] = set()
+
+    def _open(self, run: Run):
+        if self.writer is None:
+            self.writer = self._writer_cls(str(run.out_dir / "tensorboard"))
+        return self.writer
+
+    def on_log(self, run: Run, record: dict) -> None:
+        writer = self._open(run)
+        step = int(record.get("step", run.step))
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, step)
+        self._add_grids(run, step)
+        writer.flush()
+
+    def _add_grids(self, run: Run, step: int) -> None:
+        import re
+
+        import numpy as np
+        from PIL import Image
+
+        for png in sorted((run.out_dir / "samples").glob("*.png")):
+            if png.name in self._seen:
+                continue
+            self._seen.add(png.name)
+            with Image.open(png) as im:
+                pixels = np.asarray(im.convert("RGB"))
+            name = re.sub(r"^(step-\d+|final)-?", "", png.stem) or "preview"  # step-0000500-1-step -> 1-step
+            self.writer.add_image(f"samples/{name}", pixels, step, dataformats="HWC")
+
+    def on_end(self, run: Run) -> None:
+        self._add_grids(run, run.step)
+        if self.writer is not None:
+            self.writer.close()

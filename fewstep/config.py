@@ -125,6 +125,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many non-finite losses/gradients in a row
     sample_times: list[float] = field(default_factory=lambda: list(TWO_STEP_TIMES))
     num_samples: int = 64
+    tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'fewstep[tensorboard]')
     progress: bool = True
     teacher: str | None = None  # sCD/CD: the diffusion teacher: a fewstep run (flow or edm), a diffusers folder or Hub id
     teacher_scheduler: str | None = None  # a diffusers model folder's scheduler config (default: found beside it)

@@ -7,6 +7,11 @@ algorithms of `fewstep.editing` (which take a consistency function, not a checkp
 
 Tasks: inpaint, colorize, superres (super-resolution), sdedit (from coarse strokes of the
 inputs), denoise, and interpolate (between two noises: no inputs, `interpolation_frames`).
+
+Latent models (`data.vae`) edit through the VAE where the task allows it: `sdedit` encodes the
+strokes, edits in latents and decodes; `interpolate` decodes its frames. The other tasks constrain
+pixels (a hole, a luminance, a low-resolution image, pixel noise of known std), and a VAE's latents
+do not expose pixels linearly, so they are refused for latent models.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 
 TASKS = ("inpaint", "colorize", "superres", "sdedit", "denoise", "interpolate")
 ONE_STEP_TASKS = ("denoise", "interpolate")  # one evaluation per image, whatever the times
+LATENT_TASKS = ("sdedit", "interpolate")  # the tasks a latent model can do through its VAE
 
 
 def edit_times(steps: int, first: float = math.pi / 2, low: float = 0.2) -> list[float]:
@@ -54,8 +60,8 @@ def edit_inputs(model, spec: str | None = None, num: int = 8, seed: int = 0) -> 
     data = training_data(model)
     ds, _ = load_reference(reference_name(model, spec), None, resolution=data.get("resolution"),
                            channels=data.get("channels"))
-    if ds.kind != "image" or tuple(ds.shape) != tuple(model.shape):
-        raise ValueError(f"editing needs images shaped like the model's {tuple(model.shape)}; "
+    if ds.kind != "image" or tuple(ds.shape) != tuple(model.output_shape):
+        raise ValueError(f"editing needs images shaped like the model's {tuple(model.output_shape)}; "
                          f"the input holds {ds.kind}s {tuple(ds.shape)}")
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num]
     x, _ = unpack_batch(ds.__getitems__(pick.tolist()))  # only the picked images are read
@@ -85,6 +91,9 @@ def edit_images(model, task: str, x: torch.Tensor, times, *, mask: str = "center
     if task not in TASKS or task == "interpolate":
         raise ValueError(f"task must be one of {', '.join(t for t in TASKS if t != 'interpolate')} "
                          f"(interpolate: interpolation_frames), got {task!r}")
+    if model.latents and task not in LATENT_TASKS:
+        raise ValueError(f"a latent model edits with {' and '.join(LATENT_TASKS)} only: {task} constrains pixels, "
+                         f"which the VAE's latents do not expose linearly")
     fn = consistency_sampler_fn(model, _labels(model, x.shape[0], label))
     sd = model.sigma_d
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -107,10 +116,10 @@ def edit_images(model, task: str, x: torch.Tensor, times, *, mask: str = "center
         noisy = x + sigma * torch.randn(x.shape, device=x.device, generator=gen)
         return noisy, editing.denoise(fn, noisy, sigma, sd)
     # sdedit: coarse strokes of the input (4x4 blocks, 3 grey levels)
-    block = max(1, model.shape[-1] // 4)
+    block = max(1, x.shape[-1] // 4)
     strokes = F.interpolate(F.avg_pool2d(x, block), scale_factor=block, mode="nearest")
     strokes = (strokes * 1.5).round().clamp(-1, 1)
-    return strokes, editing.sdedit(fn, strokes, times, sd, gen)
+    return strokes, model.decode(editing.sdedit(fn, model.encode(strokes), times, sd, gen))
 
 
 def interpolation_frames(model, num: int, frames: int, *, label: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -127,4 +136,5 @@ def interpolation_frames(model, num: int, frames: int, *, label: int | None = No
     z0 = torch.randn(shape, device=model.device, generator=gen)
     z1 = torch.randn(shape, device=model.device, generator=gen)
     fn = consistency_sampler_fn(model, _labels(model, num, label))
-    return editing.interpolate(fn, z0, z1, torch.linspace(0, 1, frames).tolist(), model.sigma_d)
+    out = editing.interpolate(fn, z0, z1, torch.linspace(0, 1, frames).tolist(), model.sigma_d)
+    return model.decode(out.flatten(0, 1)).unflatten(0, (frames, num)) if model.latents else out

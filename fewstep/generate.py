@@ -75,13 +75,18 @@ class Model:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space samples -> what `generate` returns (VAE-decoded pixels for latent models)."""
-        if not self.latents:
-            return x
-        if self._decoder is None:
-            from fewstep.latents import Decoder
+        return self._codec()(x) if self.latents else x
 
-            self._decoder = Decoder(self.latents, self.device)
-        return self._decoder(x)
+    def _codec(self):
+        if self._decoder is None:
+            from fewstep.latents import VAECodec
+
+            self._decoder = VAECodec(self.latents, self.device)
+        return self._decoder
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels -> model space (the VAE posterior's mean for latent models; identity otherwise)."""
+        return self._codec().encode(pixels) if self.latents else pixels
 
     @property
     def method_name(self) -> str:

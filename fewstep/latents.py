@@ -54,8 +54,9 @@ def vae_factors(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
-class Decoder:
-    """Model-space latents -> pixels in [-1, 1], through the run's VAE (loaded once, on `device`)."""
+class VAECodec:
+    """Pixels in [-1, 1] <-> model-space latents, through the run's VAE (loaded once, on `device`):
+    `codec(x)` decodes; `codec.encode(pixels)` takes the posterior mean."""
 
     def __init__(self, info: dict, device: str | torch.device = "cpu"):
         self.vae = load_vae(info["vae"], device)
@@ -66,6 +67,11 @@ class Decoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         z = x.to(next(self.vae.parameters()).dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z, return_dict=False)[0].float()
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype), return_dict=False)[0]
+        return ((posterior.mean - self.shift_factor) * self.scaling_factor).float()
 
 
 @torch.no_grad()

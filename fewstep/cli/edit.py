@@ -76,7 +76,7 @@ def run(args) -> int:
     times = parse_times(args.times) if args.times else edit_times(args.steps, first)
     if args.task == "interpolate":
         frames = interpolation_frames(model, args.num, args.frames, label=args.label, seed=args.seed)
-        grid, nrow = frames.reshape(-1, *model.shape), args.num
+        grid, nrow = frames.reshape(-1, *model.output_shape), args.num
     else:
         x = edit_inputs(model, args.input, args.num, args.seed)
         shown, edited = edit_images(model, args.task, x, times, mask=args.mask, fraction=args.fraction,
