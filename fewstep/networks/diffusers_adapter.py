@@ -70,6 +70,8 @@ class DiffusersNetwork(nn.Module):
             schedule["scheduler"], schedule["config"], sigma_d, schedule.get("prediction"))
 
     def _model(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None and self.num_classes:  # the contract's "no label" is class K
+            labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         kwargs = {} if labels is None else {"class_labels": labels}
         out = self.model(x, timestep, **kwargs, return_dict=False)[0]
         if out.shape[1] == 2 * x.shape[1]:  # a learned-variance model (DiT): the first half is the prediction
