@@ -1,0 +1,84 @@
+"""Train a diffusers DDPM teacher on the 8x8 digits with diffusers' own epsilon objective, and save it
+as a `DDPMPipeline` folder: the teacher of the issue-12 measurement (docs/results.md).
+
+    python benchmarks/diffusers_teacher.py --out runs/ddpm-digits            # ~5 min on 2 CPU cores
+    fewstep eval runs/ddpm-digits --nfe 35 --num 1000 --ref digits            # the teacher, 35 NFE (Heun)
+    fewstep train --method scd --teacher runs/ddpm-digits --out runs/ddpm-scd --steps 2000 --lr 5e-5
+    fewstep eval runs/ddpm-scd --steps 1,2 --num 1000
+
+The training loop is diffusers' textbook one (as in its `train_unconditional.py`): uniform integer
+timesteps, `scheduler.add_noise`, MSE on epsilon, Adam, EMA of the weights. Nothing in it is fewstep's,
+so the distillation starts from a model made the way users make theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def digits_tensor() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy(load_digits().images).float().div(8).sub(1).unsqueeze(1)  # [-1, 1], (1797, 1, 8, 8)
+
+
+def make_unet(width: int = 32):
+    import diffusers
+
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(width, 2 * width), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                 attention_head_dim=width)
+
+
+def main() -> None:
+    import diffusers
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    data = digits_tensor()
+    unet = make_unet()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    opt = torch.optim.Adam(unet.parameters(), lr=args.lr)
+    log, start = [], time.perf_counter()
+    for step in range(args.steps):
+        x0 = data[torch.randint(len(data), (args.batch_size,))]
+        noise = torch.randn_like(x0)
+        k = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),))
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, k), k).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:  # linear warmup over 200 steps, then cosine decay
+            warm = min(1.0, (step + 1) / 200)
+            group["lr"] = args.lr * warm * 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi)).item())
+        opt.step()
+        with torch.no_grad():
+            for pe, pu in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(pu, 1 - args.ema)
+        if step % 100 == 0 or step == args.steps - 1:
+            log.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start})
+            print(json.dumps(log[-1]), flush=True)
+    out = Path(args.out)
+    diffusers.DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+    print(f"saved the DDPMPipeline (EMA weights) to {out} after {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
