@@ -182,21 +182,32 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     method = build_method(cfg.method)
     teacher = load_teacher(tc.teacher, method, dataset, device, tc.teacher_scheduler) if tc.teacher else None
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
-    if teacher is not None and tc.init_from_teacher:
-        if teacher.config.get("network"):  # the run records the architecture it really trains
-            cfg.network = validate_network({**teacher.config["network"],
+    init = None
+    if tc.init_from:  # fine-tuning: the network and weights of another run (e.g. flow, then sCT)
+        from fewstep.generate import load_model
+
+        init = load_model(tc.init_from, device)
+        if tuple(init.shape) != tuple(dataset.shape):
+            raise ConfigError(f"train.init_from was trained on data of shape {tuple(init.shape)}, this run's data "
+                              f"has shape {tuple(dataset.shape)}")
+    source = init or (teacher if tc.init_from_teacher else None)
+    if source is not None:
+        if source.config.get("network"):  # the run records the architecture it really trains
+            cfg.network = validate_network({**source.config["network"],
                                             "guidance_input": bool(cfg.network.get("guidance_input"))})
-        net = _student_network(cfg, teacher, method)
+        net = _student_network(cfg, source, method)
+        what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":
-            copy_teacher_weights(net, teacher.net)  # the same model behind the same exact conversion
+            copy_teacher_weights(net, source.net)  # the same model behind the same exact conversion
             if int(os.environ.get("RANK", "0")) == 0:
-                print(f"student initialized from the diffusers teacher {tc.teacher} ({type(net.model).__name__}, "
-                      f"{type(net.schedule).__name__} {net.schedule.kind}/{net.schedule.prediction})")
+                print(f"student initialized from the diffusers model {tc.init_from or tc.teacher} "
+                      f"({type(net.model).__name__}, {type(net.schedule).__name__} "
+                      f"{net.schedule.kind}/{net.schedule.prediction})")
         elif not resuming:
-            done = student_from_teacher(net, teacher.net, teacher.method.parameterization, method.sigma_d,
+            done = student_from_teacher(net, source.net, source.method.parameterization, method.sigma_d,
                                         student_formulation=method.parameterization)
-            if done and int(os.environ.get("RANK", "0")) == 0:
-                print(f"student initialized from the {teacher.method_name} teacher: {done}")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"network initialized from {what}" + (f": {done}" if done else ""))
     else:
         try:
             net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes)

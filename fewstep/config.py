@@ -134,6 +134,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (falls back to eager with a message)
     sharded_checkpoints: bool = False  # fsdp: each process writes its own shards (models beyond one process)
     init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
+    init_from: str | None = None  # fine-tune: start from this run's network and (EMA) weights
 
     def validate(self):
         _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
@@ -151,6 +152,11 @@ class TrainConfig:
         validate_times("train.sample_times", self.sample_times)
         if self.teacher is not None and not self.teacher:
             raise ConfigError("train.teacher must be a checkpoint path or null")
+        if self.init_from is not None and not self.init_from:
+            raise ConfigError("train.init_from must be a checkpoint path or null")
+        if self.init_from and self.teacher and self.init_from_teacher:
+            raise ConfigError("train.init_from and train.teacher both initialize the network: set "
+                              "train.init_from_teacher=false to start from train.init_from")
 
 
 @dataclass

@@ -46,7 +46,7 @@ TRAIN = ["--steps", "4", "--set", "train.batch_size=8", "--set", "train.sample_e
 def test_distil_a_diffusers_pipeline_through_the_cli(ddpm_folder, tmp_path, method, capsys):
     out = tmp_path / method
     assert main(["train", "--method", method, "--teacher", str(ddpm_folder), "--out", str(out), *TRAIN]) == 0
-    assert "student initialized from the diffusers teacher" in capsys.readouterr().out
+    assert "student initialized from the diffusers model" in capsys.readouterr().out
     state = json.loads(sorted((out / "checkpoints").glob("ckpt-*.json"))[-1].read_text())
     assert state["network"]["name"] == "diffusers" and state["network"]["kwargs"]["schedule"]["scheduler"] == "DDPMScheduler"
     assert main(["sample", str(out), "--steps", "1", "--num", "8", "--out", str(tmp_path / "s.png"),
