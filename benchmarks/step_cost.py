@@ -1,4 +1,4 @@
-"""Cost of one training step: flow matching against sCT with each JVP path.
+"""Cost of one training step: flow matching against sCT and MeanFlow with each JVP path.
 
 Networks (`--net`): fewstep's UNet (`fewstep-unet`), an unmodified diffusers `UNet2DModel` of
 about the same size with attention at the lowest resolution (`diffusers-unet`), and fewstep's
@@ -19,11 +19,19 @@ Modes:
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
   sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.networks.engine`)
+  meanflow-tangent   MeanFlow (SPEC 10), its JVP along (v, 0, 1) through the tangent engine
+  meanflow-separate  MeanFlow, torch.func.jvp in a no-grad pass + a separate graded forward
+  meanflow-single    MeanFlow, one grad-enabled forward-AD pass
+The MeanFlow modes train the same network built with `second_time=True` (its r embedding is the
+only difference; fewstep's UNet and DiT, not the diffusers UNet). Only its samples with r != t
+take the JVP (`--r-neq-t`, default 0.25 as in the paper); `--r-neq-t 1` prices a JVP on every sample.
 
 Examples:
   python benchmarks/step_cost.py                                  # CPU: batch 32, 32x32, 64 channels
   python benchmarks/step_cost.py --device cuda --amp bf16 --batch 128 --out gpu.json
   python benchmarks/step_cost.py --modes flow sct-tangent --profile  # where the time goes
+  python benchmarks/step_cost.py --modes flow meanflow-tangent meanflow-separate --threads 2
+  python benchmarks/step_cost.py --modes flow meanflow-tangent --r-neq-t 1 --threads 2   # JVP on every sample
   python benchmarks/step_cost.py --net dit --threads 2 --out benchmarks/results/step_cost-dit-2t.json
 """
 
@@ -50,10 +58,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fewstep.methods import SCT, FlowMatching  # noqa: E402
+from fewstep.methods import SCT, FlowMatching, MeanFlow  # noqa: E402
 from fewstep.networks import DiffusersNetwork, DiT, UNet  # noqa: E402
 
-MODES = ("flow", "sct-separate", "sct-single", "sct-tangent")
+MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "meanflow-tangent", "meanflow-separate",
+         "meanflow-single")
 NETS = ("fewstep-unet", "diffusers-unet", "dit")
 
 
@@ -76,6 +85,9 @@ def parse_args(argv=None):
     # Weights and data stay float32 (the methods draw t in float32); lower precision via autocast.
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (for GPUs)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--r-neq-t", type=float, default=0.25,
+                   help="MeanFlow: fraction of the batch with r != t, the samples that take the JVP "
+                        "(default 0.25, the paper's; 1: every sample)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per mode")
@@ -89,14 +101,18 @@ def parse_args(argv=None):
 # The step.
 
 
-def build(args):
-    """The network (each mode trains its own copy) and the batch every step sees."""
+def build(args, second_time: bool = False):
+    """The network (each mode trains its own copy) and the batch every step sees; `second_time`:
+    the network MeanFlow trains (the same weights, plus its r embedding)."""
+    if second_time and args.net == "diffusers-unet":
+        raise RuntimeError("MeanFlow needs a network with a second time input r; the diffusers UNet has none")
+    extra = {"second_time": True} if second_time else {}
     torch.manual_seed(args.seed)
     levels = len(args.mult)
     attn = args.attn if args.attn is not None else [args.resolution // 2 ** (levels - 1)]
     if args.net == "fewstep-unet":
         net = UNet(args.img_channels, args.resolution, args.channels, tuple(args.mult), args.blocks,
-                   attn_resolutions=tuple(attn), dropout=args.dropout)
+                   attn_resolutions=tuple(attn), dropout=args.dropout, **extra)
     elif args.net == "diffusers-unet":
         down = ["AttnDownBlock2D" if args.resolution // 2 ** i in attn else "DownBlock2D" for i in range(levels)]
         up = ["AttnUpBlock2D" if "Attn" in d else "UpBlock2D" for d in reversed(down)]
@@ -108,7 +124,7 @@ def build(args):
     else:
         attn = ["all"]
         net = DiT(args.img_channels, args.resolution, patch_size=2, hidden_size=4 * args.channels, depth=6,
-                  heads=4, dropout=args.dropout)
+                  heads=4, dropout=args.dropout, **extra)
     # Weights as after some training: the zero-initialized output layers would make parts of
     # the backward trivially cheap.
     with torch.no_grad():
@@ -121,7 +137,12 @@ def build(args):
 
 
 def make_step(mode: str, net, x0, args):
-    method = FlowMatching() if mode == "flow" else SCT(jvp_mode=mode.split("-")[1])
+    if mode == "flow":
+        method = FlowMatching()
+    elif mode.startswith("meanflow"):
+        method = MeanFlow(jvp_mode=mode.split("-")[1], ratio_r_neq_t=args.r_neq_t)
+    else:
+        method = SCT(jvp_mode=mode.split("-")[1])
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
 
     def amp():
@@ -131,7 +152,7 @@ def make_step(mode: str, net, x0, args):
     def attention_backend():
         """torch.func.jvp (separate, single) needs the math SDPA backend: the fused ones have no
         forward AD. The tangent engine runs on whatever backend the network picks."""
-        if mode in ("sct-separate", "sct-single"):
+        if mode.endswith(("-separate", "-single")):
             from torch.nn.attention import SDPBackend, sdpa_kernel
             return sdpa_kernel(SDPBackend.MATH)
         return nullcontext()
@@ -164,7 +185,7 @@ def _proc_status_kib(key: str) -> int | None:
 
 
 def probe_memory(args) -> dict:
-    net, x0, _ = build(args)
+    net, x0, _ = build(args, second_time=args.probe_memory.startswith("meanflow"))
     step = make_step(args.probe_memory, net, x0, args)
     if x0.device.type == "cuda":
         torch.cuda.synchronize()
@@ -209,9 +230,19 @@ def main(argv=None):
 
     net, x0, attn = build(args)
     n_params = sum(p.numel() for p in net.parameters())
+    failed = {}  # e.g. torch.func.jvp under CPU bf16 autocast raises a dtype mismatch
+    two_time = None
+    if any(m.startswith("meanflow") for m in args.modes):
+        try:
+            two_time = build(args, second_time=True)[0]
+            two_time.load_state_dict(net.state_dict(), strict=False)  # the same weights, plus the r embedding
+        except RuntimeError as err:
+            for mode in (m for m in args.modes if m.startswith("meanflow")):
+                failed[mode] = str(err)
     steps = {}
     for mode in args.modes:
-        steps[mode] = make_step(mode, copy.deepcopy(net), x0, args)
+        if mode not in failed:
+            steps[mode] = make_step(mode, copy.deepcopy(two_time if mode.startswith("meanflow") else net), x0, args)
     device_name = (torch.cuda.get_device_name() if x0.device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
@@ -219,8 +250,7 @@ def main(argv=None):
           f"channels {args.channels} x {tuple(args.mult)}, attention at {attn}, batch {args.batch}, "
           f"amp {args.amp}, on {device_name}")
 
-    failed = {}  # e.g. torch.func.jvp under CPU bf16 autocast raises a dtype mismatch
-    for mode in args.modes:
+    for mode in (m for m in args.modes if m not in failed):
         try:
             for _ in range(max(1, args.warmup)):
                 steps[mode]()
@@ -263,15 +293,15 @@ def main(argv=None):
         results[mode] = row
 
     mib = 2.0 ** 20
-    print(f"\n{'mode':<14}{'ms/step':>9}{'x':>6}{'best ms':>9}{'x':>6}{'cpu ms':>9}{'x':>6}"
+    print(f"\n{'mode':<18}{'ms/step':>9}{'x':>6}{'best ms':>9}{'x':>6}{'cpu ms':>9}{'x':>6}"
           f"{'peak MiB':>10}{'x':>6}{'step MiB':>10}{'x':>6}")
     for mode, row in results.items():
         mem = (f"{row['peak_bytes'] / mib:>10.0f}{row['peak_ratio']:>6.2f}{row['step_bytes'] / mib:>10.0f}"
                f"{row['step_ratio']:>6.2f}" if "peak_bytes" in row else "")
-        print(f"{mode:<14}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{row['best_ms']:>9.0f}"
+        print(f"{mode:<18}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{row['best_ms']:>9.0f}"
               f"{row['best_ratio']:>6.2f}{row['cpu_ms_per_step']:>9.0f}{row['cpu_ratio']:>6.2f}{mem}")
     for mode, err in failed.items():
-        print(f"{mode:<14}failed: {err}")
+        print(f"{mode:<18}failed: {err}")
         results[mode] = {"error": err}
     print(f"x: ratio to {ref}. ms/step: median wall-clock; best ms: fastest round; cpu ms: median process "
           "CPU time (all threads)")

@@ -148,6 +148,10 @@ def _student_network(cfg: Config, teacher, method):
         return build_registered(spec)
     if cfg.network.get("guidance_input"):
         spec["kwargs"]["guidance_input"] = True
+    from fewstep.networks import constructor_arguments, network_class
+
+    takes = constructor_arguments(network_class(spec["name"]))
+    spec["kwargs"].update({k: v for k, v in getattr(method, "network_options", {}).items() if k in takes})
     return build_registered(spec)
 
 
@@ -210,6 +214,9 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
                 print(f"network initialized from {what}" + (f": {done}" if done else ""))
     else:
         try:
+            needs = getattr(method, "network_options", {})  # e.g. MeanFlow: a second time input r
+            if needs and any(cfg.network.get(k) != v for k, v in needs.items()):
+                cfg.network = validate_network({**cfg.network, **needs})
             net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from None

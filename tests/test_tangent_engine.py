@@ -99,6 +99,7 @@ OPS = {
               + x.clip(max=0.1), (r(5),)),
     "dropout_eval": (lambda x: F.dropout(x, 0.5, training=False), (r(5),)),
     "embedding_plus": (lambda x: x + F.embedding(torch.tensor([0, 2]), W), (r(2, 4),)),
+    "where_number": (lambda x: torch.where(x > 0, 2 * x, 1.0) + x.where(x < 0.5, torch.zeros(())), (r(3, 4),)),
     "where_getitem_setitem": (lambda x: _setitem(torch.where(x > 0, x, 2 * x)), (r(3, 4),)),
     "inplace_methods": (lambda x: _inplace(x), (r(3, 4),)),
 }

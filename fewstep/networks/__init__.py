@@ -13,7 +13,16 @@ The network contract, which every method, sampler and command relies on:
 - `labels`: class indices (B,), or None for unconditional models; a class-conditional network
   sets `num_classes` (K) and reads label K as "no label" (classifier-free guidance).
 - `**cond`: optional extra inputs, e.g. `guidance` (the CFG scale of a distilled student, with
-  `guidance_input = True`).
+  `guidance_input = True`), or `r`, below.
+- `r` (keyword, optional; flow-map models such as MeanFlow): a second TrigFlow time, one per sample,
+  `0 <= r <= t`. The network then predicts the scaled average velocity over [r, t], so that
+  `x_r = x_t - (t - r) sigma_d F(x_t / sigma_d, t, r=r)`; `r=None` means `r = t` (the
+  instantaneous velocity: the network is then a plain velocity network too). A network that takes
+  `r` sets `second_time = True` (MeanFlow checks it); fewstep's UNet, MLP and DiT take it when
+  built with `second_time=True` (`network.second_time=true`): an embedding of `t - r`, added to
+  the time embedding and zero-initialized, so that without it nothing changes. MeanFlow's JVP
+  gives `r` a zero tangent: compute with `r` as given (e.g. `t - r` inside the network), not
+  with a copy of `t`.
 - optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (SPEC 1.3); absent or
   returning None means no adaptive weighting.
 - a network registered with `@register_network(name)` can be rebuilt from checkpoints.

@@ -25,7 +25,7 @@ from torch import nn
 from fewstep.edm import EPS, T_MAX
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
-STUDENT_ONLY_PREFIXES = ("time_emb.guidance.",)
+STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.")
 
 
 def output_layer(net: nn.Module) -> nn.Module:

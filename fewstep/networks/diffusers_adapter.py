@@ -25,18 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewstep.networks.noise_schedules import TrigFlowSchedule
+from fewstep.networks.noise_schedules import TrigFlowSchedule, import_diffusers
 from fewstep.networks.registry import register_network
 
 MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel")
-
-
-def import_diffusers():
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError("diffusers models need the diffusers package: pip install 'fewstep[diffusers]'") from None
-    return diffusers
 
 
 def class_count(model_name: str, config: dict) -> int:

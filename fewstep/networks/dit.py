@@ -3,8 +3,9 @@
 Patchify, transformer blocks with adaLN-Zero modulation from the time (and class) embedding,
 `F.scaled_dot_product_attention`, a GELU MLP, and a modulated linear head, unpatchified to
 `F(x / sigma_d, t)`. The time embedding is fewstep's positional embedding of t itself (the
-sCM paper's advice, SPEC 2.4), the same as the UNet's. The module has one forward only: its
-JVP for sCT/sCD comes from the tangent engine (`fewstep.networks.engine`) or `torch.func.jvp`.
+sCM paper's advice, SPEC 2.4), the same as the UNet's; `second_time=True` adds MeanFlow's second
+time r as the UNet does (`unet.TwoTimeEmbedding`). The module has one forward only: its JVP for
+sCT/sCD/MeanFlow comes from the tangent engine (`fewstep.networks.engine`) or `torch.func.jvp`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import AdaptiveWeight, TimeEmbedding, check_arguments
+from fewstep.networks.layers import AdaptiveWeight, check_arguments
 from fewstep.networks.registry import register_network
+from fewstep.networks.unet import embed, time_embedding
 
 
 def sincos_position_embedding(dim: int, grid: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ class DiT(nn.Module):
     def __init__(self, img_channels: int, img_resolution: int, patch_size: int = 2, hidden_size: int = 256,
                  depth: int = 6, heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
-                 adaptive_weight: bool = True, guidance_input: bool = False):
+                 adaptive_weight: bool = True, guidance_input: bool = False, second_time: bool = False):
         super().__init__()
         check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq,
                         patch_size=patch_size, hidden_size=hidden_size, depth=depth, heads=heads)
@@ -74,12 +76,12 @@ class DiT(nn.Module):
         if hidden_size % heads:
             raise ValueError(f"network.hidden_size {hidden_size} is not divisible by network.heads {heads}")
         self.img_channels, self.img_resolution, self.patch_size = img_channels, img_resolution, patch_size
-        self.num_classes, self.guidance_input = num_classes, guidance_input
+        self.num_classes, self.guidance_input, self.second_time = num_classes, guidance_input, second_time
         self.grid = img_resolution // patch_size
         self.patchify = nn.Conv2d(img_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_position_embedding(hidden_size, self.grid), persistent=False)
-        self.time_emb = TimeEmbedding(hidden_size, hidden_size, num_classes, emb_min_freq, emb_max_freq,
-                                      guidance_input)
+        self.time_emb = time_embedding(hidden_size, hidden_size, num_classes, emb_min_freq, emb_max_freq,
+                                       guidance_input, second_time)
         self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -91,9 +93,9 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(self.patchify.weight.view(hidden_size, -1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance=None) -> torch.Tensor:
+                guidance=None, r=None) -> torch.Tensor:
         b, c, size, _ = x.shape
-        emb = self.time_emb(t, labels, guidance)  # silu already applied
+        emb = embed(self.time_emb, t, labels, guidance, r)  # silu already applied
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos
         for block in self.blocks:
             h = block(h, emb)

@@ -208,7 +208,7 @@ _LINEAR_NAMES = (
     "repeat_interleave", "tile", "mean", "sum", "neg", "negative", "__neg__", "to", "float", "double",
     "half", "bfloat16", "type_as", "interpolate", "upsample", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle",
-    "pixel_unshuffle", "diagonal", "tril", "triu", "where", "real", "imag", "conj", "__pos__", "as_tensor",
+    "pixel_unshuffle", "diagonal", "tril", "triu", "real", "imag", "conj", "__pos__", "as_tensor",
     "asarray",
 )
 _register(_funcs(*_LINEAR_NAMES) + [torch._C._nn.avg_pool2d, torch.Tensor.T.__get__,
@@ -302,6 +302,20 @@ _register(_funcs("silu") + [torch._C._nn.silu],
           _fused_unary(lambda tx, x, y, inplace=False: torch.ops.aten.silu_backward(tx, x)))
 _register(_funcs("gelu"), _fused_unary(lambda tx, x, y, approximate="none":
                                        torch.ops.aten.gelu_backward(tx, x, approximate=approximate)))
+
+
+@_rule("where")
+def _where(c, *args, **kwargs):
+    """`torch.where(cond, a, b)`, `a.where(cond, b)`: the tangents picked by cond, zero for a number or
+    a tensor without a tangent (the linear rule would take a number for its own tangent)."""
+    if len(args) != 3 or kwargs:
+        raise NoRule  # where(cond) (indices), keyword calls: forward-mode AD of the op
+    cond, a, b = (args[1], args[0], args[2]) if c.func is torch.Tensor.where else args
+    ta, tb = c.t(a), c.t(b)
+    if ta is None and tb is None:
+        return None
+    zero = torch.zeros((), dtype=c.out.dtype, device=c.out.device)
+    return torch.where(cond, zero if ta is None else ta, zero if tb is None else tb)
 
 
 def _clamp_tangent(c, x, lo, hi):

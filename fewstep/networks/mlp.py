@@ -1,4 +1,5 @@
-"""A residual MLP for low-dimensional (toy) data, with the same time conditioning as the UNet."""
+"""A residual MLP for low-dimensional (toy) data, with the same time conditioning as the UNet (and, with
+`second_time=True`, MeanFlow's second time r: `unet.TwoTimeEmbedding`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import AdaDoubleNorm, AdaptiveWeight, TimeEmbedding, check_arguments
+from fewstep.networks.layers import AdaDoubleNorm, AdaptiveWeight, check_arguments
 from fewstep.networks.registry import register_network
+from fewstep.networks.unet import embed, time_embedding
 
 
 class _MLPBlock(nn.Module):
@@ -26,12 +28,14 @@ class _MLPBlock(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 256, depth: int = 4, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
-                 adaptive_weight: bool = True, guidance_input: bool = False):
+                 adaptive_weight: bool = True, guidance_input: bool = False, second_time: bool = False):
         super().__init__()
         check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq, width=width,
                         depth=depth)
         self.dim, self.num_classes, self.guidance_input = dim, num_classes, guidance_input
-        self.time_emb = TimeEmbedding(width, width, num_classes, emb_min_freq, emb_max_freq, guidance_input)
+        self.second_time = second_time
+        self.time_emb = time_embedding(width, width, num_classes, emb_min_freq, emb_max_freq, guidance_input,
+                                       second_time)
         self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
         self.linear_in = nn.Linear(dim, width)
         self.blocks = nn.ModuleList([_MLPBlock(width, width, dropout) for _ in range(depth)])
@@ -39,8 +43,8 @@ class MLP(nn.Module):
         self.linear_out = nn.Linear(width, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance=None) -> torch.Tensor:
-        emb = self.time_emb(t, labels, guidance)
+                guidance=None, r=None) -> torch.Tensor:
+        emb = embed(self.time_emb, t, labels, guidance, r)
         h = self.linear_in(x)
         for block in self.blocks:
             h = block(h, emb)

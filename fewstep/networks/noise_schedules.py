@@ -35,12 +35,18 @@ VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 FLOW_PREDICTIONS = ("flow_prediction",)  # the velocity eps - x0 of rectified flow (diffusers' FlowMatch models)
 
 
+def import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError("diffusers models need the diffusers package: pip install 'fewstep[diffusers]'") from None
+    return diffusers
+
+
 def make_scheduler(name: str, config: dict):
     """A diffusers scheduler from its class name (allow-listed) and config."""
     if name not in VP_SCHEDULERS + FLOW_SCHEDULERS:
         raise ValueError(f"scheduler {name!r} is not supported; supported: {', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}")
-    from fewstep.networks.diffusers_adapter import import_diffusers
-
     cls = getattr(import_diffusers(), name)
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
