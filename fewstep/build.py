@@ -145,6 +145,8 @@ def _student_network(cfg: Config, teacher, method):
         if cfg.network.get("guidance_input"):
             raise ConfigError("network.guidance_input is for fewstep's own networks, not a diffusers student")
         spec["kwargs"]["formulation"] = method.parameterization
+        if cfg.network.get("prediction"):  # the student reads the teacher's model in another parameterization
+            spec["kwargs"]["prediction"] = cfg.network["prediction"]
         return build_registered(spec)
     if cfg.network.get("guidance_input"):
         spec["kwargs"]["guidance_input"] = True

@@ -174,8 +174,9 @@ class Config:
         method = build_method(self.method)  # the method's dataclass validates its own fields
         name = self.method.get("name")
         if method.takes_teacher and not self.train.teacher:
-            raise ConfigError(f"method {name!r} distils a diffusion teacher: give its checkpoint with "
-                              "--teacher CKPT (train.teacher)")
+            hint = " (or method.from_teacher=false to train from scratch)" if name == "ect" else ""
+            raise ConfigError(f"method {name!r} starts from a diffusion teacher: give its checkpoint with "
+                              f"--teacher CKPT (train.teacher){hint}")
         if self.train.teacher and not method.takes_teacher:
             from fewstep.methods import METHODS
 

@@ -16,6 +16,11 @@ EXAMPLES = """examples:
   fewstep train --preset 8gaussians --method flow --out runs/teacher            # a diffusion teacher
   fewstep train --preset 8gaussians --method scd --teacher runs/teacher --out runs/scd
   fewstep train --preset 8gaussians --method ict --out runs/ict                   # improved CT (discrete time)
+  fewstep train --preset 8gaussians --method meanflow --out runs/mf              # MeanFlow (second time input r)
+  fewstep train --preset 8gaussians --method ect --teacher runs/teacher --out runs/ect   # ECT from the teacher
+  fewstep train --method sct --set train.init_from=runs/flow --out runs/tuned   # fine-tune another run's weights
+  fewstep train --method scd --teacher path/to/ddpm-pipeline --out runs/scd     # a diffusers teacher (or Hub id)
+  fewstep train --data latents.safetensors --out runs/latent                     # VAE latents (fewstep encode)
   fewstep train --import mynets.py --set network.arch=my-net --out runs/mine     # a network of your own
 
 A config file (JSON or TOML) has the sections data, network, method, optim, train;
@@ -35,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset or data name>)")
     p.add_argument("--data", default=None, help="dataset name or path (data.name)")
     p.add_argument("--method", default=None, help="training objective (method.name): sct, scd (continuous-time "
-                   "CMs), flow, edm (diffusion), cd, ct, ict (discrete-time CMs), pd (progressive distillation)")
+                   "CMs), meanflow (average velocity), ect (consistency tuning), flow, edm (diffusion), cd, ct, ict "
+                   "(discrete-time CMs), pd (progressive distillation)")
     p.add_argument("--steps", type=count(1), default=None, help="training steps (train.steps)")
     p.add_argument("--batch-size", type=count(1), default=None, help="train.batch_size")
     p.add_argument("--lr", type=number(0, low_open=True), default=None, help="optim.lr")
@@ -45,7 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true", help="do not resume; fails if --out has checkpoints")
-    p.add_argument("--teacher", default=None, help="sCD / CD / PD: the diffusion teacher's checkpoint (train.teacher)")
+    p.add_argument("--teacher", default=None, help="sCD / CD / PD / ECT: the diffusion teacher: a fewstep run, a diffusers "
+                   "pipeline or model folder, or a Hub id (train.teacher)")
     add_import(p)
     p.set_defaults(func=run)
 
@@ -72,7 +79,11 @@ def build_train_config(args):
             data = merge(data, {section: {key: value}})
     if args.no_progress:
         data = merge(data, {"train": {"progress": False}})
+    preset_arch = data.get("network", {}).get("arch", "auto")
     data = apply_overrides(data, args.set)
+    if data.get("network", {}).get("arch", "auto") != preset_arch:  # another architecture: the preset's own
+        user = apply_overrides({}, [o for o in args.set if o.startswith("network.")])  # network fields do not apply
+        data = {**data, "network": user.get("network", {})}
     cfg = config_from_dict(data)
     out = Path(args.out or f"runs/{preset or Path(cfg.data.name).stem}")
     return cfg, out

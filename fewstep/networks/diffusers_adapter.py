@@ -16,7 +16,10 @@ output: `schedule={"scheduler": "DDPMScheduler", "config": {...}}` converts exac
 and the model's noise levels (`fewstep.networks.noise_schedules`), so the network is a TrigFlow
 velocity model without a change to its weights. `formulation="edm"` presents the same network in
 EDM's inputs (`c_in x_sigma = x_t / sigma_d`, `c_noise = ln(sigma) / 4`, output negated:
-`fewstep.networks.convert`), for the discrete-time consistency methods.
+`fewstep.networks.convert`), for the discrete-time consistency methods. `prediction` re-reads the
+model's output in another parameterization than its scheduler's (a student's choice: an epsilon
+model's x0 estimate divides by sqrt(alphas_cumprod), ~0.006 at DDPM's last timestep, so a one-step
+student of an epsilon teacher is better read as `v_prediction`; docs/results.md).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def class_count(model_name: str, config: dict) -> int:
 @register_network("diffusers")
 class DiffusersNetwork(nn.Module):
     def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0,
-                 schedule: dict | None = None, sigma_d: float = 0.5, formulation: str = "trigflow"):
+                 schedule: dict | None = None, sigma_d: float = 0.5, formulation: str = "trigflow",
+                 prediction: str | None = None):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"network.model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -58,8 +62,9 @@ class DiffusersNetwork(nn.Module):
         self.num_classes = num_classes  # K: labels 0..K-1, and K for "no label" (the model embeds K + 1)
         self.formulation = formulation
         self.schedule_source = schedule  # {"scheduler": class name, "config": ...}, as given
+        # `prediction` re-reads the model's output (e.g. a v_prediction student of an epsilon teacher)
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
-            schedule["scheduler"], schedule["config"], sigma_d, schedule.get("prediction"))
+            schedule["scheduler"], schedule["config"], sigma_d, prediction or schedule.get("prediction"))
 
     def _model(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is None and self.num_classes:  # the contract's "no label" is class K
