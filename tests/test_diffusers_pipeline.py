@@ -270,3 +270,18 @@ def test_model_folder_with_a_flow_scheduler_and_a_dit(tmp_path):
     with torch.no_grad():
         out = net(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 1.5]), torch.tensor([1, 10]))
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_a_student_may_re_read_the_teachers_output(ddpm_folder, tmp_path):
+    """network.prediction=v_prediction: the student keeps the teacher's weights and time input but
+    reads its output as v (an epsilon model's x0 estimate divides by sqrt(alphas_cumprod)); the
+    export carries the student's parameterization."""
+    out = tmp_path / "v"
+    assert main(["train", "--method", "scd", "--teacher", str(ddpm_folder), "--set", "network.arch=diffusers",
+                 "--set", "network.prediction=v_prediction", "--out", str(out), *TRAIN]) == 0
+    student = load_model(out)
+    assert student.net.schedule.prediction == "v_prediction"
+    assert load_model(ddpm_folder).net.schedule.prediction == "epsilon"
+    assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+    cfg = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg["prediction_type"] == "v_prediction" and cfg["_class_name"] == "LCMScheduler"
