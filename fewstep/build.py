@@ -5,6 +5,7 @@ This is what `fewstep train` runs; Python users can call `fit` on objects of the
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -236,10 +237,37 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     return Built(net, method, dataset, options, teacher)
 
 
+def pretrain_config(cfg: Config) -> Config:
+    """The flow-matching run that `train.pretrain_steps` trains first: the same data and network,
+    method 'flow' (with the run's sigma_d), `train.pretrain_lr`, ending at `pretrain_steps`."""
+    pre = copy.deepcopy(cfg)
+    pre.method = {"name": "flow", **({"sigma_d": cfg.method["sigma_d"]} if "sigma_d" in cfg.method else {})}
+    pre.optim.lr = cfg.train.pretrain_lr or cfg.optim.lr
+    pre.train.steps, pre.train.pretrain_steps = cfg.train.pretrain_steps, 0
+    pre.train.sample_every, pre.train.resume = 0, True
+    pre.train.ckpt_every = min(cfg.train.ckpt_every or cfg.train.pretrain_steps, cfg.train.pretrain_steps)
+    return pre
+
+
 def train(cfg: Config, out_dir: str | Path) -> dict:
     """Train `cfg` into `out_dir`: `fit` over what `build(cfg)` makes. Resumes from the latest
-    checkpoint in `out_dir` when `train.resume`."""
+    checkpoint in `out_dir` when `train.resume`. With `train.pretrain_steps`, a flow-matching run
+    is trained first into `<out_dir>/pretrain` (resumed, or skipped once finished) and becomes the
+    teacher (sCD, ECT, CD, PD) or the starting weights (sCT, MeanFlow, ...)."""
     from fewstep.train import fit
 
+    if cfg.train.pretrain_steps:
+        pre_dir = Path(out_dir) / "pretrain"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stage 1: flow matching, {cfg.train.pretrain_steps} steps -> {pre_dir}")
+        train(pretrain_config(cfg), pre_dir)
+        cfg = copy.deepcopy(cfg)
+        if build_method(cfg.method).takes_teacher:
+            cfg.train.teacher = str(pre_dir)
+        else:
+            cfg.train.init_from = str(pre_dir)
+        cfg.train.pretrain_steps = 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stage 2: {cfg.method['name']} from the flow model, {cfg.train.steps} steps -> {out_dir}")
     built = build(cfg, out_dir)
     return fit(*built, out_dir, **built.options)

@@ -135,6 +135,8 @@ class TrainConfig:
     sharded_checkpoints: bool = False  # fsdp: each process writes its own shards (models beyond one process)
     init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
     init_from: str | None = None  # fine-tune: start from this run's network and (EMA) weights
+    pretrain_steps: int = 0  # first train flow matching this long into <out>/pretrain: the teacher or the start
+    pretrain_lr: float | None = None  # its learning rate (default optim.lr)
 
     def validate(self):
         _choice("train.parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
@@ -154,6 +156,13 @@ class TrainConfig:
             raise ConfigError("train.teacher must be a checkpoint path or null")
         if self.init_from is not None and not self.init_from:
             raise ConfigError("train.init_from must be a checkpoint path or null")
+        if self.pretrain_steps < 0:
+            raise ConfigError(f"train.pretrain_steps must be >= 0, got {self.pretrain_steps}")
+        if self.pretrain_steps and (self.teacher or self.init_from):
+            raise ConfigError("train.pretrain_steps trains the teacher / starting point itself: do not also give "
+                              "train.teacher or train.init_from")
+        if self.pretrain_lr is not None and not self.pretrain_lr > 0:
+            raise ConfigError(f"train.pretrain_lr must be > 0, got {self.pretrain_lr}")
         if self.init_from and self.teacher and self.init_from_teacher:
             raise ConfigError("train.init_from and train.teacher both initialize the network: set "
                               "train.init_from_teacher=false to start from train.init_from")
@@ -173,7 +182,7 @@ class Config:
         self.network = validate_network(self.network)
         method = build_method(self.method)  # the method's dataclass validates its own fields
         name = self.method.get("name")
-        if method.takes_teacher and not self.train.teacher:
+        if method.takes_teacher and not (self.train.teacher or self.train.pretrain_steps):
             hint = " (or method.from_teacher=false to train from scratch)" if name == "ect" else ""
             raise ConfigError(f"method {name!r} starts from a diffusion teacher: give its checkpoint with "
                               f"--teacher CKPT (train.teacher){hint}")

@@ -30,3 +30,22 @@ def test_init_from_errors(tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         config_from_dict({"train": {"init_from": "a", "teacher": "b"}, "method": {"name": "scd"}}).validate()
     assert main(["train", "--set", "train.init_from=/no/such/run", "--out", str(tmp_path / "x"), *FAST]) == 2
+
+
+@pytest.mark.parametrize("method, key", [("scd", "teacher"), ("sct", "init_from")])
+def test_pretrain_steps_trains_the_flow_model_first(tmp_path, method, key):
+    """train.pretrain_steps: one command trains flow matching into <out>/pretrain, then the method
+    from it (the teacher of sCD, the start of sCT); a second run resumes both stages."""
+    import json
+
+    out = tmp_path / method
+    args = ["train", "--preset", "8gaussians", "--method", method, "--set", "train.pretrain_steps=6",
+            "--set", "network.width=32", "--out", str(out), *FAST]
+    assert main(args) == 0
+    pre = json.loads(sorted((out / "pretrain" / "checkpoints").glob("ckpt-*.json"))[-1].read_text())
+    assert pre["step"] == 6 and pre["method"]["name"] == "flow"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"][key] == str(out / "pretrain") and cfg["method"]["name"] == method
+    assert main(args) == 0  # both stages already done: resumes and ends
+    assert main(["train", "--method", "scd", "--set", "train.pretrain_steps=5", "--teacher", "x",
+                 "--out", str(tmp_path / "bad"), *FAST]) == 2
