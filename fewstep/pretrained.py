@@ -181,11 +181,9 @@ def load_diffusers_network(spec: str | os.PathLike, sigma_d: float, scheduler=No
     """A diffusers denoiser as a TrigFlow network (`DiffusersNetwork` with its schedule), with its weights.
     Returns (network, source)."""
     from fewstep.networks.diffusers_adapter import DiffusersNetwork, class_count
-    from fewstep.networks.noise_schedules import make_scheduler
 
     source = read_diffusers_source(spec, scheduler)
-    try:
-        make_scheduler(source.scheduler, source.scheduler_config)
+    try:  # the constructor builds (and so checks) the model and its allow-listed scheduler
         net = DiffusersNetwork(source.model, source.config, schedule=source.schedule, sigma_d=sigma_d,
                                num_classes=class_count(source.model, source.config) if num_classes is None else num_classes)
     except (ValueError, TypeError) as e:
