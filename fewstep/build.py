@@ -18,6 +18,12 @@ from fewstep.config import Config, ConfigError, build_method, validate_network
 from fewstep.devices import resolve_device
 
 
+def _reports() -> bool:
+    """Whether this process prints the run's messages (process 0 under torchrun; before the
+    process group exists, so from the environment)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.name]
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -73,7 +79,7 @@ def _encoded(cfg: Config, dataset):
     key = hashlib.sha256(json.dumps([source, where, weights], sort_keys=True, default=str).encode())
     path = latent_cache_dir() / f"{key.hexdigest()[:20]}.safetensors"
     if not path.exists():
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _reports():
             print(f"encoding {len(dataset)} images of {cfg.data.name!r} with the VAE {cfg.data.vae} -> {path}")
         encode_dataset(dataset, cfg.data.vae, path, source=source, progress=cfg.train.progress)
     return LatentDataset(path, name=cfg.data.name)
@@ -97,7 +103,7 @@ def _report_latents(cfg: Config, dataset) -> None:
     measured = float(latents["sigma_d"])
     if "sigma_d" not in cfg.method:
         cfg.method["sigma_d"] = round(measured, 6)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _reports():
         print(f"latents {tuple(dataset.shape)} of {tuple(latents['pixel_shape'])} images (VAE {latents['vae']}): "
               f"sigma_d = {measured:.4f} measured; method.sigma_d = {cfg.method['sigma_d']}")
 
@@ -206,14 +212,14 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":
             copy_teacher_weights(net, source.net)  # the same model behind the same exact conversion
-            if int(os.environ.get("RANK", "0")) == 0:
+            if _reports():
                 print(f"student initialized from the diffusers model {tc.init_from or tc.teacher} "
                       f"({type(net.model).__name__}, {type(net.schedule).__name__} "
                       f"{net.schedule.kind}/{net.schedule.prediction})")
         elif not resuming:
             done = student_from_teacher(net, source.net, source.method.parameterization, method.sigma_d,
                                         student_formulation=method.parameterization)
-            if int(os.environ.get("RANK", "0")) == 0:
+            if _reports():
                 print(f"network initialized from {what}" + (f": {done}" if done else ""))
     else:
         try:
@@ -258,7 +264,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
 
     if cfg.train.pretrain_steps:
         pre_dir = Path(out_dir) / "pretrain"
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _reports():
             print(f"stage 1: flow matching, {cfg.train.pretrain_steps} steps -> {pre_dir}")
         train(pretrain_config(cfg), pre_dir)
         cfg = copy.deepcopy(cfg)
@@ -267,7 +273,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
         else:
             cfg.train.init_from = str(pre_dir)
         cfg.train.pretrain_steps = 0
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _reports():
             print(f"stage 2: {cfg.method['name']} from the flow model, {cfg.train.steps} steps -> {out_dir}")
     built = build(cfg, out_dir)
     return fit(*built, out_dir, **built.options)
