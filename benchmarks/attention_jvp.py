@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fewstep.networks.attention_jvp import attention_tangent_math, attention_with_tangent  # noqa: E402
+from fewstep.jvp.attention import attention_tangent_math, attention_with_tangent  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = {"all": ("func-jvp", "math", "triton"), "math": ("func-jvp", "math"), "triton": ("triton",)}

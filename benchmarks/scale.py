@@ -64,7 +64,7 @@ def step_timer(device: str):
     """A `fit` callback that records the wall-clock of each optimizer step on process 0."""
     import torch
 
-    from fewstep.train import Callback
+    from fewstep.training.fit import Callback
 
     class StepTimer(Callback):
         def __init__(self):

@@ -18,7 +18,7 @@ Modes:
   flow           TrigFlow flow matching (SPEC 1.1)
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
-  sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.networks.engine`)
+  sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.jvp.engine`)
   meanflow-tangent   MeanFlow (SPEC 10), its JVP along (v, 0, 1) through the tangent engine
   meanflow-separate  MeanFlow, torch.func.jvp in a no-grad pass + a separate graded forward
   meanflow-single    MeanFlow, one grad-enabled forward-AD pass
@@ -59,7 +59,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fewstep.methods import SCT, FlowMatching, MeanFlow  # noqa: E402
-from fewstep.networks import DiffusersNetwork, DiT, UNet  # noqa: E402
+from fewstep.interop.diffusers.network import DiffusersNetwork  # noqa: E402
+from fewstep.networks import DiT, UNet  # noqa: E402
 
 MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "meanflow-tangent", "meanflow-separate",
          "meanflow-single")

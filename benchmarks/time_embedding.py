@@ -22,8 +22,8 @@ import torch
 @torch.no_grad()
 def jvp_parts(model, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample RMS of the time part and the x part of the sCM JVP at (x_t, t)."""
-    from fewstep.networks.engine import tangent_forward
-    from fewstep.trigflow import net_velocity
+    from fewstep.jvp.engine import tangent_forward
+    from fewstep.core.trigflow import net_velocity
 
     net, sd = model.net, model.sigma_d
     z = sd * torch.randn_like(x0)
@@ -41,7 +41,7 @@ def jvp_parts(model, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, t
 
 def main() -> None:
     from fewstep.data import load_dataset
-    from fewstep.generate import load_model
+    from fewstep.apps.generate import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+")

@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-_LAZY = {"fit": "fewstep.train", "Callback": "fewstep.train", "build": "fewstep.build", "train": "fewstep.build"}
+_LAZY = {"fit": "fewstep.training.fit", "Callback": "fewstep.training.fit", "build": "fewstep.training.build", "train": "fewstep.training.build"}
 
 
 def __getattr__(name):  # keep `import fewstep` light: torch loads on first use

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewstep.samplers import TWO_STEP_TIMES
+from fewstep.core.samplers import TWO_STEP_TIMES
 
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewstep.edm import edm_precond
+from fewstep.core.edm import edm_precond
 from fewstep.networks import MLP, UNet
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewstep.networks import attention_jvp
-from fewstep.networks.attention_jvp import attention_tangent_math, attention_tangent_triton, attention_with_tangent
+from fewstep.jvp import attention as attention_jvp
+from fewstep.jvp.attention import attention_tangent_math, attention_tangent_triton, attention_with_tangent
 
 F64 = torch.float64
 
@@ -228,8 +228,8 @@ def test_tangent_engine_runs_the_kernel_through_a_dit(monkeypatch):
     """The tangent engine's attention rule with the Triton kernel, through fewstep's DiT (head
     dim 16): the same network tangent as with the math path, within the fp32 bound above."""
     from fewstep.networks import DiT
-    from fewstep.networks import attention_jvp as aj
-    from fewstep.networks.engine import tangent_forward
+    from fewstep.jvp import attention as aj
+    from fewstep.jvp.engine import tangent_forward
 
     torch.manual_seed(0)
     net = DiT(1, 8, patch_size=2, hidden_size=32, depth=1, heads=2)

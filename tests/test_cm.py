@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fewstep.data import EightGaussians
-from fewstep.edm import consistency_precond, edm_consistency
+from fewstep.core.edm import consistency_precond, edm_consistency
 from fewstep.methods import METHODS
 from fewstep.methods.cm import (CD, CT, ICT, cm_distance, ct_num_scales, ct_target_decay, ict_num_scales,
                                 lognormal_index_probs, make_teacher_denoiser, pseudo_huber_c)
 from fewstep.metrics.toy import sliced_wasserstein
 from fewstep.networks import MLP
-from fewstep.samplers import multistep_sample
+from fewstep.core.samplers import multistep_sample
 from helpers import MU, S, SD, algorithm_1_moments, d_star, f_star_edm, per_sample, randomize_zero_params_, tiny_mlp
 
 EPS = 0.002
@@ -253,7 +253,7 @@ def test_ict_trains_on_8_gaussians():
 def test_discrete_cms_via_cli(tmp_path, capsys):
     """`--method ict` / `ct` train, sample and resume (CT's EMA target is checkpointed); `--method cd`
     distils a flow teacher, starting from its weights through the time-embedding conversion."""
-    from fewstep import checkpoint as ckpt
+    from fewstep.training import checkpoint as ckpt
     from fewstep.cli import main
 
     common = ["--preset", "8gaussians", "--batch-size", "64", "--no-progress", "--set", "network.width=32",

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from fewstep.edm import edm_denoiser, edm_to_trigflow
+from fewstep.core.edm import edm_denoiser, edm_to_trigflow
 from fewstep.networks import MLP
 from fewstep.networks.convert import copy_teacher_weights, edm_time_input, student_from_teacher
-from fewstep.trigflow import consistency_from_velocity, net_velocity
+from fewstep.core.trigflow import consistency_from_velocity, net_velocity
 from helpers import randomize_zero_params_, tiny_unet
 
 SD = 0.5

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fewstep.cli import main
-from fewstep.generate import load_model
+from fewstep.apps.generate import load_model
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -60,7 +60,7 @@ def test_distil_a_diffusers_pipeline_through_the_cli(ddpm_folder, tmp_path, meth
 
 def test_the_student_starts_as_the_teacher(ddpm_folder):
     """At step 0 an sCD student is the teacher's model behind the same conversion: equal velocities."""
-    from fewstep.build import build
+    from fewstep.training.build import build
     from fewstep.config import config_from_dict
 
     built = build(config_from_dict({"method": {"name": "scd"}, "train": {"teacher": str(ddpm_folder), "steps": 1}}))
@@ -108,7 +108,7 @@ def test_export_refuses_fewstep_networks(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--preset", "8gaussians", "--out", str(out), *TRAIN]) == 0
     with pytest.raises(ValueError, match="diffusers model"):
-        from fewstep.export import export_diffusers
+        from fewstep.interop.diffusers.export import export_diffusers
 
         export_diffusers(load_model(out), tmp_path / "x")
 
@@ -125,7 +125,7 @@ def vae_folder(tmp_path_factory):
 
 
 def test_latent_pipeline_encode_train_sample_decode(vae_folder, tmp_path, capsys):
-    from fewstep.latents import LatentDataset
+    from fewstep.interop.diffusers.latents import LatentDataset
 
     latents = tmp_path / "digits-latents.safetensors"
     assert main(["encode", "--data", "digits", "--vae", str(vae_folder), "--out", str(latents), "--device", "cpu"]) == 0
@@ -206,7 +206,7 @@ def test_the_conversion_carries_exact_tangents():
     """The tangent engine through the schedule conversion (log-SNR interpolation, clamps, table
     lookups) against float64 finite differences, with a smooth stand-in for the model."""
     from fewstep.networks import check_tangent
-    from fewstep.networks.noise_schedules import TrigFlowSchedule
+    from fewstep.interop.diffusers.schedules import TrigFlowSchedule
 
     for name, cfg in (("DDPMScheduler", {"prediction_type": "v_prediction"}),
                       ("FlowMatchEulerDiscreteScheduler", {})):
@@ -225,7 +225,7 @@ def test_the_conversion_carries_exact_tangents():
 def test_class_conditional_teacher_with_guidance(tmp_path):
     """A class-conditional UNet2DModel (10 classes + the null label) distils with CFG: the student's
     target uses the guided teacher velocity v_u + w (v_c - v_u)."""
-    from fewstep.build import build
+    from fewstep.training.build import build
     from fewstep.config import config_from_dict
 
     folder = tmp_path / "cond"
@@ -258,7 +258,7 @@ def test_model_folder_with_a_flow_scheduler_and_a_dit(tmp_path):
                  "--out", str(tmp_path / "run"), *TRAIN]) == 0
     assert load_model(tmp_path / "run").net.schedule.kind == "flow"
 
-    from fewstep.pretrained import load_diffusers_network
+    from fewstep.interop.diffusers.pretrained import load_diffusers_network
 
     torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,

@@ -1,4 +1,4 @@
-"""diffusers teachers in TrigFlow time (`fewstep.networks.noise_schedules`), against closed forms.
+"""diffusers teachers in TrigFlow time (`fewstep.interop.diffusers.schedules`), against closed forms.
 
 For Gaussian data N(MU, S^2 I) the exact VP-epsilon, v-prediction, x0 and rectified-flow models are
 written here in diffusers' conventions (a VP model at fractional timestep k reads its noise level by
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.networks.noise_schedules import TrigFlowSchedule, vp_log_snr
+from fewstep.interop.diffusers.schedules import TrigFlowSchedule, vp_log_snr
 from tests.helpers import MU, S, SD, v_star
 
 diffusers = pytest.importorskip("diffusers")

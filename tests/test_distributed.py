@@ -1,4 +1,4 @@
-"""Data-parallel training (fewstep.distributed): identical replicas, and a 2-process `torchrun`
+"""Data-parallel training (fewstep.training.distributed): identical replicas, and a 2-process `torchrun`
 run on CPU (Gloo) that resumes."""
 
 import json
@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fewstep import checkpoint as ckpt
-from fewstep.distributed import DistInfo, broadcast_parameters, gather_objects
+from fewstep.training import checkpoint as ckpt
+from fewstep.training.distributed import DistInfo, broadcast_parameters, gather_objects
 from fewstep.networks import MLP
 from helpers import init_gloo
 

@@ -15,7 +15,7 @@ import torch
 
 import fewstep
 from fewstep.cli import build_parser
-from fewstep.generate import Model, Schedule, cm_times, generate
+from fewstep.apps.generate import Model, Schedule, cm_times, generate
 from fewstep.methods import SCT, FlowMatching
 from fewstep.networks import MLP, UNet
 

@@ -5,7 +5,7 @@
   `f*(x_t, t) - f*(x_r, r)` on the shared-noise pair has a closed-form law: the loss matches it,
   and vanishes as dt -> 0 at the order the math says (measured across stages);
 - r = 0 is the diffusion (denoising) loss, and the two passes share their dropout masks;
-- teacher initialization through `fewstep.build` (a flow run's weights are the student's), training
+- teacher initialization through `fewstep.training.build` (a flow run's weights are the student's), training
   from scratch, the config checks, and sampling from the API and the CLI.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from fewstep.methods import ECT
 from fewstep.methods.ect import ect_loss, ect_mapping, ect_stage
 from fewstep.networks import MLP
-from fewstep.trigflow import HALF_PI
+from fewstep.core.trigflow import HALF_PI
 from helpers import MU, SD, S, ConsistencyOracle
 
 F64 = torch.float64
@@ -178,10 +178,10 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     """`fewstep train --method flow`, then ECT with `--teacher RUN`: the student starts as the teacher's
     (EMA) network, weight for weight; it trains, saves, and samples in 1 and 2 steps (API and CLI).
     Without a teacher it trains from random weights, or starts from `train.init_from` alike."""
-    from fewstep.build import build, train
+    from fewstep.training.build import build, train
     from fewstep.cli import main
-    from fewstep.generate import Schedule, generate, load_model
-    from fewstep.train import fit
+    from fewstep.apps.generate import Schedule, generate, load_model
+    from fewstep.training.fit import fit
 
     assert main(["train", "--preset", "8gaussians", "--method", "flow", "--set", "network.width=32", "--set",
                  "network.depth=2", "--steps", "8", "--set", "train.sample_every=0", "--no-progress", "--device",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewstep.editing import (LUMA, colorize, colour_matrix, denoise, edit, inpaint, inpaint_mask, interpolate,
+from fewstep.core.editing import (LUMA, colorize, colour_matrix, denoise, edit, inpaint, inpaint_mask, interpolate,
                              luminance, patch_matrix, sdedit, slerp, super_resolve)
 from helpers import exact_f
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from fewstep.edm import (EPS, T_CAP, consistency_precond, edm_consistency, edm_denoiser, edm_precond,
+from fewstep.core.edm import (EPS, T_CAP, consistency_precond, edm_consistency, edm_denoiser, edm_precond,
                          edm_to_trigflow, karras_grid, karras_sigmas, trigflow_to_edm)
 from fewstep.methods import METHODS, EDMDiffusion, FlowMatching
 from fewstep.methods.flow import drop_labels
 from fewstep.networks import MLP
-from fewstep.ode import EDMODE, TrigFlowODE, sample_heun
+from fewstep.core.ode import EDMODE, TrigFlowODE, sample_heun
 from helpers import MU, S, SD, OracleEDMNet, d_star, f_star_edm, v_star
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fewstep.ema import EMA, sigma_rel_to_gamma
+from fewstep.training.ema import EMA, sigma_rel_to_gamma
 
 
 class Scalar(torch.nn.Module):

@@ -14,10 +14,10 @@ import torch
 from fewstep import data as fdata
 from fewstep.config import config_from_dict
 from fewstep.data import DataError, load_dataset
-from fewstep.build import train
+from fewstep.training.build import train
 from fewstep.cli import build_parser
-from fewstep.evaluate import evaluate
-from fewstep.generate import cm_times, schedules
+from fewstep.apps.evaluate import evaluate
+from fewstep.apps.generate import cm_times, schedules
 from fewstep.methods import SCT, EDMDiffusion, FlowMatching
 from helpers import write_idx
 

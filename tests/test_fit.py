@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fewstep import checkpoint as ckpt
+from fewstep.training import checkpoint as ckpt
 from fewstep import fit
-from fewstep.generate import load_model
+from fewstep.apps.generate import load_model
 from fewstep.methods import SCT, FlowMatching
 from fewstep.networks import UnknownNetworkError, register_network
-from fewstep.train import NonFiniteLossError
+from fewstep.training.fit import NonFiniteLossError
 
 
 @register_network("test-fit-mlp")

@@ -1,4 +1,4 @@
-"""FSDP2 building blocks (fewstep.fsdp) on CPU with Gloo, 2 processes: gradients of flow matching
+"""FSDP2 building blocks (fewstep.training.fsdp) on CPU with Gloo, 2 processes: gradients of flow matching
 and of sCT through the tangent engine equal the one-process full-batch gradients, checkpoints
 (weights and Adam state) move between 2 sharded processes and 1 unsharded one, the EMA of
 sharded weights equals the unsharded EMA, and the bf16 policy reduces gradients in float32.
@@ -20,8 +20,8 @@ from torch import nn
 
 import fewstep.methods.flow as flow_module
 import fewstep.methods.sct as sct_module
-from fewstep.ema import EMA
-from fewstep.fsdp import (clip_grad_norm, full_optimizer_state, full_state_dict, load_full_optimizer_state,
+from fewstep.training.ema import EMA
+from fewstep.training.fsdp import (clip_grad_norm, full_optimizer_state, full_state_dict, load_full_optimizer_state,
                           load_full_state_dict, shard)
 from fewstep.methods import SCT, FlowMatching
 from fewstep.networks.blocks import blocks

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fewstep.build import build
+from fewstep.training.build import build
 from fewstep.cli import main
 from fewstep.config import ConfigError, config_from_dict
-from fewstep.generate import load_model
+from fewstep.apps.generate import load_model
 
 FAST = ["--steps", "5", "--set", "train.sample_every=0", "--set", "train.progress=false", "--device", "cpu"]
 

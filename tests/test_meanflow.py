@@ -7,7 +7,7 @@
 - 1- and 2-step sampling with u* reproduces the exact flow map;
 - a short training run brings a small MLP close to u*;
 - the second-time input of fewstep's networks, classifier-free guidance in training, the config
-  checks, and a train / sample round trip through `fewstep.build` and the CLI.
+  checks, and a train / sample round trip through `fewstep.training.build` and the CLI.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from fewstep.generate import batch_seed
-from fewstep.generate import sample as generate_sample
+from fewstep.apps.generate import batch_seed
+from fewstep.apps.generate import sample as generate_sample
 from fewstep.methods import MeanFlow
 from fewstep.methods.meanflow import JVP_MODES, guided_velocity, meanflow_jvp, meanflow_loss, meanflow_times
 from fewstep.networks import DiT, MLP, UNet, check_tangent
-from fewstep.trigflow import HALF_PI, trigflow_noise
+from fewstep.core.trigflow import HALF_PI, trigflow_noise
 from helpers import MU, SD, S, f_star, randomize_zero_params_, v_star
 
 F64 = torch.float64
@@ -240,7 +240,7 @@ def test_sampling_with_exact_u_is_the_exact_flow_map(times):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_public_sample_api_with_exact_u(steps):
-    """`fewstep.generate.sample` (what `fewstep sample` and the previews run) samples MeanFlow through
+    """`fewstep.apps.generate.sample` (what `fewstep sample` and the previews run) samples MeanFlow through
     its own `sample`: the exact flow map of the same noise (float32 samples)."""
     x = generate_sample(ExactU(), MeanFlow(), (4,), 300, steps=steps, seed=7, batch_size=300)
     noise = torch.randn((300, 4), generator=torch.Generator().manual_seed(batch_seed(7, 0)))
@@ -386,10 +386,10 @@ def test_cfg_training_runs_and_config_checks():
 
 
 def test_build_fit_and_cli_sample(tmp_path, capsys):
-    from fewstep.build import train
+    from fewstep.training.build import train
     from fewstep.cli import main
     from fewstep.config import config_from_dict
-    from fewstep.generate import Schedule, generate, load_model
+    from fewstep.apps.generate import Schedule, generate, load_model
 
     cfg = config_from_dict({
         "data": {"name": "8gaussians"}, "network": {"width": 32, "depth": 2, "second_time": True},

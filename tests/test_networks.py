@@ -12,7 +12,7 @@ from torch import nn
 from fewstep.methods.scm import forward_ad_attention, normalize_tangent, scm_jvp, scm_loss, scm_tangent
 from fewstep.networks import MLP, UNet
 from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, pnorm
-from fewstep.trigflow import trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import trigflow_noise, trigflow_velocity
 from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
 
 SIGMA_D = 0.5

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from fewstep.edm import karras_grid
+from fewstep.core.edm import karras_grid
 from fewstep.networks import MLP
-from fewstep.ode import (SAMPLERS, EDMODE, TrigFlowODE, cfg_combine, guided, sample_dpmpp_2m, sample_euler,
+from fewstep.core.ode import (SAMPLERS, EDMODE, TrigFlowODE, cfg_combine, guided, sample_dpmpp_2m, sample_euler,
                          sample_heun, solve, trigflow_net_velocity, trigflow_times)
 from helpers import MU, SD, d_star, f_star_edm, v_star
 from helpers import f_star as f_star_trigflow

@@ -10,7 +10,7 @@ import torch
 from fewstep.methods import ProgressiveDistillation
 from fewstep.methods.pd import ddim_step, pd_num_rounds, pd_student_steps
 from fewstep.networks import MLP
-from fewstep.ode import TrigFlowODE, sample_ddim, trigflow_net_velocity
+from fewstep.core.ode import TrigFlowODE, sample_ddim, trigflow_net_velocity
 from helpers import MU, S, SD, f_star, v_star
 
 
@@ -129,7 +129,7 @@ def test_one_round_halves_the_steps_on_gaussian_data():
 def test_progressive_distillation_via_cli(tmp_path, capsys):
     """`--method pd --teacher FLOW`: rounds halve the steps (16 -> 8, 4, 2 over 6 steps), the
     current teacher is checkpointed, and sampling defaults to DDIM at the student's step count."""
-    from fewstep import checkpoint as ckpt
+    from fewstep.training import checkpoint as ckpt
     from fewstep.cli import main
 
     common = ["--preset", "8gaussians", "--batch-size", "32", "--no-progress", "--set", "network.width=32",

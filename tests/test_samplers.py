@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fewstep.samplers import (multistep_sample, ternary_search_times, trigflow_sampler_fn, trigflow_search_grid,
+from fewstep.core.samplers import (multistep_sample, ternary_search_times, trigflow_sampler_fn, trigflow_search_grid,
                               ve_multistep_sample, ve_sigmas)
 from helpers import ConsistencyOracle, algorithm_1_moments, exact_f, f_star_edm
 
@@ -85,7 +85,7 @@ def test_ve_sigmas_read_trigflow_times_as_noise_levels():
     t32 = float(torch.tensor(math.pi / 2, dtype=torch.float32))
     assert ve_sigmas([math.pi / 2, t32, math.atan(0.8 / SD), 1e-6], SD, 0.002, 80.0) == pytest.approx(
         [80.0, 80.0, 0.8, 0.002])
-    from fewstep.edm import karras_grid
+    from fewstep.core.edm import karras_grid
 
     grid = karras_grid(10, 0.002, 80.0).flip(0).tolist()
     assert ve_sigmas(trigflow_search_grid(10, SD), SD) == pytest.approx(grid, rel=1e-12)

@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fewstep import checkpoint as ckpt
+from fewstep.training import checkpoint as ckpt
 from fewstep import fit
-from fewstep.distributed import DistInfo, all_finite, wrap_ddp
+from fewstep.training.distributed import DistInfo, all_finite, wrap_ddp
 from fewstep.methods import SCT
 from fewstep.methods.scm import scm_loss
 from fewstep.networks import MLP, DiT
 from fewstep.networks.blocks import checkpoint_activations
-from fewstep.trigflow import net_velocity, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import net_velocity, trigflow_noise, trigflow_velocity
 from helpers import init_gloo
 
 SD = 0.5
@@ -232,7 +232,7 @@ def test_losing_a_process_stops_the_run_and_it_resumes(tmp_path):
 def test_sharded_fsdp_checkpoints_resume_identically_on_two_processes_and_on_one(tmp_path):
     """`train.sharded_checkpoints`: each process writes its own shards (no full model on process 0);
     2 + 2 steps equal 4 steps, the shards load on one process, and `fewstep sample` reads them."""
-    from fewstep.fsdp import read_full, shard_files
+    from fewstep.training.fsdp import read_full, shard_files
 
     sharded = ("--set", "train.sharded_checkpoints=true")
     _run(_train_cmd(tmp_path / "full", 4, "fsdp", 2, *sharded))
@@ -254,7 +254,7 @@ def test_sharded_fsdp_checkpoints_resume_identically_on_two_processes_and_on_one
             assert torch.equal(full[part][key], split[part][key]), (part, key)
     one = _run(_train_cmd(tmp_path / "split", 6, "none", 0))  # the shards, on one process
     assert "resumed from" in one.stdout and ckpt.load_checkpoint(tmp_path / "split")[1]["step"] == 6
-    from fewstep.generate import load_model
+    from fewstep.apps.generate import load_model
 
     model = load_model(tmp_path / "full")
     for key, value in model.net.state_dict().items():

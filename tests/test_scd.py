@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from fewstep.data import EightGaussians
-from fewstep.edm import edm_precond, edm_to_trigflow
-from fewstep.ema import EMA
+from fewstep.core.edm import edm_precond, edm_to_trigflow
+from fewstep.training.ema import EMA
 from fewstep.methods import METHODS, SCD, FlowMatching, make_teacher_velocity
 from fewstep.methods.scm import scm_jvp, scm_tangent
 from fewstep.metrics.toy import sliced_wasserstein
 from fewstep.networks import MLP
-from fewstep.ode import TrigFlowODE, solve, trigflow_net_velocity
-from fewstep.samplers import multistep_sample, trigflow_sampler_fn
+from fewstep.core.ode import TrigFlowODE, solve, trigflow_net_velocity
+from fewstep.core.samplers import multistep_sample, trigflow_sampler_fn
 from helpers import MU, S, SD, ConsistencyOracle, OracleEDMNet, d_star, f_star, per_sample, v_star
 
 
@@ -310,7 +310,7 @@ def test_scd_from_an_edm_teacher_on_8_gaussians():
     pure noise), sCD student after 400 steps 0.0423 (~30 s on one core)."""
     from fewstep.methods import EDMDiffusion
     from fewstep.networks.convert import student_from_teacher
-    from fewstep.ode import EDMODE, edm_net_denoiser
+    from fewstep.core.ode import EDMODE, edm_net_denoiser
 
     torch.manual_seed(0)
     data = EightGaussians()

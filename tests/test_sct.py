@@ -26,7 +26,7 @@ from fewstep.methods.scm import (
     tangent_warmup,
 )
 from fewstep.networks import MLP, UNet
-from fewstep.trigflow import (
+from fewstep.core.trigflow import (
     HALF_PI,
     consistency_from_velocity,
     trigflow_consistency,

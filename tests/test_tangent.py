@@ -1,4 +1,4 @@
-"""The tangent engine (`fewstep.networks.engine`) on fewstep's own layers and networks, and the
+"""The tangent engine (`fewstep.jvp.engine`) on fewstep's own layers and networks, and the
 sCT loss through it.
 
 Reference: `torch.func.jvp` of the layer's plain `forward`, in float64 (math SDPA backend: the
@@ -16,10 +16,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fewstep.methods import SCT
 from fewstep.methods.scm import JVP_MODES, scm_loss
 from fewstep.networks import MLP, DiT, UNet
-from fewstep.networks.engine import tangent_forward
+from fewstep.jvp.engine import tangent_forward
 from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, ResBlock2d, SelfAttention2d, TimeEmbedding, pnorm
 from fewstep.networks.unet import _Stage
-from fewstep.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import lognormal_times, trigflow_noise, trigflow_velocity
 
 DT = torch.float64
 TOL = 1e-6
@@ -333,7 +333,7 @@ def test_unet_on_cuda_matches_jvp():
 
 def tiny_diffusers_unet():
     pytest.importorskip("diffusers")
-    from fewstep.networks import DiffusersNetwork
+    from fewstep.interop.diffusers.network import DiffusersNetwork
 
     net = DiffusersNetwork("UNet2DModel", {
         "sample_size": 8, "in_channels": 2, "out_channels": 2, "block_out_channels": [8, 16],

@@ -1,4 +1,4 @@
-"""The tangent engine for unmodified networks (fewstep.networks.engine, issue #10).
+"""The tangent engine for unmodified networks (fewstep.jvp.engine, issue #10).
 
 References: `torch.func.jvp` of each op in float64 (every rule), float64 central finite
 differences of whole networks (fewstep's UNet and MLP, a reference DiT written here, diffusers'
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.networks import MLP, UNet
-from fewstep.networks.engine import check_tangent, tangent_forward
+from fewstep.jvp.engine import check_tangent, tangent_forward
 
 DT = torch.float64
 TOL = 1e-6

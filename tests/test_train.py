@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-from fewstep import checkpoint as ckpt
+from fewstep.training import checkpoint as ckpt
 from fewstep.cli import main
 from fewstep.config import config_from_dict
 from fewstep.data import load_dataset
 from fewstep.metrics.toy import sliced_wasserstein
-from fewstep.build import train
-from fewstep.generate import Model, Schedule, generate
+from fewstep.training.build import train
+from fewstep.apps.generate import Model, Schedule, generate
 from fewstep.methods import SCT
 from fewstep.networks import build_network
-from fewstep.train import NonFiniteLossError
+from fewstep.training.fit import NonFiniteLossError
 
 
 def toy_config(**train):
@@ -231,7 +231,7 @@ def test_scd_needs_a_diffusion_teacher(tmp_path, capsys):
 
 def test_learning_rate_schedules():
     from fewstep.config import OptimConfig
-    from fewstep.build import learning_rate
+    from fewstep.training.build import learning_rate
 
     cfg = OptimConfig(lr=1.0, warmup_steps=10)
     assert learning_rate(cfg, 0, 110) == pytest.approx(0.1) and learning_rate(cfg, 50, 110) == 1.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewstep.networks import UNet
-from fewstep.trigflow import (
+from fewstep.core.trigflow import (
     HALF_PI,
     consistency_from_velocity,
     lognormal_times,

@@ -42,7 +42,7 @@ def build_parser() -> Parser:
 def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, (ValueError, FileNotFoundError)):  # ConfigError, DataError, CheckpointError, ... too
         return True
-    train = sys.modules.get("fewstep.train")  # not imported: training never ran, so it did not diverge
+    train = sys.modules.get("fewstep.training.fit")  # not imported: training never ran, so it did not diverge
     return train is not None and isinstance(e, (train.NonFiniteLossError, train.RunStoppedError))
 
 

@@ -1,4 +1,4 @@
-"""`fewstep encode` and `fewstep export`: the command lines of `fewstep.latents` and `fewstep.export`."""
+"""`fewstep encode` and `fewstep export`: the command lines of `fewstep.interop.diffusers.latents` and `fewstep.interop.diffusers.export`."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def run_encode(args) -> int:
 
     from fewstep.data import load_dataset
     from fewstep.devices import resolve_device
-    from fewstep.latents import encode_dataset, read_record
+    from fewstep.interop.diffusers.latents import encode_dataset, read_record
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must be a .safetensors file, got {args.out!r}")
@@ -71,8 +71,8 @@ def run_encode(args) -> int:
 
 def run_export(args) -> int:
     from fewstep.devices import resolve_device
-    from fewstep.export import export_diffusers
-    from fewstep.generate import load_model
+    from fewstep.interop.diffusers.export import export_diffusers
+    from fewstep.apps.generate import load_model
 
     model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
     out = export_diffusers(model, args.out)

@@ -1,4 +1,4 @@
-"""`fewstep edit`: zero-shot editing with a consistency checkpoint (`fewstep.edit_tasks`), as PNG grids.
+"""`fewstep edit`: zero-shot editing with a consistency checkpoint (`fewstep.apps.edit`), as PNG grids.
 
 Inputs are images of the checkpoint's training data (the test split where there is one) or of
 `--input`; the grid shows, per column, the original, what the model was given, and the result
@@ -30,7 +30,7 @@ luminance; super-resolution: the patch means).
 
 
 def add_parser(sub) -> None:
-    from fewstep.edit_tasks import TASKS
+    from fewstep.apps.edit import TASKS
 
     p = checkpoint_command(sub, "edit", help="zero-shot editing: inpaint, colorize, super-resolve, SDEdit, denoise, "
                                              "interpolate",
@@ -64,8 +64,8 @@ def run(args) -> int:
     import torch
 
     from fewstep.devices import resolve_device
-    from fewstep.edit_tasks import check_editable, edit_images, edit_inputs, edit_times, interpolation_frames, task_nfe
-    from fewstep.generate import load_model, parse_times
+    from fewstep.apps.edit import check_editable, edit_images, edit_inputs, edit_times, interpolation_frames, task_nfe
+    from fewstep.apps.generate import load_model, parse_times
     from fewstep.image import save_image_grid
 
     model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)

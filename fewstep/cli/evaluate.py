@@ -1,5 +1,5 @@
 """`fewstep eval`, `fewstep search-times` and `fewstep ref-stats`: the command lines of
-`fewstep.evaluate`."""
+`fewstep.apps.evaluate`."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _scoring_kwargs(args) -> dict:
 
 
 def add_parsers(sub) -> None:
-    from fewstep.generate import DEFAULT_ODE_STEPS
+    from fewstep.apps.generate import DEFAULT_ODE_STEPS
 
     p = checkpoint_command(sub, "eval", help="score a checkpoint: FID/KID/precision/recall (or toy distances) per NFE",
                            description="Sample a checkpoint at each step count / NFE and score the samples against "
@@ -132,9 +132,9 @@ def run_eval(args) -> int:
     """Under `torchrun`, the processes split sampling and feature extraction; process 0 prints and
     writes the result (equal to a single process's)."""
     from fewstep.devices import resolve_device
-    from fewstep.distributed import init_distributed, shutdown_distributed
-    from fewstep.evaluate import evaluate, format_table
-    from fewstep.generate import parse_times, write_result
+    from fewstep.training.distributed import init_distributed, shutdown_distributed
+    from fewstep.apps.evaluate import evaluate, format_table
+    from fewstep.apps.generate import parse_times, write_result
 
     times = [parse_times(text) for text in args.times] if args.times else None
     dist_info, device = init_distributed(resolve_device(args.device))
@@ -153,8 +153,8 @@ def run_eval(args) -> int:
 
 
 def run_search_times(args) -> int:
-    from fewstep.evaluate import format_table, search_times
-    from fewstep.generate import write_result
+    from fewstep.apps.evaluate import format_table, search_times
+    from fewstep.apps.generate import write_result
 
     result = search_times(args.checkpoint, args.steps, metric=args.metric, grid=args.grid, num=args.num,
                           **_scoring_kwargs(args))
@@ -168,7 +168,7 @@ def run_search_times(args) -> int:
 
 def run_ref_stats(args) -> int:
     from fewstep.devices import resolve_device
-    from fewstep.evaluate import load_reference, make_extractor, reference_image_stats
+    from fewstep.apps.evaluate import load_reference, make_extractor, reference_image_stats
 
     ds, split = load_reference(args.ref, args.split, resolution=args.resolution, channels=args.channels,
                                download=args.download)

@@ -1,4 +1,4 @@
-"""`fewstep plot`: the command line of `fewstep.plot`."""
+"""`fewstep plot`: the command line of `fewstep.apps.plot`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _skipped(path, error) -> None:
 
 
 def run(args) -> int:
-    from fewstep.plot import plot_paths
+    from fewstep.apps.plot import plot_paths
 
     written = plot_paths(args.paths, args.out, samples=not args.no_samples, num=args.num, device=args.device,
                          on_skip=_skipped)

@@ -40,7 +40,7 @@ def run(args) -> int:
     import torch
 
     from fewstep.devices import resolve_device
-    from fewstep.generate import Schedule, cm_times, generate, load_model, parse_times, schedules
+    from fewstep.apps.generate import Schedule, cm_times, generate, load_model, parse_times, schedules
     from fewstep.image import save_image_grid, save_scatter
 
     if args.times is not None and args.steps is not None:

@@ -1,4 +1,4 @@
-"""`fewstep train`: a config (preset, file, flags, `--set`) -> `fewstep.build.train`."""
+"""`fewstep train`: a config (preset, file, flags, `--set`) -> `fewstep.training.build.train`."""
 
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def build_train_config(args):
 
 
 def run(args) -> int:
-    from fewstep.build import train
-    from fewstep.checkpoint import list_checkpoints
+    from fewstep.training.build import train
+    from fewstep.training.checkpoint import list_checkpoints
 
     cfg, out = build_train_config(args)
     if args.fresh:

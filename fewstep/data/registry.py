@@ -79,7 +79,7 @@ def _path_loader(path: Path) -> Callable[..., Dataset]:
     if suffix == ".zip":
         return ZipImageDataset
     if suffix == ".safetensors":
-        from fewstep.latents import LatentDataset  # VAE latents written by `fewstep encode`
+        from fewstep.interop.diffusers.latents import LatentDataset  # VAE latents written by `fewstep encode`
 
         return LatentDataset
     if is_idx_images(path):

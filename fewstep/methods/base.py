@@ -1,5 +1,5 @@
 """The method protocol: what a training objective is, and the optional parts the training loop
-(`fewstep.train.fit`) and sampling (`fewstep.generate`) may ask of it. No caller switches on
+(`fewstep.training.fit.fit`) and sampling (`fewstep.apps.generate`) may ask of it. No caller switches on
 method types: each method declares its parts here.
 
 A method is a callable `loss, stats = method(net, x0, labels=None, step=0)` with `loss` per
@@ -85,7 +85,7 @@ class Method:
 
     def consistency_fn(self, net, labels: torch.Tensor | None = None, guidance=None) -> Callable:
         """Consistency models: the TrigFlow consistency function `fn(x_t, t) -> x0` of `net`."""
-        from fewstep.samplers import trigflow_sampler_fn
+        from fewstep.core.samplers import trigflow_sampler_fn
 
         w = guidance if getattr(net, "guidance_input", False) else None
         return trigflow_sampler_fn(net, self.sigma_d, labels, w)
@@ -94,13 +94,13 @@ class Method:
                labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
         """Consistency models: multistep consistency sampling from unit Gaussian `noise` at the
         decreasing TrigFlow `times` (NFE = len(times))."""
-        from fewstep.samplers import multistep_sample
+        from fewstep.core.samplers import multistep_sample
 
         return multistep_sample(self.consistency_fn(net, labels, guidance), noise, times, self.sigma_d, generator)
 
     def ode(self, net, labels: torch.Tensor | None = None, guidance: float = 1.0):
         """Diffusion models: the probability-flow ODE of `net` (classifier-free guided)."""
-        from fewstep.ode import TrigFlowODE, guided, trigflow_net_velocity
+        from fewstep.core.ode import TrigFlowODE, guided, trigflow_net_velocity
 
         null = getattr(net, "num_classes", 0) or None
         return TrigFlowODE(guided(trigflow_net_velocity(net, self.sigma_d), labels, guidance, null), self.sigma_d)

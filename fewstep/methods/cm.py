@@ -1,6 +1,6 @@
 """Discrete-time consistency models in the EDM / VE formulation (SPEC 1.2, 3): CD, CT and iCT.
 
-The network is read through the consistency parameterization of `fewstep.edm`
+The network is read through the consistency parameterization of `fewstep.core.edm`
 (`f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)`, exactly `x` at sigma = eps). Each
 objective compares `f_theta` at the noisier of two neighbouring Karras noise levels with a
 target `f_theta^-` at the other:
@@ -18,7 +18,7 @@ official code), so that they differ only by their inputs and weights. Objectives
 target hold it themselves (`target`); the training loop calls `after_step(net, step)` after each
 optimizer step and checkpoints `state_tensors()`.
 
-Sampling is Algorithm 1 in the VE formulation (`sample`, `fewstep.samplers.ve_multistep_sample`).
+Sampling is Algorithm 1 in the VE formulation (`sample`, `fewstep.core.samplers.ve_multistep_sample`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Callable
 
 import torch
 
-from fewstep.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
+from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.trigflow import expand_to
+from fewstep.core.trigflow import expand_to
 
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
@@ -145,7 +145,7 @@ class _DiscreteCM(Method):
         """The network's consistency function as a TrigFlow callable `fn(x_t, t)`, for routines that
         speak TrigFlow (editing; `samplers.ve_consistency_as_trigflow`). Sample with `sample`, which
         is Algorithm 1 exactly. `guidance` is ignored (these networks take no guidance input)."""
-        from fewstep.samplers import ve_consistency_as_trigflow
+        from fewstep.core.samplers import ve_consistency_as_trigflow
 
         return ve_consistency_as_trigflow(net, self.sigma_data, self.eps, self.sigma_max, labels)
 
@@ -157,7 +157,7 @@ class _DiscreteCM(Method):
         `times` are decreasing TrigFlow times as in every fewstep schedule, read as the levels
         `sigma = sigma_data tan(t)` (t = pi/2: T = sigma_max; `samplers.ve_sigmas`). NFE = len(times).
         `guidance` is ignored (these networks take no guidance input)."""
-        from fewstep.samplers import ve_multistep_sample, ve_sigmas
+        from fewstep.core.samplers import ve_multistep_sample, ve_sigmas
 
         sigmas = ve_sigmas(times, self.sigma_data, self.eps, self.sigma_max)
         return ve_multistep_sample(lambda x, sigma: self.f(net, x, sigma, labels), noise, sigmas, self.eps, generator)
@@ -282,8 +282,8 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
     """A frozen diffusion teacher as an EDM denoiser `D(x, sigma, labels)` (no gradients):
     an EDM network directly, a TrigFlow velocity network through `trigflow_to_edm`;
     classifier-free guided when `guidance != 1`."""
-    from fewstep.edm import trigflow_to_edm
-    from fewstep.ode import edm_net_denoiser, guided, trigflow_net_velocity
+    from fewstep.core.edm import trigflow_to_edm
+    from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
 
     check_choice("formulation", formulation, ("edm", "trigflow"))
     if hasattr(net, "eval"):

@@ -29,7 +29,7 @@ it is exactly `x` at t = 0, so r = 0 needs no boundary shift, and a 'flow' teach
 initial consistency model (an 'edm' teacher goes through `networks.convert`). The target pass uses
 theta^- = stopgrad(theta) (no EMA target) with the same dropout masks as the graded pass, as ECT.
 
-Teacher: `takes_teacher` is True (`--teacher RUN`): `fewstep.build` copies the teacher's weights into
+Teacher: `takes_teacher` is True (`--teacher RUN`): `fewstep.training.build` copies the teacher's weights into
 the student (`train.init_from_teacher`, default true) and `set_teacher` keeps nothing; the teacher is
 only the initialization. `from_teacher=False` takes none: random initial weights (ECT's "from
 scratch" mode, the same loss), or the weights of `train.init_from` (the same start as `--teacher`).
@@ -44,7 +44,7 @@ import torch
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.cm import cm_distance
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.trigflow import expand_to, time_dtype, trigflow_consistency, trigflow_noise
+from fewstep.core.trigflow import expand_to, time_dtype, trigflow_consistency, trigflow_noise
 
 MAPPINGS = ("sigmoid", "const")
 WEIGHTINGS = ("inv_dt", "edm", "none")
@@ -134,7 +134,7 @@ class ECT(Method):
         return self.from_teacher
 
     def set_teacher(self, net, formulation: str = "trigflow") -> None:
-        """Nothing to keep: the teacher only initializes the student (`fewstep.build`)."""
+        """Nothing to keep: the teacher only initializes the student (`fewstep.training.build`)."""
         check_choice("teacher formulation", formulation, ("trigflow", "edm"))
 
     def setup(self, net, total_steps: int) -> None:

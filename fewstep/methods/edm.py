@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.edm import edm_denoiser
+from fewstep.core.edm import edm_denoiser
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.trigflow import expand_to
+from fewstep.core.trigflow import expand_to
 
 
 @register_method("edm")
@@ -36,7 +36,7 @@ class EDMDiffusion(Method):
         return self.sigma_data
 
     def ode(self, net, labels=None, guidance: float = 1.0):
-        from fewstep.ode import EDMODE, edm_net_denoiser, guided
+        from fewstep.core.ode import EDMODE, edm_net_denoiser, guided
 
         null = getattr(net, "num_classes", 0) or None
         return EDMODE(guided(edm_net_denoiser(net, self.sigma_data), labels, guidance, null))

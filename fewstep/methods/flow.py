@@ -14,7 +14,7 @@ import torch
 
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
-from fewstep.trigflow import lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
 
 
 def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, per_sample_mse, same_random_draws
 from fewstep.methods.flow import drop_labels
 from fewstep.methods.scm import forward_ad_attention
-from fewstep.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
+from fewstep.core.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
                               trigflow_velocity)
 
 JVP_MODES = ("tangent", "separate", "single")
@@ -95,7 +95,7 @@ def meanflow_jvp(net, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: to
     `(x_t, r, t)` (no graph), in F units (`u = sigma_d F`). One forward with tangents ('tangent', the
     tangent engine), `torch.func.jvp` in a no-grad pass plus a graded forward with the same dropout
     masks ('separate'), or one forward-mode AD pass with autograd ('single')."""
-    from fewstep.networks.engine import tangent_forward
+    from fewstep.jvp.engine import tangent_forward
 
     # r as its own tensor: its tangent is zero even when the caller passes t itself as r
     cond = {**(cond or {}), "r": r.detach().clone()}

@@ -28,7 +28,7 @@ import torch
 
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_range, per_sample_mse
-from fewstep.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
+from fewstep.core.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
 
 
 def ddim_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,12 @@ from typing import Callable
 
 import torch
 
-from fewstep.edm import edm_to_trigflow
+from fewstep.core.edm import edm_to_trigflow
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
-from fewstep.ode import edm_net_denoiser, guided, trigflow_net_velocity
-from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise
+from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
+from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise
 
 FORMULATIONS = ("trigflow", "edm")
 

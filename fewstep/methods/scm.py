@@ -18,7 +18,7 @@ import torch
 from torch.autograd import forward_ad
 
 from fewstep.methods.common import adaptive_weighting, per_sample_mse, same_random_draws
-from fewstep.trigflow import expand_to
+from fewstep.core.trigflow import expand_to
 
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
 JVP_MODES = ("separate", "single", "tangent")
@@ -61,14 +61,14 @@ def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=N
 
 
 def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=None):
-    """The same pass through the tangent engine (`fewstep.networks.engine`): one call of the
+    """The same pass through the tangent engine (`fewstep.jvp.engine`): one call of the
     network's own `forward`, which autograd records for the backward, with the tangent carried
     beside it op by op, without a graph. Returns the graded `F_theta` and the tangent.
 
     One forward with tangents, then the backward: about the memory of a flow-matching step,
     and any network (fewstep's, diffusers', a DiT) with no change to it.
     """
-    from fewstep.networks.engine import tangent_forward
+    from fewstep.jvp.engine import tangent_forward
 
     cs = torch.cos(t) * torch.sin(t)
     F_theta, jvp_out = tangent_forward(net, (x_t / sigma_d, t, labels), (expand_to(cs, x_t) * dxdt, cs * sigma_d, None),

@@ -13,7 +13,7 @@ import torch
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
-from fewstep.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
 
 
 @register_method("sct")
@@ -29,7 +29,7 @@ class SCT(Method):
     warmup_steps: int = 0  # tangent warmup; the paper uses 10k for sCT from scratch
     adaptive_weight: bool = True
     jvp_mode: str = "tangent"  # "tangent": the tangent engine, one forward with tangents (any network;
-    # fewstep.networks.engine); "separate": torch.func.jvp in a no-grad pass; "single": one grad-enabled
+    # fewstep.jvp.engine); "separate": torch.func.jvp in a no-grad pass; "single": one grad-enabled
     # forward-AD pass (more memory). The last two are for comparison.
 
     def __post_init__(self):

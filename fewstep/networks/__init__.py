@@ -7,7 +7,7 @@ The network contract, which every method, sampler and command relies on:
 
 - `x` is the noisy sample divided by sigma_d (`x_t / sigma_d`), `t` the TrigFlow time in
   [0, pi/2], one per sample (shape (B,)); `F` predicts the scaled velocity: the model's
-  velocity is `sigma_d * F(x_t / sigma_d, t)` (`fewstep.trigflow.net_velocity`), its
+  velocity is `sigma_d * F(x_t / sigma_d, t)` (`fewstep.core.trigflow.net_velocity`), its
   consistency function `cos(t) x_t - sin(t) sigma_d F` (SPEC 1.1). EDM-family methods (edm, cd,
   ct, ict) feed the same signature `c_noise` and `c_in x` instead (SPEC 1.2).
 - `labels`: class indices (B,), or None for unconditional models; a class-conditional network
@@ -38,9 +38,8 @@ from __future__ import annotations
 import inspect
 import typing
 
-from fewstep.networks.diffusers_adapter import DiffusersNetwork
 from fewstep.networks.dit import DiT
-from fewstep.networks.engine import check_tangent, tangent_forward
+from fewstep.jvp.engine import check_tangent, tangent_forward
 from fewstep.networks.mlp import MLP
 from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
                                        network_spec, register_network, unwrap)
@@ -130,6 +129,10 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return net
 
 
-__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiffusersNetwork", "DiT", "check_network_values", "check_tangent",
+__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiT", "check_network_values", "check_tangent",
            "tangent_forward", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
            "constructor_arguments", "network_spec", "register_network", "unwrap"]
+
+
+# Registers the diffusers adapter's name (imported last: the adapter imports this package's registry).
+import fewstep.interop.diffusers.network  # noqa: E402,F401

@@ -3,7 +3,7 @@ checkpointing over them.
 
 A block is an element of an `nn.ModuleList` (outermost lists only): fewstep's UNet stages, DiT
 and MLP blocks, diffusers' `down_blocks` / `up_blocks`, most transformers' layers. FSDP shards
-per block (`fewstep.fsdp`) and activation checkpointing recomputes per block.
+per block (`fewstep.training.fsdp`) and activation checkpointing recomputes per block.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from fewstep.edm import EPS, T_MAX
+from fewstep.core.edm import EPS, T_MAX
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
 STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.")

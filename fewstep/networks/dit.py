@@ -5,7 +5,7 @@ Patchify, transformer blocks with adaLN-Zero modulation from the time (and class
 `F(x / sigma_d, t)`. The time embedding is fewstep's positional embedding of t itself (the
 sCM paper's advice, SPEC 2.4), the same as the UNet's; `second_time=True` adds MeanFlow's second
 time r as the UNet does (`unet.TwoTimeEmbedding`). The module has one forward only: its JVP for
-sCT/sCD/MeanFlow comes from the tangent engine (`fewstep.networks.engine`) or `torch.func.jvp`.
+sCT/sCD/MeanFlow comes from the tangent engine (`fewstep.jvp.engine`) or `torch.func.jvp`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Building blocks shared by fewstep's networks.
 
 Each layer has one `forward`; sCT/sCD's JVP comes from the tangent engine
-(`fewstep.networks.engine`), which carries tangents through these same ops. No BatchNorm
+(`fewstep.jvp.engine`), which carries tangents through these same ops. No BatchNorm
 (SPEC 2.4); attention is `F.scaled_dot_product_attention`, whose tangent the engine computes
 exactly (SPEC 6) whatever backend runs the primal.
 """

@@ -10,7 +10,7 @@ without pickling code and without importing anything by itself.
     build_registered(network_spec(net))   # a fresh MyDiT(img_channels=4, img_resolution=32, depth=6)
 
 The decorator records the constructor's arguments (bound to their names, defaults filled in) on
-each instance. Checkpoints store that `{name, kwargs}`; `fewstep.generate.load_model` rebuilds the
+each instance. Checkpoints store that `{name, kwargs}`; `fewstep.apps.generate.load_model` rebuilds the
 class from this registry. A name that is not registered is a one-line error telling how to
 register it (`--import MODULE` on the command line): no import path is ever taken from a file.
 """

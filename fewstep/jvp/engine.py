@@ -434,12 +434,12 @@ def _pad(c, x, pad, mode="constant", value=None):
 
 @_rule("scaled_dot_product_attention", where=(F,))
 def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SPEC 6, by `fewstep.networks.attention_jvp`: the math path, or on CUDA the fused Triton kernel
+    """SPEC 6, by `fewstep.jvp.attention`: the math path, or on CUDA the fused Triton kernel
     (one pass over K/V, O(L) memory) whatever backend computed the primal."""
     if dropout_p > 0.0:  # the fused kernel's mask is not observable; a redraw would not match it
         raise NotImplementedError("tangent engine: scaled_dot_product_attention with dropout_p > 0 has no tangent "
                                   "with the primal's mask; use dropout_p=0 (or F.dropout on the attention output)")
-    from fewstep.networks.attention_jvp import attention_tangent
+    from fewstep.jvp.attention import attention_tangent
 
     out_dot = attention_tangent(q, k, v, c.t(q), c.t(k), c.t(v), attn_mask, is_causal, scale)
     return None if out_dot is None else out_dot.to(c.out.dtype)

@@ -13,7 +13,7 @@ is fewstep's "no label", for classifier-free guidance).
 
 A model trained by diffusers (DDPM/DDIM VP schedules, rectified flow) keeps its own time input and
 output: `schedule={"scheduler": "DDPMScheduler", "config": {...}}` converts exactly between TrigFlow
-and the model's noise levels (`fewstep.networks.noise_schedules`), so the network is a TrigFlow
+and the model's noise levels (`fewstep.interop.diffusers.schedules`), so the network is a TrigFlow
 velocity model without a change to its weights. `formulation="edm"` presents the same network in
 EDM's inputs (`c_in x_sigma = x_t / sigma_d`, `c_noise = ln(sigma) / 4`, output negated:
 `fewstep.networks.convert`), for the discrete-time consistency methods. `prediction` re-reads the
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewstep.networks.noise_schedules import TrigFlowSchedule, import_diffusers
+from fewstep.interop.diffusers.schedules import TrigFlowSchedule, import_diffusers
 from fewstep.networks.registry import register_network
 
 MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel")

@@ -49,7 +49,7 @@ def load_data(cfg: Config):
     """The run's dataset (`data.name` and its options), mirrored when `data.xflip`; with `data.vae`,
     its latents (encoded once into fewstep's cache, `latent_cache_dir()`)."""
     from fewstep.data import XFlip, load_dataset
-    from fewstep.latents import LatentDataset
+    from fewstep.interop.diffusers.latents import LatentDataset
 
     dataset = load_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels,
                            **cfg.data.options)
@@ -68,8 +68,8 @@ def _encoded(cfg: Config, dataset):
     import hashlib
     import json
 
-    from fewstep.latents import LatentDataset, encode_dataset
-    from fewstep.pretrained import resolve_pretrained
+    from fewstep.interop.diffusers.latents import LatentDataset, encode_dataset
+    from fewstep.interop.diffusers.pretrained import resolve_pretrained
 
     vae_dir = resolve_pretrained(cfg.data.vae)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in vae_dir.rglob("*.safetensors"))
@@ -117,8 +117,8 @@ def _local_device(device: torch.device) -> torch.device:
 
 def load_teacher(path: str, method, dataset, device: torch.device, scheduler: str | None = None):
     """The diffusion teacher of `train.teacher`, checked against the run, handed to `method`."""
-    from fewstep.generate import load_diffusers_model, load_model
-    from fewstep.pretrained import PretrainedError, is_diffusers_folder, is_hub_id
+    from fewstep.apps.generate import load_diffusers_model, load_model
+    from fewstep.interop.diffusers.pretrained import PretrainedError, is_diffusers_folder, is_hub_id
 
     try:
         if is_diffusers_folder(path) or is_hub_id(path):  # a diffusers model, converted to TrigFlow exactly
@@ -172,7 +172,7 @@ class Built:
     method: object
     data: object  # a fewstep.data.Dataset
     options: dict = field(default_factory=dict)
-    teacher: object | None = None  # the teacher's `fewstep.generate.Model`
+    teacher: object | None = None  # the teacher's `fewstep.apps.generate.Model`
 
     def __iter__(self):
         return iter((self.net, self.method, self.data))
@@ -181,8 +181,8 @@ class Built:
 def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     """Config -> network, method (teacher included), data, optimizer and `fit` options. `out_dir`:
     a run folder that already holds checkpoints skips the student's initialization from its teacher."""
-    from fewstep.callbacks import SamplePreviews, TensorBoard
-    from fewstep.checkpoint import list_checkpoints
+    from fewstep.training.callbacks import SamplePreviews, TensorBoard
+    from fewstep.training.checkpoint import list_checkpoints
     from fewstep.networks import build_network, network_spec
     from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
 
@@ -197,7 +197,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
     init = None
     if tc.init_from:  # fine-tuning: the network and weights of another run (e.g. flow, then sCT)
-        from fewstep.generate import load_model
+        from fewstep.apps.generate import load_model
 
         init = load_model(tc.init_from, device)
         if tuple(init.shape) != tuple(dataset.shape):
@@ -260,7 +260,7 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     checkpoint in `out_dir` when `train.resume`. With `train.pretrain_steps`, a flow-matching run
     is trained first into `<out_dir>/pretrain` (resumed, or skipped once finished) and becomes the
     teacher (sCD, ECT, CD, PD) or the starting weights (sCT, MeanFlow, ...)."""
-    from fewstep.train import fit
+    from fewstep.training.fit import fit
 
     if cfg.train.pretrain_steps:
         pre_dir = Path(out_dir) / "pretrain"

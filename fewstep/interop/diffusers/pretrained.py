@@ -145,7 +145,7 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 def read_diffusers_source(spec: str | os.PathLike, scheduler: str | os.PathLike | None = None) -> DiffusersSource:
     """Parse a pipeline folder, or a model folder with its scheduler (`scheduler`: a folder or a
     `scheduler_config.json`; default: found beside the model)."""
-    from fewstep.networks.diffusers_adapter import MODELS
+    from fewstep.interop.diffusers.network import MODELS
 
     root = resolve_pretrained(spec)
     vae_dir = None
@@ -180,7 +180,7 @@ def load_diffusers_network(spec: str | os.PathLike, sigma_d: float, scheduler=No
                            device: str | torch.device = "cpu"):
     """A diffusers denoiser as a TrigFlow network (`DiffusersNetwork` with its schedule), with its weights.
     Returns (network, source)."""
-    from fewstep.networks.diffusers_adapter import DiffusersNetwork, class_count
+    from fewstep.interop.diffusers.network import DiffusersNetwork, class_count
 
     source = read_diffusers_source(spec, scheduler)
     try:  # the constructor builds (and so checks) the model and its allow-listed scheduler

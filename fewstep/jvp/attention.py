@@ -83,7 +83,7 @@ def attention_tangent(q, k, v, q_dot=None, k_dot=None, v_dot=None, attn_mask=Non
     """The tangent of SDPA alone (from detached values, no graph), None when every tangent is
     None. K/V with fewer heads than q (grouped-query attention) are repeated. `backend`: 'auto'
     (the Triton kernel on CUDA when it supports the call, else the math path), 'math', 'triton'.
-    The tangent engine's rule for `F.scaled_dot_product_attention` (`fewstep.networks.engine`);
+    The tangent engine's rule for `F.scaled_dot_product_attention` (`fewstep.jvp.engine`);
     None: `DEFAULT_BACKEND`."""
     backend = DEFAULT_BACKEND if backend is None else backend
     if backend not in BACKENDS:

@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from fewstep.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_denoiser, karras_sigmas
-from fewstep.trigflow import HALF_PI, consistency_from_velocity, expand_to, net_velocity
+from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_denoiser, karras_sigmas
+from fewstep.core.trigflow import HALF_PI, consistency_from_velocity, expand_to, net_velocity
 
 # ---------------------------------------------------------------------------------------------
 # Classifier-free guidance
@@ -73,7 +73,7 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
 
 def trigflow_net_velocity(net, sigma_d: float = SIGMA_DATA) -> Callable:
     """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network
-    (`fewstep.trigflow.net_velocity` with the network bound)."""
+    (`fewstep.core.trigflow.net_velocity` with the network bound)."""
     return lambda x_t, t, labels=None: net_velocity(net, x_t, t, sigma_d, labels)
 
 

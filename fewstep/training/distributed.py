@@ -6,7 +6,7 @@ Every process draws its own batch (`train.batch_size` per process, so the global
 `world_size x batch_size`). `train.parallel`:
 - `ddp`: every process holds the whole model; `DistributedDataParallel` averages the gradients
   in buckets, overlapped with the backward, so every process takes the same optimizer step;
-- `fsdp`: `fully_shard` per block (`fewstep.fsdp`): parameters, gradients and optimizer state
+- `fsdp`: `fully_shard` per block (`fewstep.training.fsdp`): parameters, gradients and optimizer state
   are sharded over the processes.
 The tangent engine runs the network through its ordinary `__call__`, so both wrappers see every
 forward: the sCM JVP is exact under either. Process 0 alone logs, samples and writes
@@ -123,7 +123,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def gather_batches(parts: list, info: DistInfo, main_only: bool = False) -> list | None:
-    """Every process's `parts` (its batches rank, rank + world_size, ... as `fewstep.generate.generate`
+    """Every process's `parts` (its batches rank, rank + world_size, ... as `fewstep.apps.generate.generate`
     splits them), interleaved back into batch order. `main_only`: gathered to process 0 alone
     (the others get None), for payloads such as Inception features that only process 0 scores."""
     if not info.enabled:

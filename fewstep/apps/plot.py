@@ -143,9 +143,9 @@ def sample_grids(checkpoint: str | Path, out_dir: str | Path, schedules=None, *,
     """Sample grids (images) or scatter plots (vectors, beside the data) of a checkpoint, one per
     schedule (default: the `fewstep eval` default rows). Returns the written paths."""
     from fewstep.devices import resolve_device
-    from fewstep.evaluate import first_examples, load_reference, training_data
-    from fewstep.generate import generate, load_model
-    from fewstep.generate import schedules as default_schedules
+    from fewstep.apps.evaluate import first_examples, load_reference, training_data
+    from fewstep.apps.generate import generate, load_model
+    from fewstep.apps.generate import schedules as default_schedules
     from fewstep.image import save_image_grid, save_scatter
 
     model = load_model(checkpoint, resolve_device(device), ema)
@@ -177,7 +177,7 @@ def _warn_skipped(path: Path, error: Exception) -> None:
 
 
 def _schedules_of(result: dict):
-    from fewstep.generate import Schedule
+    from fewstep.apps.generate import Schedule
 
     return [Schedule(r["sampler"], int(r["steps"]), tuple(r.get("times", ()))) for r in result["rows"]]
 
@@ -188,7 +188,7 @@ def plot_paths(paths: list[str | Path], out_dir: str | Path | None = None, *, sa
     """Everything `fewstep plot` writes for these run folders, logs and eval JSONs. A run folder
     whose checkpoint cannot be sampled still gets its other plots: `on_skip(folder, error)` is
     told (default: a warning)."""
-    from fewstep.checkpoint import list_checkpoints
+    from fewstep.training.checkpoint import list_checkpoints
 
     written: list[Path] = []
     evals: list[tuple[Path, dict]] = []

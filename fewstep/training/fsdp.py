@@ -1,5 +1,5 @@
 """Sharded data parallelism (`train.parallel = "fsdp"`, issue 11): the FSDP2 building blocks
-`fewstep.train.fit` calls.
+`fewstep.training.fit.fit` calls.
 
     blocks(net)                    # what to shard (fewstep.networks.blocks; checkpointing uses it too)
     shard(net, precision="bf16")          # fully_shard each block, then the root; in place
@@ -22,7 +22,7 @@ Rank behaviour: the getters are collectives (every process calls them); process 
 dict, the others an empty one (`cpu_offload=True` gathers to rank 0 only). The loaders take the
 full dict on EVERY process (each reads the checkpoint file) and keep their own shards.
 
-The EMA (`fewstep.ema.EMA`) works unchanged: copy the net BEFORE sharding it, shard the copy
+The EMA (`fewstep.training.ema.EMA`) works unchanged: copy the net BEFORE sharding it, shard the copy
 the same way (`shard(ema.net)`), and its `torch._foreach_lerp_` runs shard by shard on DTensors
 with identical placements.
 """

@@ -30,8 +30,8 @@ RECORD_KEY = "fewstep_latents"
 def load_vae(spec: str | os.PathLike, device: str | torch.device = "cpu"):
     """A diffusers `AutoencoderKL` from a folder (its own, or a pipeline's `vae/`) or a Hub id,
     from safetensors only. Frozen, in eval mode."""
-    from fewstep.networks.diffusers_adapter import import_diffusers
-    from fewstep.pretrained import PretrainedError, read_safetensors, resolve_pretrained
+    from fewstep.interop.diffusers.network import import_diffusers
+    from fewstep.interop.diffusers.pretrained import PretrainedError, read_safetensors, resolve_pretrained
 
     root = resolve_pretrained(spec)
     folder = root / "vae" if (root / "model_index.json").exists() else root

@@ -7,7 +7,7 @@ nothing and knows no method).
 Per step: a batch, the method's per-sample loss, a NaN/Inf guard, backward, gradient clipping,
 an optimizer step, EMA, the method's after-step hook. Periodically: JSONL stats, callbacks (sample
 grids), checkpoints (atomic safetensors + JSON; a run resumes exactly from its latest good one,
-data order included). At the end: loss curves and `metrics.json`. `fewstep.build.train(cfg)` is
+data order included). At the end: loss curves and `metrics.json`. `fewstep.training.build.train(cfg)` is
 `fit` over the objects `build(cfg)` makes from a config.
 """
 
@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fewstep import checkpoint as ckpt
+from fewstep.training import checkpoint as ckpt
 from fewstep.devices import autocast_context, resolve_device
-from fewstep.distributed import (all_finite, any_process, barrier, broadcast_parameters, gather_objects, init_distributed,
+from fewstep.training.distributed import (all_finite, any_process, barrier, broadcast_parameters, gather_objects, init_distributed,
                                  shutdown_distributed, wrap_ddp)
-from fewstep import fsdp
-from fewstep.ema import EMA
+from fewstep.training import fsdp
+from fewstep.training.ema import EMA
 from fewstep.methods.base import Method, as_method
 
 
@@ -282,9 +282,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                included -- or a `fewstep.data.Dataset` (then batched by `make_loader` with `batch_size`,
                `workers`, shuffled per epoch and split across torchrun processes).
     optimizer: default Adam(lr=1e-3, betas=(0.9, 0.99)); `lr_schedule(step) -> lr` sets the rate each step.
-    callbacks: `Callback`s, e.g. `fewstep.callbacks.SamplePreviews`.
+    callbacks: `Callback`s, e.g. `fewstep.training.callbacks.SamplePreviews`.
     config:    a dict recorded in checkpoints and `config.json` (the CLI's whole run config).
-    parallel:  under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, `fewstep.fsdp`);
+    parallel:  under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, `fewstep.training.fsdp`);
                "auto": ddp with several processes, none with one.
     grad_accum: K micro-batches per optimizer step (the same step as one batch K times larger).
     sharded_checkpoints: with fsdp, each process writes its own shards (safetensors) instead of
@@ -561,7 +561,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     summary = {"steps": step, "nonfinite_total": nonfinite_total}
     for cb in callbacks:
         summary.update(cb.on_end(run) or {})
-    from fewstep.plot import plot_log, read_log
+    from fewstep.apps.plot import plot_log, read_log
 
     records = read_log(log_path) if log_path.exists() else []
     if records:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from fewstep.trigflow import HALF_PI, expand_to
+from fewstep.core.trigflow import HALF_PI, expand_to
 
 EPS = 0.002  # smallest noise level, the consistency boundary
 T_MAX = 80.0  # largest noise level

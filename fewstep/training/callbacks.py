@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from fewstep.train import Callback, Run
+from fewstep.training.fit import Callback, Run
 
 
 def preview_schedules(method, times=None, step: int | None = None):
     """What previews sample: consistency models at 1 step and at `times` (default: the sCM
     paper's two); diffusion models with their default ODE solver (Heun, 35 NFE)."""
-    from fewstep.generate import Schedule, schedules
-    from fewstep.samplers import TWO_STEP_TIMES
+    from fewstep.apps.generate import Schedule, schedules
+    from fewstep.core.samplers import TWO_STEP_TIMES
 
     if method.sampling != "consistency":
         return schedules(method, default_steps=method.default_sample_steps(step))
@@ -54,7 +54,7 @@ class SamplePreviews(Callback):
 
     def write(self, run: Run, path: Path) -> dict[str, tuple[torch.Tensor, int]]:
         """One grid (or scatter plot) per preview schedule; returns `{name: (samples, NFE)}`."""
-        from fewstep.generate import Model, generate
+        from fewstep.apps.generate import Model, generate
         from fewstep.image import save_image_grid, save_scatter
 
         info = run.data_info

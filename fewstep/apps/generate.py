@@ -1,9 +1,9 @@
 """Sampling a trained network, whatever its method: one place for `fewstep sample`,
 `fewstep eval` and the training loop's previews.
 
-Consistency models (sCT, sCD) sample with multistep consistency sampling (`fewstep.samplers`);
+Consistency models (sCT, sCD) sample with multistep consistency sampling (`fewstep.core.samplers`);
 diffusion models (TrigFlow flow matching, EDM) with a probability-flow ODE solver
-(`fewstep.ode`). A `Schedule` names the sampler and its steps; `generate` returns samples and
+(`fewstep.core.ode`). A `Schedule` names the sampler and its steps; `generate` returns samples and
 the number of function evaluations (NFE).
 """
 
@@ -25,7 +25,7 @@ DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
 def cm_times(steps: int) -> list[float]:
     """Multistep consistency times: 1 -> [pi/2], 2 -> [pi/2, 1.1] (the sCM paper), k > 2 ->
     pi/2 then k - 1 times evenly spaced from 1.1 down to 0.2 (as `fewstep sample --steps k`)."""
-    from fewstep.samplers import TWO_STEP_TIMES
+    from fewstep.core.samplers import TWO_STEP_TIMES
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -65,7 +65,7 @@ class Model:
     step: int = 0
     weights: str = "ema"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    latents: dict | None = None  # latent data: the VAE that decodes samples to pixels (`fewstep.latents`)
+    latents: dict | None = None  # latent data: the VAE that decodes samples to pixels (`fewstep.interop.diffusers.latents`)
     _decoder: object = field(default=None, repr=False)
 
     @property
@@ -79,7 +79,7 @@ class Model:
 
     def _codec(self):
         if self._decoder is None:
-            from fewstep.latents import VAECodec
+            from fewstep.interop.diffusers.latents import VAECodec
 
             self._decoder = VAECodec(self.latents, self.device)
         return self._decoder
@@ -144,12 +144,12 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
     """Rebuild the network and method of a checkpoint (a run folder, its checkpoints/ folder, or a
     ckpt-*.json). The network class must be registered (`fewstep.networks.register_network`);
     nothing is imported on the checkpoint's say-so."""
-    from fewstep.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
+    from fewstep.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
     from fewstep.config import ConfigError, build_method
     from fewstep.networks import build_network, build_registered
 
     device = torch.device(device)
-    from fewstep.pretrained import is_diffusers_folder, is_hub_id
+    from fewstep.interop.diffusers.pretrained import is_diffusers_folder, is_hub_id
 
     if is_diffusers_folder(checkpoint) or is_hub_id(str(checkpoint)):
         return load_diffusers_model(checkpoint, device)
@@ -177,7 +177,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
         method.setup(net, int(config.get("train", {}).get("steps", state["step"])))
     prefix = "ema" if ema else "net"
     if state.get("shards"):  # a sharded (fsdp) checkpoint: the full weights from every process's file
-        from fewstep.fsdp import read_full, shard_files
+        from fewstep.training.fsdp import read_full, shard_files
 
         shards = state["shards"]
         weights = read_full(shard_files(json_path.parent / shards["dir"], shards["processes"]), shards["layout"],
@@ -199,9 +199,9 @@ def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: fl
     """A diffusers pipeline or model folder (or Hub id) as a fewstep model. A folder that fewstep
     exported (`fewstep.json` beside it) is the consistency model it was trained as; any other is a
     diffusion model, sampled with fewstep's ODE solvers through the exact TrigFlow conversion
-    (`fewstep.networks.noise_schedules`)."""
+    (`fewstep.interop.diffusers.schedules`)."""
     from fewstep.config import build_method
-    from fewstep.pretrained import load_diffusers_network, read_diffusers_source
+    from fewstep.interop.diffusers.pretrained import load_diffusers_network, read_diffusers_source
 
     record = read_diffusers_source(source, scheduler).fewstep or {}
     if sigma_d is None:
@@ -255,7 +255,7 @@ def schedules(method, steps: list[int] | None = None, nfe: list[int] | None = No
             raise ValueError(f"method {name!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
                              f"(--sampler applies to diffusion checkpoints)")
         return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
-    from fewstep.ode import SAMPLERS
+    from fewstep.core.ode import SAMPLERS
 
     samplers = samplers or [method.default_ode_sampler]
     for s in samplers:
@@ -290,7 +290,7 @@ def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None
     """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
     if model.is_consistency:
         return model.method.sample(model.net, noise, schedule.times, generator, labels, guidance), len(schedule.times)
-    from fewstep.ode import solve
+    from fewstep.core.ode import solve
 
     ode = model.method.ode(model.net, labels, guidance)
     return solve(ode, noise, schedule.steps, schedule.sampler, times=model.method.ode_times(schedule.steps))
@@ -306,7 +306,7 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
 
     Split over processes, process `rank` of `world_size` draws batches rank, rank + world_size, ...
     and returns them in that order; interleaved in batch order, the processes' samples equal
-    those of `world_size=1`, bit for bit (`fewstep.distributed.gather_batches`)."""
+    those of `world_size=1`, bit for bit (`fewstep.training.distributed.gather_batches`)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if batch_size < 1:

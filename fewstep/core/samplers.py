@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from fewstep.edm import EPS, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
-from fewstep.trigflow import expand_to, trigflow_consistency, trigflow_noise
+from fewstep.core.edm import EPS, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
+from fewstep.core.trigflow import expand_to, trigflow_consistency, trigflow_noise
 
 TWO_STEP_TIMES = (math.pi / 2, 1.1)  # the sCM paper's 2-step schedule (t_mid = 1.1)
 

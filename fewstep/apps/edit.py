@@ -1,5 +1,5 @@
 """Editing a checkpoint's images, task by task: what `fewstep edit` runs, on top of the editing
-algorithms of `fewstep.editing` (which take a consistency function, not a checkpoint).
+algorithms of `fewstep.core.editing` (which take a consistency function, not a checkpoint).
 
     model = load_model("runs/digits")
     x = edit_inputs(model, num=8)                                   # test images of the training data
@@ -43,7 +43,7 @@ def task_nfe(task: str, times) -> int:
 
 
 def check_editable(model) -> None:
-    """Editing needs a consistency model of images (a `fewstep.generate.Model`)."""
+    """Editing needs a consistency model of images (a `fewstep.apps.generate.Model`)."""
     if not model.is_consistency:
         raise ValueError(f"editing needs a consistency model; {model.checkpoint} is a {model.method_name!r} model")
     if model.kind != "image":
@@ -55,7 +55,7 @@ def edit_inputs(model, spec: str | None = None, num: int = 8, seed: int = 0) -> 
     training data, test split where there is one), resized like the training data, on the
     model's device."""
     from fewstep.data import unpack_batch
-    from fewstep.evaluate import load_reference, reference_name, training_data
+    from fewstep.apps.evaluate import load_reference, reference_name, training_data
 
     data = training_data(model)
     ds, _ = load_reference(reference_name(model, spec), None, resolution=data.get("resolution"),
@@ -84,8 +84,8 @@ def edit_images(model, task: str, x: torch.Tensor, times, *, mask: str = "center
     edited)`: what the model was given (masked with the hole black / grey / low-res upsampled /
     noisy / strokes) and the result. Options: `mask` and `fraction` (inpaint), `factor`
     (superres), `sigma` (denoise: the noise std added), `label` (class-conditional models)."""
-    from fewstep import editing
-    from fewstep.generate import consistency_sampler_fn
+    from fewstep.core import editing
+    from fewstep.apps.generate import consistency_sampler_fn
 
     check_editable(model)
     if task not in TASKS or task == "interpolate":
@@ -125,8 +125,8 @@ def edit_images(model, task: str, x: torch.Tensor, times, *, mask: str = "center
 def interpolation_frames(model, num: int, frames: int, *, label: int | None = None, seed: int = 0) -> torch.Tensor:
     """One-step samples along the spherical interpolation between two seeded noises, for `num`
     pairs: returns (frames, num, *shape)."""
-    from fewstep import editing
-    from fewstep.generate import consistency_sampler_fn
+    from fewstep.core import editing
+    from fewstep.apps.generate import consistency_sampler_fn
 
     check_editable(model)
     if frames < 2:

@@ -14,7 +14,7 @@ and the sample count beside it:
 
 Each table row is one `(method, sampler, NFE)`: consistency models (sCT, sCD) use multistep
 consistency sampling (`--steps 1,2`: t = pi/2, then 1.1); diffusion models (flow matching,
-EDM) use a probability-flow ODE solver from `fewstep.ode` (`--sampler heun --steps 18`, or
+EDM) use a probability-flow ODE solver from `fewstep.core.ode` (`--sampler heun --steps 18`, or
 `--nfe 35`). `seconds` is the wall time of sampling alone.
 
     result = evaluate("runs/digits", steps=[1, 2], num=1000)
@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from fewstep.data import DataError, Dataset, load_dataset
 from fewstep.devices import resolve_device
-from fewstep.distributed import DistInfo, barrier, broadcast_object, gather_batches, gather_objects
-from fewstep.generate import generate, load_model, schedules
+from fewstep.training.distributed import DistInfo, barrier, broadcast_object, gather_batches, gather_objects
+from fewstep.apps.generate import generate, load_model, schedules
 from fewstep.image import to_uint8
 
 IMAGE_METRICS = ("fid", "kid", "precision", "recall")
@@ -258,12 +258,12 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     (instead of `steps`). Returns a JSON-ready dict; its `rows` hold one dict per
     (method, sampler, NFE).
 
-    `distributed` (`fewstep.distributed.init_distributed` under `torchrun`): the processes split
+    `distributed` (`fewstep.training.distributed.init_distributed` under `torchrun`): the processes split
     each row's sampling batches and feature extraction; process 0 computes (or reads the cache
     of) the reference statistics first and scores the gathered features. The result equals a
     single process's with the same seed and batch size, and every process returns it.
     """
-    from fewstep.generate import CM_SAMPLER, Schedule
+    from fewstep.apps.generate import CM_SAMPLER, Schedule
 
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")
@@ -308,8 +308,8 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
     `evaluate`. Candidates: `grid` Karras noise levels as TrigFlow times. Returns a JSON-ready
     dict with the chosen `times`, and `rows` as in `evaluate` for the default times and the
     chosen ones."""
-    from fewstep.generate import CM_SAMPLER, Schedule, cm_times
-    from fewstep.samplers import ternary_search_times, trigflow_search_grid
+    from fewstep.apps.generate import CM_SAMPLER, Schedule, cm_times
+    from fewstep.core.samplers import ternary_search_times, trigflow_search_grid
 
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")

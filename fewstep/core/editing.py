@@ -10,7 +10,7 @@ from the reference `y`):
     for t in t_2 .. t_N:  x = f(cos(t) x + sin(t) sigma_d z, t);  x = A^-1[keep + (A x) * Omega]
 
 so what is kept comes back exactly. `consistency_fn(x_t, t) -> x0` is the sampler callable of
-`fewstep.samplers` (e.g. `trigflow_sampler_fn(net, sigma_d)`); `t` is a per-sample (B,) tensor.
+`fewstep.core.samplers` (e.g. `trigflow_sampler_fn(net, sigma_d)`); `t` is a per-sample (B,) tensor.
 
 - `inpaint`: A = identity, Omega = the pixels to fill.
 - `colorize`: A = an orthogonal colour transform whose first channel is luminance; the output's
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fewstep.trigflow import expand_to, trigflow_noise
+from fewstep.core.trigflow import expand_to, trigflow_noise
 
 ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Luminance weights (ITU-R BT.601), the first axis of the colour transform.

@@ -28,10 +28,10 @@ VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "tr
 
 
 def export_diffusers(model, out: str | Path) -> Path:
-    """Write `model` (a `fewstep.generate.Model` of an sCT/sCD student on a diffusers `UNet2DModel`
+    """Write `model` (a `fewstep.apps.generate.Model` of an sCT/sCD student on a diffusers `UNet2DModel`
     with a VP schedule) as a `DDPMPipeline` folder with an `LCMScheduler`."""
     from fewstep.methods.base import method_config
-    from fewstep.networks.diffusers_adapter import DiffusersNetwork, import_diffusers
+    from fewstep.interop.diffusers.network import DiffusersNetwork, import_diffusers
     from fewstep.networks.registry import unwrap
 
     net = unwrap(model.net)
