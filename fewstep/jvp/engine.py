@@ -20,9 +20,9 @@ tangent on top of the tangent's own arithmetic: 25-45 us per op on one shared CP
 measured on fewstep's UNet (410 ops); `torch.utils._pytree` and `WeakIdKeyDictionary`
 cost about twice that, so this path uses neither).
 
-Rules (exact JVPs, each registered with the public `@tangent_rule(*ops)`, which also takes a rule for
-your own op; the rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d, group_norm, layer_norm, silu, gelu, relu,
-sigmoid, tanh, softmax, log_softmax, exp, sin, cos, log, sqrt, rsqrt, abs, square, pow,
+Rules (exact JVPs, each registered with the public `@tangent_rule(*ops)`, which takes rules for
+your own ops too; a rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d, group_norm,
+layer_norm, silu, gelu, relu, sigmoid, tanh, softmax, log_softmax, exp, sin, cos, log, sqrt, rsqrt, abs, square, pow,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
 setitem, chunk/split/unbind, cat/stack, interpolate, pooling by averages, pad, mean/sum,
 matmul/bmm/mm/einsum, `scaled_dot_product_attention` (SPEC 6, causal flag, bool/float masks,
@@ -723,7 +723,8 @@ class TangentMode(TorchFunctionMode):
             if rule is None:
                 tout = _fallback_tangent(func, name, dargs, dkwargs, tangents)
             if self.debug:
-                self.record.append((name, None if rule is None else _reference_err(func, tout, dargs, dkwargs, tangents)))
+                err = None if rule is None else _reference_err(func, tout, dargs, dkwargs, tangents)
+                self.record.append((name, err))
                 self.record_modules.append(self.module_stack[-1] if self.module_stack else "")
             if tout is None:
                 if inplace:  # the old tangent no longer describes the overwritten tensor
