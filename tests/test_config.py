@@ -91,3 +91,17 @@ def test_help_shows_examples(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+def test_train_help_names_the_method_that_train_really_trains(capsys):
+    """Defect 7: `fewstep train --help` said sCT while `fewstep train` trains the default preset's method."""
+    from fewstep.cli import build_parser
+
+    cfg, _ = build_train_config(build_parser().parse_args(["train"]))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"train a model (default: {cfg.method['name']} " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the default demo: {cfg.method['name']} on" in text and f"({cfg.method['name']} for" in text
