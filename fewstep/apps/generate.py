@@ -145,7 +145,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
     ckpt-*.json). The network class must be registered (`fewstep.networks.register_network`);
     nothing is imported on the checkpoint's say-so."""
     from fewstep.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
-    from fewstep.config import ConfigError, build_method
+    from fewstep.config import ConfigError
+    from fewstep.training.registries import build_method
     from fewstep.networks import build_network, build_registered
 
     device = torch.device(device)
@@ -200,7 +201,7 @@ def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: fl
     exported (`fewstep.json` beside it) is the consistency model it was trained as; any other is a
     diffusion model, sampled with fewstep's ODE solvers through the exact TrigFlow conversion
     (`fewstep.interop.diffusers.schedules`)."""
-    from fewstep.config import build_method
+    from fewstep.training.registries import build_method
     from fewstep.interop.diffusers.pretrained import load_diffusers_network, read_diffusers_source
 
     record = read_diffusers_source(source, scheduler).fewstep or {}

@@ -61,8 +61,8 @@ def add_parser(sub) -> None:
 
 
 def build_train_config(args):
-    """The run's `Config` and run folder from the parsed flags: preset, then config file, then
-    flags, then `--set` overrides."""
+    """The run's `Config` (checked against the method and network registries) and run folder from
+    the parsed flags: preset, then config file, then flags, then `--set` overrides."""
     from fewstep.config import apply_overrides, config_from_dict, load_config_file, merge
     from fewstep.presets import DEFAULT_PRESET, preset_config
 
@@ -87,12 +87,16 @@ def build_train_config(args):
     if data.get("network", {}).get("arch", "auto") != preset_arch:  # another architecture: the preset's own
         user = apply_overrides({}, [o for o in args.set if o.startswith("network.")])  # network fields do not apply
         data = {**data, "network": user.get("network", {})}
-    cfg = config_from_dict(data)
+    from fewstep.training.registries import validate_against_registries
+
+    cfg = validate_against_registries(config_from_dict(data))  # every mistake in the config before training starts
     out = Path(args.out or f"runs/{preset or Path(cfg.data.name).stem}")
     return cfg, out
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     from fewstep.training.build import train
     from fewstep.training.checkpoint import list_checkpoints
 
@@ -101,7 +105,7 @@ def run(args) -> int:
         if list_checkpoints(out / "checkpoints"):
             raise ValueError(f"--fresh given but {out / 'checkpoints'} already holds checkpoints; "
                              f"choose another --out or delete them")
-        cfg.train.resume = False
+        cfg = replace(cfg, train=replace(cfg.train, resume=False))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, process 0 reports
     if main_process:
         print(f"fewstep train: method={cfg.method['name']} data={cfg.data.name} steps={cfg.train.steps} -> {out}")
