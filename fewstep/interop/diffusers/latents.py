@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fewstep.data.base import DataError, Dataset, batch_generator
+from fewstep.data.registry import register_file_type
 
 RECORD_KEY = "fewstep_latents"
 
@@ -174,3 +175,8 @@ class LatentDataset(Dataset):
         eps = torch.randn(self._mean[idx].shape, generator=batch_generator(list(indices), self.seed))
         x = (self._mean[idx] + self._std[idx] * eps - self.shift_factor) * self.scaling_factor
         return (x,) if self._labels is None else (x, self._labels[idx])
+
+
+# `load_dataset("x.safetensors")` and `fewstep train --data x.safetensors` read latents once this module is
+# imported (`fewstep.training.build` does): the data layer itself knows no VAE.
+register_file_type(".safetensors", LatentDataset, "a .safetensors file of latents (fewstep encode)")
