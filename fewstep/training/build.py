@@ -118,14 +118,14 @@ def _local_device(device: torch.device) -> torch.device:
 
 def load_teacher(path: str, method, dataset, device: torch.device, scheduler: str | None = None):
     """The diffusion teacher of `train.teacher`, checked against the run, handed to `method`."""
-    from fewstep.apps.generate import load_diffusers_model, load_model
     from fewstep.interop.diffusers.pretrained import PretrainedError, is_diffusers_folder, is_hub_id
+    from fewstep.training.restore import restore, restore_diffusers
 
     try:
         if is_diffusers_folder(path) or is_hub_id(path):  # a diffusers model, converted to TrigFlow exactly
-            teacher = load_diffusers_model(path, device, method.sigma_d, scheduler)
+            teacher = restore_diffusers(path, device, method.sigma_d, scheduler)
         else:
-            teacher = load_model(path, device)
+            teacher = restore(path, device)
     except PretrainedError as e:
         raise ConfigError(str(e)) from None
     if teacher.is_consistency:
@@ -173,7 +173,7 @@ class Built:
     method: object
     data: object  # a fewstep.data.Dataset
     options: dict = field(default_factory=dict)
-    teacher: object | None = None  # the teacher's `fewstep.apps.generate.Model`
+    teacher: object | None = None  # the teacher, a `fewstep.training.restore.Restored`
     config: Config | None = None  # the config as built: network and method sections resolved (recorded in checkpoints)
 
     def __iter__(self):
@@ -200,9 +200,9 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
     init = None
     if tc.init_from:  # fine-tuning: the network and weights of another run (e.g. flow, then sCT)
-        from fewstep.apps.generate import load_model
+        from fewstep.training.restore import restore
 
-        init = load_model(tc.init_from, device)
+        init = restore(tc.init_from, device)
         if tuple(init.shape) != tuple(dataset.shape):
             raise ConfigError(f"train.init_from was trained on data of shape {tuple(init.shape)}, this run's data "
                               f"has shape {tuple(dataset.shape)}")
