@@ -285,3 +285,34 @@ def test_a_student_may_re_read_the_teachers_output(ddpm_folder, tmp_path):
     assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
     cfg = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
     assert cfg["prediction_type"] == "v_prediction" and cfg["_class_name"] == "LCMScheduler"
+
+
+@pytest.mark.parametrize("keep", [4, 5000])  # cut inside the header's length, and inside the header itself
+def test_a_truncated_weights_file_is_a_one_line_error(ddpm_folder, tmp_path, keep, capsys):
+    """Defect 2: a teacher whose unet/*.safetensors was cut short (an interrupted copy) is refused in
+    one line naming the file, by `train --teacher` and by `sample`, not with safetensors' traceback."""
+    import shutil
+
+    folder = tmp_path / "ddpm"
+    shutil.copytree(ddpm_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    for argv in (["train", "--method", "scd", "--teacher", str(folder), "--out", str(tmp_path / "r"), *TRAIN],
+                 ["sample", str(folder), "--num", "2", "--device", "cpu"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(weights) in err and "damaged or truncated" in err, err
+
+
+def test_a_truncated_latents_file_is_a_one_line_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fewstep.interop.diffusers.latents import RECORD_KEY
+
+    path = tmp_path / "latents.safetensors"
+    save_file({"mean": torch.zeros(8, 2, 4, 4), "std": torch.ones(8, 2, 4, 4)}, str(path),
+              metadata={RECORD_KEY: "{}"})
+    path.write_bytes(path.read_bytes()[:-64])
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "r"), *TRAIN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "damaged or truncated" in err, err

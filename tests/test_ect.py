@@ -153,12 +153,13 @@ def test_the_two_passes_share_dropout_masks():
 
 def _config(method: dict, steps: int = 6, **train):
     from fewstep.config import config_from_dict
+    from fewstep.training.registries import validate_against_registries
 
-    return config_from_dict({
+    return validate_against_registries(config_from_dict({
         "data": {"name": "8gaussians"}, "network": {"width": 32, "depth": 2}, "method": method,
         "optim": {"lr": 1e-3},
         "train": {"steps": steps, "batch_size": 64, "sample_every": 0, "ckpt_every": 0, "progress": False,
-                  "num_samples": 16, "log_every": 2, **train}})
+                  "num_samples": 16, "log_every": 2, **train}}))
 
 
 @pytest.mark.parametrize("times", [(HALF_PI,), (HALF_PI, 1.1)], ids=["1-step", "2-step"])

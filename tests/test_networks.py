@@ -321,12 +321,13 @@ def test_dit_patches_are_put_back_where_they_came_from():
 
 
 def test_dit_from_config():
-    from fewstep.config import ConfigError, config_from_dict
+    from fewstep.config import ConfigError
     from fewstep.networks import DiT, build_network
+    from fewstep.training.registries import validate_network
 
-    cfg = config_from_dict({"network": {"arch": "dit", "hidden_size": 32, "depth": 1, "heads": 2}})
-    assert isinstance(build_network(cfg.network, "image", (1, 8, 8)), DiT)
+    network = validate_network({"arch": "dit", "hidden_size": 32, "depth": 1, "heads": 2})
+    assert isinstance(build_network(network, "image", (1, 8, 8)), DiT)
     with pytest.raises(ConfigError, match="network.width"):
-        config_from_dict({"network": {"arch": "dit", "width": 3}})
+        validate_network({"arch": "dit", "width": 3})
     with pytest.raises(ValueError, match="divisible by network.heads"):
         DiT(1, 8, hidden_size=32, heads=3)

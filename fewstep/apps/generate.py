@@ -142,56 +142,12 @@ def consistency_sampler_fn(model: "Model", labels: torch.Tensor | None = None, g
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
     """Rebuild the network and method of a checkpoint (a run folder, its checkpoints/ folder, or a
-    ckpt-*.json). The network class must be registered (`fewstep.networks.register_network`);
-    nothing is imported on the checkpoint's say-so."""
-    from fewstep.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
-    from fewstep.config import ConfigError, build_method
-    from fewstep.networks import build_network, build_registered
+    ckpt-*.json), or of a diffusers model folder or Hub id (`fewstep.training.restore`). The network
+    class must be registered (`fewstep.networks.register_network`); nothing is imported on the
+    checkpoint's say-so."""
+    from fewstep.training.restore import restore
 
-    device = torch.device(device)
-    from fewstep.interop.diffusers.pretrained import is_diffusers_folder, is_hub_id
-
-    if is_diffusers_folder(checkpoint) or is_hub_id(str(checkpoint)):
-        return load_diffusers_model(checkpoint, device)
-    json_path = resolve_checkpoint(checkpoint)
-    tensors, state = load_checkpoint(json_path, device=device)
-    config = state.get("config") or {}
-    info = state.get("data")
-    method_cfg = state.get("method") or config.get("method")
-    if not info or not method_cfg:
-        raise CheckpointError(f"{json_path} records no data shape or method; it was not written by fewstep.fit")
-    try:
-        method = build_method(method_cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"{json_path}: {e}; a user's method must be registered "
-                              f"(@fewstep.methods.register_method) and imported (--import MODULE)") from None
-    if state.get("network"):
-        net = build_registered(state["network"])
-    elif not config.get("network"):
-        raise CheckpointError(f"{json_path} names no network: its class was not registered when it was trained "
-                              f"(decorate it with @fewstep.networks.register_network('some-name'))")
-    else:  # fewstep 0.1 checkpoints: the network from the run's config
-        net = build_network(_legacy_network_config(config["network"], info["kind"]), info["kind"],
-                            tuple(info["shape"]), info["num_classes"])
-    if state.get("step") and getattr(method, "total_steps", None) == 0:
-        method.setup(net, int(config.get("train", {}).get("steps", state["step"])))
-    prefix = "ema" if ema else "net"
-    if state.get("shards"):  # a sharded (fsdp) checkpoint: the full weights from every process's file
-        from fewstep.training.fsdp import read_full, shard_files
-
-        shards = state["shards"]
-        weights = read_full(shard_files(json_path.parent / shards["dir"], shards["processes"]), shards["layout"],
-                            prefix)
-    else:
-        weights = unprefixed(prefix, tensors)
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
-                              f"{' '.join(str(e).split())[:300]}") from None
-    return Model(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
-                 int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device,
-                 info.get("latents"))
+    return _model(restore(checkpoint, device, ema))
 
 
 def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: float | None = None,
@@ -200,29 +156,16 @@ def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: fl
     exported (`fewstep.json` beside it) is the consistency model it was trained as; any other is a
     diffusion model, sampled with fewstep's ODE solvers through the exact TrigFlow conversion
     (`fewstep.interop.diffusers.schedules`)."""
-    from fewstep.config import build_method
-    from fewstep.interop.diffusers.pretrained import load_diffusers_network, read_diffusers_source
+    from fewstep.training.restore import restore_diffusers
 
-    record = read_diffusers_source(source, scheduler).fewstep or {}
-    if sigma_d is None:
-        sigma_d = float(record.get("method", {}).get("sigma_d", 0.5))
-    net, src = load_diffusers_network(source, sigma_d, scheduler, device=device)
-    method = build_method(record.get("method") or {"name": "flow", "sigma_d": sigma_d})
-    size = src.config.get("sample_size")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (int(src.config.get("in_channels", 3)), *size)
-    config = {k: record[k] for k in ("data", "network") if k in record}
-    return Model(net, method, "image", shape, int(net.num_classes), config, Path(source), int(record.get("step", 0)),
-                 "ema", torch.device(device))
+    return _model(restore_diffusers(source, device, sigma_d, scheduler))
 
 
-def _legacy_network_config(cfg: dict, kind: str) -> dict:
-    """A fewstep 0.1 `network` section mixed every architecture's fields: keep the arch's own."""
-    from fewstep.networks import BUILD_KEYS, constructor_arguments, network_class, resolve_arch
+def _model(restored) -> Model:
+    """A `fewstep.training.restore.Restored` network and method, with what sampling adds."""
+    import dataclasses
 
-    arch = resolve_arch(cfg.get("arch", "auto"), kind)
-    params = constructor_arguments(network_class(arch))
-    return {k: v for k, v in cfg.items() if k in params or k in BUILD_KEYS}
+    return Model(**{f.name: getattr(restored, f.name) for f in dataclasses.fields(restored)})
 
 
 def parse_times(text: str, option: str = "--times") -> list[float]:

@@ -5,17 +5,17 @@ This is what `fewstep train` runs; Python users can call `fit` on objects of the
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from fewstep.config import Config, ConfigError, build_method, validate_network
+from fewstep.config import Config, ConfigError
 from fewstep.devices import resolve_device
+from fewstep.training.registries import build_method, validate_against_registries, validate_network
 
 
 def _reports() -> bool:
@@ -95,17 +95,18 @@ def default_workers(dataset) -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def _report_latents(cfg: Config, dataset) -> None:
-    """Latent data: the measured sigma_d becomes the method's unless the config sets one."""
+def _latent_method(cfg: Config, dataset) -> dict:
+    """The `method` section for `dataset`: on latent data, the measured sigma_d becomes the
+    method's unless the config sets one."""
     latents = getattr(dataset, "latents", None)
     if not latents:
-        return
+        return cfg.method
     measured = float(latents["sigma_d"])
-    if "sigma_d" not in cfg.method:
-        cfg.method["sigma_d"] = round(measured, 6)
+    method = {"sigma_d": round(measured, 6), **cfg.method}
     if _reports():
         print(f"latents {tuple(dataset.shape)} of {tuple(latents['pixel_shape'])} images (VAE {latents['vae']}): "
-              f"sigma_d = {measured:.4f} measured; method.sigma_d = {cfg.method['sigma_d']}")
+              f"sigma_d = {measured:.4f} measured; method.sigma_d = {method['sigma_d']}")
+    return method
 
 
 def _local_device(device: torch.device) -> torch.device:
@@ -117,14 +118,14 @@ def _local_device(device: torch.device) -> torch.device:
 
 def load_teacher(path: str, method, dataset, device: torch.device, scheduler: str | None = None):
     """The diffusion teacher of `train.teacher`, checked against the run, handed to `method`."""
-    from fewstep.apps.generate import load_diffusers_model, load_model
     from fewstep.interop.diffusers.pretrained import PretrainedError, is_diffusers_folder, is_hub_id
+    from fewstep.training.restore import restore, restore_diffusers
 
     try:
         if is_diffusers_folder(path) or is_hub_id(path):  # a diffusers model, converted to TrigFlow exactly
-            teacher = load_diffusers_model(path, device, method.sigma_d, scheduler)
+            teacher = restore_diffusers(path, device, method.sigma_d, scheduler)
         else:
-            teacher = load_model(path, device)
+            teacher = restore(path, device)
     except PretrainedError as e:
         raise ConfigError(str(e)) from None
     if teacher.is_consistency:
@@ -172,7 +173,8 @@ class Built:
     method: object
     data: object  # a fewstep.data.Dataset
     options: dict = field(default_factory=dict)
-    teacher: object | None = None  # the teacher's `fewstep.apps.generate.Model`
+    teacher: object | None = None  # the teacher, a `fewstep.training.restore.Restored`
+    config: Config | None = None  # the config as built: network and method sections resolved (recorded in checkpoints)
 
     def __iter__(self):
         return iter((self.net, self.method, self.data))
@@ -180,34 +182,35 @@ class Built:
 
 def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     """Config -> network, method (teacher included), data, optimizer and `fit` options. `out_dir`:
-    a run folder that already holds checkpoints skips the student's initialization from its teacher."""
+    a run folder that already holds checkpoints skips the student's initialization from its teacher.
+    `cfg` is not changed: the resolved config (network and method as trained) is `Built.config`."""
     from fewstep.training.callbacks import SamplePreviews, TensorBoard
     from fewstep.training.checkpoint import list_checkpoints
     from fewstep.networks import build_network, network_spec
     from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
 
-    cfg.validate()
+    cfg = validate_against_registries(cfg.validate())
     tc = cfg.train
     device = _local_device(resolve_device(tc.device))
     torch.manual_seed(tc.seed)  # the same initial weights on every process
     dataset = load_data(cfg)
-    _report_latents(cfg, dataset)
+    cfg = replace(cfg, method=_latent_method(cfg, dataset))
     method = build_method(cfg.method)
     teacher = load_teacher(tc.teacher, method, dataset, device, tc.teacher_scheduler) if tc.teacher else None
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
     init = None
     if tc.init_from:  # fine-tuning: the network and weights of another run (e.g. flow, then sCT)
-        from fewstep.apps.generate import load_model
+        from fewstep.training.restore import restore
 
-        init = load_model(tc.init_from, device)
+        init = restore(tc.init_from, device)
         if tuple(init.shape) != tuple(dataset.shape):
             raise ConfigError(f"train.init_from was trained on data of shape {tuple(init.shape)}, this run's data "
                               f"has shape {tuple(dataset.shape)}")
     source = init or (teacher if tc.init_from_teacher else None)
     if source is not None:
         if source.config.get("network"):  # the run records the architecture it really trains
-            cfg.network = validate_network({**source.config["network"],
-                                            "guidance_input": bool(cfg.network.get("guidance_input"))})
+            cfg = replace(cfg, network=validate_network({**source.config["network"],
+                                                         "guidance_input": bool(cfg.network.get("guidance_input"))}))
         net = _student_network(cfg, source, method)
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":
@@ -225,7 +228,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         try:
             needs = getattr(method, "network_options", {})  # e.g. MeanFlow: a second time input r
             if needs and any(cfg.network.get(k) != v for k, v in needs.items()):
-                cfg.network = validate_network({**cfg.network, **needs})
+                cfg = replace(cfg, network=validate_network({**cfg.network, **needs}))
             net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -240,19 +243,25 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         sharded_checkpoints=tc.sharded_checkpoints,
         callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset)]
         + ([TensorBoard()] if tc.tensorboard else []))
-    return Built(net, method, dataset, options, teacher)
+    return Built(net, method, dataset, options, teacher, cfg)
 
 
 def pretrain_config(cfg: Config) -> Config:
     """The flow-matching run that `train.pretrain_steps` trains first: the same data and network,
     method 'flow' (with the run's sigma_d), `train.pretrain_lr`, ending at `pretrain_steps`."""
-    pre = copy.deepcopy(cfg)
-    pre.method = {"name": "flow", **({"sigma_d": cfg.method["sigma_d"]} if "sigma_d" in cfg.method else {})}
-    pre.optim.lr = cfg.train.pretrain_lr or cfg.optim.lr
-    pre.train.steps, pre.train.pretrain_steps = cfg.train.pretrain_steps, 0
-    pre.train.sample_every, pre.train.resume = 0, True
-    pre.train.ckpt_every = min(cfg.train.ckpt_every or cfg.train.pretrain_steps, cfg.train.pretrain_steps)
-    return pre
+    tc = cfg.train
+    return replace(
+        cfg, method={"name": "flow", **({"sigma_d": cfg.method["sigma_d"]} if "sigma_d" in cfg.method else {})},
+        optim=replace(cfg.optim, lr=tc.pretrain_lr or cfg.optim.lr),
+        train=replace(tc, steps=tc.pretrain_steps, pretrain_steps=0, sample_every=0, resume=True,
+                      ckpt_every=min(tc.ckpt_every or tc.pretrain_steps, tc.pretrain_steps)))
+
+
+def after_pretrain_config(cfg: Config, pre_dir: str | Path) -> Config:
+    """The second stage of `train.pretrain_steps`: the flow model in `pre_dir` is the teacher of a
+    distillation method, else the starting weights."""
+    key = "teacher" if build_method(cfg.method).takes_teacher else "init_from"
+    return replace(cfg, train=replace(cfg.train, pretrain_steps=0, **{key: str(pre_dir)}))
 
 
 def train(cfg: Config, out_dir: str | Path) -> dict:
@@ -263,16 +272,12 @@ def train(cfg: Config, out_dir: str | Path) -> dict:
     from fewstep.training.fit import fit
 
     if cfg.train.pretrain_steps:
+        validate_against_registries(cfg.validate())  # the whole run's mistakes before stage 1, not after it
         pre_dir = Path(out_dir) / "pretrain"
         if _reports():
             print(f"stage 1: flow matching, {cfg.train.pretrain_steps} steps -> {pre_dir}")
         train(pretrain_config(cfg), pre_dir)
-        cfg = copy.deepcopy(cfg)
-        if build_method(cfg.method).takes_teacher:
-            cfg.train.teacher = str(pre_dir)
-        else:
-            cfg.train.init_from = str(pre_dir)
-        cfg.train.pretrain_steps = 0
+        cfg = after_pretrain_config(cfg, pre_dir)
         if _reports():
             print(f"stage 2: {cfg.method['name']} from the flow model, {cfg.train.steps} steps -> {out_dir}")
     built = build(cfg, out_dir)
