@@ -198,7 +198,7 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     assert summary["steps"] == 6 and set(summary["metrics"]) == {"1-step", "2-step"}
 
     model = load_model(tmp_path / "ect")
-    assert model.is_consistency and model.method.name == "ect" and model.method.total_steps == 6
+    assert model.sampler.consistency_fn() is not None and model.method.name == "ect" and model.method.total_steps == 6
     for steps, times in ((1, (HALF_PI,)), (2, (HALF_PI, 1.1))):
         x, nfe, _ = generate(model, Schedule("multistep", steps, times), 64, progress=False)
         assert x.shape == (64, 2) and nfe == steps and torch.isfinite(x).all()

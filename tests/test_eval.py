@@ -17,7 +17,7 @@ from fewstep.data import DataError, load_dataset
 from fewstep.training.build import train
 from fewstep.cli import build_parser
 from fewstep.apps.evaluate import evaluate
-from fewstep.apps.generate import cm_times, schedules
+from fewstep.apps.generate import cm_times
 from fewstep.methods import SCT, EDMDiffusion, FlowMatching
 from helpers import write_idx
 
@@ -67,16 +67,17 @@ def test_cm_times_and_rows():
     assert cm_times(1) == [math.pi / 2] and cm_times(2) == [math.pi / 2, 1.1]
     t = cm_times(4)
     assert t[0] == math.pi / 2 and t[1:] == pytest.approx([1.1, 0.65, 0.2])
-    sct, flow = SCT(), FlowMatching()
-    assert [(s.sampler, s.steps) for s in schedules(sct, [1, 2])] == [("multistep", 1), ("multistep", 2)]
-    assert [(s.sampler, s.steps) for s in schedules(flow, nfe=[1, 35], samplers=["heun", "euler"])] == \
+    net = torch.nn.Linear(2, 2)  # schedules need no network call
+    sct, flow = SCT().sampler(net), FlowMatching().sampler(net)
+    assert [(s.sampler, s.steps) for s in sct.schedules([1, 2])] == [("multistep", 1), ("multistep", 2)]
+    assert [(s.sampler, s.steps) for s in flow.schedules(nfe=[1, 35], samplers=["heun", "euler"])] == \
         [("heun", 1), ("heun", 18), ("euler", 1), ("euler", 35)]
     with pytest.raises(ValueError, match="odd"):
-        schedules(EDMDiffusion(), nfe=[4], samplers=["heun"])
+        EDMDiffusion().sampler(net).schedules(nfe=[4], samplers=["heun"])
     with pytest.raises(ValueError, match="consistency model"):
-        schedules(sct, [1], samplers=["heun"])
+        sct.schedules([1], samplers=["heun"])
     with pytest.raises(ValueError, match="not both"):
-        schedules(flow, [2], nfe=[2])
+        flow.schedules([2], nfe=[2])
 
 
 def test_eval_toy_checkpoint(toy_run, capsys):

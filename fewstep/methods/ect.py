@@ -100,8 +100,6 @@ class ECT(Method):
     """Easy Consistency Tuning (module docstring): `--teacher RUN` starts from a diffusion model;
     `method.from_teacher=false` trains from random weights (or from `train.init_from`)."""
 
-    sampling = "consistency"
-
     sigma_d: float = 0.5
     p_mean: float = -1.1  # log-normal noise levels t (EDM sigma), ECT's (= iCT's)
     p_std: float = 2.0
@@ -128,6 +126,15 @@ class ECT(Method):
         check_choice("method.weighting", self.weighting, WEIGHTINGS)
         if self.huber_c is not None:
             check_range("method.huber_c", self.huber_c, 0)
+
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow, from ECT's own starting time (`t_max`)."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+        from fewstep.core.trigflow import HALF_PI
+        from fewstep.methods.base import network_features
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_features(net)[1],
+                                          t_max=getattr(self, "t_max", HALF_PI))
 
     @property
     def takes_teacher(self) -> bool:  # a diffusion model's weights start the run
