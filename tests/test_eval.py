@@ -105,6 +105,31 @@ def test_eval_toy_diffusion_checkpoint_ode_rows(tmp_path):
     assert all(math.isfinite(r["mmd"]) for r in result["rows"])
 
 
+def test_commands_sample_the_way_the_checkpoint_samples(toy_run, tmp_path):
+    """`fewstep sample`, `search-times` and `edit` ask the checkpoint's sampler: multistep times for a
+    consistency model (sCT), solver steps for a diffusion model (flow); the other kind's options are
+    refused with a one-line error."""
+    from fewstep.apps.edit import check_editable
+    from fewstep.apps.generate import load_model
+
+    flow = _train(tmp_path / "flow", "8gaussians", "flow", {"width": 16, "depth": 1}, steps=2)
+    common = ["--num", "8", "--device", "cpu", "--out", str(tmp_path / "s.png"), "--npz", str(tmp_path / "s.npz")]
+    assert run_cli(["sample", str(toy_run), "--steps", "3", *common]) == 0
+    got = np.load(tmp_path / "s.npz")
+    assert str(got["sampler"]) == "multistep" and got["times"].tolist() == cm_times(3) and int(got["nfe"]) == 3
+    assert run_cli(["sample", str(flow), "--sampler", "euler", "--steps", "4", *common]) == 0
+    got = np.load(tmp_path / "s.npz")
+    assert str(got["sampler"]) == "euler" and int(got["steps"]) == 4 and int(got["nfe"]) == 4
+    with pytest.raises(ValueError, match="multistep"):
+        run_cli(["sample", str(toy_run), "--sampler", "heun", *common])
+    with pytest.raises(ValueError, match="consistency models"):
+        run_cli(["sample", str(flow), "--times", "1.0", *common])
+    with pytest.raises(ValueError, match="time search is for consistency models"):
+        run_cli(["search-times", str(flow), "--num", "10", "--device", "cpu", "--no-progress"])
+    with pytest.raises(ValueError, match="editing needs a consistency model"):
+        check_editable(load_model(flow))
+
+
 def test_eval_image_checkpoint_random_features(digits_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert run_cli(["eval", str(digits_run), "--steps", "1,2", "--num", "64", "--features", "random",
