@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.core.ode import DEFAULT_ODE_STEPS  # noqa: F401 (the CLI's help text)
-from fewstep.core.samplers import MULTISTEP as CM_SAMPLER
 from fewstep.core.samplers import Schedule, cm_times  # noqa: F401 (re-exported: the apps' vocabulary)
 
 # ----------------------------------------------------------------------------------------------
