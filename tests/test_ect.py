@@ -161,6 +161,35 @@ def _config(method: dict, steps: int = 6, **train):
                   "num_samples": 16, "log_every": 2, **train}})
 
 
+@pytest.mark.parametrize("times", [(HALF_PI,), (HALF_PI, 1.1)], ids=["1-step", "2-step"])
+def test_sampling_starts_at_sigma_max_as_ect(times):
+    """Defect 5: ECT samples from sigma_max = 80, x = 80 eps. With the exact consistency function of
+    N(mu, s^2) data, its one step is, in closed form, `f(80 eps, 80) = mu + s (80 eps - mu) / sqrt(s^2 + 80^2)`
+    (not `mu + s eps`, the exact sample from sigma = inf); fewstep's ECT sampling must give it."""
+    method = ECT(sigma_d=SD)
+    assert method.t_max == pytest.approx(math.atan(80.0 / SD), rel=1e-15)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(512, MU.numel(), generator=g, dtype=F64)
+    one = method.sample(ConsistencyOracle(MU, S, SD), eps, times[:1])
+    torch.testing.assert_close(one, MU + S * (80.0 * eps - MU) / math.sqrt(S ** 2 + 80.0 ** 2), rtol=0, atol=1e-12)
+    # Not vacuous: the exact sample from t = pi/2 differs by about s mu / 80.
+    assert (one - (MU + S * eps)).abs().max() > 1e-3
+    # Further steps re-noise from the first as before (the second time is not moved), and a schedule
+    # that starts below t_max (SDEdit-like) is left as it is.
+    if len(times) > 1:
+        from fewstep.core.samplers import multistep_sample
+        from fewstep.core.trigflow import trigflow_consistency
+
+        net = ConsistencyOracle(MU, S, SD)
+        out = method.sample(net, eps, times, generator=torch.Generator().manual_seed(1))
+        fn = lambda x, t: trigflow_consistency(net, x, t, SD)  # noqa: E731
+        expect = multistep_sample(fn, math.sin(method.t_max) * eps, [method.t_max, 1.1], SD,
+                                  torch.Generator().manual_seed(1))
+        torch.testing.assert_close(out, expect, rtol=0, atol=1e-12)
+        low = method.sample(net, eps, [1.2, 0.8], generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(low, multistep_sample(fn, eps, [1.2, 0.8], SD, torch.Generator().manual_seed(2)))
+
+
 def test_config_checks():
     from fewstep.config import ConfigError
 

@@ -21,9 +21,10 @@ from torch import nn
 from fewstep.apps.generate import batch_seed
 from fewstep.apps.generate import sample as generate_sample
 from fewstep.methods import MeanFlow
-from fewstep.methods.meanflow import JVP_MODES, guided_velocity, meanflow_jvp, meanflow_loss, meanflow_times
+from fewstep.methods.meanflow import (JVP_MODES, PY_MEANFLOW_CIFAR10, guided_velocity, meanflow_jvp, meanflow_loss,
+                                      meanflow_times)
 from fewstep.networks import DiT, MLP, UNet, check_tangent
-from fewstep.core.trigflow import HALF_PI, trigflow_noise
+from fewstep.core.trigflow import HALF_PI, lognormal_times, trigflow_noise
 from helpers import MU, SD, S, f_star, randomize_zero_params_, v_star
 
 F64 = torch.float64
@@ -363,6 +364,52 @@ def test_cfg_target():
     out = guided_velocity(net, x_t, t, v, labels, SD, w, kappa, active=active)
     expect[1] = v[1]
     torch.testing.assert_close(out, expect)
+
+
+def test_cfg_target_does_not_depend_on_dropout():
+    """Defect 3: the guided target comes from the network in eval mode (the official code, FastGen),
+    so two dropout seeds give the same target, that of the eval-mode network; the modes are restored."""
+    net = randomize_zero_params_(MLP(2, 32, 2, dropout=0.5, num_classes=3, second_time=True), seed=4).double()
+    net.train()
+    net.blocks[0].eval()  # a mixed-mode network comes back as it was, module by module
+    before = [m.training for m in net.modules()]
+    g = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(6, 2, generator=g, dtype=F64), torch.randn(6, 2, generator=g, dtype=F64)
+    t, labels = torch.rand(6, generator=g, dtype=F64), torch.tensor([0, 1, 2, 0, 1, 2])
+    targets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        targets.append(guided_velocity(net, x_t, t, v, labels, SD, 2.0))
+    assert [m.training for m in net.modules()] == before
+    torch.testing.assert_close(targets[0], targets[1], rtol=0, atol=0)
+    torch.testing.assert_close(targets[0], guided_velocity(net.eval(), x_t, t, v, labels, SD, 2.0), rtol=0, atol=0)
+    # Not vacuous: in train mode this network's velocities do depend on the dropout draws.
+    net.train()
+    with torch.no_grad():
+        a, b = (net(x_t / SD, t, labels, r=t) for _ in range(2))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_py_meanflow_cifar10_time_mapping():
+    """Defect 4: py-meanflow draws t = sigmoid(N(P_mean, P_std)) with z_t = (1 - t) x + t e (t = 1 is
+    noise); its noise level is sigma = t / (1 - t), TrigFlow time arctan(sigma / sigma_d). With the
+    same normal draws, fewstep's times for `PY_MEANFLOW_CIFAR10` are those times; +2 would mirror them."""
+    n, p_mean, p_std = 20000, -2.0, 2.0
+    g = torch.Generator().manual_seed(0)
+    t_lin = torch.sigmoid(torch.randn(n, generator=g, dtype=F64) * p_std + p_mean)  # py-meanflow's sampler
+    as_trigflow = torch.atan(t_lin / (1 - t_lin) / SD)
+    g = torch.Generator().manual_seed(0)
+    ours = lognormal_times(n, PY_MEANFLOW_CIFAR10["p_mean"], PY_MEANFLOW_CIFAR10["p_std"], SD, dtype=F64,
+                           generator=g)
+    torch.testing.assert_close(ours, as_trigflow, rtol=1e-12, atol=1e-14)
+    # The distributions, from independent draws (the mapping, not the shared draws, is what matters):
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64)
+    mirrored = torch.atan((1 - t_lin) / t_lin / SD)  # the reversed time, which p_mean = +2 would match
+    ours_q = torch.quantile(lognormal_times(n, -2.0, 2.0, SD, dtype=F64), q)
+    assert (ours_q - torch.quantile(as_trigflow, q)).abs().max() < 0.03
+    assert (ours_q - torch.quantile(mirrored, q)).abs().max() > 0.3
+    method = MeanFlow(**PY_MEANFLOW_CIFAR10)
+    assert (method.p_mean, method.p_std, method.ratio_r_neq_t, method.adaptive_p) == (-2.0, 2.0, 0.75, 0.75)
 
 
 def test_cfg_training_runs_and_config_checks():

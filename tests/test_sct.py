@@ -20,7 +20,6 @@ from fewstep.methods.scm import (
     JVP_MODES,
     normalize_tangent,
     scm_jvp,
-    scm_jvp_with_grad,
     scm_loss,
     scm_tangent,
     tangent_warmup,
@@ -108,11 +107,13 @@ def test_jvp_matches_finite_difference_along_trajectory(make):
     with torch.no_grad():
         torch.testing.assert_close(F_minus, net(x_t / SIGMA_D, t), rtol=1e-12, atol=1e-12)
 
-    # The single grad-enabled pass gives the same primal and tangent; its primal carries a graph.
-    F_theta, jvp_single = scm_jvp_with_grad(net, x_t, t, dxdt, SIGMA_D)
-    assert F_theta.requires_grad and not jvp_single.requires_grad
-    torch.testing.assert_close(F_theta.detach(), F_minus, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(jvp_single, jvp_out, rtol=1e-10, atol=1e-12)
+    # Every mode of fewstep.jvp.jvp gives the same primal and tangent; the primal carries a graph,
+    # the tangent none.
+    for mode in JVP_MODES:
+        F_theta, jvp_mode = scm_jvp(net, x_t, t, dxdt, SIGMA_D, mode=mode)
+        assert F_theta.requires_grad and not jvp_mode.requires_grad, mode
+        torch.testing.assert_close(F_theta.detach(), F_minus.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jvp_mode, jvp_out, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet_attn", "mlp"])
@@ -362,7 +363,7 @@ def test_gaussian_consistency_function_constant_along_ode(mu_scale, s):
     torch.testing.assert_close(x, f0, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("jvp", ["separate", "single"])
+@pytest.mark.parametrize("jvp", JVP_MODES)
 @pytest.mark.parametrize("mu_scale,s", GAUSS_CASES)
 def test_gaussian_tangent_vanishes_along_exact_ode(mu_scale, s, jvp):
     """With the exact consistency model and dx/dt = v* (the PF-ODE), df/dt = 0, so the sCM
@@ -370,7 +371,7 @@ def test_gaussian_tangent_vanishes_along_exact_ode(mu_scale, s, jvp):
     mu, t, x = _gauss(mu_scale, s, n=256, seed=6)
     net = ConsistencyOracle(mu, s)
     dxdt = v_star(x, t, mu=mu, s=s)
-    F_minus, jvp_out = (scm_jvp if jvp == "separate" else scm_jvp_with_grad)(net, x, t, dxdt, SIGMA_D)
+    F_minus, jvp_out = scm_jvp(net, x, t, dxdt, SIGMA_D, mode=jvp)
     g = scm_tangent(x, t, dxdt, F_minus, jvp_out, SIGMA_D)
     assert g.abs().max() < 1e-8, g.abs().max()
     # Not vacuous: each of the two terms of g is O(1) on its own ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.networks import MLP, UNet
-from fewstep.jvp.engine import check_tangent, tangent_forward
+from fewstep.jvp import JVP_MODES, NoTangentRuleError, check_tangent, jvp, tangent_forward, tangent_rule
 
 DT = torch.float64
 TOL = 1e-6
@@ -342,3 +343,98 @@ def test_functional_inplace_ops_run_once_with_the_right_tangent(inplace, plain):
     ref, tref = torch.func.jvp(plain, (x,), (tx,))
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tout, tref, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own op: `tangent_rule`, and `jvp` (fewstep.jvp) in every mode.
+
+
+@torch.library.custom_op("fewstep_test::sinh_mul", mutates_args=())
+def sinh_mul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`sinh(x) * w` through numpy: opaque to the engine and to forward-mode AD."""
+    return torch.from_numpy(np.sinh(x.detach().cpu().numpy()) * w.detach().cpu().numpy()).to(x)
+
+
+@torch.library.custom_op("fewstep_test::cosh_np", mutates_args=())
+def cosh_np(x: torch.Tensor) -> torch.Tensor:
+    """An opaque op that gets no rule."""
+    return torch.from_numpy(np.cosh(x.detach().cpu().numpy())).to(x)
+
+
+@tangent_rule(sinh_mul)
+def _sinh_mul_tangent(ctx, x, w):
+    tx, tw = ctx.tangent(x), ctx.tangent(w)
+    terms = [tx * torch.cosh(x) * w if tx is not None else None, torch.sinh(x) * tw if tw is not None else None]
+    terms = [t for t in terms if t is not None]
+    return sum(terms) if terms else None
+
+
+class _UsesCustomOp(nn.Module):
+    def __init__(self, with_rule: bool = True):
+        super().__init__()
+        self.lin, self.with_rule = nn.Linear(3, 4), with_rule
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, scale):
+        return sinh_mul(self.lin(x), self.w * scale) if self.with_rule else cosh_np(self.lin(x))
+
+
+def test_a_rule_for_your_own_op_matches_finite_differences():
+    """A `torch.library` custom op computed in numpy: its rule, registered with `tangent_rule`,
+    gives the exact JVP (float64 central differences), tangents on both inputs, through the
+    op object and through `torch.ops.fewstep_test.sinh_mul`."""
+    net = _UsesCustomOp().double()
+    x, scale = r(5, 3), torch.tensor(1.3, dtype=DT)
+    tx, ts = r(5, 3), torch.tensor(0.7, dtype=DT)
+    _, tout = jvp(net, (x, scale), (tx, ts))
+    h = 1e-6
+    with torch.no_grad():
+        fd = (net(x + h * tx, scale + h * ts) - net(x - h * tx, scale - h * ts)) / (2 * h)
+    assert rel(tout, fd) < 1e-8
+    report = check_tangent(net, (x, scale))
+    assert report["rel_err_fd"] < 1e-8 and report["first_bad_op"] is None
+    _, tout2 = jvp(lambda a: torch.ops.fewstep_test.sinh_mul(a, a), (x,), (tx,))
+    torch.testing.assert_close(tout2, tx * (torch.cosh(x) * x + torch.sinh(x)))
+
+
+def test_an_op_without_a_rule_is_a_one_line_error():
+    net = _UsesCustomOp(with_rule=False).double()
+    with pytest.raises(NoTangentRuleError, match=r"no tangent rule for the custom op .*cosh_np.*tangent_rule") as e:
+        jvp(net, (r(2, 3), torch.tensor(1.0, dtype=DT)), (r(2, 3), None))
+    assert "\n" not in str(e.value)
+    for bad in ("no_such_torch_op", 3):
+        with pytest.raises(ValueError, match="tangent_rule"):
+            tangent_rule(bad)
+
+
+@pytest.mark.parametrize("mode", JVP_MODES)
+def test_jvp_modes_agree_with_finite_differences(mode):
+    """`jvp` in each mode: the output with autograd (dropout masks as in a plain forward from the
+    same RNG state), the tangent without a graph, keyword tensors with tangent zero even when
+    they are an arg itself (MeanFlow's r = t)."""
+    net = MLP(3, 16, 2, second_time=True).double()
+    for p in net.parameters():
+        p.data.normal_(0, 0.3)
+    x, t = r(4, 3), torch.rand(4, dtype=DT)
+    tx, tt = r(4, 3), r(4)
+    out, tout = jvp(net, (x, t), (tx, tt), {"r": t}, mode=mode)
+    assert out.requires_grad and not tout.requires_grad
+    h = 1e-6
+    with torch.no_grad():
+        fd = (net(x + h * tx, t + h * tt, r=t) - net(x - h * tx, t - h * tt, r=t)) / (2 * h)
+        torch.testing.assert_close(out, net(x, t, r=t), rtol=1e-12, atol=1e-12)
+    assert rel(tout, fd) < 1e-8
+    _, tnum = jvp(net, (x, t), (None, 1.0), {"r": t}, mode=mode)  # a number broadcasts like its arg
+    _, tful = jvp(net, (x, t), (None, torch.ones_like(t)), {"r": t}, mode=mode)
+    torch.testing.assert_close(tnum, tful, rtol=1e-12, atol=1e-12)
+
+
+def test_jvp_checks_its_arguments():
+    net = MLP(3, 16, 2).double()
+    x, t = r(2, 3), torch.rand(2, dtype=DT)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        jvp(net, (x, t), (x, None), mode="fd")
+    with pytest.raises(ValueError, match="2 tangents for 3 args"):
+        jvp(net, (x, t, None), (x, None))
+    with pytest.raises(ValueError, match=r"args\[1\] is not a floating tensor"):
+        jvp(lambda a, b: a, (x, torch.tensor([1, 2])), (x, torch.ones(2)))

@@ -20,8 +20,9 @@ tangent on top of the tangent's own arithmetic: 25-45 us per op on one shared CP
 measured on fewstep's UNet (410 ops); `torch.utils._pytree` and `WeakIdKeyDictionary`
 cost about twice that, so this path uses neither).
 
-Rules (exact JVPs, `RULES`): clamp, linear, conv1d/2d/3d, group_norm, layer_norm, silu, gelu, relu,
-sigmoid, tanh, softmax, log_softmax, exp, sin, cos, log, sqrt, rsqrt, abs, square, pow,
+Rules (exact JVPs, each registered with the public `@tangent_rule(*ops)`, which takes rules for
+your own ops too; a rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d, group_norm,
+layer_norm, silu, gelu, relu, sigmoid, tanh, softmax, log_softmax, exp, sin, cos, log, sqrt, rsqrt, abs, square, pow,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
 setitem, chunk/split/unbind, cat/stack, interpolate, pooling by averages, pad, mean/sum,
 matmul/bmm/mm/einsum, `scaled_dot_product_attention` (SPEC 6, causal flag, bool/float masks,
@@ -29,7 +30,9 @@ GQA), dropout (ONE mask: the primal runs as `torch.native_dropout`, which return
 on CPU it draws the same mask as `F.dropout` from the same RNG state). Tensors without a
 tangent (weights, constants, labels, embedding tables) have tangent zero, never materialized
 unless an op needs it (cat of a tangent and a constant). Any other op falls back to
-forward-mode AD of that single op (`torch.autograd.forward_ad`), logged once per op name.
+forward-mode AD of that single op (`torch.autograd.forward_ad`), logged once per op name; a
+`torch.library` custom op without a rule, or an op forward-mode AD cannot run, is a one-line
+`NoTangentRuleError`.
 
 Limits: an in-place op on a VIEW updates the view's tangent, not its base's (`y[0].zero_()`
 leaves y's tangent stale; `y[0] = v` is handled); SDPA with `dropout_p > 0` raises (its mask is
@@ -56,11 +59,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-__all__ = ["RULES", "TangentMode", "check_tangent", "tangent_forward"]
+__all__ = ["NoRule", "NoTangentRuleError", "RULES", "TangentContext", "TangentMode", "check_tangent", "tangent_forward",
+           "tangent_rule"]
 
 
 class NoRule(Exception):
     """Raised by a rule for a case it does not cover: the op falls back to forward-mode AD."""
+
+
+class NoTangentRuleError(ValueError):
+    """An op with no tangent rule that forward-mode AD cannot run either (a `torch.library` custom
+    op, an op without a forward-AD formula): register a rule with `tangent_rule`."""
 
 
 _WARNED: set[str] = set()
@@ -122,17 +131,37 @@ def _any_tangent(store: dict, xs) -> bool:
     return False
 
 
-class _Ctx:
-    """What a rule sees: the op, its primal output (detached), and `t(x)`: the tangent of a
-    detached primal argument (None = zero)."""
+class TangentContext:
+    """What a tangent rule sees (`tangent_rule`).
 
-    __slots__ = ("func", "out", "tangents")
+    - `ctx.op`: the op that ran (the callable the rule is registered for);
+    - `ctx.out`: its primal output, detached (None in a `primal=True` rule, which runs the op itself);
+    - `ctx.tangent(x)`: the tangent of the argument `x`, or None where it is zero (weights, labels,
+      numbers, tensors the tangents do not reach);
+    - `ctx.set_tangent(y, ty)`: `primal=True` rules only: attach `ty` to the tensor `y` (None: zero).
 
-    def __init__(self, func, out, tangents: dict[int, torch.Tensor]):
-        self.func, self.out, self.tangents = func, out, tangents
+    A rule may raise `NoRule` for a case it does not cover: the op then falls back to forward-mode AD.
+    """
 
-    def t(self, x):
-        return self.tangents.get(id(x)) if isinstance(x, torch.Tensor) else None
+    __slots__ = ("op", "out", "_tangents", "_store")
+
+    def __init__(self, op, out, tangents: dict[int, torch.Tensor] | None = None, store: "TangentStore | None" = None):
+        self.op, self.out, self._tangents, self._store = op, out, tangents, store
+
+    def tangent(self, x):
+        if not isinstance(x, torch.Tensor):
+            return None
+        if self._store is not None:
+            return self._store.get(x)
+        return self._tangents.get(id(x))
+
+    def set_tangent(self, y: torch.Tensor, ty) -> None:
+        if self._store is None:
+            raise RuntimeError("ctx.set_tangent is for primal=True rules; a plain rule returns the tangent")
+        if ty is None:
+            self._store.pop(y)
+        else:
+            self._store[y] = ty
 
 
 def _sum(*terms):
@@ -162,31 +191,55 @@ def _sum_fresh(terms):
 # ---------------------------------------------------------------------------------------------
 # Rules: rule(ctx, *args, **kwargs) -> tangent (same structure as the op's output) or None.
 
-RULES: dict = {}
+RULES: dict = {}  # op -> rule, filled by `tangent_rule`
+PRIMAL_RULES: dict = {}  # op -> rule that also runs the op (`tangent_rule(..., primal=True)`)
+_WHERE = (torch, torch.Tensor, F)
 
 
-def _register(funcs, rule):
-    for f in funcs:
-        if f is not None:
-            RULES[f] = rule
+def _resolve(op) -> list:
+    """The callables an op of `tangent_rule` stands for: a name is every torch, torch.Tensor and
+    torch.nn.functional callable of that name; a `torch.library` custom op is its overload and its
+    packet (what `torch.ops.ns.name` calls); any other callable is itself."""
+    if isinstance(op, str):
+        found = [f for f in (getattr(where, op, None) for where in _WHERE) if f is not None and callable(f)]
+        if not found:
+            raise ValueError(f"tangent_rule: no torch, torch.Tensor or torch.nn.functional callable is named {op!r}")
+        return found
+    overload = getattr(op, "_opoverload", None)  # torch.library.custom_op's CustomOpDef
+    if isinstance(overload, torch._ops.OpOverload):
+        op = overload
+    if isinstance(op, torch._ops.OpOverload):
+        return [op, op.overloadpacket]
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return [op] + [getattr(op, name) for name in op.overloads()]
+    if not callable(op):
+        raise ValueError(f"tangent_rule: an op is a callable or a name, got {type(op).__name__}")
+    return [op]
 
 
-def _funcs(*names, where=(torch, torch.Tensor, F)):
-    """The callables named `names` in torch, torch.Tensor and torch.nn.functional."""
-    found = []
-    for name in names:
-        for mod in where:
-            f = getattr(mod, name, None)
-            if f is not None and callable(f):
-                found.append(f)
-    return found
+def tangent_rule(*ops, primal: bool = False):
+    """Register the decorated function as the tangent rule of `ops` (callables such as `torch.exp`,
+    `F.linear`, a `torch.library` custom op, or names looked up in torch, torch.Tensor and F).
 
+        @tangent_rule(my_lib_op)
+        def _(ctx, x, scale=1.0):          # the op's own arguments, detached
+            return ctx.tangent(x) * ...    # the output's tangent (None: zero)
 
-def _rule(*names, where=(torch, torch.Tensor, F), extra=()):
-    def deco(rule):
-        _register(_funcs(*names, where=where) + list(extra), rule)
+    The rule runs without autograd on detached arguments after the op ran; it returns the tangent
+    with the structure of the op's output. `ctx` is a `TangentContext`. With `primal=True` the rule
+    runs the op itself on the live arguments, returns its output and attaches tangents with
+    `ctx.set_tangent` (ops whose tangent needs something the primal draws, such as dropout's mask).
+    A later registration for the same op replaces the earlier one."""
+    if not ops:
+        raise ValueError("tangent_rule needs at least one op")
+    funcs = [f for op in ops for f in _resolve(op)]
+
+    def register(rule):
+        for f in funcs:
+            (PRIMAL_RULES if primal else RULES)[f] = rule
+            (RULES if primal else PRIMAL_RULES).pop(f, None)
         return rule
-    return deco
+    return register
 
 
 def _linear_in_all(c, *args, **kwargs):
@@ -195,9 +248,9 @@ def _linear_in_all(c, *args, **kwargs):
     def sub(x):
         if not _is_float(x):
             return x
-        tx = c.t(x)
+        tx = c.tangent(x)
         return tx if tx is not None else torch.zeros_like(x)
-    return c.func(*_map(sub, args), **_map(sub, kwargs))
+    return c.op(*_map(sub, args), **_map(sub, kwargs))
 
 
 _LINEAR_NAMES = (
@@ -211,8 +264,7 @@ _LINEAR_NAMES = (
     "pixel_unshuffle", "diagonal", "tril", "triu", "real", "imag", "conj", "__pos__", "as_tensor",
     "asarray",
 )
-_register(_funcs(*_LINEAR_NAMES) + [torch._C._nn.avg_pool2d, torch.Tensor.T.__get__,
-                                     torch.Tensor.mT.__get__], _linear_in_all)
+tangent_rule(*_LINEAR_NAMES, torch._C._nn.avg_pool2d, torch.Tensor.T.__get__, torch.Tensor.mT.__get__)(_linear_in_all)
 
 
 def _multilinear(c, *args, **kwargs):
@@ -220,98 +272,98 @@ def _multilinear(c, *args, **kwargs):
     a tangent of the op with that input replaced by its tangent."""
     terms = []
     for x in _leaves((args, kwargs)):
-        tx = c.t(x)
+        tx = c.tangent(x)
         if tx is not None:
             sub = lambda y, x=x, tx=tx: tx if y is x else y  # noqa: E731
-            terms.append(c.func(*_map(sub, args), **_map(sub, kwargs)))
+            terms.append(c.op(*_map(sub, args), **_map(sub, kwargs)))
     return _sum_fresh(terms)
 
 
-_register(_funcs("mul", "multiply", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "mm",
-                 "bmm", "einsum", "outer", "dot", "bilinear"), _multilinear)
+tangent_rule("mul", "multiply", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "mm",
+                 "bmm", "einsum", "outer", "dot", "bilinear")(_multilinear)
 
 
-@_rule("detach")
+@tangent_rule("detach")
 def _detach(c, x):
     """`detach` cuts the tangent as it cuts the gradient (as forward-mode AD does)."""
     return None
 
 
-@_rule("add", "__add__", "__radd__")
+@tangent_rule("add", "__add__", "__radd__")
 def _add(c, a, b, *, alpha=1):
-    ta, tb = c.t(a), c.t(b)
+    ta, tb = c.tangent(a), c.tangent(b)
     return _sum(ta, None if tb is None else (tb if alpha == 1 else tb * alpha))
 
 
-@_rule("sub", "subtract", "__sub__")
+@tangent_rule("sub", "subtract", "__sub__")
 def _sub(c, a, b, *, alpha=1):
-    ta, tb = c.t(a), c.t(b)
+    ta, tb = c.tangent(a), c.tangent(b)
     return _sum(ta, None if tb is None else -tb * alpha)
 
 
-@_rule("__rsub__")
+@tangent_rule("__rsub__")
 def _rsub(c, a, b, *, alpha=1):  # b - alpha a
-    ta, tb = c.t(a), c.t(b)
+    ta, tb = c.tangent(a), c.tangent(b)
     return _sum(tb, None if ta is None else -ta * alpha)
 
 
-@_rule("div", "divide", "true_divide", "__truediv__", "__div__")
+@tangent_rule("div", "divide", "true_divide", "__truediv__", "__div__")
 def _div(c, a, b, *, rounding_mode=None):
     if rounding_mode is not None:
         return None  # piecewise constant
-    ta, tb = c.t(a), c.t(b)
+    ta, tb = c.tangent(a), c.tangent(b)
     return _sum(None if ta is None else ta / b, None if tb is None else -tb * c.out / b)
 
 
-@_rule("__rtruediv__", "__rdiv__")
+@tangent_rule("__rtruediv__", "__rdiv__")
 def _rdiv(c, a, b):  # b / a
-    ta, tb = c.t(a), c.t(b)
+    ta, tb = c.tangent(a), c.tangent(b)
     return _sum(None if tb is None else tb / a, None if ta is None else -ta * c.out / a)
 
 
 def _unary(deriv):
     def rule(c, x, *args, **kwargs):
-        tx = c.t(x)
+        tx = c.tangent(x)
         return None if tx is None else tx * deriv(x, c.out, *args, **kwargs)
     return rule
 
 
-_register(_funcs("exp"), _unary(lambda x, y: y))
-_register(_funcs("sin"), _unary(lambda x, y: torch.cos(x)))
-_register(_funcs("cos"), _unary(lambda x, y: -torch.sin(x)))
-_register(_funcs("log"), _unary(lambda x, y: 1.0 / x))
-_register(_funcs("sqrt"), _unary(lambda x, y: 0.5 / y))
-_register(_funcs("rsqrt"), _unary(lambda x, y: -0.5 * y * y * y))
-_register(_funcs("abs"), _unary(lambda x, y: torch.sign(x)))
-_register(_funcs("square"), _unary(lambda x, y: 2.0 * x))
+tangent_rule("exp")(_unary(lambda x, y: y))
+tangent_rule("sin")(_unary(lambda x, y: torch.cos(x)))
+tangent_rule("cos")(_unary(lambda x, y: -torch.sin(x)))
+tangent_rule("log")(_unary(lambda x, y: 1.0 / x))
+tangent_rule("sqrt")(_unary(lambda x, y: 0.5 / y))
+tangent_rule("rsqrt")(_unary(lambda x, y: -0.5 * y * y * y))
+tangent_rule("abs")(_unary(lambda x, y: torch.sign(x)))
+tangent_rule("square")(_unary(lambda x, y: 2.0 * x))
 def _fused_unary(backward):
     """Elementwise ops have a diagonal Jacobian, so the JVP is the VJP: PyTorch's fused backward
     kernel of the op, fed the tangent as its incoming gradient (one pass, one allocation)."""
     def rule(c, x, *args, **kwargs):
-        tx = c.t(x)
+        tx = c.tangent(x)
         return None if tx is None else backward(tx.to(x.dtype), x, c.out, *args, **kwargs)
     return rule
 
 
-_register(_funcs("sigmoid"), _fused_unary(lambda tx, x, y: torch.ops.aten.sigmoid_backward(tx, y)))
-_register(_funcs("tanh"), _fused_unary(lambda tx, x, y: torch.ops.aten.tanh_backward(tx, y)))
-_register(_funcs("relu"), _unary(lambda x, y, inplace=False: (x > 0).to(x.dtype)))
+tangent_rule("sigmoid")(_fused_unary(lambda tx, x, y: torch.ops.aten.sigmoid_backward(tx, y)))
+tangent_rule("tanh")(_fused_unary(lambda tx, x, y: torch.ops.aten.tanh_backward(tx, y)))
+tangent_rule("relu")(_unary(lambda x, y, inplace=False: (x > 0).to(x.dtype)))
 
 
-_register(_funcs("silu") + [torch._C._nn.silu],
-          _fused_unary(lambda tx, x, y, inplace=False: torch.ops.aten.silu_backward(tx, x)))
-_register(_funcs("gelu"), _fused_unary(lambda tx, x, y, approximate="none":
-                                       torch.ops.aten.gelu_backward(tx, x, approximate=approximate)))
+tangent_rule("silu", torch._C._nn.silu)(
+    _fused_unary(lambda tx, x, y, inplace=False: torch.ops.aten.silu_backward(tx, x)))
+tangent_rule("gelu")(_fused_unary(lambda tx, x, y, approximate="none":
+                                  torch.ops.aten.gelu_backward(tx, x, approximate=approximate)))
 
 
-@_rule("where")
+@tangent_rule("where")
 def _where(c, *args, **kwargs):
     """`torch.where(cond, a, b)`, `a.where(cond, b)`: the tangents picked by cond, zero for a number or
     a tensor without a tangent (the linear rule would take a number for its own tangent)."""
     if len(args) != 3 or kwargs:
         raise NoRule  # where(cond) (indices), keyword calls: forward-mode AD of the op
-    cond, a, b = (args[1], args[0], args[2]) if c.func is torch.Tensor.where else args
-    ta, tb = c.t(a), c.t(b)
+    cond, a, b = (args[1], args[0], args[2]) if c.op is torch.Tensor.where else args
+    ta, tb = c.tangent(a), c.tangent(b)
     if ta is None and tb is None:
         return None
     zero = torch.zeros((), dtype=c.out.dtype, device=c.out.device)
@@ -320,9 +372,9 @@ def _where(c, *args, **kwargs):
 
 def _clamp_tangent(c, x, lo, hi):
     """Clamping passes the tangent where x is within the bounds (ends included, as autograd)."""
-    if any(isinstance(b, torch.Tensor) and c.t(b) is not None for b in (lo, hi)):
+    if any(isinstance(b, torch.Tensor) and c.tangent(b) is not None for b in (lo, hi)):
         raise NoRule  # bounds with tangents of their own: forward-mode AD
-    tx = c.t(x)
+    tx = c.tangent(x)
     if tx is None:
         return None
     inside = torch.ones_like(x, dtype=torch.bool)
@@ -333,16 +385,16 @@ def _clamp_tangent(c, x, lo, hi):
     return tx * inside
 
 
-_register(_funcs("clamp", "clip"), lambda c, x, min=None, max=None: _clamp_tangent(c, x, min, max))
-_register(_funcs("clamp_min"), lambda c, x, min: _clamp_tangent(c, x, min, None))
-_register(_funcs("clamp_max"), lambda c, x, max: _clamp_tangent(c, x, None, max))
+tangent_rule("clamp", "clip")(lambda c, x, min=None, max=None: _clamp_tangent(c, x, min, max))
+tangent_rule("clamp_min")(lambda c, x, min: _clamp_tangent(c, x, min, None))
+tangent_rule("clamp_max")(lambda c, x, max: _clamp_tangent(c, x, None, max))
 
 
-@_rule("pow", "__pow__")
+@tangent_rule("pow", "__pow__")
 def _pow(c, x, exponent):
-    if isinstance(exponent, torch.Tensor) and c.t(exponent) is not None:
+    if isinstance(exponent, torch.Tensor) and c.tangent(exponent) is not None:
         raise NoRule
-    tx = c.t(x)
+    tx = c.tangent(x)
     if tx is None:
         return None
     if not isinstance(x, torch.Tensor):
@@ -350,41 +402,41 @@ def _pow(c, x, exponent):
     return tx * exponent * x.pow(exponent - 1)
 
 
-@_rule("__rpow__")
+@tangent_rule("__rpow__")
 def _rpow(c, x, base):  # base ** x, base a number
-    tx = c.t(x)
+    tx = c.tangent(x)
     if tx is None or isinstance(base, torch.Tensor):
         raise NoRule
     return tx * c.out * math.log(base)
 
 
-@_rule("softmax")
+@tangent_rule("softmax")
 def _softmax(c, x, dim=None, *args, **kwargs):
-    tx = c.t(x).to(c.out.dtype)
+    tx = c.tangent(x).to(c.out.dtype)
     y = c.out
     return y * (tx - (y * tx).sum(dim, keepdim=True))
 
 
-@_rule("log_softmax")
+@tangent_rule("log_softmax")
 def _log_softmax(c, x, dim=None, *args, **kwargs):
-    tx = c.t(x).to(c.out.dtype)
+    tx = c.tangent(x).to(c.out.dtype)
     return tx - (c.out.exp() * tx).sum(dim, keepdim=True)
 
 
-@_rule("linear", where=(F,))
+@tangent_rule(F.linear)
 def _linear(c, x, weight, bias=None):
-    tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
+    tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
     return _sum(None if tx is None else F.linear(tx, weight),
                 None if tw is None else F.linear(x, tw), tb)
 
 
-@_rule("conv1d", "conv2d", "conv3d", where=(F,))
+@tangent_rule(F.conv1d, F.conv2d, F.conv3d)
 def _conv(c, x, weight, bias=None, *rest, **kwargs):
-    tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
+    tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
     if tb is not None:
         tb = tb.reshape(-1, *([1] * (weight.dim() - 2)))
-    return _sum(None if tx is None else c.func(tx, weight, None, *rest, **kwargs),
-                None if tw is None else c.func(x, tw, None, *rest, **kwargs), tb)
+    return _sum(None if tx is None else c.op(tx, weight, None, *rest, **kwargs),
+                None if tw is None else c.op(x, tw, None, *rest, **kwargs), tb)
 
 
 def _norm_tangent(n, r, tx, dims):
@@ -403,9 +455,9 @@ def _affine_tangent(n, tn, weight, bias, tw, tb, shape):
     return _sum(*terms)
 
 
-@_rule("group_norm", where=(F,))
+@tangent_rule(F.group_norm)
 def _group_norm(c, x, num_groups, weight=None, bias=None, eps=1e-5):
-    tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
+    tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
     b, ch = x.shape[:2]
     # the normalized x and 1/std in one pass (the kernel the primal ran; 8x faster on CPU than a
     # separate variance)
@@ -417,22 +469,22 @@ def _group_norm(c, x, num_groups, weight=None, bias=None, eps=1e-5):
     return _affine_tangent(n, tn, weight, bias, tw, tb, (1, -1) + (1,) * (x.dim() - 2))
 
 
-@_rule("layer_norm", where=(F,))
+@tangent_rule(F.layer_norm)
 def _layer_norm(c, x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    tx, tw, tb = c.t(x), c.t(weight), c.t(bias)
+    tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
     n, _, rstd = torch.native_layer_norm(x.contiguous(), normalized_shape, None, None, eps)
     dims = tuple(range(-len(normalized_shape), 0))
     tn = None if tx is None else _norm_tangent(n, rstd, tx.to(x.dtype), dims)
     return _affine_tangent(n, tn, weight, bias, tw, tb, tuple(normalized_shape))
 
 
-@_rule("pad", where=(F,))
+@tangent_rule(F.pad)
 def _pad(c, x, pad, mode="constant", value=None):
-    tx = c.t(x)
+    tx = c.tangent(x)
     return None if tx is None else F.pad(tx, pad, mode, 0.0 if mode == "constant" else None)
 
 
-@_rule("scaled_dot_product_attention", where=(F,))
+@tangent_rule(F.scaled_dot_product_attention)
 def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """SPEC 6, by `fewstep.jvp.attention`: the math path, or on CUDA the fused Triton kernel
     (one pass over K/V, O(L) memory) whatever backend computed the primal."""
@@ -441,65 +493,48 @@ def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
                                   "with the primal's mask; use dropout_p=0 (or F.dropout on the attention output)")
     from fewstep.jvp.attention import attention_tangent
 
-    out_dot = attention_tangent(q, k, v, c.t(q), c.t(k), c.t(v), attn_mask, is_causal, scale)
+    out_dot = attention_tangent(q, k, v, c.tangent(q), c.tangent(k), c.tangent(v), attn_mask, is_causal, scale)
     return None if out_dot is None else out_dot.to(c.out.dtype)
 
 
-_SPECIAL = {}  # ops whose rule also computes the primal: func -> f(engine, args, kwargs) -> out
+# Rules that run the op themselves (`primal=True`): the tangent needs what the primal draws or overwrites.
 
 
-def _dropout_primal(engine, func, args, kwargs):
+@tangent_rule(F.dropout, primal=True)
+def _dropout(c, input, p=0.5, training=True, inplace=False):
     """`F.dropout` as `torch.native_dropout`, which returns its mask; the tangent uses the same mask."""
-    names = ("input", "p", "training", "inplace")
-    bound = dict(zip(names, args)) | kwargs
-    x, p = bound["input"], bound.get("p", 0.5)
-    training = bound.get("training", True)
-    tx = engine.tangents.get(x) if isinstance(x, torch.Tensor) else None
+    tx = c.tangent(input)
     if tx is None or not training or p == 0.0 or p >= 1.0:
-        return func(*args, **kwargs), None
-    if bound.get("inplace", False):
-        _warn_once(op_name(func), "inplace=True is run out of place by")
-    y, mask = torch.native_dropout(x, p, True)
+        return c.op(input, p, training, inplace)
+    if inplace:
+        _warn_once(op_name(c.op), "inplace=True is run out of place by")
+    y, mask = torch.native_dropout(input, p, True)
     with torch.no_grad():
-        ty = tx * mask * (1.0 / (1.0 - p))
-    return y, ty
+        c.set_tangent(y, tx * mask * (1.0 / (1.0 - p)))
+    return y
 
 
-_SPECIAL[F.dropout] = _dropout_primal
-
-
-def _setitem_primal(engine, func, args, kwargs):
-    x, index, value = args
-    tx = engine.tangents.get(x)
-    tv = engine.tangents.get(value) if isinstance(value, torch.Tensor) else None
-    func(*args, **kwargs)
+@tangent_rule(torch.Tensor.__setitem__, primal=True)
+def _setitem(c, x, index, value):
+    tx, tv = c.tangent(x), c.tangent(value)
+    c.op(x, index, value)
     if tx is None and tv is None:
-        return None, None
+        return None
     with torch.no_grad():
         new = tx.clone() if tx is not None else torch.zeros_like(x, memory_format=torch.preserve_format)
         new[index] = 0.0 if tv is None else tv
-    engine.tangents[x] = new
-    return None, None
+    c.set_tangent(x, new)
+    return None
 
 
-_SPECIAL[torch.Tensor.__setitem__] = _setitem_primal
-
-
-def _overwrite_primal(engine, func, args, kwargs):
-    """`x.zero_()`, `x.fill_(number)`: the tangent of x becomes zero."""
-    if func is torch.Tensor.fill_ and isinstance(args[1] if len(args) > 1 else kwargs.get("value"), torch.Tensor):
-        value = args[1] if len(args) > 1 else kwargs["value"]
-        if value in engine.tangents:
-            tv = engine.tangents.get(value)
-            out = func(*args, **kwargs)
-            engine.tangents[out] = tv.expand(out.shape)
-            return out, None
-    out = func(*args, **kwargs)
-    engine.tangents.pop(out)
-    return out, None
-
-
-_SPECIAL[torch.Tensor.zero_] = _SPECIAL[torch.Tensor.fill_] = _overwrite_primal
+@tangent_rule(torch.Tensor.zero_, torch.Tensor.fill_, primal=True)
+def _overwrite(c, x, *args, **kwargs):
+    """`x.zero_()`, `x.fill_(value)`: the tangent of x becomes zero, or the value's (a 0-dim tensor)."""
+    value = args[0] if args else kwargs.get("value")
+    tv = c.tangent(value)
+    out = c.op(x, *args, **kwargs)
+    c.set_tangent(out, None if tv is None else tv.expand(out.shape))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +563,37 @@ def _forward_ad(func, args, kwargs, tangents, contiguous):
             return fwAD.make_dual(x, tx.contiguous() if contiguous else tx)
         out = func(*_map(dual, args), **_map(dual, kwargs))
         return _map(lambda y: fwAD.unpack_dual(y).tangent if isinstance(y, torch.Tensor) else None, out)
+
+
+def _is_library_op(func) -> bool:
+    """A `torch.library` custom op: opaque to forward-mode AD (which silently gives no tangent)."""
+    return (isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+            and func.namespace not in ("aten", "prim", "prims"))
+
+
+def _fallback_tangent(func, name, args, kwargs, tangents):
+    """An op without a rule: forward-mode AD of that one op, or a one-line error saying what to do."""
+    how = "register one with @fewstep.jvp.tangent_rule(op) (README: 'Add a tangent rule for your own op')"
+    if _is_library_op(func):
+        raise NoTangentRuleError(f"tangent engine: no tangent rule for the custom op {name}; {how}")
+    _warn_once(name, "no tangent rule for")
+    try:
+        return _forward_ad_tangent(func, args, kwargs, tangents)
+    except (RuntimeError, NotImplementedError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise NoTangentRuleError(f"tangent engine: no tangent rule for {name}, and forward-mode AD cannot run it "
+                                 f"({why}); {how}") from None
+
+
+def _reference_err(func, tout, args, kwargs, tangents) -> float:
+    """Debug: a rule's relative difference from forward-mode AD of its op (nan: no reference, as for
+    custom ops, which forward-mode AD cannot run)."""
+    if _is_library_op(func):
+        return math.nan
+    try:
+        return _rel_err(tout, _forward_ad_tangent(func, args, kwargs, tangents))
+    except (RuntimeError, NotImplementedError):
+        return math.nan
 
 
 _INPLACE_POSITION: dict = {}
@@ -608,12 +674,9 @@ class TangentMode(TorchFunctionMode):
         store = self.tangents._d
         if not (_any_tangent(store, args) or (kwargs and _any_tangent(store, kwargs.values()))):
             return func(*args, **kwargs)  # the common case, kept cheap: this runs for every op
-        special = _SPECIAL.get(func)
-        if special is not None:
-            out, tout = special(self, func, args, kwargs)
-            if tout is not None:
-                self.tangents[out] = tout
-            return out
+        primal_rule = PRIMAL_RULES.get(func)
+        if primal_rule is not None:
+            return primal_rule(TangentContext(func, None, store=self.tangents), *args, **kwargs)
 
         # Detached primals, and their tangents keyed by id; an in-place op keeps a copy of `self`.
         tangents: dict[int, torch.Tensor] = {}
@@ -654,15 +717,14 @@ class TangentMode(TorchFunctionMode):
             tout = None
             if rule is not None:
                 try:
-                    tout = rule(_Ctx(rule_func, dout, tangents), *dargs, **dkwargs)
+                    tout = rule(TangentContext(rule_func, dout, tangents), *dargs, **dkwargs)
                 except NoRule:
                     rule = None
             if rule is None:
-                _warn_once(name, "no tangent rule for")
-                tout = _forward_ad_tangent(func, dargs, dkwargs, tangents)
+                tout = _fallback_tangent(func, name, dargs, dkwargs, tangents)
             if self.debug:
-                self.record.append((name, None if rule is None else
-                                    _rel_err(tout, _forward_ad_tangent(func, dargs, dkwargs, tangents))))
+                err = None if rule is None else _reference_err(func, tout, dargs, dkwargs, tangents)
+                self.record.append((name, err))
                 self.record_modules.append(self.module_stack[-1] if self.module_stack else "")
             if tout is None:
                 if inplace:  # the old tangent no longer describes the overwritten tensor

@@ -20,6 +20,11 @@ w = 1/(t - r) (the weighting of the code's CIFAR version; its later ImageNet/EDM
 start. `mapping='const'` drops n(t) (r = t (1 - 1 / q^(stage+1))). ECT samples 2 steps through
 sigma = 0.821, TrigFlow t = 1.024 (`--times 1.5708,1.024`); fewstep's default is t = 1.1.
 
+Sampling starts where ECT's does, at sigma_max = 80 (`t_max = arctan(sigma_max / sigma_d)`), not at
+t = pi/2 (sigma = inf, a time the network never trained at): a schedule's first time above `t_max`
+becomes `t_max`, and the first noise is ECT's `x = sigma_max eps` read in TrigFlow,
+`x_{t_max} = cos(t_max) sigma_max eps = sin(t_max) sigma_d eps` (`ECT.sample`).
+
 In fewstep's conventions the network is read as TrigFlow (SPEC 1.1): with `t = arctan(sigma /
 sigma_d)`, `x_t = cos(t) x_sigma` and `z = sigma_d eps`, the consistency function
 `f(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t)` is exactly EDM's preconditioned denoiser
@@ -37,6 +42,7 @@ scratch" mode, the same loss), or the weights of `train.init_from` (the same sta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +119,7 @@ class ECT(Method):
     huber_c: float | None = 0.0  # c of the pseudo-Huber metric (ECT: 0, the L2 norm); None: iCT's 0.00054 sqrt(D)
     weighting: str = "inv_dt"  # 1 / (t - r) (ECT), 'edm' (ECT's later code), 'none'
     from_teacher: bool = True  # start from --teacher's weights; false: from random weights or train.init_from
+    sigma_max: float = 80.0  # sampling starts at this EDM noise level (ECT's), TrigFlow time `t_max`
 
     def __post_init__(self):
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
@@ -120,6 +127,7 @@ class ECT(Method):
         check_range("method.q", self.q, 1, low_open=True)
         check_range("method.k", self.k, 0)
         check_range("method.stages", self.stages, 1)
+        check_range("method.sigma_max", self.sigma_max, 0, low_open=True)
         check_range("method.total_steps", self.total_steps, 0)
         check_choice("method.mapping", self.mapping, MAPPINGS)
         check_choice("method.metric", self.metric, ECT_METRICS)
@@ -147,6 +155,21 @@ class ECT(Method):
     def setup(self, net, total_steps: int) -> None:
         if self.total_steps == 0:
             self.total_steps = total_steps  # the stages are laid out over the whole run
+
+    @property
+    def t_max(self) -> float:
+        """The TrigFlow time sampling starts at: ECT's sigma_max, `arctan(sigma_max / sigma_d)`."""
+        return math.atan(self.sigma_max / self.sigma_d)
+
+    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
+        """Multistep consistency sampling from `t_max` (module docstring): a first time above `t_max`
+        is `t_max`, with the noise at that level, `sin(t_max) sigma_d z`; the other times as given."""
+        times = [float(t) for t in times]
+        if times and times[0] > self.t_max:
+            times[0] = self.t_max
+            noise = noise * math.sin(self.t_max)
+        return super().sample(net, noise, times, generator, labels, guidance)
 
     def stage(self, step: int) -> int:
         return ect_stage(step, self.total_steps, self.stages)

@@ -39,9 +39,10 @@ paper's linear interpolation. Why:
 Defaults are the paper's ImageNet ablation settings (its Table 1): (r, t) from two log-normal draws
 (-0.4, 1.0), sorted, with r != t for a quarter of the batch (`ratio_r_neq_t`); adaptive weighting
 power p = 1, c = 1e-3. (py-meanflow's CIFAR-10 config: p = 0.75, 75% r != t, and logit-normal(-2, 2)
-on its reversed time, which is `p_mean=2.0, p_std=2.0` here.) One departure: ||.||^2 is the mean
-over dimensions (fewstep's `per_sample_mse`, as in every fewstep loss), where the paper sums, so
-`c` means the same at every resolution.
+on its linear time, where t = 1 is noise as in the paper (not reversed), which is `p_mean=-2.0,
+p_std=2.0` here: `MeanFlow(**PY_MEANFLOW_CIFAR10)`.) One departure: ||.||^2 is the mean over
+dimensions (fewstep's `per_sample_mse`, as in every fewstep loss), where the paper sums, so `c`
+means the same at every resolution.
 
 Sampling (`sample`): `x = sigma_d z` at `times[0]` (pi/2), then `x <- x - (t - s) u(x, s, t)` for
 consecutive times t > s and finally s = 0: 1 NFE for `[pi/2]`, 2 for `[pi/2, 1.1]`; deterministic.
@@ -52,20 +53,22 @@ there for comparison.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch.autograd import forward_ad
 
+from fewstep.jvp import JVP_MODES, jvp
 from fewstep.methods.base import Method, register_method
-from fewstep.methods.common import check_choice, check_range, per_sample_mse, same_random_draws
+from fewstep.methods.common import check_choice, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.methods.scm import forward_ad_attention
 from fewstep.core.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
                               trigflow_velocity)
 
-JVP_MODES = ("tangent", "separate", "single")
+# py-meanflow's CIFAR-10 recipe as MeanFlow fields (module docstring): its logit-normal(-2, 2) on the
+# linear time, where t = 1 is noise, is log-normal(-2, 2) on the noise level, so p_mean = -2.0.
+PY_MEANFLOW_CIFAR10 = {"p_mean": -2.0, "p_std": 2.0, "ratio_r_neq_t": 0.75, "adaptive_p": 0.75}
 
 
 def check_second_time(net) -> None:
@@ -92,29 +95,11 @@ def meanflow_times(n: int, p_mean: float, p_std: float, ratio_r_neq_t: float, si
 def meanflow_jvp(net, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, sigma_d: float,
                  labels: torch.Tensor | None = None, cond: dict | None = None, mode: str = "tangent"):
     """`(F_theta, (t - r) dF/dt)`: the network's output with autograd, and its JVP along `(v, 0, 1)` on
-    `(x_t, r, t)` (no graph), in F units (`u = sigma_d F`). One forward with tangents ('tangent', the
-    tangent engine), `torch.func.jvp` in a no-grad pass plus a graded forward with the same dropout
-    masks ('separate'), or one forward-mode AD pass with autograd ('single')."""
-    from fewstep.jvp.engine import tangent_forward
-
-    # r as its own tensor: its tangent is zero even when the caller passes t itself as r
-    cond = {**(cond or {}), "r": r.detach().clone()}
-    y, dt = x_t / sigma_d, t - r
-    y_dot = expand_to(dt, x_t) * v / sigma_d
-    if mode == "tangent":
-        F_theta, out = tangent_forward(net, (y, t, labels), (y_dot, dt, None), cond)
-        return F_theta, out.detach()
-    if mode == "separate":
-        with forward_ad_attention():  # both passes: the same attention arithmetic
-            with same_random_draws(x_t), torch.no_grad():
-                _, out = torch.func.jvp(lambda yy, tt: net(yy, tt, labels, **cond), (y, t), (y_dot, dt))
-            return net(y, t, labels, **cond), out
-    if mode == "single":
-        with forward_ad.dual_level(), forward_ad_attention():
-            dual = net(forward_ad.make_dual(y, y_dot), forward_ad.make_dual(t, dt), labels, **cond)
-            out = forward_ad.unpack_dual(dual)
-            return out.primal, out.tangent.detach()
-    raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {mode!r}")
+    `(x_t, r, t)` (no graph), in F units (`u = sigma_d F`), by `fewstep.jvp.jvp` in `mode` (`JVP_MODES`)."""
+    # r rides in the keyword inputs: its tangent is zero even when the caller passes t itself as r
+    cond = {**(cond or {}), "r": r}
+    dt = t - r
+    return jvp(net, (x_t / sigma_d, t, labels), (expand_to(dt, x_t) * v / sigma_d, dt, None), cond, mode=mode)
 
 
 def meanflow_loss(net, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, sigma_d: float,
@@ -157,17 +142,32 @@ def _take(value, index: torch.Tensor, n: int):
     return value[index] if isinstance(value, torch.Tensor) and value.ndim > 0 and len(value) == n else value
 
 
+@contextlib.contextmanager
+def _eval_mode(net):
+    """`net` in eval mode inside the block; every submodule's own mode restored after."""
+    modes = [(m, m.training) for m in net.modules()] if isinstance(net, torch.nn.Module) else []
+    if modes:
+        net.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
 @torch.no_grad()
 def guided_velocity(net, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, sigma_d: float,
                     guidance: float, kappa: float = 0.0, null_label: int | None = None,
                     active: torch.Tensor | None = None) -> torch.Tensor:
     """MeanFlow's CFG field: `w v + kappa u(x_t, t, t | c) + (1 - w - kappa) u(x_t, t, t | null)` (paper
-    Eq. 16 and 21), with the network's own velocities (r = t) in one batched no-grad call. Samples with
-    the null label, and those outside `active` (a bool mask, e.g. a time interval), keep `v`."""
+    Eq. 16 and 21), with the network's own velocities (r = t) in one batched no-grad call in eval mode
+    (no dropout: the target must not depend on the dropout draws; as the official code and FastGen).
+    Samples with the null label, and those outside `active` (a bool mask, e.g. a time interval), keep `v`."""
     null = int(net.num_classes if null_label is None else null_label)
     n = x_t.shape[0]
-    both = net_velocity(net, torch.cat([x_t, x_t]), torch.cat([t, t]), sigma_d,
-                        torch.cat([labels, torch.full_like(labels, null)]), r=torch.cat([t, t]))
+    with _eval_mode(net):
+        both = net_velocity(net, torch.cat([x_t, x_t]), torch.cat([t, t]), sigma_d,
+                            torch.cat([labels, torch.full_like(labels, null)]), r=torch.cat([t, t]))
     u_cond, u_null = both[:n], both[n:]
     guided = guidance * v + kappa * u_cond + (1.0 - guidance - kappa) * u_null
     keep = labels != null if active is None else (labels != null) & active
@@ -249,5 +249,5 @@ class MeanFlow(Method):
         return FlowMapSampler(net, self.sigma_d, guidance_input=network_features(net)[1])
 
 
-__all__ = ["JVP_MODES", "MeanFlow", "check_second_time", "guided_velocity", "meanflow_jvp", "meanflow_loss",
-           "meanflow_times"]
+__all__ = ["JVP_MODES", "PY_MEANFLOW_CIFAR10", "MeanFlow", "check_second_time", "guided_velocity", "meanflow_jvp",
+           "meanflow_loss", "meanflow_times"]

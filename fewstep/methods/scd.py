@@ -25,7 +25,8 @@ import torch
 from fewstep.core.edm import edm_to_trigflow
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
-from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
+from fewstep.jvp import JVP_MODES
+from fewstep.methods.scm import TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
 from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise
 

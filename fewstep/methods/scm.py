@@ -4,6 +4,7 @@ Given `x_t`, `t` and the ODE direction `dx_t/dt` (sCT: the conditional velocity;
 teacher's velocity), with `theta^- = stopgrad(theta)`:
 
     F^-, jvp_out = jvp(F, (x_t / sigma_d, t), (cos t sin t dx_t/dt, cos t sin t sigma_d))   # SPEC 2.2
+                                                                      # (`fewstep.jvp.jvp`, any mode)
     g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + jvp_out)                     # = cos t df/dt
     g = g / (||g|| + c)                                                                       # tangent normalization
     L = exp(w(t)) / D || F_theta - F^- - g ||^2 - w(t)                                        # SPEC 2.3
@@ -15,13 +16,12 @@ bounded near t = pi/2, which is what keeps fp16 finite.
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad
 
-from fewstep.methods.common import adaptive_weighting, per_sample_mse, same_random_draws
 from fewstep.core.trigflow import expand_to
+from fewstep.jvp import JVP_MODES, forward_ad_attention, jvp
+from fewstep.methods.common import adaptive_weighting, per_sample_mse
 
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
-JVP_MODES = ("separate", "single", "tangent")
 
 
 def _cond(guidance) -> dict:
@@ -29,51 +29,13 @@ def _cond(guidance) -> dict:
     return {} if guidance is None else {"guidance": guidance}
 
 
-def forward_ad_attention():
-    """`torch.func.jvp` and dual tensors need the math SDPA backend: the fused kernels have no
-    forward-mode AD (pytorch#128971). The tangent engine needs no such switch."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
-            labels: torch.Tensor | None = None, guidance=None):
-    """One forward-mode pass of `F` (no graph): returns `(F^-, sigma_d cos t sin t dF^-/dt)`."""
+            labels: torch.Tensor | None = None, guidance=None, mode: str = "tangent"):
+    """`(F, sigma_d cos t sin t dF/dt)` at `(x_t / sigma_d, t)` along `dx_t/dt`, by `fewstep.jvp.jvp`:
+    `F` with autograd (unless called under `torch.no_grad()`), the JVP without a graph."""
     cs = torch.cos(t) * torch.sin(t)
-    tangents = (expand_to(cs, x_t) * dxdt, cs * sigma_d)
-    with torch.no_grad(), forward_ad_attention():
-        return torch.func.jvp(lambda x, tt: net(x, tt, labels, **_cond(guidance)), (x_t / sigma_d, t), tangents)
-
-
-def scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=None):
-    """The same pass with autograd on: the primal output is the graded `F_theta` (single-pass mode).
-
-    Costs less compute than a separate no-grad JVP plus a forward, but autograd keeps the
-    tangent's activations alive too (more memory).
-    """
-    cs = torch.cos(t) * torch.sin(t)
-    with forward_ad.dual_level(), forward_ad_attention():
-        x_dual = forward_ad.make_dual(x_t / sigma_d, expand_to(cs, x_t) * dxdt)
-        t_dual = forward_ad.make_dual(t, cs * sigma_d)
-        out = forward_ad.unpack_dual(net(x_dual, t_dual, labels, **_cond(guidance)))
-        return out.primal, out.tangent.detach()
-
-
-def scm_jvp_tangent(net, x_t, t, dxdt, sigma_d: float, labels=None, guidance=None):
-    """The same pass through the tangent engine (`fewstep.jvp.engine`): one call of the
-    network's own `forward`, which autograd records for the backward, with the tangent carried
-    beside it op by op, without a graph. Returns the graded `F_theta` and the tangent.
-
-    One forward with tangents, then the backward: about the memory of a flow-matching step,
-    and any network (fewstep's, diffusers', a DiT) with no change to it.
-    """
-    from fewstep.jvp.engine import tangent_forward
-
-    cs = torch.cos(t) * torch.sin(t)
-    F_theta, jvp_out = tangent_forward(net, (x_t / sigma_d, t, labels), (expand_to(cs, x_t) * dxdt, cs * sigma_d, None),
-                                       _cond(guidance))
-    return F_theta, jvp_out.detach()
+    return jvp(net, (x_t / sigma_d, t, labels), (expand_to(cs, x_t) * dxdt, cs * sigma_d, None), _cond(guidance),
+               mode=mode)
 
 
 def scm_tangent(x_t, t, dxdt, F_minus, jvp_out, sigma_d: float, r: float = 1.0) -> torch.Tensor:
@@ -105,25 +67,11 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
              tangent_norm: str = "l2", norm_const: float = 0.1, adaptive_weight: bool = True,
-             jvp_mode: str = "separate", guidance=None):
+             jvp_mode: str = "tangent", guidance=None):
     """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (SPEC 2.1-2.3).
     `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input."""
-    x_in = x_t / sigma_d
-    if jvp_mode == "separate":
-        # Dropout must draw the same masks in the JVP pass and in the graded forward so that
-        # `F_theta - F^-` is exactly zero in value: replay the RNG state.
-        with forward_ad_attention():  # both passes: the same attention arithmetic
-            with same_random_draws(x_t):
-                F_minus, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance)
-            F_theta = net(x_in, t, labels, **_cond(guidance))
-    elif jvp_mode == "single":
-        F_theta, jvp_out = scm_jvp_with_grad(net, x_t, t, dxdt, sigma_d, labels, guidance)
-        F_minus = F_theta.detach()
-    elif jvp_mode == "tangent":
-        F_theta, jvp_out = scm_jvp_tangent(net, x_t, t, dxdt, sigma_d, labels, guidance)
-        F_minus = F_theta.detach()
-    else:
-        raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}")
+    F_theta, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance, mode=jvp_mode)
+    F_minus = F_theta.detach()  # theta^- = stopgrad(theta): the same pass, so the same dropout masks
 
     # Tangent math in float32 at least, whatever precision the network ran in.
     wide = torch.promote_types(x_t.dtype, torch.float32)
@@ -136,3 +84,7 @@ def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
     if w is not None:
         stats["w_mean"] = w.detach().mean()
     return loss, stats
+
+
+__all__ = ["JVP_MODES", "TANGENT_NORMS", "forward_ad_attention", "normalize_tangent", "scm_jvp", "scm_loss",
+           "scm_tangent", "tangent_warmup"]
