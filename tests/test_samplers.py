@@ -375,8 +375,7 @@ def test_every_registered_method_hands_out_its_sampler():
         sampler = METHODS[name]().sampler(net)
         assert type(sampler) is kind, name
         assert sampler.net is net and sampler.sigma_d == METHODS[name]().sigma_d
-    ect = METHODS["ect"]()
-    assert ect.sampler(net).t_max == getattr(ect, "t_max", HALF_PI)
+    assert METHODS["ect"]().sampler(net).t_max == pytest.approx(math.atan(80.0 / SD), rel=1e-15)  # ECT's sigma_max
     assert METHODS["edm"]().sampler(net).formulation == "edm" and METHODS["flow"]().sampler(net).solver == "heun"
     pd = METHODS["pd"](start_steps=16, min_steps=2, total_steps=300)
     first, last = pd.sampler(net, step=1), pd.sampler(net)

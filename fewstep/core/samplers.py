@@ -270,10 +270,11 @@ class _Multistep(Sampler):
         return None
 
     def _start(self, schedule: Schedule) -> list[float]:
-        """The schedule's times, none above t_max (a time past it means: start at t_max)."""
-        times = [min(float(t), self.t_max) for t in schedule.times]
+        """The schedule's times, a first time at or above t_max read as t_max (where sampling starts)."""
+        times = [float(t) for t in schedule.times]
         if not times:
             raise ValueError("times must hold at least one time")
+        times[0] = min(times[0], self.t_max)
         return times
 
 
@@ -282,8 +283,10 @@ class TrigFlowConsistencySampler(_Multistep):
     """Multistep consistency sampling of a TrigFlow consistency network (sCT, sCD, ECT): `x = f(x_T,
     times[0])`, then re-noise to each further t and map back with f (docs/math.md, Sampling).
 
-    `x_T = sigma_d sin(t_max) z` is the noise part of `x_{t_max}`: the exact prior at t_max = pi/2,
-    and EDM's `sigma_max z` at `t_max = arctan(sigma_max / sigma_d)` (ECT starts there)."""
+    A schedule that starts at (or above) `t_max` starts from `x_T = sigma_d sin(t_max) z`, the noise
+    part of `x_{t_max}`: the exact prior at t_max = pi/2, and EDM's `sigma_max z` at `t_max =
+    arctan(sigma_max / sigma_d)` (ECT starts there). A schedule that starts lower (SDEdit-like) reads
+    `sigma_d z` as its first state."""
 
     def consistency_fn(self, labels=None, guidance=None) -> Callable:
         w = guidance if self.guidance_input else None
@@ -292,7 +295,10 @@ class TrigFlowConsistencySampler(_Multistep):
     @torch.no_grad()
     def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None) -> torch.Tensor:
         fn = self.consistency_fn(labels, self._guidance(guidance))
-        return multistep_sample(fn, math.sin(self.t_max) * noise, self._start(schedule), self.sigma_d, generator)
+        times = self._start(schedule)
+        if times[0] == self.t_max:
+            noise = math.sin(self.t_max) * noise  # sin(pi/2) is 1.0 exactly: the prior's noise unchanged
+        return multistep_sample(fn, noise, times, self.sigma_d, generator)
 
 
 @dataclass(frozen=True)
