@@ -1,6 +1,6 @@
 """Samplers of few-step models: plain functions, and the sampler objects a method hands out.
 
-Functions (docs/math.md, Sampling):
+Functions (docs/math.md, Samplers):
 - `multistep_sample(consistency_fn, noise, times, sigma_d, generator)`: TrigFlow (sCT, sCD, ECT), with
   `consistency_fn(x_t, t) -> x0 estimate` and `t` a (B,) tensor of TrigFlow times.
 - `ve_multistep_sample(consistency_fn, noise, sigmas, eps, generator)`: the EDM/VE formulation of
@@ -281,7 +281,7 @@ class _Multistep(Sampler):
 @dataclass(frozen=True)
 class TrigFlowConsistencySampler(_Multistep):
     """Multistep consistency sampling of a TrigFlow consistency network (sCT, sCD, ECT): `x = f(x_T,
-    times[0])`, then re-noise to each further t and map back with f (docs/math.md, Sampling).
+    times[0])`, then re-noise to each further t and map back with f (docs/math.md, Multistep consistency sampling).
 
     A schedule that starts at (or above) `t_max` starts from `x_T = sigma_d sin(t_max) z`, the noise
     part of `x_{t_max}`: the exact prior at t_max = pi/2, and EDM's `sigma_max z` at `t_max =
