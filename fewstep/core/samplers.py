@@ -281,7 +281,8 @@ class _Multistep(Sampler):
 @dataclass(frozen=True)
 class TrigFlowConsistencySampler(_Multistep):
     """Multistep consistency sampling of a TrigFlow consistency network (sCT, sCD, ECT): `x = f(x_T,
-    times[0])`, then re-noise to each further t and map back with f (docs/math.md, Multistep consistency sampling).
+    times[0])`, then re-noise to each further t and map back with f (docs/math.md, Multistep
+    consistency sampling).
 
     A schedule that starts at (or above) `t_max` starts from `x_T = sigma_d sin(t_max) z`, the noise
     part of `x_{t_max}`: the exact prior at t_max = pi/2, and EDM's `sigma_max z` at `t_max =
