@@ -71,7 +71,7 @@ def test_the_student_starts_as_the_teacher(ddpm_folder):
 
 def test_sample_and_eval_read_a_diffusers_teacher(ddpm_folder, tmp_path):
     model = load_model(ddpm_folder)
-    assert model.method_name == "flow" and model.shape == (1, 8, 8) and not model.is_consistency
+    assert model.method_name == "flow" and model.shape == (1, 8, 8) and model.sampler.consistency_fn() is None
     assert main(["sample", str(ddpm_folder), "--steps", "3", "--num", "4", "--out", str(tmp_path / "t.png"),
                  "--device", "cpu"]) == 0
 
@@ -85,7 +85,7 @@ def test_export_round_trip_generates_what_fewstep_generates(ddpm_folder, tmp_pat
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "exported")
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     student = load_model(tmp_path / "exported")
-    assert student.is_consistency and student.method_name == "scd"
+    assert student.sampler.consistency_fn() is not None and student.method_name == "scd"
     ours_model = load_model(out)
     for steps in (1, 2):
         images = pipe(batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=steps,
@@ -96,8 +96,9 @@ def test_export_round_trip_generates_what_fewstep_generates(ddpm_folder, tmp_pat
         sched = ours_model.net.schedule
         times = [math.pi / 2] + [float(sched.trigflow_time(k)) for k in pipe.scheduler.timesteps[1:]]
         with torch.no_grad():
-            x = ours_model.method.sample(ours_model.net, noise, times, gen)
-            y = student.method.sample(student.net, noise, times, torch.Generator().manual_seed(7).manual_seed(7))
+            x = ours_model.sampler.sample(noise, ours_model.sampler.schedule(times=times), generator=gen)
+            y = student.sampler.sample(noise, student.sampler.schedule(times=times),
+                                       generator=torch.Generator().manual_seed(7).manual_seed(7))
         ours = (x / 2 + 0.5).clamp(0, 1)
         assert torch.allclose(images, ours, atol=2e-5), (steps, (images - ours).abs().max())
         if steps == 1:  # fewstep's reading of the exported folder is the same network

@@ -171,7 +171,9 @@ def test_sampling_starts_at_sigma_max_as_ect(times):
     assert method.t_max == pytest.approx(math.atan(80.0 / SD), rel=1e-15)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(512, MU.numel(), generator=g, dtype=F64)
-    one = method.sample(ConsistencyOracle(MU, S, SD), eps, times[:1])
+    sampler = method.sampler(ConsistencyOracle(MU, S, SD))
+    assert sampler.schedule(1).times == (method.t_max,)  # the default schedule starts there too
+    one = sampler.sample(eps, sampler.schedule(times=times[:1]))
     torch.testing.assert_close(one, MU + S * (80.0 * eps - MU) / math.sqrt(S ** 2 + 80.0 ** 2), rtol=0, atol=1e-12)
     # Not vacuous: the exact sample from t = pi/2 differs by about s mu / 80.
     assert (one - (MU + S * eps)).abs().max() > 1e-3
@@ -182,12 +184,13 @@ def test_sampling_starts_at_sigma_max_as_ect(times):
         from fewstep.core.trigflow import trigflow_consistency
 
         net = ConsistencyOracle(MU, S, SD)
-        out = method.sample(net, eps, times, generator=torch.Generator().manual_seed(1))
+        sampler = method.sampler(net)
+        out = sampler.sample(eps, sampler.schedule(times=times), generator=torch.Generator().manual_seed(1))
         fn = lambda x, t: trigflow_consistency(net, x, t, SD)  # noqa: E731
         expect = multistep_sample(fn, math.sin(method.t_max) * eps, [method.t_max, 1.1], SD,
                                   torch.Generator().manual_seed(1))
         torch.testing.assert_close(out, expect, rtol=0, atol=1e-12)
-        low = method.sample(net, eps, [1.2, 0.8], generator=torch.Generator().manual_seed(2))
+        low = sampler.sample(eps, sampler.schedule(times=[1.2, 0.8]), generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(low, multistep_sample(fn, eps, [1.2, 0.8], SD, torch.Generator().manual_seed(2)))
 
 
@@ -228,7 +231,7 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     assert summary["steps"] == 6 and set(summary["metrics"]) == {"1-step", "2-step"}
 
     model = load_model(tmp_path / "ect")
-    assert model.is_consistency and model.method.name == "ect" and model.method.total_steps == 6
+    assert model.sampler.consistency_fn() is not None and model.method.name == "ect" and model.method.total_steps == 6
     for steps, times in ((1, (HALF_PI,)), (2, (HALF_PI, 1.1))):
         x, nfe, _ = generate(model, Schedule("multistep", steps, times), 64, progress=False)
         assert x.shape == (64, 2) and nfe == steps and torch.isfinite(x).all()

@@ -83,7 +83,7 @@ def test_resume_would_differ_without_the_data_position(tmp_path):
 def test_user_network_checkpoint_loads_and_samples(tmp_path):
     _fit(tmp_path, 3, data=[torch.randn(8, 2)] * 2)
     model = load_model(tmp_path)
-    assert isinstance(model.net, TinyNet) and model.is_consistency and model.shape == (2,)
+    assert isinstance(model.net, TinyNet) and model.sampler.consistency_fn() is not None and model.shape == (2,)
     assert model.net.dropout == 0.1 and not model.net.training
 
 

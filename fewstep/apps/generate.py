@@ -1,10 +1,11 @@
 """Sampling a trained network, whatever its method: one place for `fewstep sample`,
 `fewstep eval` and the training loop's previews.
 
-Consistency models (sCT, sCD) sample with multistep consistency sampling (`fewstep.core.samplers`);
-diffusion models (TrigFlow flow matching, EDM) with a probability-flow ODE solver
-(`fewstep.core.ode`). A `Schedule` names the sampler and its steps; `generate` returns samples and
-the number of function evaluations (NFE).
+A checkpoint's method hands out its sampler (`method.sampler(net)`, `fewstep.core.samplers`):
+multistep consistency sampling (sCT, sCD, ECT; CM Algorithm 1 for CD, CT, iCT), flow-map
+sampling (MeanFlow), or a probability-flow ODE solver (flow matching, EDM, PD). A `Schedule`
+names the sampler and its steps or times; `generate` returns samples and the number of function
+evaluations (NFE).
 """
 
 from __future__ import annotations
@@ -14,40 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-CM_SAMPLER = "multistep"
-DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
-
-
-def cm_times(steps: int) -> list[float]:
-    """Multistep consistency times: 1 -> [pi/2], 2 -> [pi/2, 1.1] (the sCM paper), k > 2 ->
-    pi/2 then k - 1 times evenly spaced from 1.1 down to 0.2 (as `fewstep sample --steps k`)."""
-    from fewstep.core.samplers import TWO_STEP_TIMES
-
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps <= 2:
-        return list(TWO_STEP_TIMES[:steps])
-    return [math.pi / 2] + [float(t) for t in np.linspace(TWO_STEP_TIMES[1], 0.2, steps - 1)]
-
+from fewstep.core.ode import DEFAULT_ODE_STEPS  # noqa: F401 (the CLI's help text)
+from fewstep.core.samplers import Schedule, cm_times  # noqa: F401 (re-exported: the apps' vocabulary)
 
 # ----------------------------------------------------------------------------------------------
-# A model from a checkpoint, and the schedules it samples with
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One table row's sampler: `sampler` 'multistep' with `times`, or an ODE solver with `steps`."""
-
-    sampler: str
-    steps: int
-    times: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, **({"times": list(self.times)} if self.times else {})}
+# A model from a checkpoint, and the sampler it samples with
 
 
 @dataclass
@@ -97,13 +72,9 @@ class Model:
         return float(self.method.sigma_d)
 
     @property
-    def is_consistency(self) -> bool:
-        return self.method.sampling == "consistency"
-
-    @property
-    def default_steps(self) -> int | None:
-        """The steps this checkpoint samples with by default (a PD student: its own; else None)."""
-        return self.method.default_sample_steps(self.step)
+    def sampler(self):
+        """How this network samples (`fewstep.core.samplers`), as of its training step."""
+        return self.method.sampler(self.net, self.step)
 
     @property
     def run_dir(self) -> Path | None:
@@ -132,12 +103,6 @@ def write_result(result: dict, out: str | None, default_name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return path
-
-
-def consistency_sampler_fn(model: "Model", labels: torch.Tensor | None = None, guidance=None):
-    """The consistency function of a consistency checkpoint as a TrigFlow sampler callable
-    `fn(x_t, t) -> x0` (the method converts other parameterizations)."""
-    return model.method.consistency_fn(model.net, labels, guidance)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
@@ -182,40 +147,6 @@ def parse_times(text: str, option: str = "--times") -> list[float]:
     return times
 
 
-def schedules(method, steps: list[int] | None = None, nfe: list[int] | None = None,
-              samplers: list[str] | None = None, default_steps: int | None = None) -> list[Schedule]:
-    """The rows to evaluate: consistency models sample at each step count (NFE = steps);
-    diffusion models run each ODE sampler at each step count (default `default_steps`, else
-    18), or at the steps that give each requested NFE (Heun: NFE = 2 steps - 1, so NFE must be
-    odd; Euler, DPM-Solver++(2M), DDIM: NFE = steps). Progressive-distillation students default
-    to DDIM. `method`: a method object (`fewstep.methods.base`): its `sampling` and
-    `default_ode_sampler` decide."""
-    if steps is not None and nfe is not None:
-        raise ValueError("give --steps or --nfe, not both")
-    name = method.name
-    if method.sampling == "consistency":
-        if samplers and set(samplers) != {CM_SAMPLER}:
-            raise ValueError(f"method {name!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
-                             f"(--sampler applies to diffusion checkpoints)")
-        return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
-    from fewstep.core.ode import SAMPLERS
-
-    samplers = samplers or [method.default_ode_sampler]
-    for s in samplers:
-        if s not in SAMPLERS:
-            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {name!r}, got {s!r}")
-    rows = []
-    for s in samplers:
-        if nfe is None:
-            rows += [Schedule(s, k) for k in (steps or [default_steps or DEFAULT_ODE_STEPS])]
-            continue
-        for n in nfe:
-            if s == "heun" and n % 2 == 0:
-                raise ValueError(f"heun takes 2 steps - 1 NFE, so --nfe must be odd for it, got {n}")
-            rows.append(Schedule(s, (n + 1) // 2 if s == "heun" else n))
-    return rows
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -226,17 +157,6 @@ def batch_seed(seed: int, index: int) -> int:
     from a generator of its own, so a sample depends on (seed, batch_size, its index) alone, not
     on which process draws it (EDM draws per-sample seeds the same way)."""
     return (seed * 1_000_003 + index) % 2**63
-
-
-def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None, schedule: Schedule,
-                  generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
-    """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
-    if model.is_consistency:
-        return model.method.sample(model.net, noise, schedule.times, generator, labels, guidance), len(schedule.times)
-    from fewstep.core.ode import solve
-
-    ode = model.method.ode(model.net, labels, guidance)
-    return solve(ode, noise, schedule.steps, schedule.sampler, times=model.method.ode_times(schedule.steps))
 
 
 @torch.no_grad()
@@ -258,15 +178,13 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     if guidance != 1.0 and not model.num_classes:
         raise ValueError("guidance applies to class-conditional checkpoints only")
-    if guidance != 1.0 and model.is_consistency and not getattr(model.net, "guidance_input", False):
-        raise ValueError("this consistency model's guidance was fixed when it was distilled (method.guidance); "
-                         "a student distilled with method.guidance_range takes --guidance")
     if not model.num_classes:
         labels = None
     elif labels is None:
         labels = torch.arange(num) % model.num_classes
     starts = list(range(0, num, batch_size))[rank::world_size]
-    out, nfe = [], 0
+    sampler = model.sampler
+    out, nfe = [], sampler.nfe(schedule)
     _sync(model.device)
     start_time = time.perf_counter()
     desc = f"{model.method_name} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
@@ -275,7 +193,7 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         gen = torch.Generator(device=model.device).manual_seed(batch_seed(seed, start // batch_size))
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
         lab = None if labels is None else labels[start:start + n].to(model.device)
-        x, nfe = _sample_batch(model, noise, lab, schedule, gen, guidance)
+        x = sampler.sample(noise, schedule, lab, guidance, gen)
         out.append(model.decode(x).float().cpu())
     _sync(model.device)
     samples = torch.cat(out) if out else torch.empty(0, *model.output_shape)
@@ -291,17 +209,14 @@ def sample(net: torch.nn.Module, method, shape, num: int, *, steps: int | None =
 
         x = sample(net, SCT(), (2,), 1000, steps=1)     # one-step samples
     """
+    from fewstep.methods.base import as_method
+
+    method = as_method(method)
     kind = "image" if len(shape) == 3 else "vector"
     model = Model.from_net(net, method, kind, shape)
-    if method.sampling == "consistency":
-        if sampler not in (None, CM_SAMPLER):
-            raise ValueError(f"a consistency model samples with {CM_SAMPLER!r}, not {sampler!r}")
-        times = tuple(parse_times(",".join(map(str, times)), "times") if times is not None else cm_times(steps or 2))
-        schedule = Schedule(CM_SAMPLER, len(times), times)
-    else:
-        if times is not None:
-            raise ValueError("times= is for consistency models; give steps= and sampler= for diffusion models")
-        schedule = schedules(method, [steps] if steps else None, samplers=[sampler] if sampler else None)[0]
+    if times is not None:
+        times = parse_times(",".join(map(str, times)), "times")
+    schedule = method.sampler(net).schedule(steps, times, sampler)
     was_training = net.training
     net.eval()
     try:

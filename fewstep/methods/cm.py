@@ -18,7 +18,7 @@ official code), so that they differ only by their inputs and weights. Objectives
 target hold it themselves (`target`); the training loop calls `after_step(net, step)` after each
 optimizer step and checkpoints `state_tensors()`.
 
-Sampling is Algorithm 1 in the VE formulation (`sample`, `fewstep.core.samplers.ve_multistep_sample`).
+Sampling is Algorithm 1 in the VE formulation (`sampler`, `fewstep.core.samplers.VEConsistencySampler`).
 """
 
 from __future__ import annotations
@@ -130,7 +130,6 @@ class _DiscreteCM(Method):
         if self.metric == "lpips":
             cm_distance(torch.zeros(1, 1), torch.zeros(1, 1), "lpips")
 
-    sampling = "consistency"
     parameterization = "edm"
 
     @property
@@ -141,26 +140,11 @@ class _DiscreteCM(Method):
         if self.total_steps == 0:
             self.total_steps = total_steps  # curricula (CT, iCT) are laid out over the whole run
 
-    def consistency_fn(self, net, labels=None, guidance=None):
-        """The network's consistency function as a TrigFlow callable `fn(x_t, t)`, for routines that
-        speak TrigFlow (editing; `samplers.ve_consistency_as_trigflow`). Sample with `sample`, which
-        is Algorithm 1 exactly. `guidance` is ignored (these networks take no guidance input)."""
-        from fewstep.core.samplers import ve_consistency_as_trigflow
+    def sampler(self, net, step=None):
+        """CM paper Algorithm 1 in the VE formulation (`fewstep.core.samplers.VEConsistencySampler`)."""
+        from fewstep.core.samplers import VEConsistencySampler
 
-        return ve_consistency_as_trigflow(net, self.sigma_data, self.eps, self.sigma_max, labels)
-
-    @torch.no_grad()
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Multistep consistency sampling, CM paper Algorithm 1 (SPEC 3.5), from unit Gaussian
-        `noise`: `x = f(T z, T)`, then `x = f(x + sqrt(tau^2 - eps^2) z', tau)` for each further level.
-        `times` are decreasing TrigFlow times as in every fewstep schedule, read as the levels
-        `sigma = sigma_data tan(t)` (t = pi/2: T = sigma_max; `samplers.ve_sigmas`). NFE = len(times).
-        `guidance` is ignored (these networks take no guidance input)."""
-        from fewstep.core.samplers import ve_multistep_sample, ve_sigmas
-
-        sigmas = ve_sigmas(times, self.sigma_data, self.eps, self.sigma_max)
-        return ve_multistep_sample(lambda x, sigma: self.f(net, x, sigma, labels), noise, sigmas, self.eps, generator)
+        return VEConsistencySampler(net, self.sigma_data, eps=self.eps, sigma_max=self.sigma_max)
 
     def grid(self, num_scales: int) -> torch.Tensor:
         """The N Karras noise levels, increasing, in float64."""

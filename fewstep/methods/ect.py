@@ -23,7 +23,7 @@ sigma = 0.821, TrigFlow t = 1.024 (`--times 1.5708,1.024`); fewstep's default is
 Sampling starts where ECT's does, at sigma_max = 80 (`t_max = arctan(sigma_max / sigma_d)`), not at
 t = pi/2 (sigma = inf, a time the network never trained at): a schedule's first time above `t_max`
 becomes `t_max`, and the first noise is ECT's `x = sigma_max eps` read in TrigFlow,
-`x_{t_max} = cos(t_max) sigma_max eps = sin(t_max) sigma_d eps` (`ECT.sample`).
+`x_{t_max} = cos(t_max) sigma_max eps = sin(t_max) sigma_d eps` (`ECT.sampler`).
 
 In fewstep's conventions the network is read as TrigFlow (SPEC 1.1): with `t = arctan(sigma /
 sigma_d)`, `x_t = cos(t) x_sigma` and `z = sigma_d eps`, the consistency function
@@ -106,8 +106,6 @@ class ECT(Method):
     """Easy Consistency Tuning (module docstring): `--teacher RUN` starts from a diffusion model;
     `method.from_teacher=false` trains from random weights (or from `train.init_from`)."""
 
-    sampling = "consistency"
-
     sigma_d: float = 0.5
     p_mean: float = -1.1  # log-normal noise levels t (EDM sigma), ECT's (= iCT's)
     p_std: float = 2.0
@@ -137,6 +135,14 @@ class ECT(Method):
         if self.huber_c is not None:
             check_range("method.huber_c", self.huber_c, 0)
 
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow, from ECT's own starting time (`t_max`)."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+        from fewstep.methods.base import network_features
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_features(net)[1],
+                                          t_max=self.t_max)
+
     @property
     def takes_teacher(self) -> bool:  # a diffusion model's weights start the run
         return self.from_teacher
@@ -153,16 +159,6 @@ class ECT(Method):
     def t_max(self) -> float:
         """The TrigFlow time sampling starts at: ECT's sigma_max, `arctan(sigma_max / sigma_d)`."""
         return math.atan(self.sigma_max / self.sigma_d)
-
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Multistep consistency sampling from `t_max` (module docstring): a first time above `t_max`
-        is `t_max`, with the noise at that level, `sin(t_max) sigma_d z`; the other times as given."""
-        times = [float(t) for t in times]
-        if times and times[0] > self.t_max:
-            times[0] = self.t_max
-            noise = noise * math.sin(self.t_max)
-        return super().sample(net, noise, times, generator, labels, guidance)
 
     def stage(self, step: int) -> int:
         return ect_stage(step, self.total_steps, self.stages)

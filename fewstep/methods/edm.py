@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.core.edm import edm_denoiser
-from fewstep.methods.base import Method, register_method
+from fewstep.methods.base import Method, network_features, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
 from fewstep.core.trigflow import expand_to
@@ -35,11 +35,11 @@ class EDMDiffusion(Method):
     def sigma_d(self) -> float:
         return self.sigma_data
 
-    def ode(self, net, labels=None, guidance: float = 1.0):
-        from fewstep.core.ode import EDMODE, edm_net_denoiser, guided
+    def sampler(self, net, step=None):
+        """The EDM probability-flow ODE, Heun on the Karras schedule."""
+        from fewstep.core.ode import ODESampler
 
-        null = getattr(net, "num_classes", 0) or None
-        return EDMODE(guided(edm_net_denoiser(net, self.sigma_data), labels, guidance, null))
+        return ODESampler(net, self.sigma_data, "edm", num_classes=network_features(net)[0])
 
     def __post_init__(self):
         check_range("method.sigma_data", self.sigma_data, 0, low_open=True)

@@ -23,7 +23,7 @@ learn the unconditional u. One network call per sample both ways then samples wi
 Time convention: TrigFlow (`x_t = cos t x0 + sin t z`, t in [0, pi/2], SPEC 1.1), not the
 paper's linear interpolation. Why:
 - Every fewstep sampler, schedule (`--steps`, `--times`, previews: pi/2 then 1.1), editing routine
-  and the network contract speak TrigFlow time; MeanFlow samples through `sample` with those same
+  and the network contract speak TrigFlow time; MeanFlow samples through `sampler` with those same
   times and needs nothing new anywhere else.
 - At r = t the MeanFlow network is a TrigFlow flow-matching network (`u(x, t, t) = v`, `F = v /
   sigma_d`): the r = t samples (75% by default) are fewstep's flow-matching loss, a 'flow'
@@ -180,7 +180,6 @@ class MeanFlow(Method):
     """MeanFlow, trained from data (module docstring). Its network takes the second time r
     (`network.second_time=true`)."""
 
-    sampling = "consistency"
     network_options: ClassVar[dict] = {"second_time": True}  # what its network must be built with
 
     sigma_d: float = 0.5
@@ -242,33 +241,12 @@ class MeanFlow(Method):
         return meanflow_loss(net, x_t, r, t, v, self.sigma_d, labels, adaptive_p=self.adaptive_p,
                              adaptive_c=self.adaptive_c, jvp_mode=self.jvp_mode)
 
-    # -- sampling ---------------------------------------------------------------------------
+    def sampler(self, net, step=None):
+        """Flow-map sampling with the average velocity u(z, r, t)."""
+        from fewstep.core.samplers import FlowMapSampler
+        from fewstep.methods.base import network_features
 
-    def average_velocity(self, net, labels=None, guidance=None):
-        """`u(x_t, r, t) = sigma_d F(x_t / sigma_d, t, r=r)` as a callable `fn(x_t, r, t)`."""
-        w = guidance if getattr(net, "guidance_input", False) else None
-        return lambda x_t, r, t: net_velocity(net, x_t, t, self.sigma_d, labels, guidance=w, r=r)
-
-    def consistency_fn(self, net, labels=None, guidance=None):
-        """The flow map to 0, `f(x_t, t) = x_t - t u(x_t, 0, t)`: a consistency function (editing)."""
-        u = self.average_velocity(net, labels, guidance)
-        return lambda x_t, t: x_t - expand_to(t, x_t) * u(x_t, torch.zeros_like(t), t)
-
-    @torch.no_grad()
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Flow-map sampling from unit Gaussian `noise`: `x = sigma_d z` at `times[0]`, then one jump
-        `x <- x - (t - s) u(x, s, t)` per time, the last to s = 0 (NFE = len(times); no re-noising).
-        `generator` is unused: the sampler is deterministic."""
-        times = [float(t) for t in times]
-        if not times:
-            raise ValueError("times must hold at least one time")
-        u = self.average_velocity(net, labels, guidance)
-        x = self.sigma_d * noise
-        for t, s in zip(times, times[1:] + [0.0]):
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-            x = x - (t - s) * u(x, torch.full_like(tt, s), tt)
-        return x
+        return FlowMapSampler(net, self.sigma_d, guidance_input=network_features(net)[1])
 
 
 __all__ = ["JVP_MODES", "PY_MEANFLOW_CIFAR10", "MeanFlow", "check_second_time", "guided_velocity", "meanflow_jvp",

@@ -26,7 +26,7 @@ from dataclasses import InitVar, dataclass, field
 
 import torch
 
-from fewstep.methods.base import Method, register_method
+from fewstep.methods.base import Method, network_features, register_method
 from fewstep.methods.common import check_range, per_sample_mse
 from fewstep.core.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
 
@@ -76,7 +76,6 @@ class ProgressiveDistillation(Method):
             self.set_teacher(teacher)
 
     takes_teacher = True
-    default_ode_sampler = "ddim"
 
     def set_teacher(self, net: torch.nn.Module, formulation: str = "trigflow") -> None:
         """The teacher network itself (a copy): students replace it round by round."""
@@ -95,14 +94,15 @@ class ProgressiveDistillation(Method):
         restart, self.restart_ema = self.restart_ema, False
         return restart
 
-    def ode_times(self, steps: int) -> torch.Tensor:
-        """The uniform grid in t the student was distilled on."""
-        return torch.linspace(math.pi / 2, 0, steps + 1, dtype=torch.float64)
+    def sampler(self, net, step: int | None = None):
+        """DDIM on the uniform grid in t the student was distilled on, with the steps of the student
+        saved after `step` optimizer steps (default: the run's end)."""
+        from fewstep.core.ode import ODESampler
 
-    def default_sample_steps(self, step: int | None = None) -> int:
-        """The DDIM steps of the student saved after `step` optimizer steps (default: the run's end)."""
         step = self.total_steps if step is None else step
-        return pd_student_steps(max(step - 1, 0), self.start_steps, self.min_steps, max(self.total_steps, 1))
+        steps = pd_student_steps(max(step - 1, 0), self.start_steps, self.min_steps, max(self.total_steps, 1))
+        return ODESampler(net, self.sigma_d, num_classes=network_features(net)[0], solver="ddim", steps=steps,
+                          grid="uniform")
 
     def student_steps(self, step: int) -> int:
         return pd_student_steps(step, self.start_steps, self.min_steps, self.total_steps)

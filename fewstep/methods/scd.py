@@ -81,8 +81,14 @@ class SCD(Method):
     adaptive_weight: bool = True
     jvp_mode: str = "tangent"  # as in SCT
 
-    sampling = "consistency"
     takes_teacher = True
+
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+        from fewstep.methods.base import network_features
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_features(net)[1])
 
     def set_teacher(self, net, formulation: str = "trigflow") -> None:
         """The teacher's velocity, from a frozen TrigFlow or EDM diffusion network."""

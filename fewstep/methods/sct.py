@@ -20,8 +20,6 @@ from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise, t
 @register_method("sct")
 @dataclass
 class SCT(Method):
-    sampling = "consistency"
-
     sigma_d: float = 0.5
     p_mean: float = -1.0
     p_std: float = 1.4
@@ -40,6 +38,13 @@ class SCT(Method):
         check_range("method.warmup_steps", self.warmup_steps, 0)
         check_choice("method.tangent_norm", self.tangent_norm, TANGENT_NORMS)
         check_choice("method.jvp_mode", self.jvp_mode, JVP_MODES)
+
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+        from fewstep.methods.base import network_features
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_features(net)[1])
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,

@@ -128,7 +128,7 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
             teacher = restore(path, device)
     except PretrainedError as e:
         raise ConfigError(str(e)) from None
-    if teacher.is_consistency:
+    if teacher.sampler.consistency_fn() is not None:  # a teacher has a PF-ODE, not a consistency function
         raise ConfigError(f"the teacher must be a diffusion model (method 'flow' or 'edm'); "
                           f"{teacher.checkpoint} was trained with {teacher.method_name!r}")
     if tuple(teacher.shape) != tuple(dataset.shape):

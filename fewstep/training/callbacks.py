@@ -14,19 +14,6 @@ import torch
 from fewstep.training.fit import Callback, Run
 
 
-def preview_schedules(method, times=None, step: int | None = None):
-    """What previews sample: consistency models at 1 step and at `times` (default: the sCM
-    paper's two); diffusion models with their default ODE solver (Heun, 35 NFE)."""
-    from fewstep.apps.generate import Schedule, schedules
-    from fewstep.core.samplers import TWO_STEP_TIMES
-
-    if method.sampling != "consistency":
-        return schedules(method, default_steps=method.default_sample_steps(step))
-    times = tuple(times or TWO_STEP_TIMES)
-    plan = [Schedule("multistep", 1, times[:1])]
-    return plan + ([Schedule("multistep", len(times), times)] if len(times) > 1 else [])
-
-
 class SamplePreviews(Callback):
     """Sample grids every `every` steps (0: only at the end) and at the end, with metrics.
 
@@ -67,9 +54,9 @@ class SamplePreviews(Callback):
         samples = {}
         was_training = run.ema_net.training
         run.ema_net.eval()
-        for schedule in preview_schedules(run.method, self.times, run.step):
+        for schedule in model.sampler.preview_schedules(self.times):
             x, nfe, _ = generate(model, schedule, n, progress=False)
-            name = f"{schedule.steps}-step" if schedule.sampler == "multistep" else f"{schedule.sampler}-nfe{nfe}"
+            name = f"{schedule.steps}-step" if schedule.times else f"{schedule.sampler}-nfe{nfe}"
             samples[name] = (x, nfe)
         run.ema_net.train(was_training)
         self._decoder = model._decoder

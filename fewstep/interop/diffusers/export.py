@@ -30,6 +30,7 @@ VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "tr
 def export_diffusers(model, out: str | Path) -> Path:
     """Write `model` (a `fewstep.apps.generate.Model` of an sCT/sCD student on a diffusers `UNet2DModel`
     with a VP schedule) as a `DDPMPipeline` folder with an `LCMScheduler`."""
+    from fewstep.core.samplers import TrigFlowConsistencySampler
     from fewstep.methods.base import method_config
     from fewstep.interop.diffusers.network import DiffusersNetwork, import_diffusers
     from fewstep.networks.registry import unwrap
@@ -41,8 +42,8 @@ def export_diffusers(model, out: str | Path) -> Path:
     if net.schedule.kind != "vp":
         raise ValueError("export writes VP (DDPM/DDIM-schedule) students; this student has a rectified-flow "
                          "schedule, which no diffusers UNet pipeline samples")
-    if model.method.sampling != "consistency" or getattr(model.method, "parameterization", "trigflow") != "trigflow":
-        raise ValueError(f"export writes TrigFlow consistency models (sct, scd), whose consistency function is the "
+    if not isinstance(model.sampler, TrigFlowConsistencySampler):
+        raise ValueError(f"export writes TrigFlow consistency models (sct, scd, ect), whose consistency function is the "
                          f"model's x0 estimate; this checkpoint was trained with {model.method_name!r}")
     if type(net.model).__name__ != "UNet2DModel":
         raise ValueError(f"export writes UNet2DModel students (DDPMPipeline); got {type(net.model).__name__}")
