@@ -20,27 +20,18 @@ from tqdm.auto import tqdm
 
 from fewstep.core.ode import DEFAULT_ODE_STEPS  # noqa: F401 (the CLI's help text)
 from fewstep.core.samplers import Schedule, cm_times  # noqa: F401 (re-exported: the apps' vocabulary)
+from fewstep.training.restore import Restored
 
 # ----------------------------------------------------------------------------------------------
 # A model from a checkpoint, and the sampler it samples with
 
 
 @dataclass
-class Model:
-    """A network rebuilt from a checkpoint (EMA weights by default), its method (which says how it
-    samples: `fewstep.methods.base`), and what sampling needs."""
+class Model(Restored):
+    """A restored network and method (`fewstep.training.restore.Restored`: the network, its method,
+    which hands out its sampler, and the data it was trained on), with what sampling adds: the VAE
+    decoder of latent models."""
 
-    net: torch.nn.Module
-    method: object  # the training method, rebuilt from the checkpoint (without its teacher)
-    kind: str  # "image" or "vector"
-    shape: tuple[int, ...]
-    num_classes: int
-    config: dict  # the run's config, as a dict
-    checkpoint: Path | None = None
-    step: int = 0
-    weights: str = "ema"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    latents: dict | None = None  # latent data: the VAE that decodes samples to pixels (`fewstep.interop.diffusers.latents`)
     _decoder: object = field(default=None, repr=False)
 
     @property
@@ -62,19 +53,6 @@ class Model:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels -> model space (the VAE posterior's mean for latent models; identity otherwise)."""
         return self._codec().encode(pixels) if self.latents else pixels
-
-    @property
-    def method_name(self) -> str:
-        return self.method.name
-
-    @property
-    def sigma_d(self) -> float:
-        return float(self.method.sigma_d)
-
-    @property
-    def sampler(self):
-        """How this network samples (`fewstep.core.samplers`), as of its training step."""
-        return self.method.sampler(self.net, self.step)
 
     @property
     def run_dir(self) -> Path | None:

@@ -37,8 +37,9 @@ class Restored:
         return float(self.method.sigma_d)
 
     @property
-    def is_consistency(self) -> bool:  # `build` refuses a consistency model as a teacher
-        return self.method.sampling == "consistency"
+    def sampler(self):
+        """How this network samples (`fewstep.core.samplers`), as of its training step."""
+        return self.method.sampler(self.net, self.step)
 
 
 def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Restored:
