@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fewstep.networks.contract import network_info
+
 CM_SAMPLER = "multistep"
 DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
 
@@ -114,7 +116,7 @@ class Model:
     def from_net(cls, net: torch.nn.Module, method, kind: str, shape, config: dict | None = None,
                  step: int = 0, latents: dict | None = None) -> "Model":
         """Wrap a network in hand (e.g. the EMA network during training)."""
-        return cls(net, method, kind, tuple(shape), int(getattr(net, "num_classes", 0)), config or {}, step=step,
+        return cls(net, method, kind, tuple(shape), network_info(net).num_classes, config or {}, step=step,
                    device=next(net.parameters()).device, latents=latents)
 
 
@@ -190,7 +192,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: 
         raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None
     return Model(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
-                 int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device,
+                 network_info(net).num_classes, config, json_path, int(state["step"]), prefix, device,
                  info.get("latents"))
 
 
@@ -315,7 +317,7 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     if guidance != 1.0 and not model.num_classes:
         raise ValueError("guidance applies to class-conditional checkpoints only")
-    if guidance != 1.0 and model.is_consistency and not getattr(model.net, "guidance_input", False):
+    if guidance != 1.0 and model.is_consistency and not network_info(model.net).guidance_input:
         raise ValueError("this consistency model's guidance was fixed when it was distilled (method.guidance); "
                          "a student distilled with method.guidance_range takes --guidance")
     if not model.num_classes:

@@ -30,6 +30,8 @@ from typing import Callable, ClassVar
 
 import torch
 
+from fewstep.networks.contract import network_info
+
 METHODS: dict[str, type] = {}
 
 
@@ -87,7 +89,7 @@ class Method:
         """Consistency models: the TrigFlow consistency function `fn(x_t, t) -> x0` of `net`."""
         from fewstep.core.samplers import trigflow_sampler_fn
 
-        w = guidance if getattr(net, "guidance_input", False) else None
+        w = guidance if network_info(net).guidance_input else None
         return trigflow_sampler_fn(net, self.sigma_d, labels, w)
 
     def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
@@ -102,7 +104,7 @@ class Method:
         """Diffusion models: the probability-flow ODE of `net` (classifier-free guided)."""
         from fewstep.core.ode import TrigFlowODE, guided, trigflow_net_velocity
 
-        null = getattr(net, "num_classes", 0) or None
+        null = network_info(net).num_classes or None
         return TrigFlowODE(guided(trigflow_net_velocity(net, self.sigma_d), labels, guidance, null), self.sigma_d)
 
     def ode_times(self, steps: int) -> torch.Tensor | None:

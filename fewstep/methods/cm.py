@@ -34,6 +34,7 @@ from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karra
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, same_random_draws
 from fewstep.core.trigflow import expand_to
+from fewstep.networks.contract import network_info
 
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
@@ -291,7 +292,7 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
     model = (edm_net_denoiser(net, sigma_data) if formulation == "edm"
              else trigflow_to_edm(trigflow_net_velocity(net, sigma_data), sigma_data))
     if null_label is None:
-        null_label = getattr(net, "num_classes", 0) or None
+        null_label = network_info(net).num_classes or None
 
     @torch.no_grad()
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

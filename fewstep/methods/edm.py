@@ -18,6 +18,7 @@ from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
 from fewstep.core.trigflow import expand_to
+from fewstep.networks.contract import network_info
 
 
 @register_method("edm")
@@ -38,7 +39,7 @@ class EDMDiffusion(Method):
     def ode(self, net, labels=None, guidance: float = 1.0):
         from fewstep.core.ode import EDMODE, edm_net_denoiser, guided
 
-        null = getattr(net, "num_classes", 0) or None
+        null = network_info(net).num_classes or None
         return EDMODE(guided(edm_net_denoiser(net, self.sigma_data), labels, guidance, null))
 
     def __post_init__(self):

@@ -62,6 +62,7 @@ from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, per_sample_mse, same_random_draws
 from fewstep.methods.flow import drop_labels
 from fewstep.methods.scm import forward_ad_attention
+from fewstep.networks.contract import network_info
 from fewstep.core.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
                               trigflow_velocity)
 
@@ -70,7 +71,7 @@ JVP_MODES = ("tangent", "separate", "single")
 
 def check_second_time(net) -> None:
     """MeanFlow's network takes the second time r (`second_time = True`; the network contract)."""
-    if not getattr(net, "second_time", False):
+    if not network_info(net).second_time:
         raise ValueError("method 'meanflow' needs a network that takes a second time r: set network.second_time=true "
                          "(fewstep's UNet, MLP, DiT), or give your network an `r` keyword and `second_time = True`")
 
@@ -164,7 +165,7 @@ def guided_velocity(net, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor, la
     """MeanFlow's CFG field: `w v + kappa u(x_t, t, t | c) + (1 - w - kappa) u(x_t, t, t | null)` (paper
     Eq. 16 and 21), with the network's own velocities (r = t) in one batched no-grad call. Samples with
     the null label, and those outside `active` (a bool mask, e.g. a time interval), keep `v`."""
-    null = int(net.num_classes if null_label is None else null_label)
+    null = int(network_info(net).num_classes if null_label is None else null_label)
     n = x_t.shape[0]
     both = net_velocity(net, torch.cat([x_t, x_t]), torch.cat([t, t]), sigma_d,
                         torch.cat([labels, torch.full_like(labels, null)]), r=torch.cat([t, t]))
@@ -224,7 +225,7 @@ class MeanFlow(Method):
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         check_second_time(net)
-        if self.guided and (labels is None or not getattr(net, "num_classes", 0)):
+        if self.guided and (labels is None or not network_info(net).num_classes):
             raise ValueError("method.guidance needs class labels: set network.class_conditional=true "
                              "(on labelled data)")
         labels = drop_labels(labels, self.label_dropout, net)
@@ -246,7 +247,7 @@ class MeanFlow(Method):
 
     def average_velocity(self, net, labels=None, guidance=None):
         """`u(x_t, r, t) = sigma_d F(x_t / sigma_d, t, r=r)` as a callable `fn(x_t, r, t)`."""
-        w = guidance if getattr(net, "guidance_input", False) else None
+        w = guidance if network_info(net).guidance_input else None
         return lambda x_t, r, t: net_velocity(net, x_t, t, self.sigma_d, labels, guidance=w, r=r)
 
     def consistency_fn(self, net, labels=None, guidance=None):

@@ -28,6 +28,7 @@ from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
 from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise
+from fewstep.networks.contract import network_info
 
 FORMULATIONS = ("trigflow", "edm")
 
@@ -51,7 +52,7 @@ def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0
     else:
         model = edm_to_trigflow(edm_net_denoiser(net, sigma_d), sigma_d)
     if null_label is None:
-        null_label = getattr(net, "num_classes", 0) or None  # batch cond + null in one call
+        null_label = network_info(net).num_classes or None  # batch cond + null in one call
 
     @torch.no_grad()
     def teacher_velocity(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,9 +124,9 @@ class SCD(Method):
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         w = self.draw_guidance(x0.shape[0], x0.device)
-        if w is None and labels is not None and getattr(net, "guidance_input", False):
+        if w is None and labels is not None and network_info(net).guidance_input:
             w = torch.full((x0.shape[0],), float(self.guidance), device=x0.device)  # one fixed scale, as input
-        if w is not None and (labels is None or not getattr(net, "guidance_input", False)):
+        if w is not None and (labels is None or not network_info(net).guidance_input):
             raise ValueError("method.guidance_range needs class labels and a student that takes the guidance "
                              "scale: set network.class_conditional=true and network.guidance_input=true")
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,
