@@ -27,6 +27,12 @@ The network contract, which every method, sampler and command relies on:
   returning None means no adaptive weighting.
 - a network registered with `@register_network(name)` can be rebuilt from checkpoints.
 
+`network_info(net)` reads these optional features (`num_classes`, `guidance_input`, `second_time`,
+`adaptive_weight`) as a `NetworkInfo`, through DDP / torch.compile wrappers; nothing else probes
+them. fewstep's UNet, DiT and MLP share their conditioning (`layers.Conditioning`: time, label,
+guidance and r embeddings, time embedded in float32 at least) and check their arguments (shapes,
+label range, labels only for class-conditional networks) with one-line errors.
+
 Call networks through `net(...)` (`__call__`), never `net.forward`, so that module hooks fire.
 sCT and sCD take the network's JVP from the tangent engine (`tangent_forward`), which needs no
 change to the network; `check_tangent(net, example_inputs)` checks it on yours against float64

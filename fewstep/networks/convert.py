@@ -59,7 +59,7 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
                        steps: int = 2000, lr: float = 3e-3) -> float:
     """Fit `student_emb.mlp(pos(t))` to `teacher_emb.mlp(pos(teacher_time(t)))` on the grid `t`.
 
-    Both are `fewstep.networks.layers.TimeEmbedding`s; only the student's MLP changes (class
+    Both are `fewstep.networks.layers.Conditioning`s; only the student's MLP changes (class
     and guidance embeddings are added after it). Full-batch Adam with cosine decay. Returns
     the final relative RMS error of the fit.
     """
