@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D
 
 CM_SAMPLER = "multistep"
 DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
@@ -207,7 +208,7 @@ def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: fl
 
     record = read_diffusers_source(source, scheduler).fewstep or {}
     if sigma_d is None:
-        sigma_d = float(record.get("method", {}).get("sigma_d", 0.5))
+        sigma_d = float(record.get("method", {}).get("sigma_d", SIGMA_D))
     net, src = load_diffusers_network(source, sigma_d, scheduler, device=device)
     method = build_method(record.get("method") or {"name": "flow", "sigma_d": sigma_d})
     size = src.config.get("sample_size")

@@ -31,6 +31,7 @@ from typing import Callable, ClassVar
 import torch
 
 from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D
 
 METHODS: dict[str, type] = {}
 
@@ -57,7 +58,7 @@ class Method:
     takes_teacher: ClassVar[bool] = False
     parameterization: ClassVar[str] = "trigflow"  # how the network is read: "trigflow" (SPEC 1.1) or "edm" (1.2)
     default_ode_sampler: ClassVar[str] = "heun"
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         raise NotImplementedError
@@ -121,7 +122,7 @@ class CallableMethod(Method):
     """A plain callable `loss, stats = fn(net, x0, labels, step)` as a method: every optional part
     takes the protocol's default."""
 
-    def __init__(self, fn: Callable, sigma_d: float = 0.5):
+    def __init__(self, fn: Callable, sigma_d: float = SIGMA_D):
         self.fn, self.sigma_d = fn, sigma_d
 
     def __call__(self, net, x0, labels=None, step=0):
@@ -134,7 +135,7 @@ def as_method(obj) -> Method:
         return obj
     if not callable(obj):
         raise TypeError(f"a method is a callable loss(net, x0, labels, step); got {type(obj).__name__}")
-    return CallableMethod(obj, getattr(obj, "sigma_d", 0.5))
+    return CallableMethod(obj, getattr(obj, "sigma_d", SIGMA_D))
 
 
 def method_config(method) -> dict:

@@ -30,10 +30,10 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
+from fewstep.core.edm import EPS, RHO, T_MAX, edm_consistency, karras_grid
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.core.trigflow import expand_to
+from fewstep.core.trigflow import SIGMA_D, expand_to
 from fewstep.networks.contract import network_info
 
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
@@ -114,7 +114,7 @@ def _draw_pair(sigmas: torch.Tensor, like: torch.Tensor, probs: torch.Tensor | N
 
 @dataclass
 class _DiscreteCM(Method):
-    sigma_data: float = SIGMA_DATA
+    sigma_data: float = SIGMA_D
     eps: float = EPS
     sigma_max: float = T_MAX
     rho: float = RHO
@@ -278,7 +278,7 @@ class ICT(_DiscreteCM):
         return self._loss(pred, target, 1.0 / (s_hi - s_lo), N)
 
 
-def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIGMA_DATA,
+def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIGMA_D,
                           guidance: float = 1.0, null_label: int | None = None) -> Callable:
     """A frozen diffusion teacher as an EDM denoiser `D(x, sigma, labels)` (no gradients):
     an EDM network directly, a TrigFlow velocity network through `trigflow_to_edm`;

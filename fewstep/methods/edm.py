@@ -17,14 +17,14 @@ from fewstep.core.edm import edm_denoiser
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.core.trigflow import expand_to
+from fewstep.core.trigflow import SIGMA_D, expand_to
 from fewstep.networks.contract import network_info
 
 
 @register_method("edm")
 @dataclass
 class EDMDiffusion(Method):
-    sigma_data: float = 0.5
+    sigma_data: float = SIGMA_D
     p_mean: float = -1.2
     p_std: float = 1.2
     adaptive_weight: bool = False

@@ -63,8 +63,8 @@ from fewstep.methods.common import check_choice, check_range, per_sample_mse, sa
 from fewstep.methods.flow import drop_labels
 from fewstep.methods.scm import forward_ad_attention
 from fewstep.networks.contract import network_info
-from fewstep.core.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
-                              trigflow_velocity)
+from fewstep.core.trigflow import (HALF_PI, SIGMA_D, expand_to, lognormal_times, net_velocity, time_dtype,
+                                   trigflow_noise, trigflow_velocity)
 
 JVP_MODES = ("tangent", "separate", "single")
 
@@ -184,7 +184,7 @@ class MeanFlow(Method):
     sampling = "consistency"
     network_options: ClassVar[dict] = {"second_time": True}  # what its network must be built with
 
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -0.4  # log-normal times (the paper's logit-normal, exactly; module docstring)
     p_std: float = 1.0
     ratio_r_neq_t: float = 0.25  # fraction of the batch with r != t (paper: 25%)

@@ -28,7 +28,7 @@ import torch
 
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_range, per_sample_mse
-from fewstep.core.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
+from fewstep.core.trigflow import SIGMA_D, expand_to, net_velocity, time_dtype, trigflow_noise
 
 
 def ddim_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ class ProgressiveDistillation(Method):
     is kept and replaced by the student at each round's end."""
 
     teacher: InitVar[torch.nn.Module | None] = None
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     start_steps: int = 64  # the round-0 teacher's DDIM steps; the student of round 0 takes half
     min_steps: int = 1  # the last round's student steps
     total_steps: int = 0  # the run length the rounds split (0: the run's train.steps)

@@ -27,13 +27,13 @@ from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
-from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise
+from fewstep.core.trigflow import SIGMA_D, lognormal_times, time_dtype, trigflow_noise
 from fewstep.networks.contract import network_info
 
 FORMULATIONS = ("trigflow", "edm")
 
 
-def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0.5,
+def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = SIGMA_D,
                           guidance: float = 1.0, null_label: int | None = None) -> Callable:
     """A frozen teacher as a TrigFlow velocity `v(x_t, t, labels)` (no gradients).
 
@@ -68,7 +68,7 @@ class SCD(Method):
     `make_teacher_velocity`); given at construction, not part of the config."""
 
     teacher: InitVar[Callable | None] = None
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -0.8
     p_std: float = 1.6
     guidance: float = 1.0  # CFG scale of the teacher's velocity (1: conditional, no guidance)

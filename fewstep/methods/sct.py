@@ -13,7 +13,7 @@ import torch
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.methods.scm import JVP_MODES, TANGENT_NORMS, scm_loss, tangent_warmup
-from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import SIGMA_D, lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
 
 
 @register_method("sct")
@@ -21,7 +21,7 @@ from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise, t
 class SCT(Method):
     sampling = "consistency"
 
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -1.0
     p_std: float = 1.4
     tangent_norm: str = "l2"  # 'l2' (paper), 'rms', 'clip' or 'none'

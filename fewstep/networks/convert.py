@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fewstep.core.edm import EPS, T_MAX
+from fewstep.core.trigflow import SIGMA_D
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
 STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.")
@@ -83,7 +84,7 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
     return float(err)
 
 
-def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = 0.5,
+def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = SIGMA_D,
                          fit_steps: int = 2000, student_formulation: str = "trigflow") -> dict:
     """Initialize a student from a teacher network of the same architecture.
 
