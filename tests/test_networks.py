@@ -382,6 +382,17 @@ def test_network_info_of_a_network_without_optional_features():
     assert network_info(Bare()) == NetworkInfo()
 
 
+def test_network_info_of_a_diffusers_adapter():
+    pytest.importorskip("diffusers")
+    from fewstep.interop.diffusers.network import DiffusersNetwork
+
+    net = DiffusersNetwork("UNet2DModel", {
+        "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8], "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "norm_num_groups": 4,
+        "num_class_embeds": 4}, num_classes=3)
+    assert network_info(_DDPLike(net)) == NetworkInfo(num_classes=3)
+
+
 @pytest.mark.parametrize("arch", sorted(_MAKERS))
 def test_time_is_embedded_in_float32_under_bf16_autocast(arch):
     # bf16 has 8 significant bits: t near pi/2 moves by up to 0.008, which a bf16 embedding would see

@@ -3,8 +3,8 @@
 Residual blocks with adaptive double normalization, optional self-attention at chosen
 resolutions, dropout, optional class labels, and an optional adaptive-weighting head.
 The network computes `F(x / sigma_d, t)`; the formulation (TrigFlow) wraps it. With
-`second_time=True` it also takes MeanFlow's second time, `F(x / sigma_d, t, r=r)`
-(`TwoTimeEmbedding`, shared with the MLP and the DiT).
+`second_time=True` it also takes MeanFlow's second time, `F(x / sigma_d, t, r=r)`. The
+conditioning and the argument checks are `layers.ConditionedNetwork`'s, shared with the MLP and the DiT.
 """
 
 from __future__ import annotations
