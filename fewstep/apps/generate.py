@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fewstep.core.ode import DEFAULT_ODE_STEPS  # noqa: F401 (the CLI's help text)
 from fewstep.core.samplers import Schedule, cm_times  # noqa: F401 (re-exported: the apps' vocabulary)
+from fewstep.networks.contract import network_info
 from fewstep.training.restore import Restored
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ class Model(Restored):
     def from_net(cls, net: torch.nn.Module, method, kind: str, shape, config: dict | None = None,
                  step: int = 0, latents: dict | None = None) -> "Model":
         """Wrap a network in hand (e.g. the EMA network during training)."""
-        return cls(net, method, kind, tuple(shape), int(getattr(net, "num_classes", 0)), config or {}, step=step,
+        return cls(net, method, kind, tuple(shape), network_info(net).num_classes, config or {}, step=step,
                    device=next(net.parameters()).device, latents=latents)
 
 

@@ -14,11 +14,10 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.trigflow import HALF_PI, expand_to
+from fewstep.core.trigflow import HALF_PI, SIGMA_D, expand_to
 
 EPS = 0.002  # smallest noise level, the consistency boundary
 T_MAX = 80.0  # largest noise level
-SIGMA_DATA = 0.5
 RHO = 7.0
 
 # A denoiser `D(x, sigma, labels) -> x0 estimate` (sigma: per-sample, shape (B,)).
@@ -36,13 +35,13 @@ def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Preconditioning (SPEC 1.2)
 
-def edm_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA):
+def edm_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_D):
     """EDM's diffusion preconditioning: `(c_skip, c_out, c_in, c_noise)` at noise level sigma."""
     var = sigma.square() + sigma_data ** 2
     return sigma_data ** 2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log() / 4
 
 
-def consistency_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA, eps: float = EPS):
+def consistency_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_D, eps: float = EPS):
     """The consistency model's coefficients (CM paper, Appendix C): boundary at `eps`.
 
     `c_skip(eps) = 1` and `c_out(eps) = 0` exactly, so `f(x, eps) = x` exactly.
@@ -59,13 +58,13 @@ def _precond_apply(coeffs, net, x, labels):
 
 
 def edm_denoiser(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
-                 sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+                 sigma_data: float = SIGMA_D) -> torch.Tensor:
     """`D(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)` (EDM, SPEC 1.2)."""
     return _precond_apply(edm_precond(_per_sample(sigma, x), sigma_data), net, x, labels)
 
 
 def edm_consistency(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
-                    sigma_data: float = SIGMA_DATA, eps: float = EPS) -> torch.Tensor:
+                    sigma_data: float = SIGMA_D, eps: float = EPS) -> torch.Tensor:
     """Consistency function `f(x, sigma)` with the boundary condition `f(x, eps) = x`."""
     return _precond_apply(consistency_precond(_per_sample(sigma, x), sigma_data, eps), net, x, labels)
 
@@ -105,7 +104,7 @@ def karras_sigmas(steps: int, sigma_min: float = EPS, sigma_max: float = T_MAX, 
 T_CAP = HALF_PI - 1e-4
 
 
-def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_DATA, t_max: float = T_CAP) -> Velocity:
+def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_D, t_max: float = T_CAP) -> Velocity:
     """TrigFlow velocity of an EDM denoiser `D(x_sigma, sigma, labels)` (SPEC 1.1):
 
         v(x_t, t) = (cos(t) x_t - D(x_t / cos(t), sigma_d tan(t))) / sin(t),
@@ -122,7 +121,7 @@ def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_DATA, t_max: floa
     return velocity
 
 
-def trigflow_to_edm(velocity: Velocity, sigma_d: float = SIGMA_DATA) -> Denoiser:
+def trigflow_to_edm(velocity: Velocity, sigma_d: float = SIGMA_D) -> Denoiser:
     """The inverse map: an EDM denoiser from a TrigFlow velocity,
     `D(x_sigma, sigma) = cos(t) x_t - sin(t) v(x_t, t)` with `t = arctan(sigma / sigma_d)`,
     `x_t = cos(t) x_sigma`. Lets the EDM samplers run a TrigFlow model."""

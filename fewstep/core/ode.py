@@ -34,9 +34,9 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_denoiser, karras_sigmas
+from fewstep.core.edm import EPS, RHO, T_MAX, edm_denoiser, karras_sigmas
 from fewstep.core.samplers import Sampler, Schedule
-from fewstep.core.trigflow import HALF_PI, consistency_from_velocity, expand_to, net_velocity
+from fewstep.core.trigflow import HALF_PI, SIGMA_D, consistency_from_velocity, expand_to, net_velocity
 
 # ---------------------------------------------------------------------------------------------
 # Classifier-free guidance
@@ -75,13 +75,13 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
     return fn
 
 
-def trigflow_net_velocity(net, sigma_d: float = SIGMA_DATA) -> Callable:
+def trigflow_net_velocity(net, sigma_d: float = SIGMA_D) -> Callable:
     """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network
     (`fewstep.core.trigflow.net_velocity` with the network bound)."""
     return lambda x_t, t, labels=None: net_velocity(net, x_t, t, sigma_d, labels)
 
 
-def edm_net_denoiser(net, sigma_data: float = SIGMA_DATA) -> Callable:
+def edm_net_denoiser(net, sigma_data: float = SIGMA_D) -> Callable:
     """`(x, sigma, labels) -> D(x, sigma)` for an EDM-preconditioned network."""
     return partial(edm_denoiser, net, sigma_data=sigma_data)
 
@@ -90,7 +90,7 @@ def edm_net_denoiser(net, sigma_data: float = SIGMA_DATA) -> Callable:
 # Formulations
 
 
-def trigflow_times(steps: int, sigma_d: float = SIGMA_DATA, sigma_min: float = EPS,
+def trigflow_times(steps: int, sigma_d: float = SIGMA_D, sigma_min: float = EPS,
                    sigma_max: float = T_MAX, rho: float = RHO) -> torch.Tensor:
     """The Karras schedule in TrigFlow time, `t = arctan(sigma / sigma_d)`, starting at pi/2
     (the exact prior `N(0, sigma_d^2 I)`) and ending at 0: `steps + 1` values."""
@@ -104,7 +104,7 @@ class TrigFlowODE:
     """`dx_t/dt = v(x_t, t)` for t from pi/2 to 0; `x_t = cos(t) x0 + sin(t) sigma_d n`."""
 
     velocity: Callable  # (x_t, t) -> v
-    sigma_d: float = SIGMA_DATA
+    sigma_d: float = SIGMA_D
 
     def derivative(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.velocity(x, t)
@@ -248,7 +248,7 @@ class ODESampler(Sampler):
     'uniform' the uniform grid in t from pi/2 to 0 (what a progressive-distillation student learned)."""
 
     net: torch.nn.Module
-    sigma_d: float = SIGMA_DATA
+    sigma_d: float = SIGMA_D
     formulation: str = "trigflow"
     num_classes: int = 0
     solver: str = "heun"

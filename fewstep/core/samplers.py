@@ -28,8 +28,8 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-from fewstep.core.edm import EPS, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
-from fewstep.core.trigflow import HALF_PI, expand_to, net_velocity, trigflow_consistency, trigflow_noise
+from fewstep.core.edm import EPS, T_MAX, edm_consistency, karras_grid
+from fewstep.core.trigflow import HALF_PI, SIGMA_D, expand_to, net_velocity, trigflow_consistency, trigflow_noise
 
 TWO_STEP_TIMES = (math.pi / 2, 1.1)  # the sCM paper's 2-step schedule (t_mid = 1.1)
 MULTISTEP = "multistep"  # the schedule name of every consistency / flow-map sampler
@@ -46,7 +46,7 @@ def cm_times(steps: int, first: float = HALF_PI) -> list[float]:
 
 
 @torch.no_grad()
-def multistep_sample(consistency_fn, noise: torch.Tensor, times, sigma_d: float = 0.5,
+def multistep_sample(consistency_fn, noise: torch.Tensor, times, sigma_d: float = SIGMA_D,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Multistep consistency sampling in TrigFlow.
 
@@ -91,14 +91,14 @@ def ve_multistep_sample(consistency_fn, noise: torch.Tensor, sigmas, eps: float 
     return x
 
 
-def ve_sigmas(times, sigma_d: float = SIGMA_DATA, eps: float = EPS, sigma_max: float = T_MAX) -> list[float]:
+def ve_sigmas(times, sigma_d: float = SIGMA_D, eps: float = EPS, sigma_max: float = T_MAX) -> list[float]:
     """TrigFlow times as VE noise levels, `sigma = sigma_d tan(t)` (SPEC 1.1) clipped to
     [eps, sigma_max]: t = pi/2, the TrigFlow prior, is sigma_max, the VE prior's level."""
     t_max = math.atan(sigma_max / sigma_d)
     return [sigma_max if float(t) >= t_max else max(sigma_d * math.tan(float(t)), eps) for t in times]
 
 
-def ve_consistency_as_trigflow(net, sigma_data: float = SIGMA_DATA, eps: float = EPS, sigma_max: float = T_MAX,
+def ve_consistency_as_trigflow(net, sigma_data: float = SIGMA_D, eps: float = EPS, sigma_max: float = T_MAX,
                               labels: torch.Tensor | None = None):
     """A discrete-time (EDM/VE) consistency network as a TrigFlow callable `fn(x_t, t)`, for the
     routines that speak TrigFlow (editing): `f(x_t / cos(t), sigma_data tan(t))` (SPEC 1.1), with t
@@ -119,13 +119,13 @@ def ve_consistency_as_trigflow(net, sigma_data: float = SIGMA_DATA, eps: float =
     return fn
 
 
-def trigflow_sampler_fn(net, sigma_d: float = 0.5, labels: torch.Tensor | None = None, guidance=None):
+def trigflow_sampler_fn(net, sigma_d: float = SIGMA_D, labels: torch.Tensor | None = None, guidance=None):
     """The consistency function of a TrigFlow network, as a sampler callable (`guidance`: the CFG
     scale for a student that takes it as input)."""
     return lambda x_t, t: trigflow_consistency(net, x_t, t, sigma_d, labels, guidance)
 
 
-def trigflow_search_grid(points: int = 40, sigma_d: float = 0.5, sigma_min: float = 0.002,
+def trigflow_search_grid(points: int = 40, sigma_d: float = SIGMA_D, sigma_min: float = 0.002,
                          sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
     """Candidate times for `ternary_search_times`: the Karras noise levels (SPEC 1.2) as TrigFlow
     times `arctan(sigma / sigma_d)`, decreasing, `points` of them."""
@@ -225,7 +225,7 @@ class _Multistep(Sampler):
     len(times), starting at `t_max` by default."""
 
     net: torch.nn.Module
-    sigma_d: float = SIGMA_DATA
+    sigma_d: float = SIGMA_D
     guidance_input: bool = False  # the network takes the CFG scale as an input (sCD's guidance_range)
     t_max: float = HALF_PI  # where sampling starts: pi/2 is the exact prior
 

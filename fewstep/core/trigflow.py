@@ -13,6 +13,7 @@ import math
 import torch
 
 HALF_PI = math.pi / 2
+SIGMA_D = 0.5  # the per-dimension data std TrigFlow's parameterization assumes; the default everywhere
 
 
 def expand_to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

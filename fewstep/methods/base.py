@@ -27,6 +27,9 @@ from typing import Callable, ClassVar
 
 import torch
 
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D
+
 METHODS: dict[str, type] = {}
 
 
@@ -50,7 +53,7 @@ class Method:
     name: ClassVar[str] = ""
     takes_teacher: ClassVar[bool] = False
     parameterization: ClassVar[str] = "trigflow"  # how the network is read: "trigflow" (SPEC 1.1) or "edm" (1.2)
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         raise NotImplementedError
@@ -84,20 +87,14 @@ class Method:
         changes over a run (PD; None: the run's end)."""
         from fewstep.core.ode import ODESampler
 
-        return ODESampler(net, self.sigma_d, num_classes=network_features(net)[0])
-
-
-def network_features(net) -> tuple[int, bool]:
-    """`(num_classes, guidance_input)` of a network: the null label CFG needs, and whether it takes
-    the CFG scale as an input."""
-    return int(getattr(net, "num_classes", 0) or 0), bool(getattr(net, "guidance_input", False))
+        return ODESampler(net, self.sigma_d, num_classes=network_info(net).num_classes)
 
 
 class CallableMethod(Method):
     """A plain callable `loss, stats = fn(net, x0, labels, step)` as a method: every optional part
     takes the protocol's default."""
 
-    def __init__(self, fn: Callable, sigma_d: float = 0.5):
+    def __init__(self, fn: Callable, sigma_d: float = SIGMA_D):
         self.fn, self.sigma_d = fn, sigma_d
 
     def __call__(self, net, x0, labels=None, step=0):
@@ -110,7 +107,7 @@ def as_method(obj) -> Method:
         return obj
     if not callable(obj):
         raise TypeError(f"a method is a callable loss(net, x0, labels, step); got {type(obj).__name__}")
-    return CallableMethod(obj, getattr(obj, "sigma_d", 0.5))
+    return CallableMethod(obj, getattr(obj, "sigma_d", SIGMA_D))
 
 
 def method_config(method) -> dict:

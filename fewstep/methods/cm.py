@@ -30,10 +30,11 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
+from fewstep.core.edm import EPS, RHO, T_MAX, edm_consistency, karras_grid
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.core.trigflow import expand_to
+from fewstep.core.trigflow import SIGMA_D, expand_to
+from fewstep.networks.contract import network_info
 
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
@@ -113,7 +114,7 @@ def _draw_pair(sigmas: torch.Tensor, like: torch.Tensor, probs: torch.Tensor | N
 
 @dataclass
 class _DiscreteCM(Method):
-    sigma_data: float = SIGMA_DATA
+    sigma_data: float = SIGMA_D
     eps: float = EPS
     sigma_max: float = T_MAX
     rho: float = RHO
@@ -261,7 +262,7 @@ class ICT(_DiscreteCM):
         return self._loss(pred, target, 1.0 / (s_hi - s_lo), N)
 
 
-def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIGMA_DATA,
+def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIGMA_D,
                           guidance: float = 1.0, null_label: int | None = None) -> Callable:
     """A frozen diffusion teacher as an EDM denoiser `D(x, sigma, labels)` (no gradients):
     an EDM network directly, a TrigFlow velocity network through `trigflow_to_edm`;
@@ -275,7 +276,7 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
     model = (edm_net_denoiser(net, sigma_data) if formulation == "edm"
              else trigflow_to_edm(trigflow_net_velocity(net, sigma_data), sigma_data))
     if null_label is None:
-        null_label = getattr(net, "num_classes", 0) or None
+        null_label = network_info(net).num_classes or None
 
     @torch.no_grad()
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

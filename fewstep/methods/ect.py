@@ -50,7 +50,8 @@ import torch
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.cm import cm_distance
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.core.trigflow import expand_to, time_dtype, trigflow_consistency, trigflow_noise
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D, expand_to, time_dtype, trigflow_consistency, trigflow_noise
 
 MAPPINGS = ("sigmoid", "const")
 WEIGHTINGS = ("inv_dt", "edm", "none")
@@ -72,7 +73,7 @@ def ect_mapping(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: 
     return (t * (1 - n / q ** (stage + 1))).clamp(min=0)
 
 
-def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str = "inv_dt", sigma_d: float = 0.5) -> torch.Tensor:
+def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str = "inv_dt", sigma_d: float = SIGMA_D) -> torch.Tensor:
     """`1 / (t - r)` ('inv_dt'), EDM's `(t^2 + sigma_d^2) / (t sigma_d)^2` ('edm'), or 1 ('none'); EDM sigmas."""
     if weighting == "inv_dt":
         return 1.0 / (t - r)
@@ -106,7 +107,7 @@ class ECT(Method):
     """Easy Consistency Tuning (module docstring): `--teacher RUN` starts from a diffusion model;
     `method.from_teacher=false` trains from random weights (or from `train.init_from`)."""
 
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -1.1  # log-normal noise levels t (EDM sigma), ECT's (= iCT's)
     p_std: float = 2.0
     q: float = 2.0  # dt shrinks by q per stage
@@ -138,9 +139,8 @@ class ECT(Method):
     def sampler(self, net, step=None):
         """Multistep consistency sampling in TrigFlow, from ECT's own starting time (`t_max`)."""
         from fewstep.core.samplers import TrigFlowConsistencySampler
-        from fewstep.methods.base import network_features
 
-        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_features(net)[1],
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input,
                                           t_max=self.t_max)
 
     @property

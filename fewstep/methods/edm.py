@@ -14,16 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.core.edm import edm_denoiser
-from fewstep.methods.base import Method, network_features, register_method
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.core.trigflow import expand_to
+from fewstep.core.trigflow import SIGMA_D, expand_to
+from fewstep.networks.contract import network_info
 
 
 @register_method("edm")
 @dataclass
 class EDMDiffusion(Method):
-    sigma_data: float = 0.5
+    sigma_data: float = SIGMA_D
     p_mean: float = -1.2
     p_std: float = 1.2
     adaptive_weight: bool = False
@@ -39,7 +40,7 @@ class EDMDiffusion(Method):
         """The EDM probability-flow ODE, Heun on the Karras schedule."""
         from fewstep.core.ode import ODESampler
 
-        return ODESampler(net, self.sigma_data, "edm", num_classes=network_features(net)[0])
+        return ODESampler(net, self.sigma_data, "edm", num_classes=network_info(net).num_classes)
 
     def __post_init__(self):
         check_range("method.sigma_data", self.sigma_data, 0, low_open=True)

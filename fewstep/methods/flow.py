@@ -14,7 +14,8 @@ import torch
 
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
-from fewstep.core.trigflow import lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import SIGMA_D, lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.networks.contract import network_info
 
 
 def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | None:
@@ -22,13 +23,13 @@ def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | No
     if labels is None or p <= 0:
         return labels
     drop = torch.rand(labels.shape, device=labels.device) < p
-    return torch.where(drop, torch.full_like(labels, net.num_classes), labels)
+    return torch.where(drop, torch.full_like(labels, network_info(net).num_classes), labels)
 
 
 @register_method("flow")
 @dataclass
 class FlowMatching(Method):
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -1.0
     p_std: float = 1.4
     adaptive_weight: bool = True

@@ -63,7 +63,8 @@ from fewstep.jvp import JVP_MODES, jvp
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.core.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import (HALF_PI, SIGMA_D, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
                               trigflow_velocity)
 
 # py-meanflow's CIFAR-10 recipe as MeanFlow fields (module docstring): its logit-normal(-2, 2) on the
@@ -73,7 +74,7 @@ PY_MEANFLOW_CIFAR10 = {"p_mean": -2.0, "p_std": 2.0, "ratio_r_neq_t": 0.75, "ada
 
 def check_second_time(net) -> None:
     """MeanFlow's network takes the second time r (`second_time = True`; the network contract)."""
-    if not getattr(net, "second_time", False):
+    if not network_info(net).second_time:
         raise ValueError("method 'meanflow' needs a network that takes a second time r: set network.second_time=true "
                          "(fewstep's UNet, MLP, DiT), or give your network an `r` keyword and `second_time = True`")
 
@@ -182,7 +183,7 @@ class MeanFlow(Method):
 
     network_options: ClassVar[dict] = {"second_time": True}  # what its network must be built with
 
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -0.4  # log-normal times (the paper's logit-normal, exactly; module docstring)
     p_std: float = 1.0
     ratio_r_neq_t: float = 0.25  # fraction of the batch with r != t (paper: 25%)
@@ -223,7 +224,7 @@ class MeanFlow(Method):
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         check_second_time(net)
-        if self.guided and (labels is None or not getattr(net, "num_classes", 0)):
+        if self.guided and (labels is None or not network_info(net).num_classes):
             raise ValueError("method.guidance needs class labels: set network.class_conditional=true "
                              "(on labelled data)")
         labels = drop_labels(labels, self.label_dropout, net)
@@ -244,9 +245,8 @@ class MeanFlow(Method):
     def sampler(self, net, step=None):
         """Flow-map sampling with the average velocity u(z, r, t)."""
         from fewstep.core.samplers import FlowMapSampler
-        from fewstep.methods.base import network_features
 
-        return FlowMapSampler(net, self.sigma_d, guidance_input=network_features(net)[1])
+        return FlowMapSampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input)
 
 
 __all__ = ["JVP_MODES", "PY_MEANFLOW_CIFAR10", "MeanFlow", "check_second_time", "guided_velocity", "meanflow_jvp",

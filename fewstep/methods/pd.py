@@ -26,9 +26,10 @@ from dataclasses import InitVar, dataclass, field
 
 import torch
 
-from fewstep.methods.base import Method, network_features, register_method
+from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_range, per_sample_mse
-from fewstep.core.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
+from fewstep.core.trigflow import SIGMA_D, expand_to, net_velocity, time_dtype, trigflow_noise
+from fewstep.networks.contract import network_info
 
 
 def ddim_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class ProgressiveDistillation(Method):
     is kept and replaced by the student at each round's end."""
 
     teacher: InitVar[torch.nn.Module | None] = None
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     start_steps: int = 64  # the round-0 teacher's DDIM steps; the student of round 0 takes half
     min_steps: int = 1  # the last round's student steps
     total_steps: int = 0  # the run length the rounds split (0: the run's train.steps)
@@ -101,7 +102,7 @@ class ProgressiveDistillation(Method):
 
         step = self.total_steps if step is None else step
         steps = pd_student_steps(max(step - 1, 0), self.start_steps, self.min_steps, max(self.total_steps, 1))
-        return ODESampler(net, self.sigma_d, num_classes=network_features(net)[0], solver="ddim", steps=steps,
+        return ODESampler(net, self.sigma_d, num_classes=network_info(net).num_classes, solver="ddim", steps=steps,
                           grid="uniform")
 
     def student_steps(self, step: int) -> int:

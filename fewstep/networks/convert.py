@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fewstep.core.edm import EPS, T_MAX
+from fewstep.core.trigflow import SIGMA_D
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
 STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.")
@@ -59,7 +60,7 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
                        steps: int = 2000, lr: float = 3e-3) -> float:
     """Fit `student_emb.mlp(pos(t))` to `teacher_emb.mlp(pos(teacher_time(t)))` on the grid `t`.
 
-    Both are `fewstep.networks.layers.TimeEmbedding`s; only the student's MLP changes (class
+    Both are `fewstep.networks.layers.Conditioning`s; only the student's MLP changes (class
     and guidance embeddings are added after it). Full-batch Adam with cosine decay. Returns
     the final relative RMS error of the fit.
     """
@@ -83,7 +84,7 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
     return float(err)
 
 
-def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = 0.5,
+def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = SIGMA_D,
                          fit_steps: int = 2000, student_formulation: str = "trigflow") -> dict:
     """Initialize a student from a teacher network of the same architecture.
 

@@ -37,6 +37,7 @@ from fewstep.training.distributed import (all_finite, any_process, barrier, broa
 from fewstep.training import fsdp
 from fewstep.training.ema import EMA
 from fewstep.methods.base import Method, as_method
+from fewstep.networks.contract import network_info
 
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
@@ -236,7 +237,7 @@ class BatchStream:
 def _data_info(data, x0: torch.Tensor | None, net) -> dict:
     """kind, shape, num_classes; and `latents` (the VAE that decodes them) for latent data."""
     info = {"kind": getattr(data, "kind", None), "shape": list(getattr(data, "shape", None) or x0.shape[1:]),
-            "num_classes": int(getattr(data, "num_classes", getattr(net, "num_classes", 0)) or 0)}
+            "num_classes": int(getattr(data, "num_classes", network_info(net).num_classes) or 0)}
     if info["kind"] is None:
         info["kind"] = "image" if x0.ndim == 4 else "vector"
     if getattr(data, "latents", None):
@@ -462,7 +463,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                     data_info = run.data_info = _data_info(data, x0, net)
                 x0 = x0.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True) if labels is not None and \
-                    getattr(net, "num_classes", 0) else None
+                    network_info(net).num_classes else None
                 last = micro == grad_accum - 1
                 # DDP all-reduces in the last micro-batch's backward only
                 with (eager_model.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()):

@@ -53,7 +53,8 @@ def is_sharded(net: nn.Module) -> bool:
 def shard(net: nn.Module, precision: str = "fp32", mesh=None,
           called_outside_forward: tuple[str, ...] = ("weight_head",)) -> nn.Module:
     """`fully_shard` each of `blocks(net)`, then the root, over `mesh` (None: all
-    processes of the default group). 'bf16': forward in bfloat16, gradients reduced in float32;
+    processes of the default group). 'bf16': the blocks' forward in bfloat16 (the root's, with the
+    time embedding, in float32), gradients reduced in float32;
     'fp32': the parameters' own dtype throughout. Returns `net` itself (sharded in place).
 
     `called_outside_forward`: submodules (by name) that the methods call directly rather than
@@ -65,16 +66,20 @@ def shard(net: nn.Module, precision: str = "fp32", mesh=None,
     after anything that copies the unsharded net (the EMA)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    kwargs = {"mesh": mesh}
+    kwargs, root = {"mesh": mesh}, {"mesh": mesh}
     if precision == "bf16":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The blocks compute in bf16; the root (stem, head, time embedding) in float32, so that t
+        # reaches the time embedding unrounded (a bf16 t near pi/2 is off by up to 0.008; rcm).
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                   output_dtype=torch.float32)
+        root["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in blocks(net):
         fully_shard(block, **kwargs)
     for name in called_outside_forward:
         module = getattr(net, name, None)
         if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
-            fully_shard(module, **kwargs)
-    fully_shard(net, **kwargs)
+            fully_shard(module, **root)
+    fully_shard(net, **root)
     return net
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from fewstep.core.trigflow import SIGMA_D
+from fewstep.networks.contract import network_info
+
 
 @dataclass
 class Restored:
@@ -92,7 +95,7 @@ def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: boo
         raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None
     return Restored(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
-                    int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device,
+                    network_info(net).num_classes, config, json_path, int(state["step"]), prefix, device,
                     info.get("latents"))
 
 
@@ -106,7 +109,7 @@ def restore_diffusers(source, device: str | torch.device = "cpu", sigma_d: float
 
     record = read_diffusers_source(source, scheduler).fewstep or {}
     if sigma_d is None:
-        sigma_d = float(record.get("method", {}).get("sigma_d", 0.5))
+        sigma_d = float(record.get("method", {}).get("sigma_d", SIGMA_D))
     net, src = load_diffusers_network(source, sigma_d, scheduler, device=device)
     method = build_method(record.get("method") or {"name": "flow", "sigma_d": sigma_d})
     size = src.config.get("sample_size")
