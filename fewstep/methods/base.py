@@ -16,6 +16,7 @@ typing) for the rest:
 | `setup(net, total_steps)` | nothing | methods with curricula laid out over the run |
 | `after_step(net, step) -> bool` | False | EMA targets (CD, CT); True restarts the sampling EMA (PD) |
 | `state_tensors()` / `load_state_tensors(net, tensors)` | none | EMA targets, PD's current teacher |
+| `extra_networks(net)` | none | the networks behind those tensors (sharded like `net` under fsdp) |
 | `consistency_fn(net, labels, guidance)` | TrigFlow `f` | discrete-time (VE) models (for editing) |
 | `sample(net, noise, times, generator, labels, guidance)` | multistep consistency sampling | VE models: CM Algorithm 1 |
 | `ode(net, labels, guidance)`, `ode_times(steps)`, `default_ode_sampler`, `default_sample_steps()` | TrigFlow velocity, Heun | EDM, PD |
@@ -80,6 +81,11 @@ class Method:
     def load_state_tensors(self, net: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint has {sorted(tensors)[:3]}")
+
+    def extra_networks(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The networks the method trains beside `net` (created now if they are made from it); a
+        sharding strategy shards them like `net`. Their weights are in `state_tensors`."""
+        return {}
 
     # -- sampling ---------------------------------------------------------------------------
 

@@ -181,7 +181,8 @@ class Built:
 def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     """Config -> network, method (teacher included), data, optimizer and `fit` options. `out_dir`:
     a run folder that already holds checkpoints skips the student's initialization from its teacher."""
-    from fewstep.training.callbacks import SamplePreviews, TensorBoard
+    from fewstep.apps.callbacks import LossCurves, SamplePreviews
+    from fewstep.training.callbacks import TensorBoard, WandB
     from fewstep.training.checkpoint import list_checkpoints
     from fewstep.networks import build_network, network_spec
     from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
@@ -238,8 +239,8 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         ckpt_every=tc.ckpt_every, keep_ckpts=tc.keep_ckpts, resume=tc.resume, max_nonfinite=tc.max_nonfinite,
         progress=tc.progress, config=cfg.to_dict(), parallel=tc.parallel, grad_accum=tc.grad_accum, compile=tc.compile,
         sharded_checkpoints=tc.sharded_checkpoints,
-        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset)]
-        + ([TensorBoard()] if tc.tensorboard else []))
+        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset), LossCurves()]
+        + ([TensorBoard()] if tc.tensorboard else []) + ([WandB(tc.wandb_project)] if tc.wandb else []))
     return Built(net, method, dataset, options, teacher)
 
 
