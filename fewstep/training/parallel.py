@@ -140,6 +140,10 @@ class FSDP(Parallel):
         self.preview = copy.deepcopy(ema_net) if self.is_main else None  # unsharded, for callbacks
         for module in (net, ema_net, *extra.values()):
             fsdp.shard(module, precision)  # in place: every parameter becomes a DTensor shard
+        for module in extra.values():
+            # FSDP2 keeps a root's weights gathered after its forward, for the backward; these run
+            # without one, and their weights must be shards again for the update (a lerp on shards).
+            module.register_forward_hook(lambda module, args, output: module.reshard())
         params = dict(net.named_parameters())
         groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [params[n] for n in group_names]}
                   for group, group_names in zip(optimizer.param_groups, names)]
