@@ -231,6 +231,10 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     workers = default_workers(dataset) if cfg.data.workers is None else cfg.data.workers
+    try:
+        loggers = ([TensorBoard()] if tc.tensorboard else []) + ([WandB(tc.wandb_project)] if tc.wandb else [])
+    except ImportError as e:  # an optional extra that is not installed: one line
+        raise ConfigError(str(e)) from None
     options = dict(
         steps=tc.steps, optimizer=make_optimizer(cfg.optim, net.parameters()),
         lr_schedule=functools.partial(learning_rate, cfg.optim, total_steps=tc.steps), batch_size=tc.batch_size,
@@ -239,8 +243,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         ckpt_every=tc.ckpt_every, keep_ckpts=tc.keep_ckpts, resume=tc.resume, max_nonfinite=tc.max_nonfinite,
         progress=tc.progress, config=cfg.to_dict(), parallel=tc.parallel, grad_accum=tc.grad_accum, compile=tc.compile,
         sharded_checkpoints=tc.sharded_checkpoints,
-        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset), LossCurves()]
-        + ([TensorBoard()] if tc.tensorboard else []) + ([WandB(tc.wandb_project)] if tc.wandb else []))
+        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset), LossCurves(), *loggers])
     return Built(net, method, dataset, options, teacher)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class WandB(Callback):
     def _open(self, run: Run):
         if self.run is None:
             id_file = run.out_dir / "wandb-id"
-            run_id = id_file.read_text().strip() if id_file.exists() else self._wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.run = self._wandb.init(project=self.project, name=run.out_dir.name, id=run_id, resume="allow",
                                         config=run.config, dir=os.environ.get("WANDB_DIR", str(run.out_dir)))
