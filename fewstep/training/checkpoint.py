@@ -228,6 +228,12 @@ class Checkpointer:
     def list(self) -> list[Path]:
         return list_checkpoints(self.directory)
 
+    def refuse_existing(self) -> None:
+        """A fresh run (no resume) over old checkpoints would mix two runs and prune the new one's files."""
+        if self.list():
+            raise ValueError(f"resume is off but {self.directory} already holds checkpoints (a new run would mix "
+                             f"with them and prune its own); choose another out_dir or delete them")
+
     def last_good(self) -> str:
         good = self.list()
         return f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"

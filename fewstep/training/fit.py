@@ -176,8 +176,9 @@ def _data_info(data, x0: torch.Tensor | None, net) -> dict:
     return info
 
 
-def _record_of(net, method) -> tuple[dict | None, dict]:
-    """What a checkpoint needs to rebuild the network and the method (None: an unregistered net)."""
+def _record_of(net, method, config: dict | None, data_info: dict | None, steps: int, seed: int) -> dict:
+    """What a checkpoint needs to rebuild the run: config, network spec (None: an unregistered
+    net), method config, data info."""
     from fewstep.methods.base import method_config
     from fewstep.networks.registry import UnknownNetworkError, network_spec
 
@@ -192,9 +193,26 @@ def _record_of(net, method) -> tuple[dict | None, dict]:
     except ValueError as e:
         warnings.warn(f"{e}; training continues, but `fewstep sample` will not know how to sample it", stacklevel=3)
         method_cfg = {"name": getattr(method, "name", type(method).__name__)}
-    return spec, method_cfg
+    config = dict(config) if config else {"method": method_cfg, "train": {"steps": steps, "seed": seed}}
+    return {"config": config, "network": spec, "method": method_cfg, "data": data_info}
 
 
+def _batches(data, data_info, net, batch_size, workers, seed, dist_info, device):
+    """A fewstep `Dataset` batched by `make_loader` (shuffled per epoch, split across processes), with
+    its info; any other iterable as it is."""
+    from fewstep.data import Dataset, make_loader
+
+    if not isinstance(data, Dataset):
+        return data, data_info
+    if batch_size is None:
+        raise ValueError("fit needs batch_size= to batch a fewstep Dataset")
+    return make_loader(data, batch_size, seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
+                       workers=workers, pin_memory=device.type == "cuda"), data_info or _data_info(data, None, net)
+
+
+def _to_device(x0, labels, net, device):
+    labels = labels.to(device, non_blocking=True) if labels is not None and getattr(net, "num_classes", 0) else None
+    return x0.to(device, non_blocking=True), labels
 
 
 def _check_positive(**values) -> None:
@@ -292,7 +310,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     Resumes from the latest good checkpoint in `out_dir` when `resume`. Returns the summary that
     `metrics.json` holds.
     """
-    from fewstep.data import Dataset, make_loader, unpack_batch
+    from fewstep.data import unpack_batch
 
     _check_positive(steps=steps, grad_accum=grad_accum, log_every=log_every, max_nonfinite=max_nonfinite)
     out_dir = Path(out_dir)
@@ -300,37 +318,29 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     dist_info, device = init_distributed(resolve_device(device))
     par = make_parallel(parallel, dist_info, device)
     checkpoints = Checkpointer(out_dir / "checkpoints", par, keep_ckpts, sharded_checkpoints)
-    if not resume and checkpoints.list():
-        raise ValueError(f"resume is off but {checkpoints.directory} already holds checkpoints (a new run would mix "
-                         f"with them and prune its own); choose another out_dir or delete them")
+    if not resume:
+        checkpoints.refuse_existing()
     net.to(device)
     broadcast_parameters(net, dist_info)  # the same initial weights everywhere (ddp, fsdp)
     torch.manual_seed(seed + 1_000_003 * dist_info.rank)  # each process draws its own noise
-    if isinstance(data, Dataset):
-        if batch_size is None:
-            raise ValueError("fit needs batch_size= to batch a fewstep Dataset")
-        data_info = data_info or _data_info(data, None, net)
-        data = make_loader(data, batch_size, seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
-                           workers=workers, pin_memory=device.type == "cuda")
+    data, data_info = _batches(data, data_info, net, batch_size, workers, seed, dist_info, device)
     method = as_method(method)
     method.setup(net, steps)
     optimizer = optimizer or torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
     ema = EMA(net, ema_decay, ema_sigma_rel)
     eager, optimizer = par.prepare(net, ema.net, method, optimizer, precision)
     model = _compiled(eager, compile, par.is_main)
-    spec, method_cfg = _record_of(net, method)
-    config = dict(config) if config else {"method": method_cfg, "train": {"steps": steps, "seed": seed}}
-    if par.is_main and "data" in config:
-        (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    record = _record_of(net, method, config, data_info, steps, seed)
+    if par.is_main and "data" in record["config"]:
+        (out_dir / "config.json").write_text(json.dumps(record["config"], indent=1))
     state = TrainState(net, ema, optimizer, method, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                       BatchStream(data), {"config": config, "network": spec, "method": method_cfg, "data": data_info})
+                       BatchStream(data), record)
     found = checkpoints.load_latest(state) if resume else None
     if found and par.is_main:
         print(f"resumed from {found} at step {state.step}")
-    run = Run(out_dir, net, par.ema_view(ema.net), method, state.record["data"] or {}, steps, state.step, config)
+    run = Run(out_dir, net, par.ema_view(ema.net), method, record["data"] or {}, steps, state.step, record["config"])
     callbacks, log = list(callbacks), StatsLog(out_dir / "log.jsonl", state.step, par.is_main)
-    bar = tqdm(total=steps, initial=state.step, disable=not (progress and par.is_main), dynamic_ncols=True,
-               unit="step")
+    bar = tqdm(total=steps, initial=state.step, disable=not (progress and par.is_main), dynamic_ncols=True)
     nonfinite_run = 0
     net.train()
     try:
@@ -345,10 +355,8 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 for micro in range(grad_accum):  # K micro-batches = one batch K times larger
                     x0, labels = unpack_batch(next(state.stream))
                     if not run.data_info:
-                        run.data_info = state.record["data"] = _data_info(data, x0, net)
-                    x0 = x0.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True) if labels is not None and \
-                        getattr(net, "num_classes", 0) else None
+                        run.data_info = record["data"] = _data_info(data, x0, net)
+                    x0, labels = _to_device(x0, labels, net, device)
                     with par.micro_batch(eager, last=micro == grad_accum - 1):
                         loss, stats, model = _micro_batch_loss(method, model, eager, x0, labels, step, device,
                                                                precision, par.is_main)
