@@ -78,18 +78,6 @@ def save_checkpoint(directory: str | Path, step: int, tensors: dict[str, torch.T
     return json_path
 
 
-def load_latest_good(directory: str | Path, device="cpu") -> tuple[Path, dict[str, torch.Tensor], dict] | None:
-    """The newest checkpoint in `directory` that reads back, as (path, tensors, state); a damaged
-    newer one (truncated, say) is skipped with a warning naming the file. None when there is none."""
-    for path in reversed(list_checkpoints(directory)):
-        try:
-            tensors, state = load_checkpoint(path, device=device)
-            return path, tensors, state
-        except CheckpointError as e:
-            warnings.warn(f"skipping a damaged checkpoint: {e}; falling back to the one before", stacklevel=2)
-    return None
-
-
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints (JSON and tensors both present), oldest first."""
     directory = Path(directory)

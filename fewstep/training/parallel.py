@@ -119,10 +119,12 @@ class DDP(Parallel):
     def prepare(self, net, ema_net, method, optimizer, precision):
         return wrap_ddp(net, self.device), optimizer
 
-    # DDP(static_graph=True) under `no_sync` crashes at the first backward with "expect_autograd_hooks_
-    # INTERNAL ASSERT FAILED" and, once past it, stops all-reducing (pytorch#143580, #187732): every
-    # micro-batch all-reduces instead. Accumulating already-averaged gradients is exact: the mean of
-    # (g_prev + g_local) over processes is g_prev + the mean of g_local.
+    def micro_batch(self, model, last):
+        # Not `model.no_sync()`: under DDP(static_graph=True), which the methods' several forwards per
+        # step need, it crashes at the first backward ("expect_autograd_hooks_ INTERNAL ASSERT FAILED")
+        # and once past that stops all-reducing (pytorch#143580, #187732). Every micro-batch all-reduces
+        # instead, which is exact: the mean of (g_prev + g_local) over processes is g_prev + mean(g_local).
+        return contextlib.nullcontext()
 
 
 class FSDP(Parallel):
