@@ -388,11 +388,11 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 state.step = run.step = step + 1
                 bar.update(1)
                 if (state.step % log_every == 0 or state.step == steps) and par.is_main:  # process 0's stats
-                    record = log.write(state.step, lr=optimizer.param_groups[0]["lr"],
-                                       nonfinite_total=state.nonfinite_total)
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", skipped=state.nonfinite_total)
+                    entry = log.write(state.step, lr=optimizer.param_groups[0]["lr"],
+                                      nonfinite_total=state.nonfinite_total)
+                    bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", skipped=state.nonfinite_total)
                     for cb in callbacks:
-                        cb.on_log(run, record)
+                        cb.on_log(run, entry)
                 par.refresh_ema_view(ema.net, any(cb.needs_ema(run) for cb in callbacks))
                 for cb in callbacks if par.is_main else ():
                     cb.on_step(run)
