@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-_LAZY = {"fit": "fewstep.training.fit", "Callback": "fewstep.training.fit", "build": "fewstep.training.build", "train": "fewstep.training.build"}
+_LAZY = {"fit": "fewstep.training.fit", "Callback": "fewstep.training.fit", "build": "fewstep.training.build", "train": "fewstep.apps.train"}
 
 
 def __getattr__(name):  # keep `import fewstep` light: torch loads on first use

@@ -93,6 +93,8 @@ class TrainConfig:
     sample_times: list[float] = field(default_factory=lambda: list(TWO_STEP_TIMES))
     num_samples: int = 64
     tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'fewstep[tensorboard]')
+    wandb: bool = False  # also log to Weights & Biases (pip install 'fewstep[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str | None = None  # its project (default 'fewstep')
     progress: bool = True
     teacher: str | None = None  # sCD/CD: the diffusion teacher: a fewstep run (flow or edm), a diffusers folder or Hub id
     teacher_scheduler: str | None = None  # a diffusers model folder's scheduler config (default: found beside it)

@@ -144,7 +144,8 @@ def test_build_leaves_the_config_unchanged(tmp_path):
     """`build` derives the config it trains (MeanFlow's second time input, the network of the run it
     starts from) and records that one; the caller's config compares equal before and after."""
     from fewstep.apps.generate import load_model
-    from fewstep.training.build import build, train
+    from fewstep.apps.train import train
+    from fewstep.training.build import build
 
     cfg = _tiny(method={"name": "meanflow"})
     before = copy.deepcopy(cfg)

@@ -211,9 +211,11 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     """`fewstep train --method flow`, then ECT with `--teacher RUN`: the student starts as the teacher's
     (EMA) network, weight for weight; it trains, saves, and samples in 1 and 2 steps (API and CLI).
     Without a teacher it trains from random weights, or starts from `train.init_from` alike."""
-    from fewstep.training.build import build, train
+    from fewstep.apps.train import train
+    from fewstep.training.build import build
     from fewstep.cli import main
     from fewstep.apps.generate import Schedule, generate, load_model
+    from fewstep.apps.callbacks import SamplePreviews
     from fewstep.training.fit import fit
 
     assert main(["train", "--preset", "8gaussians", "--method", "flow", "--set", "network.width=32", "--set",
@@ -227,7 +229,8 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     assert set(built.net.state_dict()) == set(teacher_weights)
     for key, value in built.net.state_dict().items():
         assert torch.equal(value, teacher_weights[key]), key
-    summary = fit(*built, tmp_path / "ect", **built.options)
+    previews = [SamplePreviews(0, 64, None, built.data)]  # what `train` adds: the final 1- and 2-step metrics
+    summary = fit(*built, tmp_path / "ect", **{**built.options, "callbacks": previews})
     assert summary["steps"] == 6 and set(summary["metrics"]) == {"1-step", "2-step"}
 
     model = load_model(tmp_path / "ect")

@@ -14,7 +14,7 @@ import torch
 from fewstep import data as fdata
 from fewstep.config import config_from_dict
 from fewstep.data import DataError, load_dataset
-from fewstep.training.build import train
+from fewstep.apps.train import train
 from fewstep.cli import build_parser
 from fewstep.apps.evaluate import evaluate
 from fewstep.apps.generate import cm_times

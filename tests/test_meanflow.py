@@ -433,7 +433,7 @@ def test_cfg_training_runs_and_config_checks():
 
 
 def test_build_fit_and_cli_sample(tmp_path, capsys):
-    from fewstep.training.build import train
+    from fewstep.apps.train import train
     from fewstep.cli import main
     from fewstep.config import config_from_dict
     from fewstep.apps.generate import Schedule, generate, load_model

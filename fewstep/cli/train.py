@@ -1,4 +1,4 @@
-"""`fewstep train`: a config (preset, file, flags, `--set`) -> `fewstep.training.build.train`."""
+"""`fewstep train`: a config (preset, file, flags, `--set`) -> `fewstep.apps.train.train`."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def build_train_config(args):
 def run(args) -> int:
     from dataclasses import replace
 
-    from fewstep.training.build import train
+    from fewstep.apps.train import train
     from fewstep.training.checkpoint import list_checkpoints
 
     cfg, out = build_train_config(args)

@@ -16,6 +16,7 @@ typing) for the rest:
 | `after_step(net, step) -> bool` | False | EMA targets (CD, CT); True restarts the sampling EMA (PD) |
 | `state_tensors()` / `load_state_tensors(net, tensors)` | none | EMA targets, PD's current teacher |
 | `sampler(net, step=None)` | TrigFlow PF-ODE, Heun | every few-step method; EDM, PD (`fewstep.core.samplers`) |
+| `extra_networks(net)` | none | the networks behind those tensors (sharded like `net` under fsdp) |
 
 Register a method with `@register_method("name")` so that configs and checkpoints can name it.
 """
@@ -78,6 +79,11 @@ class Method:
     def load_state_tensors(self, net: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint has {sorted(tensors)[:3]}")
+
+    def extra_networks(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The networks the method trains beside `net` (created now if they are made from it); a
+        sharding strategy shards them like `net`. Their weights are in `state_tensors`."""
+        return {}
 
     # -- sampling ---------------------------------------------------------------------------
 

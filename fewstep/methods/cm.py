@@ -191,6 +191,9 @@ class _EMATarget:
         if tensors:
             self._target(net).load_state_dict(tensors)
 
+    def extra_networks(self, net) -> dict[str, torch.nn.Module]:
+        return {"target": self._target(net)}
+
     def after_step(self, net, step: int) -> bool:
         self._ema(net, self.target_decay(step))
         return False

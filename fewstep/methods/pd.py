@@ -145,6 +145,9 @@ class ProgressiveDistillation(Method):
             out["_round_steps"] = torch.tensor(self.round_steps)
         return out
 
+    def extra_networks(self, net) -> dict[str, torch.nn.Module]:
+        return {} if self.teacher_net is None else {"teacher": self.teacher_net}
+
     def load_state_tensors(self, net, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)
         round_steps = tensors.pop("_round_steps", None)

@@ -15,13 +15,8 @@ import torch
 
 from fewstep.config import Config, ConfigError
 from fewstep.devices import resolve_device
+from fewstep.training.distributed import main_process
 from fewstep.training.registries import build_method, validate_against_registries, validate_network
-
-
-def _reports() -> bool:
-    """Whether this process prints the run's messages (process 0 under torchrun; before the
-    process group exists, so from the environment)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -79,7 +74,7 @@ def _encoded(cfg: Config, dataset):
     key = hashlib.sha256(json.dumps([source, where, weights], sort_keys=True, default=str).encode())
     path = latent_cache_dir() / f"{key.hexdigest()[:20]}.safetensors"
     if not path.exists():
-        if _reports():
+        if main_process():
             print(f"encoding {len(dataset)} images of {cfg.data.name!r} with the VAE {cfg.data.vae} -> {path}")
         encode_dataset(dataset, cfg.data.vae, path, source=source, progress=cfg.train.progress)
     return LatentDataset(path, name=cfg.data.name)
@@ -103,7 +98,7 @@ def _latent_method(cfg: Config, dataset) -> dict:
         return cfg.method
     measured = float(latents["sigma_d"])
     method = {"sigma_d": round(measured, 6), **cfg.method}
-    if _reports():
+    if main_process():
         print(f"latents {tuple(dataset.shape)} of {tuple(latents['pixel_shape'])} images (VAE {latents['vae']}): "
               f"sigma_d = {measured:.4f} measured; method.sigma_d = {method['sigma_d']}")
     return method
@@ -184,7 +179,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     """Config -> network, method (teacher included), data, optimizer and `fit` options. `out_dir`:
     a run folder that already holds checkpoints skips the student's initialization from its teacher.
     `cfg` is not changed: the resolved config (network and method as trained) is `Built.config`."""
-    from fewstep.training.callbacks import SamplePreviews, TensorBoard
+    from fewstep.training.callbacks import TensorBoard, WandB
     from fewstep.training.checkpoint import list_checkpoints
     from fewstep.networks import build_network, network_spec
     from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
@@ -215,14 +210,14 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":
             copy_teacher_weights(net, source.net)  # the same model behind the same exact conversion
-            if _reports():
+            if main_process():
                 print(f"student initialized from the diffusers model {tc.init_from or tc.teacher} "
                       f"({type(net.model).__name__}, {type(net.schedule).__name__} "
                       f"{net.schedule.kind}/{net.schedule.prediction})")
         elif not resuming:
             done = student_from_teacher(net, source.net, source.method.parameterization, method.sigma_d,
                                         student_formulation=method.parameterization)
-            if _reports():
+            if main_process():
                 print(f"network initialized from {what}" + (f": {done}" if done else ""))
     else:
         try:
@@ -233,6 +228,10 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     workers = default_workers(dataset) if cfg.data.workers is None else cfg.data.workers
+    try:
+        loggers = ([TensorBoard()] if tc.tensorboard else []) + ([WandB(tc.wandb_project)] if tc.wandb else [])
+    except ImportError as e:  # an optional extra that is not installed: one line
+        raise ConfigError(str(e)) from None
     options = dict(
         steps=tc.steps, optimizer=make_optimizer(cfg.optim, net.parameters()),
         lr_schedule=functools.partial(learning_rate, cfg.optim, total_steps=tc.steps), batch_size=tc.batch_size,
@@ -241,8 +240,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         ckpt_every=tc.ckpt_every, keep_ckpts=tc.keep_ckpts, resume=tc.resume, max_nonfinite=tc.max_nonfinite,
         progress=tc.progress, config=cfg.to_dict(), parallel=tc.parallel, grad_accum=tc.grad_accum, compile=tc.compile,
         sharded_checkpoints=tc.sharded_checkpoints,
-        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset)]
-        + ([TensorBoard()] if tc.tensorboard else []))
+        callbacks=loggers)  # previews and loss curves: `fewstep.apps.train` adds them
     return Built(net, method, dataset, options, teacher, cfg)
 
 
@@ -262,23 +260,3 @@ def after_pretrain_config(cfg: Config, pre_dir: str | Path) -> Config:
     distillation method, else the starting weights."""
     key = "teacher" if build_method(cfg.method).takes_teacher else "init_from"
     return replace(cfg, train=replace(cfg.train, pretrain_steps=0, **{key: str(pre_dir)}))
-
-
-def train(cfg: Config, out_dir: str | Path) -> dict:
-    """Train `cfg` into `out_dir`: `fit` over what `build(cfg)` makes. Resumes from the latest
-    checkpoint in `out_dir` when `train.resume`. With `train.pretrain_steps`, a flow-matching run
-    is trained first into `<out_dir>/pretrain` (resumed, or skipped once finished) and becomes the
-    teacher (sCD, ECT, CD, PD) or the starting weights (sCT, MeanFlow, ...)."""
-    from fewstep.training.fit import fit
-
-    if cfg.train.pretrain_steps:
-        validate_against_registries(cfg.validate())  # the whole run's mistakes before stage 1, not after it
-        pre_dir = Path(out_dir) / "pretrain"
-        if _reports():
-            print(f"stage 1: flow matching, {cfg.train.pretrain_steps} steps -> {pre_dir}")
-        train(pretrain_config(cfg), pre_dir)
-        cfg = after_pretrain_config(cfg, pre_dir)
-        if _reports():
-            print(f"stage 2: {cfg.method['name']} from the flow model, {cfg.train.steps} steps -> {out_dir}")
-    built = build(cfg, out_dir)
-    return fit(*built, out_dir, **built.options)

@@ -38,6 +38,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def main_process() -> bool:
+    """Whether this process prints the run's messages: process 0 under torchrun, read from the
+    environment (it holds before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group `torchrun` describes (env WORLD_SIZE > 1); a single process otherwise.
     Returns the process's place and its device (CUDA: the GPU of its local rank)."""

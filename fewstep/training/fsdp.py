@@ -150,7 +150,8 @@ def load_full_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, 
                          f"the optimizer {len(optimizer.param_groups)}")
     osd = {"state": state, "param_groups": groups}
     if is_sharded(net):
-        set_optimizer_state_dict(net, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        # strict=False: parameters that never had a gradient (a head the method does not use) have no state
+        set_optimizer_state_dict(net, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     params = dict(net.named_parameters(remove_duplicate=False))
     ids = {}  # plain `Optimizer.load_state_dict` keys parameters by their index over the groups
@@ -294,4 +295,5 @@ def load_sharded_state(files: list[Path], meta: dict, net: nn.Module, ema_net: n
             state.setdefault(fqn, {})[key] = local(name, params[fqn])
     groups = [{k: (type(live[k])(v) if isinstance(live.get(k), tuple) else v) for k, v in g.items()}
               for g, live in zip(meta["optimizer"]["param_groups"], optimizer.param_groups)]
-    set_optimizer_state_dict(net, optimizer, {"state": state, "param_groups": groups}, options=options)
+    set_optimizer_state_dict(net, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=False, strict=False))
