@@ -102,7 +102,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size each)
     compile: bool = False  # torch.compile the network (falls back to eager with a message)
     sharded_checkpoints: bool = False  # fsdp: each process writes its own shards (models beyond one process)
-    init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
+    init_from_teacher: bool = True  # sCD: start from the teacher's weights (docs/math.md#stabilizers; networks/convert.py)
     init_from: str | None = None  # fine-tune: start from this run's network and (EMA) weights
     pretrain_steps: int = 0  # first train flow matching this long into <out>/pretrain: the teacher or the start
     pretrain_lr: float | None = None  # its learning rate (default optim.lr)

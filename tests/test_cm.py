@@ -1,4 +1,4 @@
-"""Discrete-time consistency models (SPEC 3): schedules, metrics, and the CD / CT / iCT losses
+"""Discrete-time consistency models (docs/math.md#cm-ct-and-ict): schedules, metrics, and the CD / CT / iCT losses
 against the exact consistency function of Gaussian data (EDM/VE closed forms, float64)."""
 
 import math
@@ -21,7 +21,7 @@ EPS = 0.002
 
 class OracleVENet(torch.nn.Module):
     """`F(c_in x, ln(sigma) / 4)` whose consistency parameterization (boundary at eps) is exactly the
-    VE consistency function f* of N(MU, S^2 I) (SPEC 9)."""
+    VE consistency function f* of N(MU, S^2 I) (docs/math.md#gaussian-closed-forms)."""
 
     num_classes = 0
 

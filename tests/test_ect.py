@@ -1,7 +1,7 @@
-"""Easy Consistency Tuning (SPEC 10), checked against math and end to end:
+"""Easy Consistency Tuning (docs/math.md#meanflow), checked against math and end to end:
 
 - the mapping function and its curriculum (dt halves per stage with q = 2);
-- at the exact consistency function of Gaussian data (SPEC 9), the residual
+- at the exact consistency function of Gaussian data (docs/math.md#gaussian-closed-forms), the residual
   `f*(x_t, t) - f*(x_r, r)` on the shared-noise pair has a closed-form law: the loss matches it,
   and vanishes as dt -> 0 at the order the math says (measured across stages);
 - r = 0 is the diffusion (denoising) loss, and the two passes share their dropout masks;

@@ -1,4 +1,4 @@
-"""MeanFlow (SPEC 10), checked against the closed forms of Gaussian data (SPEC 9):
+"""MeanFlow (docs/math.md#meanflow), checked against the closed forms of Gaussian data (docs/math.md#gaussian-closed-forms):
 
 - the exact average velocity `u*(x, r, t) = (x - Phi_{t->r}(x)) / (t - r)` as a network: the MeanFlow
   loss and its gradient vanish there (exactly with the exact velocity, in expectation with the
@@ -39,7 +39,7 @@ def col(t, x):
 
 
 def phi(x, r, t, mu=MU, s=S, sd=SD):
-    """The exact TrigFlow flow map `Phi_{t->r}(x) = cos r mu + (x - cos t mu) sqrt(q(r) / q(t))` (SPEC 9)."""
+    """The exact TrigFlow flow map `Phi_{t->r}(x) = cos r mu + (x - cos t mu) sqrt(q(r) / q(t))` (docs/math.md#gaussian-closed-forms)."""
     r, t = col(r, x), col(t, x)
     return torch.cos(r) * mu + (x - torch.cos(t) * mu) * (q(r, s, sd) / q(t, s, sd)).sqrt()
 

@@ -1,4 +1,4 @@
-"""Networks (SPEC 2.4, 6): shapes, labels, dropout, the adaptive-weight head, no BatchNorm,
+"""Networks (docs/math.md#stabilizers): shapes, labels, dropout, the adaptive-weight head, no BatchNorm,
 and exact forward-mode AD through everything (attention included) on CPU."""
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def test_pnorm_and_ada_double_norm_formulas():
 
 
 def test_time_embedding_has_small_frequencies():
-    """SPEC 2.4: sinusoids of t itself with frequencies in [0.1, 1], so |d emb/dt| <= 1."""
+    """docs/math.md#stabilizers: sinusoids of t itself with frequencies in [0.1, 1], so |d emb/dt| <= 1."""
     emb = PositionalEmbedding(16).double()
     assert emb.freqs.min() >= 0.1 - 1e-6 and emb.freqs.max() <= 1.0 + 1e-6
     t = torch.linspace(0, math.pi / 2, 50, dtype=F64)
@@ -230,7 +230,7 @@ def test_time_embedding_has_small_frequencies():
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward-mode AD through the networks on CPU (SPEC 6)
+# Forward-mode AD through the networks on CPU (docs/math.md#attention-tangent-rule)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,4 +1,4 @@
-"""Consistency samplers against the exact consistency functions of Gaussian data (SPEC 9)."""
+"""Consistency samplers against the exact consistency functions of Gaussian data (docs/math.md#gaussian-closed-forms)."""
 
 import math
 
@@ -56,7 +56,7 @@ def test_multistep_sample_of_a_network_draws_only_from_its_generator():
 
 
 # ---------------------------------------------------------------------------------------------
-# VE multistep sampling, CM paper Algorithm 1 (SPEC 3.5)
+# VE multistep sampling, CM paper Algorithm 1 (docs/math.md#ve-multistep-sampling-cm-algorithm-1)
 
 
 def test_ve_multistep_sample_follows_algorithm_1_step_by_step():
@@ -112,7 +112,7 @@ def test_ve_multistep_sample_matches_algorithm_1_in_closed_form(sigmas):
 
 
 # ---------------------------------------------------------------------------------------------
-# Time points by ternary search (SPEC 3.5)
+# Time points by ternary search (docs/math.md#ve-multistep-sampling-cm-algorithm-1)
 # Data N(0, s^2) and a linear model f(x, t) = c(t) x whose gain is off by a factor (1 + delta sin^2 t):
 # multistep samples stay Gaussian, so the W2 distance of a schedule's samples to the data is exact:
 # one step gives variance c(pi/2)^2 sd^2, each step at t maps v -> c(t)^2 (cos^2 t v + sin^2 t sd^2).

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 7): what `fewstep eval`, `ref-stats` and `search-times` run (their command
+"""Evaluation (docs/math.md#evaluation-protocol): what `fewstep eval`, `ref-stats` and `search-times` run (their command
 lines are in `fewstep.cli.evaluate`).
 
 One protocol for every score fewstep reports, with the number of function evaluations (NFE)
@@ -300,7 +300,7 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
                  features: str = "inception", extractor=None, inception_weights: str | Path | None = None,
                  device: str = "auto", batch_size: int = 256, seed: int = 0, guidance: float = 1.0,
                  ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True) -> dict:
-    """Multistep time points for a consistency checkpoint by greedy ternary search (SPEC 3.5):
+    """Multistep time points for a consistency checkpoint by greedy ternary search (docs/math.md#choosing-the-times):
     each schedule tried is sampled (`num` samples, fixed seed) and scored by `metric` (default
     FID for images, sliced Wasserstein for vectors; lower is better) against the reference of
     `evaluate`. Candidates: `grid` Karras noise levels as TrigFlow times. Returns a JSON-ready

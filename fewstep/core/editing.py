@@ -1,4 +1,4 @@
-"""Zero-shot editing with a consistency model (CM paper, Algorithm 4; SPEC 4), in TrigFlow.
+"""Zero-shot editing with a consistency model (CM paper, Algorithm 4; docs/math.md#zero-shot-editing), in TrigFlow.
 
 Every task is the same loop over decreasing times `t_1 > ... > t_N`, with an invertible linear
 transform `A` (here always orthogonal) and a mask `Omega` in A's space (1 = generate, 0 = keep

@@ -70,7 +70,7 @@ def multistep_sample(consistency_fn, noise: torch.Tensor, times, sigma_d: float 
 @torch.no_grad()
 def ve_multistep_sample(consistency_fn, noise: torch.Tensor, sigmas, eps: float = EPS,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multistep consistency sampling in the VE formulation: CM paper Algorithm 1 (SPEC 3.5).
+    """Multistep consistency sampling in the VE formulation: CM paper Algorithm 1 (docs/math.md#ve-multistep-sampling-cm-algorithm-1).
 
     `consistency_fn(x, sigma) -> x0 estimate` with `sigma` a (B,) tensor of noise levels; `noise`
     standard normal; `sigmas` decreasing in [eps, T], `sigmas[0] = T` (sigma_max for a full
@@ -92,7 +92,7 @@ def ve_multistep_sample(consistency_fn, noise: torch.Tensor, sigmas, eps: float 
 
 
 def ve_sigmas(times, sigma_d: float = SIGMA_D, eps: float = EPS, sigma_max: float = T_MAX) -> list[float]:
-    """TrigFlow times as VE noise levels, `sigma = sigma_d tan(t)` (SPEC 1.1) clipped to
+    """TrigFlow times as VE noise levels, `sigma = sigma_d tan(t)` (docs/math.md#discrete-time-models-as-trigflow-callables) clipped to
     [eps, sigma_max]: t = pi/2, the TrigFlow prior, is sigma_max, the VE prior's level."""
     t_max = math.atan(sigma_max / sigma_d)
     return [sigma_max if float(t) >= t_max else max(sigma_d * math.tan(float(t)), eps) for t in times]
@@ -101,7 +101,7 @@ def ve_sigmas(times, sigma_d: float = SIGMA_D, eps: float = EPS, sigma_max: floa
 def ve_consistency_as_trigflow(net, sigma_data: float = SIGMA_D, eps: float = EPS, sigma_max: float = T_MAX,
                               labels: torch.Tensor | None = None):
     """A discrete-time (EDM/VE) consistency network as a TrigFlow callable `fn(x_t, t)`, for the
-    routines that speak TrigFlow (editing): `f(x_t / cos(t), sigma_data tan(t))` (SPEC 1.1), with t
+    routines that speak TrigFlow (editing): `f(x_t / cos(t), sigma_data tan(t))` (docs/math.md#discrete-time-models-as-trigflow-callables), with t
     capped at `t_max = arctan(sigma_max / sigma_data)` and sigma floored at eps (f = identity).
 
     Not Algorithm 1 when passed to `multistep_sample`: at t = pi/2 the network sees
@@ -127,14 +127,14 @@ def trigflow_sampler_fn(net, sigma_d: float = SIGMA_D, labels: torch.Tensor | No
 
 def trigflow_search_grid(points: int = 40, sigma_d: float = SIGMA_D, sigma_min: float = 0.002,
                          sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
-    """Candidate times for `ternary_search_times`: the Karras noise levels (SPEC 1.2) as TrigFlow
+    """Candidate times for `ternary_search_times`: the Karras noise levels (docs/math.md#choosing-the-times) as TrigFlow
     times `arctan(sigma / sigma_d)`, decreasing, `points` of them."""
     return [math.atan(s / sigma_d) for s in karras_grid(points, sigma_min, sigma_max, rho).flip(0).tolist()]
 
 
 def ternary_search_times(score: Callable[[tuple[float, ...]], float], steps: int, grid: Sequence[float],
                          first: float = math.pi / 2) -> tuple[list[float], list[dict]]:
-    """Multistep time points chosen greedily, one at a time (CM paper, SPEC 3.5).
+    """Multistep time points chosen greedily, one at a time (CM paper, docs/math.md#choosing-the-times).
 
     `times[0] = first`; each further time is the point of `grid` (decreasing) below the previous
     one that minimizes `score(times + (candidate,))` (lower is better, e.g. FID), found by ternary

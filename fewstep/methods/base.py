@@ -11,7 +11,7 @@ typing) for the rest:
 | `name` | "" | every registered method: its config name |
 | `sigma_d` | 0.5 | the data std its network assumes |
 | `takes_teacher`, `set_teacher(net, formulation)` | no teacher | sCD, CD (functions of the teacher), PD (its network) |
-| `parameterization` | "trigflow" | how the network is read: "edm" for EDM, CD, CT, iCT (SPEC 1.2) |
+| `parameterization` | "trigflow" | how the network is read: "edm" for EDM, CD, CT, iCT (docs/math.md#edm-parameterization) |
 | `setup(net, total_steps)` | nothing | methods with curricula laid out over the run |
 | `after_step(net, step) -> bool` | False | EMA targets (CD, CT); True restarts the sampling EMA (PD) |
 | `state_tensors()` / `load_state_tensors(net, tensors)` | none | EMA targets, PD's current teacher |
@@ -53,7 +53,7 @@ class Method:
 
     name: ClassVar[str] = ""
     takes_teacher: ClassVar[bool] = False
-    parameterization: ClassVar[str] = "trigflow"  # how the network is read: "trigflow" (SPEC 1.1) or "edm" (1.2)
+    parameterization: ClassVar[str] = "trigflow"  # how the network is read: "trigflow" (docs/math.md#trigflow) or "edm" (docs/math.md#edm-parameterization)
     sigma_d: float = SIGMA_D
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):

@@ -1,4 +1,4 @@
-"""Discrete-time consistency models in the EDM / VE formulation (SPEC 1.2, 3): CD, CT and iCT.
+"""Discrete-time consistency models in the EDM / VE formulation (docs/math.md#cm-ct-and-ict): CD, CT and iCT.
 
 The network is read through the consistency parameterization of `fewstep.core.edm`
 (`f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)`, exactly `x` at sigma = eps). Each
@@ -40,7 +40,7 @@ METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (SPEC 3.2, 3.3)
+# Schedules (docs/math.md#consistency-training, 3.3)
 
 
 def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
@@ -70,7 +70,7 @@ def lognormal_index_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: flo
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics d(x, y) (SPEC 3.4), per sample
+# Metrics d(x, y) (docs/math.md#metrics), per sample
 
 
 def pseudo_huber_c(dim: int) -> float:
@@ -206,7 +206,7 @@ class _EMATarget:
 @register_method("ct")
 @dataclass
 class CT(_EMATarget, _DiscreteCM):
-    """Consistency training (CM paper, Algorithm 3), SPEC 3.2."""
+    """Consistency training (CM paper, Algorithm 3), docs/math.md#consistency-training."""
 
     s0: int = 2
     s1: int = 150
@@ -237,7 +237,7 @@ class CT(_EMATarget, _DiscreteCM):
 @register_method("ict")
 @dataclass
 class ICT(_DiscreteCM):
-    """Improved consistency training (Song & Dhariwal 2023), SPEC 3.3: no EMA target."""
+    """Improved consistency training (Song & Dhariwal 2023), docs/math.md#improved-consistency-training: no EMA target."""
 
     metric: str = "pseudo_huber"
     s0: int = 10
@@ -291,7 +291,7 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
 @register_method("cd")
 @dataclass
 class CD(_EMATarget, _DiscreteCM):
-    """Consistency distillation (CM paper, Algorithm 2), SPEC 3.1. `teacher`: an EDM denoiser
+    """Consistency distillation (CM paper, Algorithm 2), docs/math.md#consistency-distillation. `teacher`: an EDM denoiser
     `D(x, sigma, labels)` (see `make_teacher_denoiser`), given at construction."""
 
     teacher: InitVar[Callable | None] = None

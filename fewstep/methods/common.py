@@ -24,7 +24,7 @@ def per_sample_mse(residual: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weighting(mse: torch.Tensor, net, t: torch.Tensor, enabled: bool):
-    """SPEC 1.3: `exp(w(t)) * mse - w(t)` with the network's learned head, or `mse` alone.
+    """docs/math.md#adaptive-weighting: `exp(w(t)) * mse - w(t)` with the network's learned head, or `mse` alone.
 
     Returns the per-sample loss and the weights `w(t)` (None when unused).
     """

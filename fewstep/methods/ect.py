@@ -1,5 +1,5 @@
 """Easy Consistency Tuning (ECT; Geng, Pokle, Luo, Lin, Kolter 2024, "Consistency Models Made Easy",
-arXiv 2406.14548, code locuslab/ect), SPEC 10: consistency training that starts from a diffusion
+arXiv 2406.14548, code locuslab/ect), docs/math.md#ect: consistency training that starts from a diffusion
 model's weights, with a pair of noise levels (t, r) that starts at r = 0 (the diffusion loss itself)
 and moves r -> t over the run.
 
@@ -25,7 +25,7 @@ t = pi/2 (sigma = inf, a time the network never trained at): a schedule's first 
 becomes `t_max`, and the first noise is ECT's `x = sigma_max eps` read in TrigFlow,
 `x_{t_max} = cos(t_max) sigma_max eps = sin(t_max) sigma_d eps` (`ECT.sampler`).
 
-In fewstep's conventions the network is read as TrigFlow (SPEC 1.1): with `t = arctan(sigma /
+In fewstep's conventions the network is read as TrigFlow (docs/math.md#edm-to-trigflow): with `t = arctan(sigma /
 sigma_d)`, `x_t = cos(t) x_sigma` and `z = sigma_d eps`, the consistency function
 `f(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t)` is exactly EDM's preconditioned denoiser
 `D(x_sigma, sigma)`, which is what ECT tunes (its `ECMPrecond` trains with EDM's preconditioning;

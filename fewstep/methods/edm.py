@@ -1,8 +1,8 @@
-"""EDM diffusion (VE with EDM preconditioning), SPEC 1.2.
+"""EDM diffusion (VE with EDM preconditioning), docs/math.md#edm-parameterization.
 
 `ln(sigma) ~ N(P_mean, P_std^2)`, `L = lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / D` with
 `lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2` (EDM, Table 1), optionally
-with learned adaptive weighting on top (SPEC 1.3, fed `c_noise = ln(sigma) / 4`). With
+with learned adaptive weighting on top (docs/math.md#adaptive-weighting, fed `c_noise = ln(sigma) / 4`). With
 `label_dropout > 0` labels are replaced by the null label with that probability (for CFG).
 For data of std sigma_data the optimal denoiser's loss is 1 at every sigma.
 """

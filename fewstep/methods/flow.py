@@ -1,7 +1,7 @@
-"""TrigFlow diffusion (flow matching with a velocity network), SPEC 1.1.
+"""TrigFlow diffusion (flow matching with a velocity network), docs/math.md#the-network-contract.
 
 `L = || sigma_d F(x_t / sigma_d, t) - v_t ||^2 / D` with `v_t = cos(t) z - sin(t) x0`,
-`t` from the log-normal proposal, optionally with learned adaptive weighting (SPEC 1.3).
+`t` from the log-normal proposal, optionally with learned adaptive weighting (docs/math.md#adaptive-weighting).
 With `label_dropout > 0`, labels are replaced by the null label with that probability
 (classifier-free guidance at sampling).
 """

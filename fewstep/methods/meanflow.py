@@ -1,5 +1,5 @@
 """MeanFlow (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative Modeling",
-arXiv 2505.13447), SPEC 10: a network of two times learns the average velocity
+arXiv 2505.13447), docs/math.md#the-meanflow-identity: a network of two times learns the average velocity
 
     u(x_t, r, t) = 1 / (t - r) int_r^t v(x_s, s) ds,    so that    x_r = x_t - (t - r) u(x_t, r, t),
 
@@ -20,7 +20,7 @@ kappa its Eq. 21): `v~ = w v + kappa u(x_t, t, t | c) + (1 - w - kappa) u(x_t, t
 network's own velocities at r = t, without gradients; the null-label samples of `label_dropout`
 learn the unconditional u. One network call per sample both ways then samples with CFG (1 NFE).
 
-Time convention: TrigFlow (`x_t = cos t x0 + sin t z`, t in [0, pi/2], SPEC 1.1), not the
+Time convention: TrigFlow (`x_t = cos t x0 + sin t z`, t in [0, pi/2], docs/math.md#noising-and-velocity), not the
 paper's linear interpolation. Why:
 - Every fewstep sampler, schedule (`--steps`, `--times`, previews: pi/2 then 1.1), editing routine
   and the network contract speak TrigFlow time; MeanFlow samples through `sampler` with those same
@@ -29,8 +29,8 @@ paper's linear interpolation. Why:
   sigma_d`): the r = t samples (75% by default) are fewstep's flow-matching loss, a 'flow'
   checkpoint's weights start a MeanFlow network exactly (its r embedding starts at zero), and the
   r = t slice (`r=None`) can be sampled with the ODE solvers.
-- The networks' time embedding was designed for t in [0, pi/2] with bounded `d emb / dt` (SPEC 2.4),
-  which is what keeps the JVP bounded; the identity itself needs only `dx_t/dt = v` (SPEC 10).
+- The networks' time embedding was designed for t in [0, pi/2] with bounded `d emb / dt` (docs/math.md#stabilizers),
+  which is what keeps the JVP bounded; the identity itself needs only `dx_t/dt = v` (docs/math.md#the-meanflow-identity).
 - The paper's logit-normal time density carries over exactly: logit-normal(P_mean, P_std) on the
   linear t is log-normal(P_mean, P_std) on its noise level `sigma = t / (1 - t)`, and fewstep's
   `lognormal_times(P_mean, P_std)` draws TrigFlow times whose noise level `sigma_d tan t` has that

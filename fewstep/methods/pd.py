@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho 2022), SPEC 3.6: the baseline consistency models are
+"""Progressive distillation (Salimans & Ho 2022), docs/math.md#progressive-distillation: the baseline consistency models are
 compared with. In TrigFlow, with a uniform time grid (TrigFlow's t is the angle of the cosine
 schedule, so a uniform grid in t is the original's uniform grid in continuous time):
 

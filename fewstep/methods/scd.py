@@ -1,10 +1,10 @@
-"""Continuous-time consistency distillation (sCD), SPEC 2.1.
+"""Continuous-time consistency distillation (sCD), docs/math.md#sct-and-scd.
 
 Same as sCT (`scm_loss`: tangent normalization, adaptive weighting, log-normal proposal)
 except that the ODE direction is the teacher's velocity `dx_t/dt = v_teacher(x_t, t)`
 (classifier-free guided when `guidance != 1`), and the paper's defaults differ:
 P_mean = -0.8, P_std = 1.6, tangent warmup over 10k iterations. The student should start
-from the teacher's weights (diffusion fine-tuning, SPEC 2.4); that is the caller's job.
+from the teacher's weights (diffusion fine-tuning, docs/math.md#stabilizers); that is the caller's job.
 
     teacher = make_teacher_velocity(teacher_net, "edm", sigma_d=0.5)
     method = SCD(teacher=teacher, guidance=2.0)
@@ -40,7 +40,7 @@ def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = S
 
     `formulation='trigflow'`: `net` is a velocity network, `v = sigma_d F(x_t / sigma_d, t)`.
     `formulation='edm'`: `net` is an EDM-preconditioned denoiser network (sigma_data =
-    sigma_d), converted by SPEC 1.1, `v = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / sin t`.
+    sigma_d), converted by docs/math.md#edm-to-trigflow, `v = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / sin t`.
     With `guidance != 1` the velocity is classifier-free guided (pass the guidance either
     here or to `SCD`, not both). `null_label` defaults to `net.num_classes`. Puts `net` in
     eval mode (no dropout in the teacher).

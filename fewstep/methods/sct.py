@@ -1,4 +1,4 @@
-"""Continuous-time consistency training from scratch (sCT), SPEC 2.
+"""Continuous-time consistency training from scratch (sCT), docs/math.md#sct-and-scd.
 
 The tangent direction is the conditional velocity `dx_t/dt = cos(t) z - sin(t) x0` of the
 same `x0` and `z` that made `x_t`; no teacher.

@@ -8,8 +8,8 @@ The network contract, which every method, sampler and command relies on:
 - `x` is the noisy sample divided by sigma_d (`x_t / sigma_d`), `t` the TrigFlow time in
   [0, pi/2], one per sample (shape (B,)); `F` predicts the scaled velocity: the model's
   velocity is `sigma_d * F(x_t / sigma_d, t)` (`fewstep.core.trigflow.net_velocity`), its
-  consistency function `cos(t) x_t - sin(t) sigma_d F` (SPEC 1.1). EDM-family methods (edm, cd,
-  ct, ict) feed the same signature `c_noise` and `c_in x` instead (SPEC 1.2).
+  consistency function `cos(t) x_t - sin(t) sigma_d F` (docs/math.md#consistency-function). EDM-family methods (edm, cd,
+  ct, ict) feed the same signature `c_noise` and `c_in x` instead (docs/math.md#edm-parameterization).
 - `labels`: class indices (B,), or None for unconditional models; a class-conditional network
   sets `num_classes` (K) and reads label K as "no label" (classifier-free guidance).
 - `**cond`: optional extra inputs, e.g. `guidance` (the CFG scale of a distilled student, with
@@ -23,7 +23,7 @@ The network contract, which every method, sampler and command relies on:
   the time embedding and zero-initialized, so that without it nothing changes. MeanFlow's JVP
   gives `r` a zero tangent: compute with `r` as given (e.g. `t - r` inside the network), not
   with a copy of `t`.
-- optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (SPEC 1.3); absent or
+- optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (docs/math.md#adaptive-weighting); absent or
   returning None means no adaptive weighting.
 - a network registered with `@register_network(name)` can be rebuilt from checkpoints.
 

@@ -1,4 +1,4 @@
-"""A student from a diffusion teacher's weights (diffusion fine-tuning, SPEC 2.4).
+"""A student from a diffusion teacher's weights (diffusion fine-tuning, docs/math.md#stabilizers).
 
 A TrigFlow ('flow') teacher's network is the student's network: its weights are copied as they
 are. An EDM teacher's network fits too, after two changes. With `sigma = sigma_d tan(t)` and
@@ -10,7 +10,7 @@ are. An EDM teacher's network fits too, after two changes. With `sigma = sigma_d
 
 and the two agree when `F_trig(x, t) = -F_edm(x, ln(sigma_d tan t) / 4)`: the same input, the
 output negated, and a different time input. The student may not take EDM's log time input
-(SPEC 1.1: `sin(t) d c_noise/dt` is unbounded at pi/2), so instead its time-embedding MLP is
+(docs/math.md#the-network-contract: `sin(t) d c_noise/dt` is unbounded at pi/2), so instead its time-embedding MLP is
 fitted so that `emb_student(t) = emb_teacher(ln(sigma_d tan t) / 4)`, with the teacher's
 noise levels clamped to the range it was trained on (EDM's [0.002, 80]).
 """

@@ -3,7 +3,7 @@
 Patchify, transformer blocks with adaLN-Zero modulation from the time (and class) embedding,
 `F.scaled_dot_product_attention`, a GELU MLP, and a modulated linear head, unpatchified to
 `F(x / sigma_d, t)`. The time embedding is fewstep's positional embedding of t itself (the
-sCM paper's advice, SPEC 2.4), the same as the UNet's; `second_time=True` adds MeanFlow's second
+sCM paper's advice, docs/math.md#stabilizers), the same as the UNet's; `second_time=True` adds MeanFlow's second
 time r as the UNet does (`layers.ConditionedNetwork`). The module has one forward only: its JVP for
 sCT/sCD/MeanFlow comes from the tangent engine (`fewstep.jvp.engine`) or `torch.func.jvp`.
 """

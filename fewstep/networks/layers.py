@@ -2,8 +2,8 @@
 
 Each layer has one `forward`; sCT/sCD's JVP comes from the tangent engine
 (`fewstep.jvp.engine`), which carries tangents through these same ops. No BatchNorm
-(SPEC 2.4); attention is `F.scaled_dot_product_attention`, whose tangent the engine computes
-exactly (SPEC 6) whatever backend runs the primal.
+(docs/math.md#stabilizers); attention is `F.scaled_dot_product_attention`, whose tangent the engine computes
+exactly (docs/math.md#attention-tangent-rule) whatever backend runs the primal.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def embed_in_full_precision(pos: PositionalEmbedding, layers, v: torch.Tensor) -
 
 
 class AdaDoubleNorm(nn.Module):
-    """Adaptive double normalization (sCM, SPEC 2.4).
+    """Adaptive double normalization (sCM, docs/math.md#stabilizers).
 
     `y = norm(x) * pnorm(s(emb)) + pnorm(b(emb))`, replacing AdaGN's `norm(x)(1 + s) + b`:
     normalizing the modulation keeps its scale fixed whatever the time embedding does.

@@ -139,7 +139,7 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
 
 
 def _student_network(cfg: Config, teacher, method):
-    """Diffusion fine-tuning (SPEC 2.4): the teacher's architecture, plus the student's own
+    """Diffusion fine-tuning (docs/math.md#stabilizers): the teacher's architecture, plus the student's own
     guidance input when asked for."""
     from fewstep.networks import build_registered, network_spec
 

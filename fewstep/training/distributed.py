@@ -1,4 +1,4 @@
-"""Data-parallel training across processes (`torchrun`), SPEC 5.
+"""Data-parallel training across processes (`torchrun`), docs/math.md#training-loop-facts.
 
     torchrun --standalone --nproc_per_node=8 -m fewstep train --preset digits --set train.parallel=ddp
 

@@ -59,7 +59,7 @@ def shard(net: nn.Module, precision: str = "fp32", mesh=None,
 
     `called_outside_forward`: submodules (by name) that the methods call directly rather than
     through `net(...)`, each made a unit of its own so that its call gathers its weights and
-    casts its inputs: the adaptive-weight head (`net.adaptive_weight(t)`, SPEC 1.3). Under
+    casts its inputs: the adaptive-weight head (`net.adaptive_weight(t)`, docs/math.md#adaptive-weighting). Under
     'bf16' the root's weights stay bf16 after the forward, and a float32 `t` would meet them.
 
     Call on every process, after the replicas hold the same weights (broadcast first) and

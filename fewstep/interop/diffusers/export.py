@@ -9,7 +9,7 @@ and output (`networks.noise_schedules`), and with that conversion its TrigFlow c
 `cos(t) x_t - sin(t) sigma_d F` is exactly the model's x0 estimate at the noise level of t. That is
 what diffusers' `LCMScheduler` computes at each step, from the same epsilon / v / sample prediction
 and the same `alphas_cumprod`; it then re-noises to the next timestep, which is multistep
-consistency sampling (SPEC 2.5). LCM's boundary-condition mix `c_skip x + c_out x0` is made
+consistency sampling (docs/math.md#multistep-consistency-sampling). LCM's boundary-condition mix `c_skip x + c_out x0` is made
 negligible (`timestep_scaling` = 1000: `c_skip < 1e-9` at every timestep LCM visits), so diffusers'
 pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
 
