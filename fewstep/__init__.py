@@ -2,13 +2,13 @@
 
     from fewstep import fit            # the training loop over your own objects
     from fewstep import build, train   # the same from a config (what `fewstep train` runs)
-    from fewstep import jvp, tangent_rule  # exact JVPs of any network, and rules for your own ops
+    from fewstep.jvp import jvp, tangent_rule  # exact JVPs of any network, and rules for your own ops
 """
 
 __version__ = "0.3.0"
 
 _LAZY = {"fit": "fewstep.training.fit", "Callback": "fewstep.training.callbacks", "build": "fewstep.training.build",
-         "train": "fewstep.apps.train", "jvp": "fewstep.jvp", "tangent_rule": "fewstep.jvp"}
+         "train": "fewstep.apps.train"}
 
 
 def __getattr__(name):  # keep `import fewstep` light: torch loads on first use
@@ -19,4 +19,4 @@ def __getattr__(name):  # keep `import fewstep` light: torch loads on first use
     raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
 
 
-__all__ = ["Callback", "build", "fit", "jvp", "tangent_rule", "train"]
+__all__ = ["Callback", "build", "fit", "train"]
