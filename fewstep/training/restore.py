@@ -51,7 +51,7 @@ def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: boo
     (`fewstep.networks.register_network`); nothing is imported on the checkpoint's say-so."""
     from fewstep.config import ConfigError
     from fewstep.interop.diffusers.pretrained import is_diffusers_folder, is_hub_id
-    from fewstep.networks import build_network, build_registered
+    from fewstep.networks import build_registered
     from fewstep.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
     from fewstep.training.registries import build_method
 
@@ -70,14 +70,11 @@ def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: boo
     except ConfigError as e:
         raise CheckpointError(f"{json_path}: {e}; a user's method must be registered "
                               f"(@fewstep.methods.register_method) and imported (--import MODULE)") from None
-    if state.get("network"):
-        net = build_registered(state["network"])
-    elif not config.get("network"):
+    if not state.get("network"):
         raise CheckpointError(f"{json_path} names no network: its class was not registered when it was trained "
-                              f"(decorate it with @fewstep.networks.register_network('some-name'))")
-    else:  # fewstep 0.1 checkpoints: the network from the run's config
-        net = build_network(_legacy_network_config(config["network"], info["kind"]), info["kind"],
-                            tuple(info["shape"]), info["num_classes"])
+                              f"(decorate it with @fewstep.networks.register_network('some-name')), or it was "
+                              f"written by fewstep 0.1, which this version does not read")
+    net = build_registered(state["network"])
     if state.get("step") and getattr(method, "total_steps", None) == 0:
         method.setup(net, int(config.get("train", {}).get("steps", state["step"])))
     prefix = "ema" if ema else "net"
@@ -118,12 +115,3 @@ def restore_diffusers(source, device: str | torch.device = "cpu", sigma_d: float
     config = {k: record[k] for k in ("data", "network") if k in record}
     return Restored(net, method, "image", shape, int(net.num_classes), config, Path(source),
                     int(record.get("step", 0)), "ema", torch.device(device))
-
-
-def _legacy_network_config(cfg: dict, kind: str) -> dict:
-    """A fewstep 0.1 `network` section mixed every architecture's fields: keep the arch's own."""
-    from fewstep.networks import BUILD_KEYS, constructor_arguments, network_class, resolve_arch
-
-    arch = resolve_arch(cfg.get("arch", "auto"), kind)
-    params = constructor_arguments(network_class(arch))
-    return {k: v for k, v in cfg.items() if k in params or k in BUILD_KEYS}
