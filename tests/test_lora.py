@@ -173,7 +173,8 @@ def test_a_lora_network_rebuilds_from_its_spec():
     with torch.no_grad():
         assert torch.equal(again(x, t), net(x, t))
     # Only the adapter and the loss's adaptive-weight head train; the head is never adapted.
-    assert {n.split(".")[1] for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n} == {"weight_head"}
+    whole = {n.split(".")[1] for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert whole == {"weight_head"}
 
 
 def test_bad_settings_are_one_line_errors(run, tmp_path, capsys, monkeypatch):

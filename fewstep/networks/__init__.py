@@ -138,9 +138,10 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return net
 
 
-__all__ = ["AUTO_ARCH", "BUILD_KEYS", "LORA_KEYS", "DATA_ARGUMENTS", "DiT", "NetworkInfo", "network_info", "check_network_values", "check_tangent",
-           "tangent_forward", "LoRANetwork", "lora_network", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
-           "constructor_arguments", "network_spec", "register_network", "unwrap"]
+__all__ = ["AUTO_ARCH", "BUILD_KEYS", "LORA_KEYS", "DATA_ARGUMENTS", "DiT", "NetworkInfo", "network_info",
+           "check_network_values", "check_tangent", "tangent_forward", "LoRANetwork", "lora_network", "MLP", "NETWORKS",
+           "UNet", "UnknownNetworkError", "build_network", "build_registered", "constructor_arguments", "network_spec",
+           "register_network", "unwrap"]
 
 
 # Registers the diffusers adapter's name (imported last: the adapter imports this package's registry).

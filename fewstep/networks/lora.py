@@ -1,7 +1,8 @@
 """LoRA students (LCM-LoRA's recipe): the teacher's frozen weights plus a trainable peft LoRA adapter.
 
     net = lora_network(student, rank=8)          # `student`: a registered network, already initialized
-    network_spec(net)   # {"name": "lora", "kwargs": {"base": <student's spec>, "rank": 8, "alpha": 8, "targets": [...]}}
+    network_spec(net)   # {"name": "lora", "kwargs": {"base": <student's spec>, "rank": 8, "alpha": 8,
+                        #                             "targets": [...]}}
 
 A checkpoint rebuilds it like any network: the base from its spec, then peft's injection, which is
 deterministic given the base and the targets; the weights (base and adapter) come from the
@@ -124,7 +125,8 @@ class LoRANetwork(nn.Module):
 
     @property
     def weight_head(self):
-        return getattr(self.base, "weight_head", None) if callable(getattr(self.base, "adaptive_weight", None)) else None
+        has = callable(getattr(self.base, "adaptive_weight", None))
+        return getattr(self.base, "weight_head", None) if has else None
 
     def adaptive_weight(self, t: torch.Tensor):
         return self.base.adaptive_weight(t) if self.weight_head is not None else None

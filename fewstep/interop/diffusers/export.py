@@ -14,7 +14,8 @@ negligible (`timestep_scaling` = 1000: `c_skip < 1e-9` at every timestep LCM vis
 pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
 
 The folder keeps `fewstep.json` (method, data, training step) beside diffusers' files, so that
-`fewstep sample`/`eval` read it as the consistency model it is.
+`fewstep sample`/`eval` read it as the consistency model it is. A LoRA student (`network.lora_rank`)
+exports only its adapter, for diffusers' LoRA loaders, on top of the teacher they already have.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def export_diffusers(model, out: str | Path) -> Path:
 def export_lora(model, out: str | Path) -> Path:
     """Write a LoRA student's adapter (`fewstep.networks.lora`) where diffusers' LoRA loaders read it:
     `out/pytorch_lora_weights.safetensors` (peft's adapter state, keyed by the diffusers model's module
-    names, prefixed `unet.` or `transformer.`), with the `LCMScheduler` that samples it (`out/scheduler_config.json`)."""
+    names, prefixed `unet.` or `transformer.`), with the `LCMScheduler` that samples it
+    (`out/scheduler_config.json`)."""
     from safetensors.torch import save_file
 
     from fewstep.networks.registry import unwrap
