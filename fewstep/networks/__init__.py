@@ -129,12 +129,12 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     kwargs = {k: v for k, v in data.items() if k in params}
     kwargs.update(cfg)
     net = cls(**kwargs)
+    if lora.get("lora_rank") is not None:  # before checkpointing: the LoRA network rebuilds its base
+        net = lora_network(net, lora["lora_rank"], lora.get("lora_alpha"), lora.get("lora_targets"))
     if checkpointed:
         from fewstep.networks.blocks import checkpoint_activations
 
         checkpoint_activations(net)
-    if lora.get("lora_rank") is not None:
-        net = lora_network(net, lora["lora_rank"], lora.get("lora_alpha"), lora.get("lora_targets"))
     return net
 
 
