@@ -205,3 +205,21 @@ def test_bad_settings_are_one_line_errors(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "peft", None)
     with pytest.raises(ImportError, match=r"pip install 'fewstep\[lora\]'"):
         lora_network(_trained(MLP(3, width=8, depth=1)), rank=2)
+
+
+def test_a_lora_student_of_a_fewstep_teacher(tmp_path, capsys):
+    """fewstep's own networks take the same settings: an MLP flow teacher, its LoRA sCD student."""
+    small = ["--steps", "2", "--set", "train.batch_size=16", "--set", "train.sample_every=0", "--set",
+             "train.num_samples=4", "--set", "train.progress=false", "--set", "network.width=16", "--device", "cpu"]
+    assert main(["train", "--preset", "8gaussians", "--method", "flow", "--out", str(tmp_path / "flow"), *small]) == 0
+    assert main(["train", "--preset", "8gaussians", "--method", "scd", "--teacher", str(tmp_path / "flow"),
+                 "--set", "network.lora_rank=2", "--out", str(tmp_path / "scd"), *small]) == 0
+    assert "LoRA student: rank 2" in capsys.readouterr().out
+    tensors, state = load_checkpoint(tmp_path / "scd" / "checkpoints")
+    assert state["network"]["kwargs"]["base"]["name"] == "mlp" and state["network"]["kwargs"]["targets"] == ["linear"]
+    teacher, _ = load_checkpoint(tmp_path / "flow" / "checkpoints")
+    for key, value in unprefixed("net", tensors).items():
+        if "lora_" not in key and not key.startswith("base.weight_head."):
+            assert torch.equal(value, teacher["ema." + key.removeprefix("base.").replace(".base_layer.", ".")]), key
+    assert main(["export", str(tmp_path / "scd"), "--out", str(tmp_path / "x")]) == 2  # not a diffusers model
+    assert "diffusers model" in capsys.readouterr().err
