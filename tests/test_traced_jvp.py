@@ -1,0 +1,214 @@
+"""The traced JVP (`fewstep.jvp.jvp(..., mode="traced")`, fewstep.jvp.traced, issue 18).
+
+References: float64 central finite differences of whole networks (fewstep's UNet, MLP and DiT,
+diffusers' UNet2DModel with attention and DiTTransformer2DModel), and the eager tangent engine.
+Networks are tiny: tracing costs a few milliseconds per aten op.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.jvp import jvp, tangent_forward
+from fewstep.jvp.traced import runner_of
+from fewstep.methods.scm import scm_loss
+from fewstep.networks import DiT
+from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
+
+DT = torch.float64
+EPS = 1e-6
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+class _Diffusers(nn.Module):
+    """A diffusers model under fewstep's contract `net(x, t) -> tensor` (class 0 for the DiT)."""
+
+    def __init__(self, net, labels=False):
+        super().__init__()
+        self.net, self.labels = net, labels
+
+    def forward(self, x, t):
+        if self.labels:
+            return self.net(x, t, class_labels=torch.zeros(x.shape[0], dtype=torch.long)).sample
+        return self.net(x, t).sample
+
+
+def _diffusers_unet():
+    diffusers = pytest.importorskip("diffusers")
+    return _Diffusers(diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D")))
+
+
+def _diffusers_dit():
+    diffusers = pytest.importorskip("diffusers")
+    return _Diffusers(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000), labels=True).eval()  # eval: no random class dropout
+
+
+# name: (build, input shape, whether t is perturbed in the finite differences). diffusers embeds
+# its timesteps in float32 even in a float64 model (`timesteps.float()`), so along t a float64
+# finite difference is meaningless; there t is checked against the eager engine only.
+NETS = {
+    "unet": (lambda: tiny_unet(channel_mult=(1,), attn_resolutions=(8,)), (2, 2, 8, 8), True),
+    "mlp": (tiny_mlp, (3, 3), True),
+    "dit": (lambda: DiT(2, 8, patch_size=2, hidden_size=16, depth=1, heads=2), (2, 2, 8, 8), True),
+    "diffusers_unet": (_diffusers_unet, (1, 1, 8, 8), False),
+    "diffusers_dit": (_diffusers_dit, (1, 1, 8, 8), False),
+}
+
+
+def _build(name):
+    build, shape, along_t = NETS[name]
+    net = randomize_zero_params_(build()).double()
+    x, t = torch.randn(*shape, dtype=DT), torch.rand(shape[0], dtype=DT) * 1.4 + 0.05
+    return net, x, t, along_t
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_traced_equals_finite_differences_and_the_engine(name):
+    net, x, t, along_t = _build(name)
+    x_dot, t_dot = torch.randn_like(x), (torch.randn_like(t) if along_t else None)
+    out, tout = jvp(net, (x, t), (x_dot, t_dot), mode="traced")
+    assert runner_of(net).traces == 1, "the network fell back to the engine"
+    with torch.no_grad():
+        plain = net(x, t)
+        dt = 0.0 if t_dot is None else EPS * t_dot
+        fd = (net(x + EPS * x_dot, t + dt) - net(x - EPS * x_dot, t - dt)) / (2 * EPS)
+    ref_out, ref = tangent_forward(net, (x, t), (x_dot, t_dot))
+    assert torch.equal(out, plain)
+    assert rel(tout, fd) < 1e-7
+    assert rel(tout, ref) < 1e-12
+    assert not tout.requires_grad and tout.grad_fn is None
+    # t alone, for the diffusers networks too: against the engine (the same rules, eagerly)
+    _, tout_t = jvp(net, (x, t), (None, torch.ones_like(t)), mode="traced")
+    assert rel(tout_t, tangent_forward(net, (x, t), (None, torch.ones_like(t)))[1]) < 1e-12
+
+
+def test_sct_gradients_through_traced_and_tangent_agree():
+    net, x, t, _ = _build("unet")
+    dxdt = torch.randn_like(x)
+    grads = {}
+    for mode in ("traced", "tangent"):
+        net.zero_grad()
+        loss, _ = scm_loss(net, x, t, dxdt, 0.5, jvp_mode=mode)
+        loss.mean().backward()
+        grads[mode] = [p.grad.clone() for p in net.parameters()]
+    for a, b in zip(grads["traced"], grads["tangent"]):
+        assert rel(a, b) < 1e-12
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd saves for the backward during `fn()` (what a training step keeps alive)."""
+    total = [0]
+
+    def pack(x):
+        total[0] += x.numel() * x.element_size()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return total[0]
+
+
+def test_autograd_records_only_the_primal():
+    net, x, t, _ = _build("dit")
+    net.float()
+    x, t = x.float(), t.float()
+    jvp(net, (x, t), (torch.randn_like(x), 1.0), mode="traced")  # traced outside the count
+    flow = _saved_bytes(lambda: net(x, t))
+    traced = _saved_bytes(lambda: jvp(net, (x, t), (torch.randn_like(x), 1.0), mode="traced"))
+    assert traced <= 1.05 * flow, (traced, flow)
+
+
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, t):
+        return self.b(self.drop(torch.tanh(self.a(x) * t[:, None])))
+
+
+def test_dropout_draws_one_mask_for_primal_and_tangent():
+    net = DropoutNet().double().train()
+    x, t = torch.randn(64, 4, dtype=DT), torch.rand(64, dtype=DT)
+    x_dot, t_dot = torch.randn_like(x), torch.randn_like(t)
+
+    def run(fn, seed=7):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return fn()
+
+    run(lambda: jvp(net, (x, t), (x_dot, t_dot), mode="traced"))  # trace
+    out, tout = run(lambda: jvp(net, (x, t), (x_dot, t_dot), mode="traced"))
+    assert torch.equal(out, run(lambda: net(x, t)))  # the mask a plain forward draws
+    fd = (run(lambda: net(x + EPS * x_dot, t + EPS * t_dot)) - run(lambda: net(x - EPS * x_dot, t - EPS * t_dot)))
+    assert rel(tout, fd / (2 * EPS)) < 1e-7
+    other, _ = run(lambda: jvp(net, (x, t), (x_dot, t_dot), mode="traced"), seed=8)
+    assert not torch.equal(other, out)  # each replay draws a fresh mask
+
+
+class Branchy(nn.Module):
+    """A forward that branches on a tensor's value: not traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x, t):
+        h = self.a(x) * t[:, None]
+        return h.sin() if h.sum() > 0 else h.cos()
+
+
+def test_data_dependent_control_flow_falls_back_with_one_notice():
+    net = Branchy().double()
+    x, t, x_dot = torch.randn(2, 3, dtype=DT), torch.rand(2, dtype=DT), torch.randn(2, 3, dtype=DT)
+    with pytest.warns(UserWarning, match=r"cannot trace Branchy .*mode='tangent'") as record:
+        out, tout = jvp(net, (x, t), (x_dot, None), mode="traced")
+    assert len([w for w in record if "cannot trace" in str(w.message)]) == 1
+    assert "\n" not in str(record[0].message)
+    assert rel(tout, tangent_forward(net, (x, t), (x_dot, None))[1]) < 1e-14
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per network
+        jvp(net, (x, t), (x_dot, None), mode="traced")
+
+
+def test_one_trace_per_signature():
+    net, x, t, _ = _build("mlp")
+    for _ in range(3):
+        jvp(net, (x, torch.rand_like(t)), (torch.randn_like(x), 1.0), mode="traced")
+    assert runner_of(net).traces == 1  # new values, the same graph
+    jvp(net, (x[:2], t[:2]), (torch.randn_like(x[:2]), 1.0), mode="traced")  # a new batch size
+    net.eval()
+    _, tout = jvp(net, (x, t), (None, 1.0), mode="traced")  # eval mode, no x tangent
+    assert runner_of(net).traces == 3
+    assert rel(tout, tangent_forward(net, (x, t), (None, 1.0))[1]) < 1e-12
+
+
+@pytest.mark.slow
+def test_compiled_tangent_is_exact_and_compiles_once():
+    """`compile=True`: inductor on the joint graph; 20 steps with fresh t, no recompile after the first."""
+    from torch._dynamo.utils import counters
+
+    net, x, t, _ = _build("mlp")
+    torch._dynamo.reset()
+    x_dot = torch.randn_like(x)
+    out, tout = jvp(net, (x, t), (x_dot, 1.0), mode="traced", compile=True)
+    assert rel(tout, tangent_forward(net, (x, t), (x_dot, 1.0))[1]) < 1e-12
+    compiles = counters["stats"]["unique_graphs"]
+    for _ in range(20):
+        t = torch.rand_like(t)
+        out, tout = jvp(net, (x, t), (x_dot, 1.0), mode="traced", compile=True)
+        out.square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == compiles
+    assert rel(tout, tangent_forward(net, (x, t), (x_dot, 1.0))[1]) < 1e-12
