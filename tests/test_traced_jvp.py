@@ -7,6 +7,8 @@ Networks are tiny: tracing costs a few milliseconds per aten op.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import pytest
@@ -212,3 +214,23 @@ def test_compiled_tangent_is_exact_and_compiles_once():
         out.square().mean().backward()
     assert counters["stats"]["unique_graphs"] == compiles
     assert rel(tout, tangent_forward(net, (x, t), (x_dot, 1.0))[1]) < 1e-12
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="the Triton kernel runs on CPU only in Triton's interpreter "
+                           "(TRITON_INTERPRET=1 python -m pytest -q tests/test_traced_jvp.py)")
+def test_the_fused_attention_kernel_is_one_node_of_the_graph(monkeypatch):
+    """On CUDA the attention rule runs the Triton kernel: a custom op, so the traced graph holds it
+    (a raw kernel launch would be invisible to the tracer and leave the tangent unwritten)."""
+    from fewstep.jvp import attention as aj
+
+    monkeypatch.setattr(aj, "DEFAULT_BACKEND", "triton")
+    net = randomize_zero_params_(DiT(1, 8, patch_size=2, hidden_size=32, depth=1, heads=2))  # head dim 16
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    tangents = (torch.randn_like(x), torch.randn_like(t))
+    _, tout = jvp(net, (x, t), tangents, mode="traced")
+    graph = next(iter(runner_of(net).graphs.values()))[0].graph
+    assert any("attention_tangent_fused" in str(n.target) for n in graph.nodes)
+    monkeypatch.setattr(aj, "DEFAULT_BACKEND", "math")
+    ref = tangent_forward(net, (x, t), tangents)[1]
+    assert (tout - ref).abs().max() <= 1e-5 * ref.abs().max()
