@@ -19,7 +19,9 @@ Modes:
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
   sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.jvp.engine`)
+  sct-traced     sCT, the engine traced once into a joint primal+tangent graph (`fewstep.jvp.traced`)
   meanflow-tangent   MeanFlow (SPEC 10), its JVP along (v, 0, 1) through the tangent engine
+  meanflow-traced    MeanFlow, its JVP through the traced joint graph
   meanflow-separate  MeanFlow, torch.func.jvp in a no-grad pass + a separate graded forward
   meanflow-single    MeanFlow, one grad-enabled forward-AD pass
 The MeanFlow modes train the same network built with `second_time=True` (its r embedding is the
@@ -33,6 +35,12 @@ Examples:
   python benchmarks/step_cost.py --modes flow meanflow-tangent meanflow-separate --threads 2
   python benchmarks/step_cost.py --modes flow meanflow-tangent --r-neq-t 1 --threads 2   # JVP on every sample
   python benchmarks/step_cost.py --net dit --threads 2 --out benchmarks/results/step_cost-dit-2t.json
+  python benchmarks/step_cost.py --modes flow sct-traced --compile --threads 1   # inductor, both steps
+
+`--compile` runs every mode on `torch.compile(net)`: the flow step's forward and backward are
+compiled, and so is the traced joint graph (jvp compiles it for a compiled network); the tangent
+engine unwraps the compiled network and stays eager; separate/single use the compiled forward
+where they can. Compilation happens in the warmup steps.
 """
 
 from __future__ import annotations
@@ -62,8 +70,8 @@ from fewstep.methods import SCT, FlowMatching, MeanFlow  # noqa: E402
 from fewstep.interop.diffusers.network import DiffusersNetwork  # noqa: E402
 from fewstep.networks import DiT, UNet  # noqa: E402
 
-MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "meanflow-tangent", "meanflow-separate",
-         "meanflow-single")
+MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "sct-traced", "meanflow-tangent", "meanflow-traced",
+         "meanflow-separate", "meanflow-single")
 NETS = ("fewstep-unet", "diffusers-unet", "dit")
 
 
@@ -92,6 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per mode")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (and the traced joint graph)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--probe-memory", default=None, choices=MODES, help=argparse.SUPPRESS)
@@ -145,6 +154,8 @@ def make_step(mode: str, net, x0, args):
     else:
         method = SCT(jvp_mode=mode.split("-")[1])
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+    if args.compile:
+        net = torch.compile(net, dynamic=False)
 
     def amp():
         return torch.autocast(x0.device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()

@@ -64,7 +64,8 @@ def _jvp_tangent(net, args, tangents, kwargs):
 def _jvp_traced(net, args, tangents, kwargs, compile=False):
     full = dict(_full_tangents(args, tangents))
     tangents = tuple(full.get(i) for i in range(len(args)))
-    result = traced_jvp(net, args, tangents, kwargs, compile)
+    # a torch.compile'd network (train.compile) gets its joint graph compiled too
+    result = traced_jvp(net, args, tangents, kwargs, compile or hasattr(net, "_orig_mod"))
     return _jvp_tangent(net, args, tangents, kwargs) if result is None else result
 
 
@@ -112,7 +113,8 @@ def jvp(net, args: tuple, tangents: tuple, kwargs: dict | None = None, mode: str
 
     `tangents[i]` is the tangent of `args[i]` (a tensor, a number, or None: zero); `kwargs` carry
     none. `mode`: one of `JVP_MODES` (module docstring); they agree to rounding. `compile=True`
-    (mode "traced" only) runs the joint graph through `torch.compile`."""
+    (mode "traced" only) runs the joint graph through `torch.compile`, as does a `net` that is
+    itself `torch.compile`'d."""
     fn = _MODES.get(mode)
     if fn is None:
         raise ValueError(f"jvp mode must be one of {list(JVP_MODES)}, got {mode!r}")
