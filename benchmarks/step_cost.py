@@ -88,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", type=int, nargs="*", default=None,
                    help="attention resolutions (default: the lowest resolution)")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--depth", type=int, default=6, help="DiT blocks (DiT-B: 12)")
+    p.add_argument("--heads", type=int, default=4, help="DiT heads (DiT-B: 12); hidden size is 4 x --channels")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     p.add_argument("--mem-steps", type=int, default=2, help="steps run by each memory probe")
@@ -133,8 +135,8 @@ def build(args, second_time: bool = False):
             "dropout": args.dropout})
     else:
         attn = ["all"]
-        net = DiT(args.img_channels, args.resolution, patch_size=2, hidden_size=4 * args.channels, depth=6,
-                  heads=4, dropout=args.dropout, **extra)
+        net = DiT(args.img_channels, args.resolution, patch_size=2, hidden_size=4 * args.channels, depth=args.depth,
+                  heads=args.heads, dropout=args.dropout, **extra)
     # Weights as after some training: the zero-initialized output layers would make parts of
     # the backward trivially cheap.
     with torch.no_grad():

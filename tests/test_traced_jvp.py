@@ -234,3 +234,41 @@ def test_the_fused_attention_kernel_is_one_node_of_the_graph(monkeypatch):
     monkeypatch.setattr(aj, "DEFAULT_BACKEND", "math")
     ref = tangent_forward(net, (x, t), tangents)[1]
     assert (tout - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (benchmarks/gpu_check.sh): the Triton kernel compiled for real, in the traced graph.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                                reason="needs CUDA and Triton")
+
+
+@needs_cuda
+@pytest.mark.parametrize("L,S,E,causal,dtype", [(64, 64, 16, False, torch.float32), (200, 137, 64, True, torch.float32),
+                                                (1024, 1024, 64, False, torch.bfloat16),
+                                                (333, 500, 128, True, torch.float16)])
+def test_cuda_kernel_matches_math(L, S, E, causal, dtype):
+    from fewstep.jvp.attention import attention_tangent_fused, attention_tangent_math
+
+    gen = torch.Generator(device="cuda").manual_seed(L)
+    q, k, v, qd, kd, vd = (torch.randn(2, 4, n, E, device="cuda", generator=gen, dtype=dtype)
+                           for n in (L, S, S, L, S, S))
+    got = attention_tangent_fused(q, k, v, qd, kd, vd, causal, None).double()
+    ref = attention_tangent_math(*(x.double() for x in (q, k, v, qd, kd, vd)), is_causal=causal)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # fp32: exact formulas, fp32 rounding; 16-bit: p rounded
+    assert (got - ref).abs().max() <= tol * ref.abs().max()
+
+
+@needs_cuda
+def test_cuda_traced_and_compiled_dit():
+    net = randomize_zero_params_(DiT(4, 16, patch_size=2, hidden_size=128, depth=2, heads=2)).cuda()  # head dim 64
+    x, t = torch.randn(4, 4, 16, 16, device="cuda"), torch.rand(4, device="cuda")
+    tangents = (torch.randn_like(x), torch.randn_like(t))
+    ref = tangent_forward(net, (x, t), tangents)[1]
+    _, tout = jvp(net, (x, t), tangents, mode="traced")
+    graph = next(iter(runner_of(net).graphs.values()))[0].graph
+    assert any("attention_tangent_fused" in str(n.target) for n in graph.nodes)
+    assert (tout - ref).abs().max() <= 1e-5 * ref.abs().max()
+    out, tout = jvp(net, (x, t), tangents, mode="traced", compile=True)
+    assert (tout - ref).abs().max() <= 1e-4 * ref.abs().max()  # inductor reorders fp32 sums
+    out.square().mean().backward()
