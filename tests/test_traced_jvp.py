@@ -197,6 +197,46 @@ def test_one_trace_per_signature():
     assert rel(tout, tangent_forward(net, (x, t), (None, 1.0))[1]) < 1e-12
 
 
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from helpers import init_gloo
+
+    init_gloo(rank, world, out_dir)
+    torch.manual_seed(0)  # the same weights and data everywhere; each rank takes its half
+    net = randomize_zero_params_(tiny_mlp(adaptive_weight=False)).double()
+    x, t, dxdt = torch.randn(4, 3, dtype=DT), torch.rand(4, dtype=DT) + 0.1, torch.randn(4, 3, dtype=DT)
+    ddp = nn.parallel.DistributedDataParallel(net, static_graph=True)  # as fewstep's fit wraps it
+    half = slice(2 * rank, 2 * rank + 2)
+    for _ in range(2):  # the second step runs the cached graph
+        net.zero_grad()
+        loss, _ = scm_loss(ddp, x[half], t[half], dxdt[half], 0.5, jvp_mode="traced")
+        loss.mean().backward()
+    full = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    for part in (slice(0, 2), slice(2, 4)):  # the reference: the mean of both halves' gradients
+        loss, _ = scm_loss(net, x[part], t[part], dxdt[part], 0.5, jvp_mode="tangent")
+        (loss.mean() / 2).backward()
+    err = max(rel(a, p.grad) for a, p in zip(full, net.parameters()))
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump({"err": err, "traces": runner_of(net).traces}, f)
+    dist.destroy_process_group()
+
+
+def test_under_ddp_the_gradients_are_all_reduced(tmp_path):
+    """The joint graph runs inside DDP's forward: DDP's all-reduce averages the gradients."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert result["err"] < 1e-12 and result["traces"] == 1, result
+
+
 @pytest.mark.slow
 def test_compiled_tangent_is_exact_and_compiles_once():
     """`compile=True`: inductor on the joint graph; 20 steps with fresh t, no recompile after the first."""

@@ -47,9 +47,15 @@ class TracedJVP:
         self.traces = 0  # how many signatures were traced (tests count them)
 
     def __call__(self, args: tuple, tangents: tuple, kwargs: dict, compile: bool = False):
+        run = self.prepare(args, tangents, kwargs, compile)
+        return None if run is None else run()
+
+    def prepare(self, args: tuple, tangents: tuple, kwargs: dict, compile: bool = False):
+        """A function that runs the joint graph of this call's signature (traced now if new), or
+        None when the network cannot be traced."""
         net = self.net()
-        if _distributed(net):  # its forward hooks (gradient sync, parameter gathers) would miss the graph
-            self._notice(net, "DDP/FSDP-wrapped networks run their hooks outside the graph")
+        if any(type(p).__name__ == "DTensor" for p in net.parameters()):  # FSDP2 gathers them in hooks
+            self._notice(net, "its parameters are sharded (FSDP2), gathered by hooks outside the graph")
             return None
         state = _state(net)
         leaves, spec = pytree.tree_flatten((args, tangents, kwargs))
@@ -63,9 +69,9 @@ class TracedJVP:
         if compile and compiled is None:
             compiled = torch.compile(gm, dynamic=False)
             self.graphs[key] = (gm, out_spec, compiled)
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        flat = (compiled if compile else gm)(*state.values(), *tensors)
-        return pytree.tree_unflatten(list(flat), out_spec)
+        graph = compiled if compile else gm
+        inputs = [*state.values(), *(x for x in leaves if isinstance(x, torch.Tensor))]
+        return lambda: pytree.tree_unflatten(list(graph(*inputs)), out_spec)
 
     def _trace(self, net, state: dict, leaves: list, spec):
         names, n_state = list(state), len(state)
@@ -145,22 +151,25 @@ def _unwrap(net):
 def traced_jvp(net, args: tuple, tangents: tuple, kwargs: dict, compile: bool = False):
     """`(out, out_dot)` from the joint graph of `net` for this signature (traced on first use), or
     None when `net` cannot be traced, or is a plain function rather than an `nn.Module` (the
-    caller falls back to the eager engine)."""
+    caller falls back to the eager engine). Under DDP the graph runs inside DDP's forward, in
+    place of the wrapped module's forward, so that DDP prepares its gradient all-reduce as usual."""
     net = _unwrap(net)
     if not isinstance(net, torch.nn.Module):
         return None  # a plain function: its closed-over tensors would become constants of the graph
-    runner = _CACHE.get(net)
+    ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
+    inner = _unwrap(ddp.module) if ddp is not None else net
+    runner = _CACHE.get(inner)
     if runner is None:
-        runner = _CACHE[net] = TracedJVP(net)
-    return runner(args, tangents, kwargs, compile)
-
-
-def _distributed(net) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(net, DistributedDataParallel):
-        return True
-    return any(type(p).__name__ == "DTensor" for p in net.parameters())  # FSDP2 (fully_shard)
+        runner = _CACHE[inner] = TracedJVP(inner)
+    run = runner.prepare(args, tangents, kwargs, compile)
+    if run is None or ddp is None:
+        return None if run is None else run()
+    inner.forward = lambda *a, **k: run()  # an instance attribute: nn.Module.__call__ takes it
+    try:
+        out, tout = ddp(*args, **kwargs)
+    finally:
+        del inner.forward
+    return out, tout.detach()  # DDP's output hook would give the tangent a (useless) graph
 
 
 def runner_of(net) -> TracedJVP | None:
