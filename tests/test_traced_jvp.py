@@ -79,25 +79,25 @@ def _build(name):
 @pytest.mark.parametrize("name", list(NETS))
 def test_traced_equals_finite_differences_and_the_engine(name):
     net, x, t, along_t = _build(name)
-    x_dot, t_dot = torch.randn_like(x), (torch.randn_like(t) if along_t else None)
+    x_dot, t_dot = torch.randn_like(x), torch.randn_like(t)
     out, tout = jvp(net, (x, t), (x_dot, t_dot), mode="traced")
     assert runner_of(net).traces == 1, "the network fell back to the engine"
-    with torch.no_grad():
-        plain = net(x, t)
-        dt = 0.0 if t_dot is None else EPS * t_dot
-        fd = (net(x + EPS * x_dot, t + dt) - net(x - EPS * x_dot, t - dt)) / (2 * EPS)
     ref_out, ref = tangent_forward(net, (x, t), (x_dot, t_dot))
-    assert torch.equal(out, plain)
-    assert rel(tout, fd) < 1e-7
     assert rel(tout, ref) < 1e-12
     assert not tout.requires_grad and tout.grad_fn is None
-    # t alone, for the diffusers networks too: against the engine (the same rules, eagerly)
-    _, tout_t = jvp(net, (x, t), (None, torch.ones_like(t)), mode="traced")
-    assert rel(tout_t, tangent_forward(net, (x, t), (None, torch.ones_like(t)))[1]) < 1e-12
+    # Along x (and t where float64 differences are meaningful): the tangent is linear in
+    # (x_dot, t_dot), so the t part is the engine's along t alone when t is not perturbed.
+    rest = 0.0 if along_t else tangent_forward(net, (x, t), (None, t_dot))[1]
+    with torch.no_grad():
+        plain = net(x, t)
+        dt = EPS * t_dot if along_t else 0.0
+        fd = (net(x + EPS * x_dot, t + dt) - net(x - EPS * x_dot, t - dt)) / (2 * EPS)
+    assert torch.equal(out, plain)
+    assert rel(tout - rest, fd) < 1e-7
 
 
 def test_sct_gradients_through_traced_and_tangent_agree():
-    net, x, t, _ = _build("unet")
+    net, x, t, _ = _build("dit")
     dxdt = torch.randn_like(x)
     grads = {}
     for mode in ("traced", "tangent"):
