@@ -37,10 +37,11 @@ Examples:
   python benchmarks/step_cost.py --net dit --threads 2 --out benchmarks/results/step_cost-dit-2t.json
   python benchmarks/step_cost.py --modes flow sct-traced --compile --threads 1   # inductor, both steps
 
-`--compile` runs every mode on `torch.compile(net)`: the flow step's forward and backward are
-compiled, and so is the traced joint graph (jvp compiles it for a compiled network); the tangent
-engine unwraps the compiled network and stays eager; separate/single use the compiled forward
-where they can. Compilation happens in the warmup steps.
+`--compile` adds `<mode>+compile` for each mode, timed in the same rounds: the mode on
+`torch.compile(net)`. The flow step's forward and backward are compiled, and so is the traced
+joint graph (jvp compiles it for a compiled network); the tangent engine unwraps the compiled
+network and stays eager. Compilation happens in the warmup steps; compiled modes get no memory
+probe. Ratios: `x` to eager flow, `xc` to compiled flow.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per mode")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (and the traced joint graph)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each mode on torch.compile(net) ('<mode>+compile', the traced joint graph compiled too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--probe-memory", default=None, choices=MODES, help=argparse.SUPPRESS)
@@ -148,7 +150,9 @@ def build(args, second_time: bool = False):
     return net, x0, attn
 
 
-def make_step(mode: str, net, x0, args):
+def make_step(label: str, net, x0, args):
+    """One training step of `label`: a mode, or `<mode>+compile` (the same on `torch.compile(net)`)."""
+    mode, compiled = label.removesuffix("+compile"), label.endswith("+compile")
     if mode == "flow":
         method = FlowMatching()
     elif mode.startswith("meanflow"):
@@ -156,7 +160,7 @@ def make_step(mode: str, net, x0, args):
     else:
         method = SCT(jvp_mode=mode.split("-")[1])
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
-    if args.compile:
+    if compiled:
         net = torch.compile(net, dynamic=False)
 
     def amp():
@@ -254,8 +258,9 @@ def main(argv=None):
             for mode in (m for m in args.modes if m.startswith("meanflow")):
                 failed[mode] = str(err)
     steps = {}
-    for mode in args.modes:
-        if mode not in failed:
+    labels = list(args.modes) + ([m + "+compile" for m in args.modes] if args.compile else [])
+    for mode in labels:
+        if mode.removesuffix("+compile") not in failed:
             steps[mode] = make_step(mode, copy.deepcopy(two_time if mode.startswith("meanflow") else net), x0, args)
     device_name = (torch.cuda.get_device_name() if x0.device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -264,14 +269,14 @@ def main(argv=None):
           f"channels {args.channels} x {tuple(args.mult)}, attention at {attn}, batch {args.batch}, "
           f"amp {args.amp}, on {device_name}")
 
-    for mode in (m for m in args.modes if m not in failed):
+    for mode in (m for m in labels if m.removesuffix("+compile") not in failed):
         try:
             for _ in range(max(1, args.warmup)):
                 steps[mode]()
         except RuntimeError as err:
             failed[mode] = str(err).strip().splitlines()[0][:160]
             print(f"  {mode} failed: {failed[mode]}")
-    modes = [m for m in args.modes if m not in failed]
+    modes = [m for m in labels if m not in failed and m.removesuffix("+compile") not in failed]
     if not modes:
         raise SystemExit("every mode failed")
     times = {mode: [] for mode in modes}
@@ -287,8 +292,8 @@ def main(argv=None):
 
     memory = {}
     if not args.no_memory:
-        for mode in modes:
-            memory[mode] = run_memory_probe(mode, argv)
+        for mode in (m for m in modes if not m.endswith("+compile")):
+            memory[mode] = run_memory_probe(mode, [a for a in argv if a != "--compile"])
 
     results = {}
     ref = "flow" if "flow" in modes else modes[0]
@@ -300,6 +305,8 @@ def main(argv=None):
         row = {"ms_per_step": ms, "ms_all": [t * 1e3 for t in times[mode]], "time_ratio": ms / ref_ms,
                "best_ms": best, "best_ratio": best / (min(times[ref]) * 1e3),
                "cpu_ms_per_step": cpu, "cpu_ratio": cpu / ref_cpu}
+        if mode.endswith("+compile") and "flow+compile" in times:
+            row["compiled_ratio"] = ms / (statistics.median(times["flow+compile"]) * 1e3)
         if mode in memory:
             row.update(memory[mode])
             row["peak_ratio"] = memory[mode]["peak_bytes"] / memory[ref]["peak_bytes"]
@@ -307,17 +314,18 @@ def main(argv=None):
         results[mode] = row
 
     mib = 2.0 ** 20
-    print(f"\n{'mode':<18}{'ms/step':>9}{'x':>6}{'best ms':>9}{'x':>6}{'cpu ms':>9}{'x':>6}"
+    print(f"\n{'mode':<22}{'ms/step':>9}{'x':>6}{'xc':>6}{'best ms':>9}{'x':>6}{'cpu ms':>9}{'x':>6}"
           f"{'peak MiB':>10}{'x':>6}{'step MiB':>10}{'x':>6}")
     for mode, row in results.items():
         mem = (f"{row['peak_bytes'] / mib:>10.0f}{row['peak_ratio']:>6.2f}{row['step_bytes'] / mib:>10.0f}"
                f"{row['step_ratio']:>6.2f}" if "peak_bytes" in row else "")
-        print(f"{mode:<18}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{row['best_ms']:>9.0f}"
+        xc = f"{row['compiled_ratio']:>6.2f}" if "compiled_ratio" in row else " " * 6
+        print(f"{mode:<22}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{xc}{row['best_ms']:>9.0f}"
               f"{row['best_ratio']:>6.2f}{row['cpu_ms_per_step']:>9.0f}{row['cpu_ratio']:>6.2f}{mem}")
     for mode, err in failed.items():
         print(f"{mode:<18}failed: {err}")
         results[mode] = {"error": err}
-    print(f"x: ratio to {ref}. ms/step: median wall-clock; best ms: fastest round; cpu ms: median process "
+    print(f"x: ratio to {ref}; xc: ratio to flow+compile. ms/step: median wall-clock; best ms: fastest round; cpu ms: median process "
           "CPU time (all threads)")
     if memory:
         print("peak: " + ("torch.cuda.max_memory_allocated" if x0.device.type == "cuda" else "peak RSS")
