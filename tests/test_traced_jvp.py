@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fewstep.jvp import jvp, tangent_forward
+from fewstep.jvp import traced
 from fewstep.jvp.traced import runner_of
 from fewstep.methods.scm import scm_loss
 from fewstep.networks import DiT
@@ -23,6 +24,11 @@ from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
 
 DT = torch.float64
 EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _trace_at_first_call(monkeypatch):
+    monkeypatch.setattr(traced, "TRACE_AT_CALL", 1)  # each test's network is traced at once
 
 
 def rel(a, b):
@@ -183,6 +189,17 @@ def test_data_dependent_control_flow_falls_back_with_one_notice():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per network
         jvp(net, (x, t), (x_dot, None), mode="traced")
+
+
+def test_a_signature_is_traced_at_its_second_call(monkeypatch):
+    monkeypatch.setattr(traced, "TRACE_AT_CALL", 2)
+    net, x, t, _ = _build("mlp")
+    jvp(net, (x, t), (torch.randn_like(x), 1.0), mode="traced")
+    assert runner_of(net).traces == 0  # a one-off call runs the engine
+    x_dot = torch.randn_like(x)
+    _, tout = jvp(net, (x, t), (x_dot, 1.0), mode="traced")
+    assert runner_of(net).traces == 1
+    assert rel(tout, tangent_forward(net, (x, t), (x_dot, 1.0))[1]) < 1e-12
 
 
 def test_one_trace_per_signature():

@@ -17,7 +17,8 @@ part of the signature (shapes, strides, dtypes, devices of every tensor, the val
 arguments, which inputs carry tangents, the modules' train/eval flags, grad and autocast state).
 
 `compile=True` runs the joint graph through `torch.compile` (inductor): one compile per signature,
-none per step, as the graph's inputs are tensors whose values may change freely.
+none per step, as the graph's inputs are tensors whose values may change freely. A signature is
+traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from fewstep.jvp.engine import tangent_forward
 __all__ = ["TracedJVP", "traced_jvp"]
 
 _FALLBACK = object()  # a cache entry: this signature could not be traced
+# A signature is traced at its second call; its first runs the eager engine. Training repeats a
+# signature thousands of times, while a one-off call (a check, a test) would pay a trace of
+# seconds for a single use.
+TRACE_AT_CALL = 2
 
 
 class TracedJVP:
@@ -43,6 +48,7 @@ class TracedJVP:
     def __init__(self, net: torch.nn.Module):
         self.net = weakref.ref(net)
         self.graphs: dict = {}  # signature -> (graph module, output spec, compiled or None) or _FALLBACK
+        self.seen: dict = {}  # signature -> calls so far, until it is traced
         self.warned = False
         self.traces = 0  # how many signatures were traced (tests count them)
 
@@ -62,6 +68,10 @@ class TracedJVP:
         key = _signature(net, state, leaves, spec)
         entry = self.graphs.get(key)
         if entry is None:
+            seen = self.seen[key] = self.seen.get(key, 0) + 1
+            if seen < TRACE_AT_CALL:
+                return None  # the eager engine, the same numbers
+            del self.seen[key]
             entry = self.graphs[key] = self._trace(net, state, leaves, spec)
         if entry is _FALLBACK:
             return None
