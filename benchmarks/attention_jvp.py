@@ -1,4 +1,4 @@
-"""Speed and memory of attention with its forward-mode tangent (SPEC 6).
+"""Speed and memory of attention with its forward-mode tangent (docs/math.md#attention-tangent-rule).
 
 Each mode computes the attention output AND its tangent along random (q', k', v'), no backward:
   func-jvp   `torch.func.jvp` of math attention written out (softmax(q k^T s) v); O(L S) memory

@@ -15,12 +15,12 @@ RSS tracks the peak of live memory; with glibc's adaptive threshold the same run
 wall-clock steady on a shared machine.
 
 Modes:
-  flow           TrigFlow flow matching (SPEC 1.1)
+  flow           TrigFlow flow matching (docs/math.md#trigflow)
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
   sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.jvp.engine`)
   sct-traced     sCT, the engine traced once into a joint primal+tangent graph (`fewstep.jvp.traced`)
-  meanflow-tangent   MeanFlow (SPEC 10), its JVP along (v, 0, 1) through the tangent engine
+  meanflow-tangent   MeanFlow (docs/math.md#meanflow), its JVP along (v, 0, 1) through the tangent engine
   meanflow-traced    MeanFlow, its JVP through the traced joint graph
   meanflow-separate  MeanFlow, torch.func.jvp in a no-grad pass + a separate graded forward
   meanflow-single    MeanFlow, one grad-enabled forward-AD pass

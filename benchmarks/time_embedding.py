@@ -2,7 +2,7 @@
 high-frequency time embeddings make `dF/dt` large and training unstable. A diffusers student keeps
 its teacher's time input (timesteps 0..999 into a positional embedding), so measure it.
 
-The JVP of sCT/sCD (SPEC 2.2) is `dF = F_x . x_dot + F_t . t_dot` with `x_dot = cos t sin t dx_t/dt / sigma_d`
+The JVP of sCT/sCD (docs/math.md#the-jvp-rearrangement) is `dF = F_x . x_dot + F_t . t_dot` with `x_dot = cos t sin t dx_t/dt / sigma_d`
 and `t_dot = cos t sin t sigma_d`. For each model this prints, per band of t, the RMS of the time
 part `F_t . t_dot`, of the x part, and their ratio, on digits noised to t with the teacher's own
 velocity as dx_t/dt:

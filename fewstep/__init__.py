@@ -2,11 +2,13 @@
 
     from fewstep import fit            # the training loop over your own objects
     from fewstep import build, train   # the same from a config (what `fewstep train` runs)
+    from fewstep.jvp import jvp, tangent_rule  # exact JVPs of any network, and rules for your own ops
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
-_LAZY = {"fit": "fewstep.training.fit", "Callback": "fewstep.training.fit", "build": "fewstep.training.build", "train": "fewstep.training.build"}
+_LAZY = {"fit": "fewstep.training.fit", "Callback": "fewstep.training.callbacks", "build": "fewstep.training.build",
+         "train": "fewstep.apps.train"}
 
 
 def __getattr__(name):  # keep `import fewstep` light: torch loads on first use

@@ -1,7 +1,10 @@
-"""Run configuration: dataclasses that validate themselves.
+"""Run configuration: plain dataclasses that validate themselves, importing nothing of fewstep.
 
 A config is built from a preset, an optional JSON/TOML file and `key=value` overrides, in
-that order. An unknown key or a bad value raises `ConfigError` naming the dotted key.
+that order. An unknown key or a bad value raises `ConfigError` naming the dotted key. The
+`method` and `network` sections name registered classes: their fields are checked against the
+registries by `fewstep.training.registries.validate_against_registries` (which `build` and
+`fewstep train` call before training).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewstep.core.samplers import TWO_STEP_TIMES
-
-
+# The sCM paper's 2-step schedule, as `fewstep.core.samplers.TWO_STEP_TIMES` (not imported: the config is
+# plain data; a test checks that the two agree).
+TWO_STEP_TIMES = (math.pi / 2, 1.1)
+DEFAULT_METHOD = "sct"
 
 
 class ConfigError(ValueError):
@@ -43,43 +47,6 @@ class DataConfig:
         if self.vae is not None and self.xflip:
             raise ConfigError("data.xflip mirrors pixels, not latents: encode a mirrored dataset instead of "
                               "combining it with data.vae")
-
-
-def validate_network(cfg: dict) -> dict:
-    """The `network` section: `arch` ('auto': 'unet' for images, 'mlp' for vectors, or any registered
-    network), `class_conditional` (use the dataset's labels), and the architecture's own constructor
-    arguments (checked against its signature; data-shaped ones are filled in by `build`)."""
-    from fewstep.networks import (BUILD_KEYS, DATA_ARGUMENTS, NETWORKS, check_network_values, constructor_arguments,
-                                  constructor_hints)
-
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"network must be a table/object, got {cfg!r}")
-    cfg = {"arch": "auto", "class_conditional": False, **cfg}
-    arch = cfg["arch"]
-    if arch != "auto" and arch not in NETWORKS:
-        raise ConfigError(f"network.arch must be 'auto' or a registered network ({', '.join(sorted(NETWORKS))}), "
-                          f"got {arch!r}; register your own with @fewstep.networks.register_network")
-    cfg["class_conditional"] = _coerce("network.class_conditional", cfg["class_conditional"], bool)
-    if "checkpoint_activations" in cfg:
-        cfg["checkpoint_activations"] = _coerce("network.checkpoint_activations", cfg["checkpoint_activations"], bool)
-    candidates = ["unet", "mlp"] if arch == "auto" else [arch]
-    params, hints = {}, {}
-    for name in candidates:
-        params.update(constructor_arguments(NETWORKS[name]))
-        hints.update(constructor_hints(NETWORKS[name]))
-    for key, value in cfg.items():
-        if key in BUILD_KEYS:
-            continue
-        if key not in params or key in DATA_ARGUMENTS:
-            known = sorted(k for k in params if k not in DATA_ARGUMENTS)
-            raise ConfigError(f"unknown key network.{key} for network {arch!r}; known: {known + list(BUILD_KEYS)}")
-        if key in hints:
-            cfg[key] = _coerce(f"network.{key}", value, hints[key])
-    try:  # fewstep's own networks check their values now, before any weight is allocated
-        check_network_values(arch, {k: v for k, v in cfg.items() if k not in BUILD_KEYS})
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return cfg
 
 
 @dataclass
@@ -126,6 +93,8 @@ class TrainConfig:
     sample_times: list[float] = field(default_factory=lambda: list(TWO_STEP_TIMES))
     num_samples: int = 64
     tensorboard: bool = False  # also log to <out>/tensorboard (pip install 'fewstep[tensorboard]')
+    wandb: bool = False  # also log to Weights & Biases (pip install 'fewstep[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str | None = None  # its project (default 'fewstep')
     progress: bool = True
     teacher: str | None = None  # sCD/CD: the diffusion teacher: a fewstep run (flow or edm), a diffusers folder or Hub id
     teacher_scheduler: str | None = None  # a diffusers model folder's scheduler config (default: found beside it)
@@ -133,7 +102,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size each)
     compile: bool = False  # torch.compile the network (falls back to eager with a message)
     sharded_checkpoints: bool = False  # fsdp: each process writes its own shards (models beyond one process)
-    init_from_teacher: bool = True  # sCD: start from the teacher's weights (SPEC 2.4; networks/convert.py)
+    init_from_teacher: bool = True  # sCD: start from the teacher's weights (docs/math.md#stabilizers; networks/convert.py)
     init_from: str | None = None  # fine-tune: start from this run's network and (EMA) weights
     pretrain_steps: int = 0  # first train flow matching this long into <out>/pretrain: the teacher or the start
     pretrain_lr: float | None = None  # its learning rate (default optim.lr)
@@ -172,26 +141,20 @@ class TrainConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     network: dict = field(default_factory=lambda: {"arch": "auto"})  # arch + the architecture's own arguments
-    method: dict = field(default_factory=lambda: {"name": "sct"})  # name + the method's own fields
+    method: dict = field(default_factory=lambda: {"name": DEFAULT_METHOD})  # name + the method's own fields
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
+        """Check what plain data can tell; the method's and network's own fields are checked against
+        their registries by `fewstep.training.registries.validate_against_registries`."""
         for section in (self.data, self.optim, self.train):
             section.validate()
-        self.network = validate_network(self.network)
-        method = build_method(self.method)  # the method's dataclass validates its own fields
-        name = self.method.get("name")
-        if method.takes_teacher and not (self.train.teacher or self.train.pretrain_steps):
-            hint = " (or method.from_teacher=false to train from scratch)" if name == "ect" else ""
-            raise ConfigError(f"method {name!r} starts from a diffusion teacher: give its checkpoint with "
-                              f"--teacher CKPT (train.teacher){hint}")
-        if self.train.teacher and not method.takes_teacher:
-            from fewstep.methods import METHODS
-
-            distillers = sorted(k for k, cls in METHODS.items() if cls.takes_teacher)
-            raise ConfigError(f"train.teacher is used by the distillation methods ({', '.join(distillers)}) "
-                              f"only, not {name!r}")
+        for key in ("network", "method"):
+            if not isinstance(getattr(self, key), dict):
+                raise ConfigError(f"{key} must be a table/object, got {getattr(self, key)!r}")
+        if not isinstance(self.method.get("name"), str):
+            raise ConfigError(f"method.name must be a method's name, got {self.method.get('name')!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -209,26 +172,6 @@ def validate_times(key: str, times) -> None:
         raise ConfigError(f"{key} must be strictly decreasing, got {list(times)}")
 
 
-def build_method(method_cfg: dict):
-    """Instantiate the training objective named by `method_cfg['name']` with its fields."""
-    from fewstep.methods import METHODS
-
-    cfg = dict(method_cfg)
-    name = cfg.pop("name", None)
-    if name not in METHODS:
-        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
-    cls = METHODS[name]
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key, value in cfg.items():
-        if key not in known:
-            raise ConfigError(f"unknown key method.{key} for method {name!r}; known: {sorted(known)}")
-        cfg[key] = _coerce(f"method.{key}", value, typing.get_type_hints(cls)[key])
-    try:
-        return cls(**cfg)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-
-
 # ----------------------------------------------------------------------------- parsing
 
 def _choice(key, value, choices):
@@ -236,7 +179,7 @@ def _choice(key, value, choices):
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
-def _coerce(key: str, value: Any, hint) -> Any:
+def coerce(key: str, value: Any, hint) -> Any:
     """Check `value` against a type hint, converting where it is lossless (int -> float)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -247,7 +190,7 @@ def _coerce(key: str, value: Any, hint) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
+        return [coerce(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -280,7 +223,7 @@ def _section_from_dict(cls, data: dict, prefix: str):
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"unknown key {prefix}.{key}; known: {sorted(names)}")
-        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+        kwargs[key] = coerce(f"{prefix}.{key}", value, hints[key])
     return cls(**kwargs)
 
 
@@ -299,9 +242,9 @@ def config_from_dict(data: dict) -> Config:
             kwargs[key] = dict(value)
         else:
             kwargs[key] = _section_from_dict(typing.get_type_hints(Config)[key], value, key)
-    cfg = Config(**kwargs)
-    cfg.method.setdefault("name", "sct")
-    return cfg.validate()
+    if "method" in kwargs:
+        kwargs["method"] = {"name": DEFAULT_METHOD, **kwargs["method"]}
+    return Config(**kwargs).validate()
 
 
 def load_config_file(path: str | Path) -> dict:

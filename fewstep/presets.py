@@ -37,6 +37,9 @@ TOY = {
 
 TOY_NAMES = ("8gaussians", "checkerboard", "moons", "swissroll", "gaussian")
 
+# What `fewstep train` trains when given neither --preset nor --config (its --help names it from here).
+DEFAULT_PRESET = "digits"
+
 PRESETS = {"digits": DIGITS, **DIGITS_RECIPES, **{name: {**TOY, "data": {"name": name}} for name in TOY_NAMES}}
 
 # What a preset changes when another method is chosen (`--method`): distillation fine-tunes a

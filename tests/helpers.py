@@ -37,7 +37,7 @@ def tiny_mlp(**kw) -> MLP:
     return MLP(**cfg)
 
 
-# ---------------------------------------------------------------------------- Gaussian data, SPEC 9
+# ---------------------------------------------------------------------------- Gaussian data, docs/math.md#gaussian-closed-forms
 # Data N(MU, S^2 I) with S != SD, so that the probability-flow ODE is curved; every quantity below
 # is a closed form, so samplers, conversions and tangents can be checked exactly (float64).
 

@@ -1,4 +1,4 @@
-"""Attention with tangents (SPEC 6): the math path against forward-mode AD and finite differences,
+"""Attention with tangents (docs/math.md#attention-tangent-rule): the math path against forward-mode AD and finite differences,
 the primal against SDPA, and the fused Triton kernel against the math path.
 
 The kernel tests run only under Triton's CPU interpreter:

@@ -1,4 +1,4 @@
-"""Discrete-time consistency models (SPEC 3): schedules, metrics, and the CD / CT / iCT losses
+"""Discrete-time consistency models (docs/math.md#cm-ct-and-ict): schedules, metrics, and the CD / CT / iCT losses
 against the exact consistency function of Gaussian data (EDM/VE closed forms, float64)."""
 
 import math
@@ -21,7 +21,7 @@ EPS = 0.002
 
 class OracleVENet(torch.nn.Module):
     """`F(c_in x, ln(sigma) / 4)` whose consistency parameterization (boundary at eps) is exactly the
-    VE consistency function f* of N(MU, S^2 I) (SPEC 9)."""
+    VE consistency function f* of N(MU, S^2 I) (docs/math.md#gaussian-closed-forms)."""
 
     num_classes = 0
 
@@ -198,7 +198,7 @@ def test_ict_online_and_target_see_the_same_dropout_masks():
 
 
 def test_sample_is_algorithm_1():
-    """`method.sample` at TrigFlow times (pi/2, arctan(0.5 / sigma_d)) = VE levels (T, 0.5), with the
+    """`method.sampler(net)` at TrigFlow times (pi/2, arctan(0.5 / sigma_d)) = VE levels (T, 0.5), with the
     exact consistency network of N(MU, S^2 I), T = 1 and eps = 0.2 (so that the start `T z` and the
     re-noising std `sqrt(tau^2 - eps^2)` matter): 1- and 2-step sample moments are Algorithm 1's
     closed form. The TrigFlow route (`multistep_sample` of `consistency_fn`, which starts from
@@ -207,12 +207,13 @@ def test_sample_is_algorithm_1():
     method, net = CT(sigma_data=SD, eps=eps, sigma_max=1.0), OracleVENet(eps)
     noise = torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for times, sigmas in (([math.pi / 2], [1.0]), ([math.pi / 2, math.atan(0.5 / SD)], [1.0, 0.5])):
-        x = method.sample(net, noise, times, torch.Generator().manual_seed(1))
+        sampler = method.sampler(net)
+        x = sampler.sample(noise, sampler.schedule(times=times), generator=torch.Generator().manual_seed(1))
         mean, var = algorithm_1_moments(sigmas, eps)
         # Standard errors: mean sqrt(var / n) < 1e-3, variance var sqrt(2 / n) = 0.45%.
         torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=4e-3)
         torch.testing.assert_close(x.var(0), torch.full((4,), var, dtype=torch.float64), rtol=0.025, atol=0)
-        old = multistep_sample(method.consistency_fn(net), noise, times, SD, torch.Generator().manual_seed(1))
+        old = multistep_sample(sampler.consistency_fn(), noise, times, SD, torch.Generator().manual_seed(1))
         assert (old.var(0) / var - 1).min() > 0.15
 
 
@@ -232,16 +233,18 @@ def test_ict_trains_on_8_gaussians():
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
     ref = data.all()[0][:2000]
+    sampler = method.sampler(net)
     with torch.no_grad():
-        untrained = sliced_wasserstein(method.sample(net, noise, [math.pi / 2]), ref)
+        untrained = sliced_wasserstein(sampler.sample(noise, sampler.schedule(1)), ref)
     for step in range(400):
         loss, _ = method(net, data.sample(512)[0], None, step)
         opt.zero_grad()
         loss.mean().backward()
         opt.step()
     with torch.no_grad():
-        one = sliced_wasserstein(method.sample(net, noise, [math.pi / 2]), ref)
-        two = sliced_wasserstein(method.sample(net, noise, [math.pi / 2, 1.0], torch.Generator().manual_seed(2)), ref)
+        one = sliced_wasserstein(sampler.sample(noise, sampler.schedule(1)), ref)
+        two = sliced_wasserstein(sampler.sample(noise, sampler.schedule(times=[math.pi / 2, 1.0]),
+                                                generator=torch.Generator().manual_seed(2)), ref)
     print(f"iCT SW2: untrained {untrained:.3f}, 1 step {one:.3f}, 2 steps {two:.3f}")
     assert one < 0.12 and two < 0.25 and one < untrained / 3
 

@@ -1,4 +1,10 @@
-"""Configs validate themselves and name the offending key."""
+"""Configs validate themselves and name the offending key; the config is plain data, and `build`
+leaves it unchanged."""
+
+import copy
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -6,11 +12,17 @@ from fewstep.cli import main
 from fewstep.cli.train import build_train_config
 from fewstep.config import ConfigError, apply_overrides, config_from_dict, parse_override
 from fewstep.presets import PRESETS
+from fewstep.training.registries import validate_against_registries
+
+
+def checked(data: dict):
+    """What `fewstep train` checks: the plain data, then the method and network registries."""
+    return validate_against_registries(config_from_dict(data))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_are_valid(name):
-    config_from_dict(PRESETS[name])
+    checked(PRESETS[name])
 
 
 @pytest.mark.parametrize("data, key", [
@@ -37,7 +49,21 @@ def test_presets_are_valid(name):
 ])
 def test_bad_values_name_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config_from_dict(data)
+        checked(data)
+
+
+def test_the_config_imports_nothing_of_fewstep():
+    """The config is plain data: importing it loads no other fewstep module (nor torch)."""
+    code = "import sys, fewstep.config; print(sorted(m for m in sys.modules if m.startswith(('fewstep.', 'torch'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(loaded.replace("'", '"')) == ["fewstep.config"]
+
+
+def test_default_sample_times_are_the_samplers_two_step_schedule():
+    from fewstep.config import TrainConfig
+    from fewstep.core.samplers import TWO_STEP_TIMES
+
+    assert TrainConfig().sample_times == list(TWO_STEP_TIMES)
 
 
 def test_overrides_parse_json_values():
@@ -91,3 +117,67 @@ def test_help_shows_examples(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+def test_train_help_names_the_method_that_train_really_trains(capsys):
+    """Defect 7: `fewstep train --help` said sCT while `fewstep train` trains the default preset's method."""
+    from fewstep.cli import build_parser
+
+    cfg, _ = build_train_config(build_parser().parse_args(["train"]))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"train a model (default: {cfg.method['name']} " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the default demo: {cfg.method['name']} on" in text and f"({cfg.method['name']} for" in text
+
+
+def _tiny(data="8gaussians", network=None, method=None, **train):
+    return config_from_dict({
+        "data": {"name": data}, "network": network or {"width": 16, "depth": 1}, "method": method or {"name": "sct"},
+        "train": {"steps": 2, "batch_size": 16, "sample_every": 0, "ckpt_every": 0, "progress": False,
+                  "num_samples": 4, "log_every": 1, "device": "cpu", **train}})
+
+
+def test_build_leaves_the_config_unchanged(tmp_path):
+    """`build` derives the config it trains (MeanFlow's second time input, the network of the run it
+    starts from) and records that one; the caller's config compares equal before and after."""
+    from fewstep.apps.generate import load_model
+    from fewstep.apps.train import train
+    from fewstep.training.build import build
+
+    cfg = _tiny(method={"name": "meanflow"})
+    before = copy.deepcopy(cfg)
+    built = build(cfg)
+    assert cfg == before and "second_time" not in cfg.network
+    assert built.config.network["second_time"] is True and built.options["config"]["network"]["second_time"] is True
+    # train.pretrain_steps: flow matching first, then sCT from it (init_from), each from a derived config.
+    cfg = _tiny(network={"width": 24, "depth": 1}, pretrain_steps=2)
+    before = copy.deepcopy(cfg)
+    train(cfg, tmp_path / "run")
+    assert cfg == before
+    record = load_model(tmp_path / "run").config
+    assert record["train"]["init_from"] == str(tmp_path / "run" / "pretrain") and record["train"]["pretrain_steps"] == 0
+    assert record["method"] == {"name": "sct"} and record["network"]["width"] == 24
+    assert load_model(tmp_path / "run" / "pretrain").config["method"] == {"name": "flow"}
+
+
+def test_build_on_latents_takes_their_sigma_d_without_changing_the_config(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fewstep.interop.diffusers.latents import RECORD_KEY
+    from fewstep.training.build import build
+
+    record = {"vae": "unused", "scaling_factor": 1.0, "shift_factor": 0.0, "pixel_shape": [1, 8, 8],
+              "latent_shape": [2, 4, 4], "count": 8, "sigma_d": 0.75, "source": {"name": "digits"},
+              "class_names": None, "num_classes": 0}
+    path = tmp_path / "latents.safetensors"
+    save_file({"mean": torch.zeros(8, 2, 4, 4), "std": torch.ones(8, 2, 4, 4)}, str(path),
+              metadata={RECORD_KEY: json.dumps(record)})
+    cfg = _tiny(str(path), {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []})
+    before = copy.deepcopy(cfg)
+    built = build(cfg)
+    assert cfg == before and "sigma_d" not in cfg.method
+    assert built.method.sigma_d == 0.75 and built.config.method == {"name": "sct", "sigma_d": 0.75}

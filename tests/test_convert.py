@@ -1,5 +1,5 @@
 """A TrigFlow student from a teacher's weights (fewstep.networks.convert): a flow teacher is copied
-as it is; an EDM teacher's output is negated and its log time input re-fitted (SPEC 1.1, 2.4)."""
+as it is; an EDM teacher's output is negated and its log time input re-fitted (docs/math.md#trigflow, 2.4)."""
 
 import math
 

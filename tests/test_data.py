@@ -754,3 +754,30 @@ def test_register_dataset(tmp_path):
     finally:
         DATASETS.pop("tiny-edm", None)
     raises_data_error(lambda: register_dataset("a/b"), "'a/b'")
+
+
+def test_register_file_type(tmp_path):
+    """Another layer teaches `load_dataset` a file type (as interop does for VAE latents): the file's
+    numbers become a vector dataset, its options are checked, and errors name the new type."""
+    from fewstep.data import TensorDataset
+    from fewstep.data.registry import FILE_TYPES, register_file_type
+
+    def read_csv(path, name, scale=1.0):
+        return TensorDataset(name, torch.tensor(np.loadtxt(path, delimiter=","), dtype=torch.float32) * scale,
+                             kind="vector")
+
+    (tmp_path / "points.csv").write_text("1,2\n3,4\n5,6\n")
+    (tmp_path / "notes.txt").write_text("hi")
+    raises_data_error(lambda: load_dataset(tmp_path / "points.csv"), "unsupported")
+    register_file_type(".csv", read_csv, "a .csv file of points")
+    try:
+        ds = load_dataset(tmp_path / "points.csv", scale=2.0)
+        assert (ds.kind, ds.shape, len(ds)) == ("vector", (2,), 3)
+        torch.testing.assert_close(ds.__getitems__([2])[0], torch.tensor([[10.0, 12.0]]))
+        raises_data_error(lambda: load_dataset(tmp_path / "points.csv", split="test"), "'split'", "scale")
+        raises_data_error(lambda: load_dataset(tmp_path / "notes.txt"), "unsupported", "a .csv file of points")
+        raises_data_error(lambda: register_file_type(".csv", TensorDataset, "x"), "'.csv'", "already registered")
+    finally:
+        FILE_TYPES.pop(".csv", None)
+    raises_data_error(lambda: register_file_type("csv", read_csv, "x"), "'csv'")
+    raises_data_error(lambda: register_file_type(".npy", read_csv, "x"), "'.npy'")

@@ -71,7 +71,7 @@ def test_the_student_starts_as_the_teacher(ddpm_folder):
 
 def test_sample_and_eval_read_a_diffusers_teacher(ddpm_folder, tmp_path):
     model = load_model(ddpm_folder)
-    assert model.method_name == "flow" and model.shape == (1, 8, 8) and not model.is_consistency
+    assert model.method_name == "flow" and model.shape == (1, 8, 8) and model.sampler.consistency_fn() is None
     assert main(["sample", str(ddpm_folder), "--steps", "3", "--num", "4", "--out", str(tmp_path / "t.png"),
                  "--device", "cpu"]) == 0
 
@@ -85,7 +85,7 @@ def test_export_round_trip_generates_what_fewstep_generates(ddpm_folder, tmp_pat
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "exported")
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     student = load_model(tmp_path / "exported")
-    assert student.is_consistency and student.method_name == "scd"
+    assert student.sampler.consistency_fn() is not None and student.method_name == "scd"
     ours_model = load_model(out)
     for steps in (1, 2):
         images = pipe(batch_size=4, generator=torch.Generator().manual_seed(7), num_inference_steps=steps,
@@ -96,8 +96,9 @@ def test_export_round_trip_generates_what_fewstep_generates(ddpm_folder, tmp_pat
         sched = ours_model.net.schedule
         times = [math.pi / 2] + [float(sched.trigflow_time(k)) for k in pipe.scheduler.timesteps[1:]]
         with torch.no_grad():
-            x = ours_model.method.sample(ours_model.net, noise, times, gen)
-            y = student.method.sample(student.net, noise, times, torch.Generator().manual_seed(7).manual_seed(7))
+            x = ours_model.sampler.sample(noise, ours_model.sampler.schedule(times=times), generator=gen)
+            y = student.sampler.sample(noise, student.sampler.schedule(times=times),
+                                       generator=torch.Generator().manual_seed(7).manual_seed(7))
         ours = (x / 2 + 0.5).clamp(0, 1)
         assert torch.allclose(images, ours, atol=2e-5), (steps, (images - ours).abs().max())
         if steps == 1:  # fewstep's reading of the exported folder is the same network
@@ -285,3 +286,34 @@ def test_a_student_may_re_read_the_teachers_output(ddpm_folder, tmp_path):
     assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
     cfg = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
     assert cfg["prediction_type"] == "v_prediction" and cfg["_class_name"] == "LCMScheduler"
+
+
+@pytest.mark.parametrize("keep", [4, 5000])  # cut inside the header's length, and inside the header itself
+def test_a_truncated_weights_file_is_a_one_line_error(ddpm_folder, tmp_path, keep, capsys):
+    """Defect 2: a teacher whose unet/*.safetensors was cut short (an interrupted copy) is refused in
+    one line naming the file, by `train --teacher` and by `sample`, not with safetensors' traceback."""
+    import shutil
+
+    folder = tmp_path / "ddpm"
+    shutil.copytree(ddpm_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    for argv in (["train", "--method", "scd", "--teacher", str(folder), "--out", str(tmp_path / "r"), *TRAIN],
+                 ["sample", str(folder), "--num", "2", "--device", "cpu"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(weights) in err and "damaged or truncated" in err, err
+
+
+def test_a_truncated_latents_file_is_a_one_line_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fewstep.interop.diffusers.latents import RECORD_KEY
+
+    path = tmp_path / "latents.safetensors"
+    save_file({"mean": torch.zeros(8, 2, 4, 4), "std": torch.ones(8, 2, 4, 4)}, str(path),
+              metadata={RECORD_KEY: "{}"})
+    path.write_bytes(path.read_bytes()[:-64])
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "r"), *TRAIN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "damaged or truncated" in err, err

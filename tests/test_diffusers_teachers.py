@@ -3,7 +3,7 @@
 For Gaussian data N(MU, S^2 I) the exact VP-epsilon, v-prediction, x0 and rectified-flow models are
 written here in diffusers' conventions (a VP model at fractional timestep k reads its noise level by
 interpolating the scheduler's log-SNR table with numpy, independently of the code under test).
-Converted, each must equal the closed-form TrigFlow velocity (SPEC 9) at continuous t between the
+Converted, each must equal the closed-form TrigFlow velocity (docs/math.md#gaussian-closed-forms) at continuous t between the
 schedule's discrete timesteps.
 """
 

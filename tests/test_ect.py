@@ -1,7 +1,7 @@
-"""Easy Consistency Tuning (SPEC 10), checked against math and end to end:
+"""Easy Consistency Tuning (docs/math.md#meanflow), checked against math and end to end:
 
 - the mapping function and its curriculum (dt halves per stage with q = 2);
-- at the exact consistency function of Gaussian data (SPEC 9), the residual
+- at the exact consistency function of Gaussian data (docs/math.md#gaussian-closed-forms), the residual
   `f*(x_t, t) - f*(x_r, r)` on the shared-noise pair has a closed-form law: the loss matches it,
   and vanishes as dt -> 0 at the order the math says (measured across stages);
 - r = 0 is the diffusion (denoising) loss, and the two passes share their dropout masks;
@@ -153,12 +153,13 @@ def test_the_two_passes_share_dropout_masks():
 
 def _config(method: dict, steps: int = 6, **train):
     from fewstep.config import config_from_dict
+    from fewstep.training.registries import validate_against_registries
 
-    return config_from_dict({
+    return validate_against_registries(config_from_dict({
         "data": {"name": "8gaussians"}, "network": {"width": 32, "depth": 2}, "method": method,
         "optim": {"lr": 1e-3},
         "train": {"steps": steps, "batch_size": 64, "sample_every": 0, "ckpt_every": 0, "progress": False,
-                  "num_samples": 16, "log_every": 2, **train}})
+                  "num_samples": 16, "log_every": 2, **train}}))
 
 
 @pytest.mark.parametrize("times", [(HALF_PI,), (HALF_PI, 1.1)], ids=["1-step", "2-step"])
@@ -170,7 +171,9 @@ def test_sampling_starts_at_sigma_max_as_ect(times):
     assert method.t_max == pytest.approx(math.atan(80.0 / SD), rel=1e-15)
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(512, MU.numel(), generator=g, dtype=F64)
-    one = method.sample(ConsistencyOracle(MU, S, SD), eps, times[:1])
+    sampler = method.sampler(ConsistencyOracle(MU, S, SD))
+    assert sampler.schedule(1).times == (method.t_max,)  # the default schedule starts there too
+    one = sampler.sample(eps, sampler.schedule(times=times[:1]))
     torch.testing.assert_close(one, MU + S * (80.0 * eps - MU) / math.sqrt(S ** 2 + 80.0 ** 2), rtol=0, atol=1e-12)
     # Not vacuous: the exact sample from t = pi/2 differs by about s mu / 80.
     assert (one - (MU + S * eps)).abs().max() > 1e-3
@@ -181,12 +184,13 @@ def test_sampling_starts_at_sigma_max_as_ect(times):
         from fewstep.core.trigflow import trigflow_consistency
 
         net = ConsistencyOracle(MU, S, SD)
-        out = method.sample(net, eps, times, generator=torch.Generator().manual_seed(1))
+        sampler = method.sampler(net)
+        out = sampler.sample(eps, sampler.schedule(times=times), generator=torch.Generator().manual_seed(1))
         fn = lambda x, t: trigflow_consistency(net, x, t, SD)  # noqa: E731
         expect = multistep_sample(fn, math.sin(method.t_max) * eps, [method.t_max, 1.1], SD,
                                   torch.Generator().manual_seed(1))
         torch.testing.assert_close(out, expect, rtol=0, atol=1e-12)
-        low = method.sample(net, eps, [1.2, 0.8], generator=torch.Generator().manual_seed(2))
+        low = sampler.sample(eps, sampler.schedule(times=[1.2, 0.8]), generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(low, multistep_sample(fn, eps, [1.2, 0.8], SD, torch.Generator().manual_seed(2)))
 
 
@@ -207,9 +211,11 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     """`fewstep train --method flow`, then ECT with `--teacher RUN`: the student starts as the teacher's
     (EMA) network, weight for weight; it trains, saves, and samples in 1 and 2 steps (API and CLI).
     Without a teacher it trains from random weights, or starts from `train.init_from` alike."""
-    from fewstep.training.build import build, train
+    from fewstep.apps.train import train
+    from fewstep.training.build import build
     from fewstep.cli import main
     from fewstep.apps.generate import Schedule, generate, load_model
+    from fewstep.apps.callbacks import SamplePreviews
     from fewstep.training.fit import fit
 
     assert main(["train", "--preset", "8gaussians", "--method", "flow", "--set", "network.width=32", "--set",
@@ -223,11 +229,12 @@ def test_tuning_from_a_flow_teacher_and_from_scratch(tmp_path, capsys):
     assert set(built.net.state_dict()) == set(teacher_weights)
     for key, value in built.net.state_dict().items():
         assert torch.equal(value, teacher_weights[key]), key
-    summary = fit(*built, tmp_path / "ect", **built.options)
+    previews = [SamplePreviews(0, 64, None, built.data)]  # what `train` adds: the final 1- and 2-step metrics
+    summary = fit(*built, tmp_path / "ect", **{**built.options, "callbacks": previews})
     assert summary["steps"] == 6 and set(summary["metrics"]) == {"1-step", "2-step"}
 
     model = load_model(tmp_path / "ect")
-    assert model.is_consistency and model.method.name == "ect" and model.method.total_steps == 6
+    assert model.sampler.consistency_fn() is not None and model.method.name == "ect" and model.method.total_steps == 6
     for steps, times in ((1, (HALF_PI,)), (2, (HALF_PI, 1.1))):
         x, nfe, _ = generate(model, Schedule("multistep", steps, times), 64, progress=False)
         assert x.shape == (64, 2) and nfe == steps and torch.isfinite(x).all()

@@ -1,4 +1,4 @@
-"""Zero-shot editing (SPEC 4): the transforms are orthogonal, what is kept comes back exactly,
+"""Zero-shot editing (docs/math.md#zero-shot-editing): the transforms are orthogonal, what is kept comes back exactly,
 and with the exact consistency function of Gaussian data the edits do what they should."""
 
 import math

@@ -1,5 +1,5 @@
-"""EDM / VE formulation (SPEC 1.2), the EDM -> TrigFlow conversion (SPEC 1.1) and the EDM
-diffusion objective, against the closed forms of Gaussian data (SPEC 9), in float64."""
+"""EDM / VE formulation (docs/math.md#edm-parameterization), the EDM -> TrigFlow conversion (docs/math.md#trigflow) and the EDM
+diffusion objective, against the closed forms of Gaussian data (docs/math.md#gaussian-closed-forms), in float64."""
 
 import math
 
@@ -68,7 +68,7 @@ def test_karras_grid():
 
 
 # ---------------------------------------------------------------------------------------------
-# EDM -> TrigFlow (SPEC 1.1)
+# EDM -> TrigFlow (docs/math.md#trigflow)
 
 
 def test_converted_exact_denoiser_is_the_exact_trigflow_velocity():
@@ -113,7 +113,7 @@ def test_conversion_matches_finite_difference_of_the_converted_trajectory():
 
 
 def test_edm_network_converted_is_a_trigflow_network():
-    """For an EDM-preconditioned net, the SPEC 1.1 conversion is `v = -sigma_d F(x_t / sigma_d,
+    """For an EDM-preconditioned net, the docs/math.md#trigflow conversion is `v = -sigma_d F(x_t / sigma_d,
     ln(sigma_d tan t) / 4)`: the same parameterization with a flipped sign and another time input."""
     torch.manual_seed(0)
     net = MLP(4, 32, 2).double()

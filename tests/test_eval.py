@@ -14,10 +14,10 @@ import torch
 from fewstep import data as fdata
 from fewstep.config import config_from_dict
 from fewstep.data import DataError, load_dataset
-from fewstep.training.build import train
+from fewstep.apps.train import train
 from fewstep.cli import build_parser
 from fewstep.apps.evaluate import evaluate
-from fewstep.apps.generate import cm_times, schedules
+from fewstep.apps.generate import cm_times
 from fewstep.methods import SCT, EDMDiffusion, FlowMatching
 from helpers import write_idx
 
@@ -67,16 +67,17 @@ def test_cm_times_and_rows():
     assert cm_times(1) == [math.pi / 2] and cm_times(2) == [math.pi / 2, 1.1]
     t = cm_times(4)
     assert t[0] == math.pi / 2 and t[1:] == pytest.approx([1.1, 0.65, 0.2])
-    sct, flow = SCT(), FlowMatching()
-    assert [(s.sampler, s.steps) for s in schedules(sct, [1, 2])] == [("multistep", 1), ("multistep", 2)]
-    assert [(s.sampler, s.steps) for s in schedules(flow, nfe=[1, 35], samplers=["heun", "euler"])] == \
+    net = torch.nn.Linear(2, 2)  # schedules need no network call
+    sct, flow = SCT().sampler(net), FlowMatching().sampler(net)
+    assert [(s.sampler, s.steps) for s in sct.schedules([1, 2])] == [("multistep", 1), ("multistep", 2)]
+    assert [(s.sampler, s.steps) for s in flow.schedules(nfe=[1, 35], samplers=["heun", "euler"])] == \
         [("heun", 1), ("heun", 18), ("euler", 1), ("euler", 35)]
     with pytest.raises(ValueError, match="odd"):
-        schedules(EDMDiffusion(), nfe=[4], samplers=["heun"])
+        EDMDiffusion().sampler(net).schedules(nfe=[4], samplers=["heun"])
     with pytest.raises(ValueError, match="consistency model"):
-        schedules(sct, [1], samplers=["heun"])
+        sct.schedules([1], samplers=["heun"])
     with pytest.raises(ValueError, match="not both"):
-        schedules(flow, [2], nfe=[2])
+        flow.schedules([2], nfe=[2])
 
 
 def test_eval_toy_checkpoint(toy_run, capsys):
@@ -102,6 +103,31 @@ def test_eval_toy_diffusion_checkpoint_ode_rows(tmp_path):
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in result["rows"]] == \
         [("euler", 1, 1), ("euler", 3, 3), ("heun", 1, 1), ("heun", 3, 5)]
     assert all(math.isfinite(r["mmd"]) for r in result["rows"])
+
+
+def test_commands_sample_the_way_the_checkpoint_samples(toy_run, tmp_path):
+    """`fewstep sample`, `search-times` and `edit` ask the checkpoint's sampler: multistep times for a
+    consistency model (sCT), solver steps for a diffusion model (flow); the other kind's options are
+    refused with a one-line error."""
+    from fewstep.apps.edit import check_editable
+    from fewstep.apps.generate import load_model
+
+    flow = _train(tmp_path / "flow", "8gaussians", "flow", {"width": 16, "depth": 1}, steps=2)
+    common = ["--num", "8", "--device", "cpu", "--out", str(tmp_path / "s.png"), "--npz", str(tmp_path / "s.npz")]
+    assert run_cli(["sample", str(toy_run), "--steps", "3", *common]) == 0
+    got = np.load(tmp_path / "s.npz")
+    assert str(got["sampler"]) == "multistep" and got["times"].tolist() == cm_times(3) and int(got["nfe"]) == 3
+    assert run_cli(["sample", str(flow), "--sampler", "euler", "--steps", "4", *common]) == 0
+    got = np.load(tmp_path / "s.npz")
+    assert str(got["sampler"]) == "euler" and int(got["steps"]) == 4 and int(got["nfe"]) == 4
+    with pytest.raises(ValueError, match="multistep"):
+        run_cli(["sample", str(toy_run), "--sampler", "heun", *common])
+    with pytest.raises(ValueError, match="consistency models"):
+        run_cli(["sample", str(flow), "--times", "1.0", *common])
+    with pytest.raises(ValueError, match="time search is for consistency models"):
+        run_cli(["search-times", str(flow), "--num", "10", "--device", "cpu", "--no-progress"])
+    with pytest.raises(ValueError, match="editing needs a consistency model"):
+        check_editable(load_model(flow))
 
 
 def test_eval_image_checkpoint_random_features(digits_run, tmp_path, capsys):

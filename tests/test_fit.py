@@ -83,7 +83,7 @@ def test_resume_would_differ_without_the_data_position(tmp_path):
 def test_user_network_checkpoint_loads_and_samples(tmp_path):
     _fit(tmp_path, 3, data=[torch.randn(8, 2)] * 2)
     model = load_model(tmp_path)
-    assert isinstance(model.net, TinyNet) and model.is_consistency and model.shape == (2,)
+    assert isinstance(model.net, TinyNet) and model.sampler.consistency_fn() is not None and model.shape == (2,)
     assert model.net.dropout == 0.1 and not model.net.training
 
 
@@ -127,16 +127,15 @@ def test_unregistered_class_still_trains_with_a_warning(tmp_path):
         load_model(tmp_path)
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     _fit(tmp_path, 4, data=_loader(0), ckpt_every=2, keep_ckpts=5)
     good, latest = ckpt.list_checkpoints(tmp_path / "checkpoints")[-2:]
     blob = latest.with_suffix(".safetensors")
     blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])  # truncated, as by a crash or a full disk
+    capsys.readouterr()
     with pytest.warns(UserWarning, match=f"skipping a damaged checkpoint.*{blob.stem}"):
-        found = ckpt.load_latest_good(tmp_path / "checkpoints")
-    assert found[0] == good
-    with pytest.warns(UserWarning, match=blob.stem):
         summary = _fit(tmp_path, 6, data=_loader(0), ckpt_every=2, keep_ckpts=5)
+    assert f"resumed from {good} at step 2" in capsys.readouterr().out
     assert summary["steps"] == 6
 
 
@@ -192,3 +191,66 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
     _fit(tmp_path, 2, data=[torch.randn(8, 2)], ckpt_every=1)
     with pytest.raises(ValueError, match="resume is off but .* already holds checkpoints"):
         _fit(tmp_path, 2, data=[torch.randn(8, 2)], resume=False)
+
+
+def test_resume_drops_log_records_past_the_checkpoint(tmp_path):
+    """Records written after the checkpoint a run resumes from are written again: the old ones go."""
+    _fit(tmp_path, 5, data=_loader(0), ckpt_every=2, keep_ckpts=5)  # records 2, 4, 5; checkpoints 2, 4, 5
+    for p in ckpt.list_checkpoints(tmp_path / "checkpoints")[-1:]:
+        p.unlink()  # lost: the run resumes from step 4
+    _fit(tmp_path, 6, data=_loader(0), ckpt_every=2, keep_ckpts=5)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_the_checkpoint_folder_is_synced_after_each_rename(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced, fsync = [], os.fsync
+
+    def recording(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    ckpt.save_checkpoint(tmp_path, 1, {"a": torch.ones(2)}, {})
+    assert synced == [False, True, False, True]  # tensors, folder, JSON, folder
+
+
+def test_pruning_removes_the_shard_folders_of_interrupted_saves(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, {"a": torch.ones(2)}, {})
+        ckpt.write_shard(tmp_path / f"ckpt-{step:07d}.shards", 0, {"a": torch.ones(2)})
+    ckpt.write_shard(tmp_path / "ckpt-0000004.shards", 1, {"a": torch.ones(2)})  # no JSON: interrupted
+    ckpt.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ckpt-0000002.shards", "ckpt-0000003.shards"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-0000002.json", "ckpt-0000003.json"]
+
+
+@pytest.mark.filterwarnings("ignore:.*not a registered method")
+def test_fp16_steps_whose_gradients_overflowed_skip_ema_and_after_step(tmp_path, monkeypatch):
+    """The loss scaler skips a step whose scaled fp16 gradients overflowed: the EMA and the
+    method's after-step hook (an EMA target, a distillation round) must skip it too."""
+    from fewstep.methods.base import Method
+    from fewstep.training.ema import EMA
+
+    class Overflowing(Method):
+        def __init__(self):
+            self.after = []
+
+        def __call__(self, net, x0, labels=None, step=0):
+            y = net(x0, torch.full((x0.shape[0],), 0.5)).float()
+            return y.sum(1) * (1e35 if step == 1 else 1e-3), {}  # finite; x 65536 (the scale) it overflows
+
+        def after_step(self, net, step):
+            self.after.append(step)
+            return False
+
+    ema_steps, update = [], EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, net, step: (ema_steps.append(step), update(self, net, step)))
+    method = Overflowing()
+    summary = fit(TinyNet(dropout=0.0), method, [torch.randn(8, 2)], tmp_path, steps=4, precision="fp16",
+                  device="cpu", progress=False, ckpt_every=0)
+    assert method.after == ema_steps == [0, 2, 3]
+    assert summary["nonfinite_total"] == 1

@@ -179,6 +179,8 @@ def _check_bf16(rank, out):
     for name, net, x0 in (("mlp", MLP(3, 16, 2), torch.randn(4, 3)),
                           ("dit", DiT(1, 4, patch_size=2, hidden_size=16, depth=2, heads=2), torch.randn(4, 1, 4, 4))):
         shard(net, "bf16")
+        times = []  # the dtype of t where the time embedding receives it
+        net.time_emb.register_forward_pre_hook(lambda module, args: times.append(str(args[0].dtype)))
         for method_name, method in (("flow", FlowMatching()), ("sct", SCT(jvp_mode="tangent"))):
             net.zero_grad()
             loss, _ = method(net, x0)
@@ -188,7 +190,7 @@ def _check_bf16(rank, out):
                 "grad_dtypes": sorted({str(g.dtype) for g in grads}),
                 "finite": all(torch.isfinite(g.full_tensor()).all().item() for g in grads),
                 "param_dtypes": sorted({str(p.dtype) for p in net.parameters()}),
-                "grads": len(grads)}
+                "grads": len(grads), "time_dtypes": sorted(set(times))}
 
 
 def _worker(rank: int, out_dir: str) -> None:
@@ -307,3 +309,4 @@ def test_bf16_policy_keeps_float32_gradients(results, net, method):
         b = r[f"bf16_{net}_{method}"]
         assert b["grad_dtypes"] == ["torch.float32"] and b["finite"] and b["grads"] > 0, b
         assert b["param_dtypes"] == ["torch.float32"], b
+        assert b["time_dtypes"] == ["torch.float32"], b  # t is embedded unrounded

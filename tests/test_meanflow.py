@@ -1,4 +1,4 @@
-"""MeanFlow (SPEC 10), checked against the closed forms of Gaussian data (SPEC 9):
+"""MeanFlow (docs/math.md#meanflow), checked against the closed forms of Gaussian data (docs/math.md#gaussian-closed-forms):
 
 - the exact average velocity `u*(x, r, t) = (x - Phi_{t->r}(x)) / (t - r)` as a network: the MeanFlow
   loss and its gradient vanish there (exactly with the exact velocity, in expectation with the
@@ -39,7 +39,7 @@ def col(t, x):
 
 
 def phi(x, r, t, mu=MU, s=S, sd=SD):
-    """The exact TrigFlow flow map `Phi_{t->r}(x) = cos r mu + (x - cos t mu) sqrt(q(r) / q(t))` (SPEC 9)."""
+    """The exact TrigFlow flow map `Phi_{t->r}(x) = cos r mu + (x - cos t mu) sqrt(q(r) / q(t))` (docs/math.md#gaussian-closed-forms)."""
     r, t = col(r, x), col(t, x)
     return torch.cos(r) * mu + (x - torch.cos(t) * mu) * (q(r, s, sd) / q(t, s, sd)).sqrt()
 
@@ -228,14 +228,14 @@ def test_sampling_with_exact_u_is_the_exact_flow_map(times):
     """Each jump x <- x - (t - s) u*(x, s, t) is exactly Phi_{t->s}; composed, they are Phi_{pi/2->0}
     whatever the intermediate times (and no noise is drawn)."""
     noise = torch.randn(512, 4, dtype=F64, generator=torch.Generator().manual_seed(5))
-    method = MeanFlow()
-    x = method.sample(ExactU(), noise, times, torch.Generator().manual_seed(0))
+    sampler = MeanFlow().sampler(ExactU())
+    x = sampler.sample(noise, sampler.schedule(times=times), generator=torch.Generator().manual_seed(0))
     expect = phi(SD * noise, 0.0, HALF_PI)
     torch.testing.assert_close(x, expect, rtol=0, atol=1e-12)
     assert abs(x.std(0) / S - 1).max() < 0.15 and (x.mean(0) - MU).abs().max() < 0.05  # the data's law
     # the consistency function (editing) is the flow map to 0
     t = torch.full((512,), 1.1, dtype=F64)
-    torch.testing.assert_close(method.consistency_fn(ExactU())(SD * noise, t), f_star(SD * noise, t), rtol=0,
+    torch.testing.assert_close(sampler.consistency_fn()(SD * noise, t), f_star(SD * noise, t), rtol=0,
                                atol=1e-12)
 
 
@@ -433,7 +433,7 @@ def test_cfg_training_runs_and_config_checks():
 
 
 def test_build_fit_and_cli_sample(tmp_path, capsys):
-    from fewstep.training.build import train
+    from fewstep.apps.train import train
     from fewstep.cli import main
     from fewstep.config import config_from_dict
     from fewstep.apps.generate import Schedule, generate, load_model
@@ -446,7 +446,7 @@ def test_build_fit_and_cli_sample(tmp_path, capsys):
     summary = train(cfg, tmp_path / "run")
     assert set(summary["metrics"]) == {"1-step", "2-step"}
     model = load_model(tmp_path / "run")
-    assert model.is_consistency and model.net.second_time and model.method.name == "meanflow"
+    assert model.sampler.consistency_fn() is not None and model.net.second_time and model.method.name == "meanflow"
     for steps, times in ((1, (HALF_PI,)), (2, (HALF_PI, 1.1))):
         x, nfe, _ = generate(model, Schedule("multistep", steps, times), 64, progress=False)
         assert x.shape == (64, 2) and nfe == steps and torch.isfinite(x).all()

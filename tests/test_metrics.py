@@ -378,7 +378,7 @@ def test_inception_weights_load_offline(inception):
     f = inception(images)
     assert f.shape == (2, 2048) and f.dtype == torch.float64 and torch.isfinite(f).all()
     assert (f >= 0).all()  # pool features come after a ReLU
-    # SPEC 7 preprocessing, written out: grey -> RGB, bilinear to 299, (x - 128) / 128.
+    # docs/math.md#evaluation-protocol preprocessing, written out: grey -> RGB, bilinear to 299, (x - 128) / 128.
     x = images.float().repeat(1, 3, 1, 1)
     x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
     with torch.no_grad():

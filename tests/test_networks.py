@@ -1,4 +1,4 @@
-"""Networks (SPEC 2.4, 6): shapes, labels, dropout, the adaptive-weight head, no BatchNorm,
+"""Networks (docs/math.md#stabilizers): shapes, labels, dropout, the adaptive-weight head, no BatchNorm,
 and exact forward-mode AD through everything (attention included) on CPU."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fewstep.methods.scm import forward_ad_attention, normalize_tangent, scm_jvp, scm_loss, scm_tangent
-from fewstep.networks import MLP, UNet
+from fewstep.networks import DiT, MLP, NetworkInfo, UNet, check_tangent, network_info
 from fewstep.networks.layers import AdaDoubleNorm, PositionalEmbedding, pnorm
 from fewstep.core.trigflow import trigflow_noise, trigflow_velocity
 from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
@@ -217,7 +217,7 @@ def test_pnorm_and_ada_double_norm_formulas():
 
 
 def test_time_embedding_has_small_frequencies():
-    """SPEC 2.4: sinusoids of t itself with frequencies in [0.1, 1], so |d emb/dt| <= 1."""
+    """docs/math.md#stabilizers: sinusoids of t itself with frequencies in [0.1, 1], so |d emb/dt| <= 1."""
     emb = PositionalEmbedding(16).double()
     assert emb.freqs.min() >= 0.1 - 1e-6 and emb.freqs.max() <= 1.0 + 1e-6
     t = torch.linspace(0, math.pi / 2, 50, dtype=F64)
@@ -230,7 +230,7 @@ def test_time_embedding_has_small_frequencies():
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward-mode AD through the networks on CPU (SPEC 6)
+# Forward-mode AD through the networks on CPU (docs/math.md#attention-tangent-rule)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -321,12 +321,125 @@ def test_dit_patches_are_put_back_where_they_came_from():
 
 
 def test_dit_from_config():
-    from fewstep.config import ConfigError, config_from_dict
+    from fewstep.config import ConfigError
     from fewstep.networks import DiT, build_network
+    from fewstep.training.registries import validate_network
 
-    cfg = config_from_dict({"network": {"arch": "dit", "hidden_size": 32, "depth": 1, "heads": 2}})
-    assert isinstance(build_network(cfg.network, "image", (1, 8, 8)), DiT)
+    network = validate_network({"arch": "dit", "hidden_size": 32, "depth": 1, "heads": 2})
+    assert isinstance(build_network(network, "image", (1, 8, 8)), DiT)
     with pytest.raises(ConfigError, match="network.width"):
-        config_from_dict({"network": {"arch": "dit", "width": 3}})
+        validate_network({"arch": "dit", "width": 3})
     with pytest.raises(ValueError, match="divisible by network.heads"):
         DiT(1, 8, hidden_size=32, heads=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network contract: network_info, the shared conditioning, argument checks
+
+
+def _all_features(make):
+    return make(num_classes=3, guidance_input=True, second_time=True, adaptive_weight=True)
+
+
+_MAKERS = {"unet": lambda **kw: tiny_unet(**kw), "mlp": lambda **kw: tiny_mlp(**kw),
+           "dit": lambda **kw: DiT(1, 4, patch_size=2, hidden_size=16, depth=1, heads=2, **kw)}
+
+
+def _inputs(net, n=3, dtype=torch.float32):
+    shape = (net.dim,) if isinstance(net, MLP) else (net.img_channels, net.img_resolution, net.img_resolution)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype) * math.pi / 2
+
+
+class _DDPLike(nn.Module):  # `.module`, as DDP
+    def __init__(self, net):
+        super().__init__()
+        self.module = net
+
+
+class _CompiledLike(nn.Module):  # `._orig_mod`, as torch.compile
+    def __init__(self, net):
+        super().__init__()
+        self._orig_mod = net
+
+
+@pytest.mark.parametrize("arch", sorted(_MAKERS))
+def test_network_info_of_each_network_and_through_wrappers(arch):
+    full = _all_features(_MAKERS[arch])
+    plain = _MAKERS[arch](adaptive_weight=False)
+    want = NetworkInfo(num_classes=3, guidance_input=True, second_time=True, adaptive_weight=True)
+    for wrapped in (full, _DDPLike(full), _CompiledLike(_DDPLike(full))):
+        assert network_info(wrapped) == want
+    assert network_info(_DDPLike(plain)) == NetworkInfo()
+    with pytest.raises(AttributeError):  # frozen
+        want.num_classes = 4
+
+
+def test_network_info_of_a_network_without_optional_features():
+    class Bare(nn.Module):
+        def forward(self, x, t, labels=None):
+            return x
+
+    assert network_info(Bare()) == NetworkInfo()
+
+
+def test_network_info_of_a_diffusers_adapter():
+    pytest.importorskip("diffusers")
+    from fewstep.interop.diffusers.network import DiffusersNetwork
+
+    net = DiffusersNetwork("UNet2DModel", {
+        "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8], "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "norm_num_groups": 4,
+        "num_class_embeds": 4}, num_classes=3)
+    assert network_info(_DDPLike(net)) == NetworkInfo(num_classes=3)
+
+
+@pytest.mark.parametrize("arch", sorted(_MAKERS))
+def test_time_is_embedded_in_float32_under_bf16_autocast(arch):
+    # bf16 has 8 significant bits: t near pi/2 moves by up to 0.008, which a bf16 embedding would see
+    net = randomize_zero_params_(_all_features(_MAKERS[arch]))
+    t = torch.linspace(1.2, math.pi / 2, 7)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    r = t * 0.5
+    with torch.no_grad():
+        want = net.time_emb(t, labels, 2.0, r)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = net.time_emb(t, labels, 2.0, r)
+            weight = net.adaptive_weight(t)
+        rounded = net.time_emb(t.bfloat16().float(), labels, 2.0, r)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert weight.dtype == torch.float32 and torch.equal(weight, net.adaptive_weight(t))
+    assert (rounded - want).abs().max() > 1e-4  # the test could tell a rounded t apart
+
+
+@pytest.mark.parametrize("arch", sorted(_MAKERS))
+def test_the_shared_conditioning_keeps_the_network_jvp_exact(arch):
+    net = randomize_zero_params_(_all_features(_MAKERS[arch]))
+    x, t = _inputs(net)
+    report = check_tangent(net, (x, t), kwargs={"labels": torch.tensor([0, 3, 2]), "guidance": 1.5, "r": t * 0.3})
+    assert report["rel_err_fd"] < 1e-6 and report["first_bad_op"] is None, report
+
+
+@pytest.mark.parametrize("arch", sorted(_MAKERS))
+def test_networks_check_their_arguments(arch):
+    cond, uncond = _MAKERS[arch](num_classes=3), _MAKERS[arch]()
+    x, t = _inputs(cond)
+    cases = [
+        (cond, (x[:, :1] if isinstance(cond, MLP) else x[:, :, :2], t), {}, "takes x of shape"),
+        (cond, (x, t[:2]), {}, "one time per sample"),
+        (cond, (x, t.long()), {}, "float tensor"),
+        (uncond, (x, t, torch.tensor([0, 1, 2])), {}, "unconditional"),
+        (cond, (x, t, torch.tensor([0, 1, 4])), {}, r"labels must be in \[0, 3\]"),
+        (cond, (x, t, torch.tensor([0, -1, 2])), {}, r"labels must be in \[0, 3\]"),
+        (cond, (x, t, torch.tensor([0.0, 1.0, 2.0])), {}, "integer class indices"),
+        (cond, (x, t, torch.tensor([0, 1])), {}, "integer class indices"),
+        (cond, (x, t), {"guidance": 2.0}, "no guidance input"),
+        (cond, (x, t), {"r": t}, "no second time r"),
+    ]
+    for net, args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            net(*args, **kwargs)
+    with torch.no_grad():  # what the contract allows: no labels (null), the null label K, one t for all
+        cond(x, t)
+        cond(x, t, torch.tensor([3, 3, 0]))
+        uncond(x, t[:1])

@@ -1,4 +1,4 @@
-"""ODE samplers against the closed-form PF-ODE of Gaussian data (SPEC 9), in float64.
+"""ODE samplers against the closed-form PF-ODE of Gaussian data (docs/math.md#gaussian-closed-forms), in float64.
 
 For data `N(mu, s^2 I)` the exact TrigFlow velocity `v*` and EDM denoiser `D*` are known, and
 so is the exact ODE endpoint from any start (the consistency function `f*`). Each sampler's

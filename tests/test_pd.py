@@ -1,4 +1,4 @@
-"""Progressive distillation (SPEC 3.6): the TrigFlow DDIM step, the distillation target, the round
+"""Progressive distillation (docs/math.md#progressive-distillation): the TrigFlow DDIM step, the distillation target, the round
 schedule, and one round on Gaussian data against the exact teacher."""
 
 import json

@@ -1,5 +1,5 @@
 """Continuous-time consistency distillation (sCD): the tangent with the teacher's velocity, CFG,
-and a short distillation of a toy teacher. Math checks in float64 against SPEC 9."""
+and a short distillation of a toy teacher. Math checks in float64 against docs/math.md#gaussian-closed-forms."""
 
 import copy
 import math
@@ -51,7 +51,7 @@ def test_scd_loss_is_zero_at_the_exact_solution():
     loss, stats = method(ConsistencyOracle(), _data(), None, step=0)
     assert loss.shape == (256,) and loss.max() < 1e-18
     assert stats["tangent_norm"] < 1e-9
-    # Same, with an EDM teacher converted to TrigFlow (SPEC 1.1).
+    # Same, with an EDM teacher converted to TrigFlow (docs/math.md#trigflow).
     loss, stats = SCD(teacher=make_teacher_velocity(OracleEDMNet(), "edm", SD), warmup_steps=0,
                       adaptive_weight=False)(ConsistencyOracle(), _data(), None, 0)
     assert loss.max() < 1e-18 and stats["tangent_norm"] < 1e-9

@@ -1,9 +1,9 @@
-"""Continuous-time consistency training (sCT, SPEC 2), checked against math:
+"""Continuous-time consistency training (sCT, docs/math.md#sct-and-scd), checked against math:
 
-- the rearranged JVP (SPEC 2.2) against central finite differences along the trajectory;
-- the loss gradient (SPEC 2.3) against the analytic continuous-time gradient, with the tangent
+- the rearranged JVP (docs/math.md#the-jvp-rearrangement) against central finite differences along the trajectory;
+- the loss gradient (docs/math.md#the-loss) against the analytic continuous-time gradient, with the tangent
   computed independently by finite differences of the consistency function;
-- Gaussian data (SPEC 9), where the exact velocity and consistency function are known in
+- Gaussian data (docs/math.md#gaussian-closed-forms), where the exact velocity and consistency function are known in
   closed form, both for the formulas themselves and for a short sCT training run.
 """
 
@@ -79,7 +79,7 @@ FD_H = 1e-5  # central differences in float64: truncation ~h^2, rounding ~1e-16/
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 2.2: the JVP tangent equals sigma_d cos t sin t d/dt F(x_t(t) / sigma_d, t)
+# docs/math.md#the-jvp-rearrangement: the JVP tangent equals sigma_d cos t sin t d/dt F(x_t(t) / sigma_d, t)
 
 
 @pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet_attn", "mlp"])
@@ -118,7 +118,7 @@ def test_jvp_matches_finite_difference_along_trajectory(make):
 
 @pytest.mark.parametrize("make", [_tiny_unet, _tiny_mlp], ids=["unet_attn", "mlp"])
 def test_tangent_is_cos_t_times_df_dt(make):
-    """SPEC 2.3: g (before normalization, r = 1) = cos(t) d/dt f^-(x_t(t), t), the derivative
+    """docs/math.md#the-loss: g (before normalization, r = 1) = cos(t) d/dt f^-(x_t(t), t), the derivative
     of the consistency function along the trajectory, here by finite differences."""
     net = _net64(make, seed=1)
     x0, z = _data(net, len(T_GRID), seed=1)
@@ -142,7 +142,7 @@ def test_tangent_is_cos_t_times_df_dt(make):
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 2.3: the loss gradient equals the analytic continuous-time gradient
+# docs/math.md#the-loss: the loss gradient equals the analytic continuous-time gradient
 
 
 @pytest.mark.parametrize("jvp_mode", JVP_MODES)
@@ -189,7 +189,7 @@ def test_loss_gradient_equals_continuous_time_gradient(make, jvp_mode):
 
 def test_loss_value_is_mse_of_normalized_tangent():
     """F_theta - F^- is zero in value, so the per-sample loss is ||normalize(g)||^2 / D; with
-    adaptive weighting it is exp(w) * that - w (SPEC 1.3)."""
+    adaptive weighting it is exp(w) * that - w (docs/math.md#adaptive-weighting)."""
     net = _net64(lambda: _tiny_mlp(adaptive_weight=True), seed=3)
     x0, z = _data(net, len(T_GRID), seed=3)
     t = torch.tensor(T_GRID, dtype=F64)
@@ -259,7 +259,7 @@ def test_sct_call_returns_per_sample_loss(jvp_mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC 9: Gaussian data N(mu, s^2 I), where everything is known in closed form
+# docs/math.md#gaussian-closed-forms: Gaussian data N(mu, s^2 I), where everything is known in closed form
 
 
 def _bc(t, x):
@@ -277,7 +277,7 @@ def posterior_mean(x, t, mu, s, sd=SIGMA_D):
 
 
 class VelocityOracle(nn.Module):
-    """`F(x / sigma_d, t)` with `sigma_d F = v*`: the exact diffusion model (SPEC 1.1)."""
+    """`F(x / sigma_d, t)` with `sigma_d F = v*`: the exact diffusion model (docs/math.md#trigflow)."""
 
     def __init__(self, mu, s, sd=SIGMA_D):
         super().__init__()
@@ -303,7 +303,7 @@ def _gauss(mu_scale, s, dim=3, n=64, seed=0):
 @pytest.mark.parametrize("mu_scale,s", GAUSS_CASES)
 def test_gaussian_velocity_is_conditional_expectation(mu_scale, s):
     """v*(x, t) = E[cos t z - sin t x0 | x_t = x] (the flow-matching target's regression), and
-    one DDIM step with v* gives the posterior mean, i.e. the exact EDM denoiser (SPEC 1.1 and 9)."""
+    one DDIM step with v* gives the posterior mean, i.e. the exact EDM denoiser (docs/math.md#trigflow and 9)."""
     mu, t, x = _gauss(mu_scale, s)
     tb = _bc(t, x)
     m = posterior_mean(x, t, mu, s)
@@ -312,7 +312,7 @@ def test_gaussian_velocity_is_conditional_expectation(mu_scale, s):
 
     d_trig = consistency_from_velocity(x, t, v_star(x, t, mu=mu, s=s))
     torch.testing.assert_close(d_trig, m, rtol=1e-12, atol=1e-12)
-    # SPEC 1.1 conversion: D(x_t / cos t, sigma_d tan t) with the EDM denoiser of SPEC 9 gives
+    # docs/math.md#trigflow conversion: D(x_t / cos t, sigma_d tan t) with the EDM denoiser of docs/math.md#gaussian-closed-forms gives
     # the same, and v = (cos t x - D) / sin t recovers v*.
     d_edm = d_star(x / torch.cos(tb), SIGMA_D * torch.tan(t), mu=mu, s=s)
     torch.testing.assert_close(d_edm, m, rtol=1e-12, atol=1e-12)
@@ -324,7 +324,7 @@ def test_gaussian_velocity_is_conditional_expectation(mu_scale, s):
 
 @pytest.mark.parametrize("mu_scale,s", GAUSS_CASES)
 def test_gaussian_consistency_function_matches_edm_form(mu_scale, s):
-    """TrigFlow f*(x, t) equals SPEC 9's EDM consistency function (boundary eps = 0) at
+    """TrigFlow f*(x, t) equals docs/math.md#gaussian-closed-forms's EDM consistency function (boundary eps = 0) at
     x_sigma = x / cos t, sigma = sigma_d tan t, and satisfies f*(x, 0) = x."""
     mu, t, x = _gauss(mu_scale, s)
     tb = _bc(t, x)
@@ -367,7 +367,7 @@ def test_gaussian_consistency_function_constant_along_ode(mu_scale, s):
 @pytest.mark.parametrize("mu_scale,s", GAUSS_CASES)
 def test_gaussian_tangent_vanishes_along_exact_ode(mu_scale, s, jvp):
     """With the exact consistency model and dx/dt = v* (the PF-ODE), df/dt = 0, so the sCM
-    tangent g = cos t df/dt computed through the JVP is ~0 (SPEC 2.1-2.3, issue 2 item 9)."""
+    tangent g = cos t df/dt computed through the JVP is ~0 (docs/math.md#sct-and-scd, issue 2 item 9)."""
     mu, t, x = _gauss(mu_scale, s, n=256, seed=6)
     net = ConsistencyOracle(mu, s)
     dxdt = v_star(x, t, mu=mu, s=s)

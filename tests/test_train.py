@@ -11,11 +11,12 @@ from fewstep.cli import main
 from fewstep.config import config_from_dict
 from fewstep.data import load_dataset
 from fewstep.metrics.toy import sliced_wasserstein
-from fewstep.training.build import train
+from fewstep.apps.train import train
 from fewstep.apps.generate import Model, Schedule, generate
 from fewstep.methods import SCT
 from fewstep.networks import build_network
 from fewstep.training.fit import NonFiniteLossError
+from fewstep.training.fsdp import full_optimizer_state, load_full_optimizer_state
 
 
 def toy_config(**train):
@@ -34,7 +35,7 @@ def test_checkpoint_round_trip(tmp_path):
     opt = torch.optim.Adam(net.parameters())
     net(torch.randn(4, 3)).sum().backward()
     opt.step()
-    opt_t, opt_meta = ckpt.optimizer_to_flat(opt)
+    opt_t, opt_meta = full_optimizer_state(net, opt)
     tensors = {**ckpt.prefixed("net", net.state_dict()), **ckpt.prefixed("optim", opt_t)}
     ckpt.save_checkpoint(tmp_path, 7, tensors, {"optimizer": opt_meta, "note": "x"})
     loaded, state = ckpt.load_checkpoint(tmp_path)
@@ -44,9 +45,9 @@ def test_checkpoint_round_trip(tmp_path):
     net2 = torch.nn.Linear(3, 2)
     opt2 = torch.optim.Adam(net2.parameters())
     net2.load_state_dict(ckpt.unprefixed("net", loaded))
-    ckpt.optimizer_from_flat(opt2, ckpt.unprefixed("optim", loaded), state["optimizer"])
-    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    load_full_optimizer_state(net2, opt2, ckpt.unprefixed("optim", loaded), state["optimizer"])
+    again, _ = full_optimizer_state(net2, opt2)
+    assert again.keys() == opt_t.keys() and all(torch.equal(again[k], opt_t[k]) for k in opt_t)
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
@@ -269,3 +270,35 @@ def test_cli_trains_on_a_lazy_image_folder_with_workers_and_xflip(tmp_path):
     assert main([*argv, "--steps", "5"]) == 0
     _, state = ckpt.load_checkpoint(out)
     assert state["step"] == 5 and state["data_position"] == {"epoch": 1, "batch": 2}
+
+
+def test_wandb_logs_scalars_grids_and_config_offline(tmp_path, monkeypatch):
+    """`train.wandb=true` in W&B's offline mode: the run file holds the logged scalars, the sample
+    grids and the config."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "digits", "--out", str(out), "--steps", "4", "--set", "train.batch_size=8",
+                 "--set", "train.log_every=2", "--set", "train.num_samples=8", "--set", "train.wandb=true",
+                 "--set", "train.wandb_project=fewstep-test", "--set", "train.progress=false",
+                 "--set", "network.model_channels=8", "--set", "network.channel_mult=[1]",
+                 "--set", "network.attn_resolutions=[]", "--device", "cpu"]) == 0
+    runs = list((tmp_path / "wandb").rglob("run-*.wandb"))
+    assert len(runs) == 1, runs
+    blob = runs[0].read_bytes()
+    for key in (b"loss", b"grad_norm", b"lr", b"steps_per_s", b"samples/1-step", b"sample_every", b"digits"):
+        assert key in blob, key
+    assert list(runs[0].parent.rglob("media/images/samples/*.png"))  # the grid itself
+
+
+def test_wandb_missing_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if not installed
+    assert main(["train", "--preset", "8gaussians", "--steps", "1", "--out", str(tmp_path / "r"),
+                 "--set", "train.wandb=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'fewstep[wandb]'" in err and "\n" not in err

@@ -1,4 +1,4 @@
-"""TrigFlow formulation (SPEC 1.1), checked against closed forms and finite differences."""
+"""TrigFlow formulation (docs/math.md#trigflow), checked against closed forms and finite differences."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def test_sigma_t_maps_are_inverse():
 
 
 def test_edm_variance_matches_trigflow():
-    # SPEC 1.1: x_t / cos t = x0 + sigma_d tan(t) (z / sigma_d), i.e. EDM's x0 + sigma eps with
+    # docs/math.md#trigflow: x_t / cos t = x0 + sigma_d tan(t) (z / sigma_d), i.e. EDM's x0 + sigma eps with
     # sigma = sigma_d tan t. Check that identity on the library's functions.
     g = torch.Generator().manual_seed(4)
     x0 = torch.randn(5, 3, generator=g, dtype=torch.float64)

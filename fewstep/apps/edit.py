@@ -44,7 +44,7 @@ def task_nfe(task: str, times) -> int:
 
 def check_editable(model) -> None:
     """Editing needs a consistency model of images (a `fewstep.apps.generate.Model`)."""
-    if not model.is_consistency:
+    if model.sampler.consistency_fn() is None:
         raise ValueError(f"editing needs a consistency model; {model.checkpoint} is a {model.method_name!r} model")
     if model.kind != "image":
         raise ValueError("editing works on image models")
@@ -85,7 +85,6 @@ def edit_images(model, task: str, x: torch.Tensor, times, *, mask: str = "center
     noisy / strokes) and the result. Options: `mask` and `fraction` (inpaint), `factor`
     (superres), `sigma` (denoise: the noise std added), `label` (class-conditional models)."""
     from fewstep.core import editing
-    from fewstep.apps.generate import consistency_sampler_fn
 
     check_editable(model)
     if task not in TASKS or task == "interpolate":
@@ -94,7 +93,7 @@ def edit_images(model, task: str, x: torch.Tensor, times, *, mask: str = "center
     if model.latents and task not in LATENT_TASKS:
         raise ValueError(f"a latent model edits with {' and '.join(LATENT_TASKS)} only: {task} constrains pixels, "
                          f"which the VAE's latents do not expose linearly")
-    fn = consistency_sampler_fn(model, _labels(model, x.shape[0], label))
+    fn = model.sampler.consistency_fn(_labels(model, x.shape[0], label))
     sd = model.sigma_d
     gen = torch.Generator(device=model.device).manual_seed(seed)
     if task == "inpaint":
@@ -126,7 +125,6 @@ def interpolation_frames(model, num: int, frames: int, *, label: int | None = No
     """One-step samples along the spherical interpolation between two seeded noises, for `num`
     pairs: returns (frames, num, *shape)."""
     from fewstep.core import editing
-    from fewstep.apps.generate import consistency_sampler_fn
 
     check_editable(model)
     if frames < 2:
@@ -135,6 +133,6 @@ def interpolation_frames(model, num: int, frames: int, *, label: int | None = No
     shape = (num, *model.shape)
     z0 = torch.randn(shape, device=model.device, generator=gen)
     z1 = torch.randn(shape, device=model.device, generator=gen)
-    fn = consistency_sampler_fn(model, _labels(model, num, label))
+    fn = model.sampler.consistency_fn(_labels(model, num, label))
     out = editing.interpolate(fn, z0, z1, torch.linspace(0, 1, frames).tolist(), model.sigma_d)
     return model.decode(out.flatten(0, 1)).unflatten(0, (frames, num)) if model.latents else out

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 7): what `fewstep eval`, `ref-stats` and `search-times` run (their command
+"""Evaluation (docs/math.md#evaluation-protocol): what `fewstep eval`, `ref-stats` and `search-times` run (their command
 lines are in `fewstep.cli.evaluate`).
 
 One protocol for every score fewstep reports, with the number of function evaluations (NFE)
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from fewstep.data import DataError, Dataset, load_dataset
 from fewstep.devices import resolve_device
 from fewstep.training.distributed import DistInfo, barrier, broadcast_object, gather_batches, gather_objects
-from fewstep.apps.generate import generate, load_model, schedules
+from fewstep.apps.generate import generate, load_model
 from fewstep.image import to_uint8
 
 IMAGE_METRICS = ("fid", "kid", "precision", "recall")
@@ -263,8 +263,6 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     of) the reference statistics first and scores the gathered features. The result equals a
     single process's with the same seed and batch size, and every process returns it.
     """
-    from fewstep.apps.generate import CM_SAMPLER, Schedule
-
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")
     dist_info = distributed or DistInfo()
@@ -272,11 +270,11 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     dev = resolve_device(device)
     model = load_model(checkpoint, dev, ema)
     if times:
-        if not model.is_consistency or steps or nfe:
+        if steps or nfe:
             raise ValueError("--times applies to consistency models, instead of --steps/--nfe")
-        plan = [Schedule(CM_SAMPLER, len(ts), tuple(ts)) for ts in times]
+        plan = [model.sampler.schedule(times=ts) for ts in times]
     else:
-        plan = schedules(model.method, steps, nfe, samplers, default_steps=model.default_steps)
+        plan = model.sampler.schedules(steps, nfe, samplers)
     if not dist_info.is_main:
         barrier(dist_info)  # process 0 computes and caches the reference statistics; the others read them
     info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
@@ -302,13 +300,12 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
                  features: str = "inception", extractor=None, inception_weights: str | Path | None = None,
                  device: str = "auto", batch_size: int = 256, seed: int = 0, guidance: float = 1.0,
                  ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True) -> dict:
-    """Multistep time points for a consistency checkpoint by greedy ternary search (SPEC 3.5):
+    """Multistep time points for a consistency checkpoint by greedy ternary search (docs/math.md#choosing-the-times):
     each schedule tried is sampled (`num` samples, fixed seed) and scored by `metric` (default
     FID for images, sliced Wasserstein for vectors; lower is better) against the reference of
     `evaluate`. Candidates: `grid` Karras noise levels as TrigFlow times. Returns a JSON-ready
     dict with the chosen `times`, and `rows` as in `evaluate` for the default times and the
     chosen ones."""
-    from fewstep.apps.generate import CM_SAMPLER, Schedule, cm_times
     from fewstep.core.samplers import ternary_search_times, trigflow_search_grid
 
     if num < 2:
@@ -316,7 +313,8 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
     if grid < 3:
         raise ValueError(f"--grid must be >= 3, got {grid}")
     model = load_model(checkpoint, resolve_device(device), ema)
-    if not model.is_consistency:
+    sampler = model.sampler
+    if sampler.consistency_fn() is None:  # only multistep samplers have times to search
         raise ValueError(f"time search is for consistency models; {model.checkpoint} is a {model.method_name!r} model "
                          f"(its ODE samplers take --steps)")
     info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
@@ -330,17 +328,17 @@ def search_times(checkpoint: str | Path, steps: int = 2, *, metric: str | None =
     bar = tqdm(desc=f"search {metric}", unit="schedule", disable=not progress)
 
     def schedule_score(times: tuple[float, ...]) -> float:
-        x, _, _ = generate(model, Schedule(CM_SAMPLER, len(times), times), num, batch_size, seed, guidance,
-                           progress=False)
+        x, _, _ = generate(model, sampler.schedule(times=times), num, batch_size, seed, guidance, progress=False)
         value = float(score(x)[metric])
         bar.update(1)
         bar.set_postfix({metric: f"{value:.4g}", "t": f"{times[-1]:.3f}"})
         return value if np.isfinite(value) else float("inf")
 
-    times, history = ternary_search_times(schedule_score, steps, trigflow_search_grid(grid, model.sigma_d))
+    times, history = ternary_search_times(schedule_score, steps, trigflow_search_grid(grid, model.sigma_d),
+                                          first=sampler.schedule(1).times[0])
     bar.close()
-    rows = [_sample_and_score(model, Schedule(CM_SAMPLER, len(ts), tuple(ts)), num, batch_size, seed, guidance,
-                              False, score) for ts in (cm_times(steps), times)]
+    rows = [_sample_and_score(model, schedule, num, batch_size, seed, guidance, False, score)
+            for schedule in (sampler.schedule(steps), sampler.schedule(times=times))]
     return {"fewstep_search_times": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
             "method": model.method_name, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
             "num": num, "seed": seed, "guidance": guidance, **info, "metric": metric, "grid": grid,

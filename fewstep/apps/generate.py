@@ -1,10 +1,11 @@
 """Sampling a trained network, whatever its method: one place for `fewstep sample`,
 `fewstep eval` and the training loop's previews.
 
-Consistency models (sCT, sCD) sample with multistep consistency sampling (`fewstep.core.samplers`);
-diffusion models (TrigFlow flow matching, EDM) with a probability-flow ODE solver
-(`fewstep.core.ode`). A `Schedule` names the sampler and its steps; `generate` returns samples and
-the number of function evaluations (NFE).
+A checkpoint's method hands out its sampler (`method.sampler(net)`, `fewstep.core.samplers`):
+multistep consistency sampling (sCT, sCD, ECT; CM Algorithm 1 for CD, CT, iCT), flow-map
+sampling (MeanFlow), or a probability-flow ODE solver (flow matching, EDM, PD). A `Schedule`
+names the sampler and its steps or times; `generate` returns samples and the number of function
+evaluations (NFE).
 """
 
 from __future__ import annotations
@@ -14,58 +15,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-CM_SAMPLER = "multistep"
-DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
-
-
-def cm_times(steps: int) -> list[float]:
-    """Multistep consistency times: 1 -> [pi/2], 2 -> [pi/2, 1.1] (the sCM paper), k > 2 ->
-    pi/2 then k - 1 times evenly spaced from 1.1 down to 0.2 (as `fewstep sample --steps k`)."""
-    from fewstep.core.samplers import TWO_STEP_TIMES
-
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps <= 2:
-        return list(TWO_STEP_TIMES[:steps])
-    return [math.pi / 2] + [float(t) for t in np.linspace(TWO_STEP_TIMES[1], 0.2, steps - 1)]
-
+from fewstep.core.ode import DEFAULT_ODE_STEPS  # noqa: F401 (the CLI's help text)
+from fewstep.core.samplers import Schedule, cm_times  # noqa: F401 (re-exported: the apps' vocabulary)
+from fewstep.networks.contract import network_info
+from fewstep.training.restore import Restored
 
 # ----------------------------------------------------------------------------------------------
-# A model from a checkpoint, and the schedules it samples with
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One table row's sampler: `sampler` 'multistep' with `times`, or an ODE solver with `steps`."""
-
-    sampler: str
-    steps: int
-    times: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, **({"times": list(self.times)} if self.times else {})}
+# A model from a checkpoint, and the sampler it samples with
 
 
 @dataclass
-class Model:
-    """A network rebuilt from a checkpoint (EMA weights by default), its method (which says how it
-    samples: `fewstep.methods.base`), and what sampling needs."""
+class Model(Restored):
+    """A restored network and method (`fewstep.training.restore.Restored`: the network, its method,
+    which hands out its sampler, and the data it was trained on), with what sampling adds: the VAE
+    decoder of latent models."""
 
-    net: torch.nn.Module
-    method: object  # the training method, rebuilt from the checkpoint (without its teacher)
-    kind: str  # "image" or "vector"
-    shape: tuple[int, ...]
-    num_classes: int
-    config: dict  # the run's config, as a dict
-    checkpoint: Path | None = None
-    step: int = 0
-    weights: str = "ema"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    latents: dict | None = None  # latent data: the VAE that decodes samples to pixels (`fewstep.interop.diffusers.latents`)
     _decoder: object = field(default=None, repr=False)
 
     @property
@@ -89,23 +56,6 @@ class Model:
         return self._codec().encode(pixels) if self.latents else pixels
 
     @property
-    def method_name(self) -> str:
-        return self.method.name
-
-    @property
-    def sigma_d(self) -> float:
-        return float(self.method.sigma_d)
-
-    @property
-    def is_consistency(self) -> bool:
-        return self.method.sampling == "consistency"
-
-    @property
-    def default_steps(self) -> int | None:
-        """The steps this checkpoint samples with by default (a PD student: its own; else None)."""
-        return self.method.default_sample_steps(self.step)
-
-    @property
     def run_dir(self) -> Path | None:
         """The run folder of the checkpoint (None for a network in hand)."""
         return None if self.checkpoint is None else run_dir_of(self.checkpoint)
@@ -114,7 +64,7 @@ class Model:
     def from_net(cls, net: torch.nn.Module, method, kind: str, shape, config: dict | None = None,
                  step: int = 0, latents: dict | None = None) -> "Model":
         """Wrap a network in hand (e.g. the EMA network during training)."""
-        return cls(net, method, kind, tuple(shape), int(getattr(net, "num_classes", 0)), config or {}, step=step,
+        return cls(net, method, kind, tuple(shape), network_info(net).num_classes, config or {}, step=step,
                    device=next(net.parameters()).device, latents=latents)
 
 
@@ -134,64 +84,14 @@ def write_result(result: dict, out: str | None, default_name: str) -> Path:
     return path
 
 
-def consistency_sampler_fn(model: "Model", labels: torch.Tensor | None = None, guidance=None):
-    """The consistency function of a consistency checkpoint as a TrigFlow sampler callable
-    `fn(x_t, t) -> x0` (the method converts other parameterizations)."""
-    return model.method.consistency_fn(model.net, labels, guidance)
-
-
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Model:
     """Rebuild the network and method of a checkpoint (a run folder, its checkpoints/ folder, or a
-    ckpt-*.json). The network class must be registered (`fewstep.networks.register_network`);
-    nothing is imported on the checkpoint's say-so."""
-    from fewstep.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
-    from fewstep.config import ConfigError, build_method
-    from fewstep.networks import build_network, build_registered
+    ckpt-*.json), or of a diffusers model folder or Hub id (`fewstep.training.restore`). The network
+    class must be registered (`fewstep.networks.register_network`); nothing is imported on the
+    checkpoint's say-so."""
+    from fewstep.training.restore import restore
 
-    device = torch.device(device)
-    from fewstep.interop.diffusers.pretrained import is_diffusers_folder, is_hub_id
-
-    if is_diffusers_folder(checkpoint) or is_hub_id(str(checkpoint)):
-        return load_diffusers_model(checkpoint, device)
-    json_path = resolve_checkpoint(checkpoint)
-    tensors, state = load_checkpoint(json_path, device=device)
-    config = state.get("config") or {}
-    info = state.get("data")
-    method_cfg = state.get("method") or config.get("method")
-    if not info or not method_cfg:
-        raise CheckpointError(f"{json_path} records no data shape or method; it was not written by fewstep.fit")
-    try:
-        method = build_method(method_cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"{json_path}: {e}; a user's method must be registered "
-                              f"(@fewstep.methods.register_method) and imported (--import MODULE)") from None
-    if state.get("network"):
-        net = build_registered(state["network"])
-    elif not config.get("network"):
-        raise CheckpointError(f"{json_path} names no network: its class was not registered when it was trained "
-                              f"(decorate it with @fewstep.networks.register_network('some-name'))")
-    else:  # fewstep 0.1 checkpoints: the network from the run's config
-        net = build_network(_legacy_network_config(config["network"], info["kind"]), info["kind"],
-                            tuple(info["shape"]), info["num_classes"])
-    if state.get("step") and getattr(method, "total_steps", None) == 0:
-        method.setup(net, int(config.get("train", {}).get("steps", state["step"])))
-    prefix = "ema" if ema else "net"
-    if state.get("shards"):  # a sharded (fsdp) checkpoint: the full weights from every process's file
-        from fewstep.training.fsdp import read_full, shard_files
-
-        shards = state["shards"]
-        weights = read_full(shard_files(json_path.parent / shards["dir"], shards["processes"]), shards["layout"],
-                            prefix)
-    else:
-        weights = unprefixed(prefix, tensors)
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{json_path}: the weights do not fit network {type(net).__name__}: "
-                              f"{' '.join(str(e).split())[:300]}") from None
-    return Model(net.to(device).eval(), method, info["kind"], tuple(info["shape"]),
-                 int(getattr(net, "num_classes", 0)), config, json_path, int(state["step"]), prefix, device,
-                 info.get("latents"))
+    return _model(restore(checkpoint, device, ema))
 
 
 def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: float | None = None,
@@ -200,29 +100,16 @@ def load_diffusers_model(source, device: str | torch.device = "cpu", sigma_d: fl
     exported (`fewstep.json` beside it) is the consistency model it was trained as; any other is a
     diffusion model, sampled with fewstep's ODE solvers through the exact TrigFlow conversion
     (`fewstep.interop.diffusers.schedules`)."""
-    from fewstep.config import build_method
-    from fewstep.interop.diffusers.pretrained import load_diffusers_network, read_diffusers_source
+    from fewstep.training.restore import restore_diffusers
 
-    record = read_diffusers_source(source, scheduler).fewstep or {}
-    if sigma_d is None:
-        sigma_d = float(record.get("method", {}).get("sigma_d", 0.5))
-    net, src = load_diffusers_network(source, sigma_d, scheduler, device=device)
-    method = build_method(record.get("method") or {"name": "flow", "sigma_d": sigma_d})
-    size = src.config.get("sample_size")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (int(src.config.get("in_channels", 3)), *size)
-    config = {k: record[k] for k in ("data", "network") if k in record}
-    return Model(net, method, "image", shape, int(net.num_classes), config, Path(source), int(record.get("step", 0)),
-                 "ema", torch.device(device))
+    return _model(restore_diffusers(source, device, sigma_d, scheduler))
 
 
-def _legacy_network_config(cfg: dict, kind: str) -> dict:
-    """A fewstep 0.1 `network` section mixed every architecture's fields: keep the arch's own."""
-    from fewstep.networks import BUILD_KEYS, constructor_arguments, network_class, resolve_arch
+def _model(restored) -> Model:
+    """A `fewstep.training.restore.Restored` network and method, with what sampling adds."""
+    import dataclasses
 
-    arch = resolve_arch(cfg.get("arch", "auto"), kind)
-    params = constructor_arguments(network_class(arch))
-    return {k: v for k, v in cfg.items() if k in params or k in BUILD_KEYS}
+    return Model(**{f.name: getattr(restored, f.name) for f in dataclasses.fields(restored)})
 
 
 def parse_times(text: str, option: str = "--times") -> list[float]:
@@ -239,40 +126,6 @@ def parse_times(text: str, option: str = "--times") -> list[float]:
     return times
 
 
-def schedules(method, steps: list[int] | None = None, nfe: list[int] | None = None,
-              samplers: list[str] | None = None, default_steps: int | None = None) -> list[Schedule]:
-    """The rows to evaluate: consistency models sample at each step count (NFE = steps);
-    diffusion models run each ODE sampler at each step count (default `default_steps`, else
-    18), or at the steps that give each requested NFE (Heun: NFE = 2 steps - 1, so NFE must be
-    odd; Euler, DPM-Solver++(2M), DDIM: NFE = steps). Progressive-distillation students default
-    to DDIM. `method`: a method object (`fewstep.methods.base`): its `sampling` and
-    `default_ode_sampler` decide."""
-    if steps is not None and nfe is not None:
-        raise ValueError("give --steps or --nfe, not both")
-    name = method.name
-    if method.sampling == "consistency":
-        if samplers and set(samplers) != {CM_SAMPLER}:
-            raise ValueError(f"method {name!r} is a consistency model: its sampler is {CM_SAMPLER!r} "
-                             f"(--sampler applies to diffusion checkpoints)")
-        return [Schedule(CM_SAMPLER, k, tuple(cm_times(k))) for k in (steps or nfe or [1, 2])]
-    from fewstep.core.ode import SAMPLERS
-
-    samplers = samplers or [method.default_ode_sampler]
-    for s in samplers:
-        if s not in SAMPLERS:
-            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for method {name!r}, got {s!r}")
-    rows = []
-    for s in samplers:
-        if nfe is None:
-            rows += [Schedule(s, k) for k in (steps or [default_steps or DEFAULT_ODE_STEPS])]
-            continue
-        for n in nfe:
-            if s == "heun" and n % 2 == 0:
-                raise ValueError(f"heun takes 2 steps - 1 NFE, so --nfe must be odd for it, got {n}")
-            rows.append(Schedule(s, (n + 1) // 2 if s == "heun" else n))
-    return rows
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -283,17 +136,6 @@ def batch_seed(seed: int, index: int) -> int:
     from a generator of its own, so a sample depends on (seed, batch_size, its index) alone, not
     on which process draws it (EDM draws per-sample seeds the same way)."""
     return (seed * 1_000_003 + index) % 2**63
-
-
-def _sample_batch(model: Model, noise: torch.Tensor, labels: torch.Tensor | None, schedule: Schedule,
-                  generator: torch.Generator, guidance: float) -> tuple[torch.Tensor, int]:
-    """One batch from unit Gaussian `noise`; returns (samples, NFE)."""
-    if model.is_consistency:
-        return model.method.sample(model.net, noise, schedule.times, generator, labels, guidance), len(schedule.times)
-    from fewstep.core.ode import solve
-
-    ode = model.method.ode(model.net, labels, guidance)
-    return solve(ode, noise, schedule.steps, schedule.sampler, times=model.method.ode_times(schedule.steps))
 
 
 @torch.no_grad()
@@ -315,15 +157,13 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
     if guidance != 1.0 and not model.num_classes:
         raise ValueError("guidance applies to class-conditional checkpoints only")
-    if guidance != 1.0 and model.is_consistency and not getattr(model.net, "guidance_input", False):
-        raise ValueError("this consistency model's guidance was fixed when it was distilled (method.guidance); "
-                         "a student distilled with method.guidance_range takes --guidance")
     if not model.num_classes:
         labels = None
     elif labels is None:
         labels = torch.arange(num) % model.num_classes
     starts = list(range(0, num, batch_size))[rank::world_size]
-    out, nfe = [], 0
+    sampler = model.sampler
+    out, nfe = [], sampler.nfe(schedule)
     _sync(model.device)
     start_time = time.perf_counter()
     desc = f"{model.method_name} {schedule.sampler} {schedule.steps} step{'s' * (schedule.steps > 1)}"
@@ -332,7 +172,7 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         gen = torch.Generator(device=model.device).manual_seed(batch_seed(seed, start // batch_size))
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
         lab = None if labels is None else labels[start:start + n].to(model.device)
-        x, nfe = _sample_batch(model, noise, lab, schedule, gen, guidance)
+        x = sampler.sample(noise, schedule, lab, guidance, gen)
         out.append(model.decode(x).float().cpu())
     _sync(model.device)
     samples = torch.cat(out) if out else torch.empty(0, *model.output_shape)
@@ -348,17 +188,14 @@ def sample(net: torch.nn.Module, method, shape, num: int, *, steps: int | None =
 
         x = sample(net, SCT(), (2,), 1000, steps=1)     # one-step samples
     """
+    from fewstep.methods.base import as_method
+
+    method = as_method(method)
     kind = "image" if len(shape) == 3 else "vector"
     model = Model.from_net(net, method, kind, shape)
-    if method.sampling == "consistency":
-        if sampler not in (None, CM_SAMPLER):
-            raise ValueError(f"a consistency model samples with {CM_SAMPLER!r}, not {sampler!r}")
-        times = tuple(parse_times(",".join(map(str, times)), "times") if times is not None else cm_times(steps or 2))
-        schedule = Schedule(CM_SAMPLER, len(times), times)
-    else:
-        if times is not None:
-            raise ValueError("times= is for consistency models; give steps= and sampler= for diffusion models")
-        schedule = schedules(method, [steps] if steps else None, samplers=[sampler] if sampler else None)[0]
+    if times is not None:
+        times = parse_times(",".join(map(str, times)), "times")
+    schedule = method.sampler(net).schedule(steps, times, sampler)
     was_training = net.training
     net.eval()
     try:

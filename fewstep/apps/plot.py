@@ -145,11 +145,10 @@ def sample_grids(checkpoint: str | Path, out_dir: str | Path, schedules=None, *,
     from fewstep.devices import resolve_device
     from fewstep.apps.evaluate import first_examples, load_reference, training_data
     from fewstep.apps.generate import generate, load_model
-    from fewstep.apps.generate import schedules as default_schedules
     from fewstep.image import save_image_grid, save_scatter
 
     model = load_model(checkpoint, resolve_device(device), ema)
-    plan = schedules or default_schedules(model.method, default_steps=model.default_steps)
+    plan = schedules or model.sampler.schedules()
     out_dir = Path(out_dir)
     written = []
     data = None

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
     p = checkpoint_command(sub, "edit", help="zero-shot editing: inpaint, colorize, super-resolve, SDEdit, denoise, "
                                              "interpolate",
-                           description="Zero-shot editing with a consistency model (CM paper, Algorithm 4; SPEC 4).",
+                           description="Zero-shot editing with a consistency model (CM paper, Algorithm 4; docs/math.md#zero-shot-editing).",
                            epilog=EXAMPLES)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--input", default=None, help="images to edit: a dataset name or path (default: the "

@@ -85,7 +85,7 @@ def add_parsers(sub) -> None:
 
     p = checkpoint_command(sub, "eval", help="score a checkpoint: FID/KID/precision/recall (or toy distances) per NFE",
                            description="Sample a checkpoint at each step count / NFE and score the samples against "
-                                       "a reference dataset (SPEC 7).", epilog=EVAL_EXAMPLES)
+                                       "a reference dataset (docs/math.md#evaluation-protocol).", epilog=EVAL_EXAMPLES)
     p.add_argument("--steps", type=counts(1), default=None,
                    help=f"comma-separated step counts (default: 1,2 for consistency models, {DEFAULT_ODE_STEPS} "
                         f"for diffusion models)")
@@ -103,7 +103,7 @@ def add_parsers(sub) -> None:
 
     p = checkpoint_command(sub, "search-times", help="find multistep sampling times by ternary search on a metric",
                            description="Choose the time points of multistep consistency sampling greedily by "
-                                       "ternary search on FID (or another metric), as in the CM paper (SPEC 3.5).",
+                                       "ternary search on FID (or another metric), as in the CM paper (docs/math.md#choosing-the-times).",
                            epilog=SEARCH_EXAMPLES)
     p.add_argument("--steps", type=count(1), default=2, help="number of sampling steps (NFE) to choose times for")
     p.add_argument("--metric", default=None, help="fid (default for images), kid, sliced_wasserstein (default "

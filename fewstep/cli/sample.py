@@ -40,24 +40,14 @@ def run(args) -> int:
     import torch
 
     from fewstep.devices import resolve_device
-    from fewstep.apps.generate import Schedule, cm_times, generate, load_model, parse_times, schedules
+    from fewstep.apps.generate import generate, load_model, parse_times
     from fewstep.image import save_image_grid, save_scatter
 
     if args.times is not None and args.steps is not None:
         raise ValueError("give --steps or --times, not both")
     model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
-    if model.is_consistency:
-        if args.sampler not in (None, "multistep"):
-            raise ValueError(f"{model.method_name!r} is a consistency model: it samples with its own multistep "
-                             f"sampler; --sampler is for diffusion checkpoints")
-        times = parse_times(args.times) if args.times is not None else cm_times(args.steps or 2)
-        schedule = Schedule("multistep", len(times), tuple(times))
-    else:
-        if args.times is not None:
-            raise ValueError("--times is for consistency models; use --steps and --sampler for diffusion models")
-        schedule = schedules(model.method, [args.steps] if args.steps else None,
-                             samplers=[args.sampler] if args.sampler else None,
-                             default_steps=model.default_steps)[0]
+    times = parse_times(args.times) if args.times is not None else None
+    schedule = model.sampler.schedule(args.steps, times, args.sampler)
     labels = None
     if model.num_classes:
         if args.label is not None and not args.label < model.num_classes:

@@ -1,4 +1,4 @@
-"""`fewstep train`: a config (preset, file, flags, `--set`) -> `fewstep.training.build.train`."""
+"""`fewstep train`: a config (preset, file, flags, `--set`) -> `fewstep.apps.train.train`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from fewstep.cli.common import add_import, command, count, number
 
 EXAMPLES = """examples:
-  fewstep train                                   # the default demo: sCT on the 8x8 digits
+  fewstep train                                   # the default demo: {default} on the 8x8 digits
   fewstep train --preset 8gaussians --out runs/8g --steps 2000
   fewstep train --config my.toml --set method.tangent_norm=rms --set train.precision=bf16
   fewstep train --data path/to/images --set data.resolution=32 --set network.attn_resolutions=[16]
@@ -30,18 +30,21 @@ Presets: {presets}. Training resumes from the latest checkpoint in --out.
 
 
 def add_parser(sub) -> None:
-    from fewstep.presets import PRESETS
+    from fewstep.presets import DEFAULT_PRESET, PRESETS
 
-    p = command(sub, "train", help="train a model (default: sCT on the embedded digits)",
+    default = PRESETS[DEFAULT_PRESET]["method"]["name"]  # named from the preset, so the help cannot drift from it
+    p = command(sub, "train", help=f"train a model (default: {default} on the {DEFAULT_PRESET} preset)",
                 description="Train a consistency model (or a diffusion model: a teacher, or a baseline).",
-                epilog=EXAMPLES.format(presets=", ".join(PRESETS)))
-    p.add_argument("--preset", default=None, help="starting config (default: digits, or none with --config)")
+                epilog=EXAMPLES.format(presets=", ".join(PRESETS), default=default))
+    p.add_argument("--preset", default=None,
+                   help=f"starting config (default: {DEFAULT_PRESET}, or none with --config)")
     p.add_argument("--config", default=None, help="a JSON or TOML config file, applied over the preset")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset or data name>)")
     p.add_argument("--data", default=None, help="dataset name or path (data.name)")
     p.add_argument("--method", default=None, help="training objective (method.name): sct, scd (continuous-time "
                    "CMs), meanflow (average velocity), ect (consistency tuning), flow, edm (diffusion), cd, ct, ict "
-                   "(discrete-time CMs), pd (progressive distillation)")
+                   f"(discrete-time CMs), pd (progressive distillation); default: the preset's ({default} for "
+                   f"{DEFAULT_PRESET})")
     p.add_argument("--steps", type=count(1), default=None, help="training steps (train.steps)")
     p.add_argument("--batch-size", type=count(1), default=None, help="train.batch_size")
     p.add_argument("--lr", type=number(0, low_open=True), default=None, help="optim.lr")
@@ -58,12 +61,12 @@ def add_parser(sub) -> None:
 
 
 def build_train_config(args):
-    """The run's `Config` and run folder from the parsed flags: preset, then config file, then
-    flags, then `--set` overrides."""
+    """The run's `Config` (checked against the method and network registries) and run folder from
+    the parsed flags: preset, then config file, then flags, then `--set` overrides."""
     from fewstep.config import apply_overrides, config_from_dict, load_config_file, merge
-    from fewstep.presets import preset_config
+    from fewstep.presets import DEFAULT_PRESET, preset_config
 
-    preset = args.preset or (None if args.config else "digits")
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
     file_data = load_config_file(args.config) if args.config else {}
     method = args.method or file_data.get("method", {}).get("name")
     data = preset_config(preset, method) if preset else {}
@@ -84,13 +87,17 @@ def build_train_config(args):
     if data.get("network", {}).get("arch", "auto") != preset_arch:  # another architecture: the preset's own
         user = apply_overrides({}, [o for o in args.set if o.startswith("network.")])  # network fields do not apply
         data = {**data, "network": user.get("network", {})}
-    cfg = config_from_dict(data)
+    from fewstep.training.registries import validate_against_registries
+
+    cfg = validate_against_registries(config_from_dict(data))  # every mistake in the config before training starts
     out = Path(args.out or f"runs/{preset or Path(cfg.data.name).stem}")
     return cfg, out
 
 
 def run(args) -> int:
-    from fewstep.training.build import train
+    from dataclasses import replace
+
+    from fewstep.apps.train import train
     from fewstep.training.checkpoint import list_checkpoints
 
     cfg, out = build_train_config(args)
@@ -98,7 +105,7 @@ def run(args) -> int:
         if list_checkpoints(out / "checkpoints"):
             raise ValueError(f"--fresh given but {out / 'checkpoints'} already holds checkpoints; "
                              f"choose another --out or delete them")
-        cfg.train.resume = False
+        cfg = replace(cfg, train=replace(cfg.train, resume=False))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, process 0 reports
     if main_process:
         print(f"fewstep train: method={cfg.method['name']} data={cfg.data.name} steps={cfg.train.steps} -> {out}")

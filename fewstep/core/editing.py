@@ -1,4 +1,4 @@
-"""Zero-shot editing with a consistency model (CM paper, Algorithm 4; SPEC 4), in TrigFlow.
+"""Zero-shot editing with a consistency model (CM paper, Algorithm 4; docs/math.md#zero-shot-editing), in TrigFlow.
 
 Every task is the same loop over decreasing times `t_1 > ... > t_N`, with an invertible linear
 transform `A` (here always orthogonal) and a mask `Omega` in A's space (1 = generate, 0 = keep
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fewstep.core.trigflow import expand_to, trigflow_noise
+from fewstep.core.trigflow import SIGMA_D, expand_to, trigflow_noise
 
 ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Luminance weights (ITU-R BT.601), the first axis of the colour transform.
@@ -52,7 +52,7 @@ def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 @torch.no_grad()
 def edit(consistency_fn: ConsistencyFn, y: torch.Tensor, mask: torch.Tensor, times: Sequence[float],
-         sigma_d: float = 0.5, transform: Callable | None = None, inverse: Callable | None = None,
+         sigma_d: float = SIGMA_D, transform: Callable | None = None, inverse: Callable | None = None,
          generator: torch.Generator | None = None) -> torch.Tensor:
     """Algorithm 4: generate where `mask` (in the transform's space, broadcastable to `A y`) is 1,
     keep `y` where it is 0. `transform`/`inverse`: A and A^-1 (default: the identity)."""
@@ -78,7 +78,7 @@ def edit(consistency_fn: ConsistencyFn, y: torch.Tensor, mask: torch.Tensor, tim
 
 
 def inpaint(consistency_fn: ConsistencyFn, y: torch.Tensor, mask: torch.Tensor, times: Sequence[float],
-            sigma_d: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+            sigma_d: float = SIGMA_D, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill the pixels where `mask` is 1 (mask: (H, W), (1, 1, H, W) or like `y`)."""
     return edit(consistency_fn, y, mask, times, sigma_d, generator=generator)
 
@@ -131,7 +131,7 @@ def luminance(x: torch.Tensor) -> torch.Tensor:
     return _colour_maps(x)[0](x)[:, :1]
 
 
-def colorize(consistency_fn: ConsistencyFn, y: torch.Tensor, times: Sequence[float], sigma_d: float = 0.5,
+def colorize(consistency_fn: ConsistencyFn, y: torch.Tensor, times: Sequence[float], sigma_d: float = SIGMA_D,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Colour images that keep the luminance of `y` (an RGB image; only its luminance is used)."""
     A, A_inv = _colour_maps(y)
@@ -173,7 +173,7 @@ def _patch_maps(x: torch.Tensor, patch: int):
 
 
 def super_resolve(consistency_fn: ConsistencyFn, low_res: torch.Tensor, patch: int, times: Sequence[float],
-                  sigma_d: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+                  sigma_d: float = SIGMA_D, generator: torch.Generator | None = None) -> torch.Tensor:
     """Images `patch` times larger whose `patch x patch` averages are `low_res` (B, C, h, w)."""
     y = F.interpolate(low_res, scale_factor=patch, mode="nearest")  # patch means = low_res
     A, A_inv = _patch_maps(y, patch)
@@ -187,7 +187,7 @@ def super_resolve(consistency_fn: ConsistencyFn, low_res: torch.Tensor, patch: i
 
 
 @torch.no_grad()
-def sdedit(consistency_fn: ConsistencyFn, strokes: torch.Tensor, times: Sequence[float], sigma_d: float = 0.5,
+def sdedit(consistency_fn: ConsistencyFn, strokes: torch.Tensor, times: Sequence[float], sigma_d: float = SIGMA_D,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """SDEdit with a consistency model: noise the stroke image to `times[0]` (below pi/2, so some
     of it survives) and sample through the times; nothing is kept fixed."""
@@ -199,7 +199,7 @@ def sdedit(consistency_fn: ConsistencyFn, strokes: torch.Tensor, times: Sequence
 
 
 @torch.no_grad()
-def denoise(consistency_fn: ConsistencyFn, noisy: torch.Tensor, sigma: float, sigma_d: float = 0.5) -> torch.Tensor:
+def denoise(consistency_fn: ConsistencyFn, noisy: torch.Tensor, sigma: float, sigma_d: float = SIGMA_D) -> torch.Tensor:
     """Remove Gaussian noise of known std `sigma` (`noisy = x0 + sigma n`) in one evaluation:
     in TrigFlow that input is `x_t / cos(t)` with `t = arctan(sigma / sigma_d)`."""
     if not sigma > 0:
@@ -220,7 +220,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def interpolate(consistency_fn: ConsistencyFn, z0: torch.Tensor, z1: torch.Tensor, alphas: Sequence[float],
-                sigma_d: float = 0.5) -> torch.Tensor:
+                sigma_d: float = SIGMA_D) -> torch.Tensor:
     """One-step samples along the slerp between unit noises z0 and z1 (B, ...): returns
     (len(alphas), B, ...)."""
     t = torch.full((z0.shape[0],), math.pi / 2, device=z0.device, dtype=z0.dtype)

@@ -1,11 +1,11 @@
 """EDM / VE: the noise process and parameterizations of the discrete-time CM family.
 
-SPEC 1.2. `x_sigma = x0 + sigma n`, `n ~ N(0, I)`, `sigma in [eps, T]` (0.002, 80),
+docs/math.md#edm-parameterization. `x_sigma = x0 + sigma n`, `n ~ N(0, I)`, `sigma in [eps, T]` (0.002, 80),
 `sigma_data = 0.5`. The network `F` sees `c_in(sigma) x` and `c_noise(sigma) = ln(sigma) / 4`.
 A diffusion denoiser is `D = c_skip x + c_out F`; a consistency model uses the same form with
 coefficients that make `f(x, eps) = x` exactly. PF-ODE: `dx/dsigma = (x - D(x, sigma)) / sigma`.
 
-Also the bridge to TrigFlow (SPEC 1.1): `sigma = sigma_d tan(t)`, `x_sigma = x_t / cos(t)`.
+Also the bridge to TrigFlow (docs/math.md#edm-to-trigflow): `sigma = sigma_d tan(t)`, `x_sigma = x_t / cos(t)`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.trigflow import HALF_PI, expand_to
+from fewstep.core.trigflow import HALF_PI, SIGMA_D, expand_to
 
 EPS = 0.002  # smallest noise level, the consistency boundary
 T_MAX = 80.0  # largest noise level
-SIGMA_DATA = 0.5
 RHO = 7.0
 
 # A denoiser `D(x, sigma, labels) -> x0 estimate` (sigma: per-sample, shape (B,)).
@@ -34,15 +33,15 @@ def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Preconditioning (SPEC 1.2)
+# Preconditioning (docs/math.md#edm-parameterization)
 
-def edm_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA):
+def edm_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_D):
     """EDM's diffusion preconditioning: `(c_skip, c_out, c_in, c_noise)` at noise level sigma."""
     var = sigma.square() + sigma_data ** 2
     return sigma_data ** 2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log() / 4
 
 
-def consistency_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA, eps: float = EPS):
+def consistency_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_D, eps: float = EPS):
     """The consistency model's coefficients (CM paper, Appendix C): boundary at `eps`.
 
     `c_skip(eps) = 1` and `c_out(eps) = 0` exactly, so `f(x, eps) = x` exactly.
@@ -59,13 +58,13 @@ def _precond_apply(coeffs, net, x, labels):
 
 
 def edm_denoiser(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
-                 sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """`D(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)` (EDM, SPEC 1.2)."""
+                 sigma_data: float = SIGMA_D) -> torch.Tensor:
+    """`D(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)` (EDM, docs/math.md#edm-parameterization)."""
     return _precond_apply(edm_precond(_per_sample(sigma, x), sigma_data), net, x, labels)
 
 
 def edm_consistency(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
-                    sigma_data: float = SIGMA_DATA, eps: float = EPS) -> torch.Tensor:
+                    sigma_data: float = SIGMA_D, eps: float = EPS) -> torch.Tensor:
     """Consistency function `f(x, sigma)` with the boundary condition `f(x, eps) = x`."""
     return _precond_apply(consistency_precond(_per_sample(sigma, x), sigma_data, eps), net, x, labels)
 
@@ -75,7 +74,7 @@ def edm_consistency(net, x: torch.Tensor, sigma, labels: torch.Tensor | None = N
 
 def karras_grid(n: int, eps: float = EPS, T: float = T_MAX, rho: float = RHO,
                 dtype=torch.float64) -> torch.Tensor:
-    """Karras grid of SPEC 1.2, increasing, `n` points from eps to T:
+    """Karras grid of docs/math.md#edm-parameterization, increasing, `n` points from eps to T:
     `t_i = (eps^(1/rho) + (i-1)/(n-1) (T^(1/rho) - eps^(1/rho)))^rho`."""
     if n < 2:
         raise ValueError(f"karras_grid needs n >= 2 points, got {n}")
@@ -98,15 +97,15 @@ def karras_sigmas(steps: int, sigma_min: float = EPS, sigma_max: float = T_MAX, 
 
 
 # ---------------------------------------------------------------------------------------------
-# EDM <-> TrigFlow (SPEC 1.1)
+# EDM <-> TrigFlow (docs/math.md#edm-to-trigflow)
 
 # The conversion divides by cos(t); times are capped just below pi/2 (sigma ~ 5000 sigma_d) so
 # that t = pi/2 (float32 pi/2 is slightly above it) gives a finite velocity.
 T_CAP = HALF_PI - 1e-4
 
 
-def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_DATA, t_max: float = T_CAP) -> Velocity:
-    """TrigFlow velocity of an EDM denoiser `D(x_sigma, sigma, labels)` (SPEC 1.1):
+def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_D, t_max: float = T_CAP) -> Velocity:
+    """TrigFlow velocity of an EDM denoiser `D(x_sigma, sigma, labels)` (docs/math.md#edm-to-trigflow):
 
         v(x_t, t) = (cos(t) x_t - D(x_t / cos(t), sigma_d tan(t))) / sin(t),
 
@@ -122,7 +121,7 @@ def edm_to_trigflow(denoiser: Denoiser, sigma_d: float = SIGMA_DATA, t_max: floa
     return velocity
 
 
-def trigflow_to_edm(velocity: Velocity, sigma_d: float = SIGMA_DATA) -> Denoiser:
+def trigflow_to_edm(velocity: Velocity, sigma_d: float = SIGMA_D) -> Denoiser:
     """The inverse map: an EDM denoiser from a TrigFlow velocity,
     `D(x_sigma, sigma) = cos(t) x_t - sin(t) v(x_t, t)` with `t = arctan(sigma / sigma_d)`,
     `x_t = cos(t) x_sigma`. Lets the EDM samplers run a TrigFlow model."""

@@ -16,6 +16,9 @@ used by the multistep solver), `alpha_sigma(s)` (with `x_s = alpha x0 + sigma n`
 `n ~ N(0, I)`) and `times(steps)` (the default Karras schedule). The models they hold take
 `(x, s)` with `s` a per-sample (B,) tensor; bind labels and guidance with `guided`.
 
+`ODESampler` is the sampler object of diffusion models (`method.sampler(net)`): it builds the
+guided ODE of a network and runs a named solver on its default schedule.
+
 Example (class-conditional TrigFlow teacher, Heun with 18 steps = 35 NFE, CFG 2):
 
     ode = TrigFlowODE(guided(trigflow_net_velocity(net, 0.5), labels, 2.0, net.num_classes), 0.5)
@@ -31,8 +34,9 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_denoiser, karras_sigmas
-from fewstep.core.trigflow import HALF_PI, consistency_from_velocity, expand_to, net_velocity
+from fewstep.core.edm import EPS, RHO, T_MAX, edm_denoiser, karras_sigmas
+from fewstep.core.samplers import Sampler, Schedule
+from fewstep.core.trigflow import HALF_PI, SIGMA_D, consistency_from_velocity, expand_to, net_velocity
 
 # ---------------------------------------------------------------------------------------------
 # Classifier-free guidance
@@ -71,13 +75,13 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
     return fn
 
 
-def trigflow_net_velocity(net, sigma_d: float = SIGMA_DATA) -> Callable:
+def trigflow_net_velocity(net, sigma_d: float = SIGMA_D) -> Callable:
     """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network
     (`fewstep.core.trigflow.net_velocity` with the network bound)."""
     return lambda x_t, t, labels=None: net_velocity(net, x_t, t, sigma_d, labels)
 
 
-def edm_net_denoiser(net, sigma_data: float = SIGMA_DATA) -> Callable:
+def edm_net_denoiser(net, sigma_data: float = SIGMA_D) -> Callable:
     """`(x, sigma, labels) -> D(x, sigma)` for an EDM-preconditioned network."""
     return partial(edm_denoiser, net, sigma_data=sigma_data)
 
@@ -86,7 +90,7 @@ def edm_net_denoiser(net, sigma_data: float = SIGMA_DATA) -> Callable:
 # Formulations
 
 
-def trigflow_times(steps: int, sigma_d: float = SIGMA_DATA, sigma_min: float = EPS,
+def trigflow_times(steps: int, sigma_d: float = SIGMA_D, sigma_min: float = EPS,
                    sigma_max: float = T_MAX, rho: float = RHO) -> torch.Tensor:
     """The Karras schedule in TrigFlow time, `t = arctan(sigma / sigma_d)`, starting at pi/2
     (the exact prior `N(0, sigma_d^2 I)`) and ending at 0: `steps + 1` values."""
@@ -100,7 +104,7 @@ class TrigFlowODE:
     """`dx_t/dt = v(x_t, t)` for t from pi/2 to 0; `x_t = cos(t) x0 + sin(t) sigma_d n`."""
 
     velocity: Callable  # (x_t, t) -> v
-    sigma_d: float = SIGMA_DATA
+    sigma_d: float = SIGMA_D
 
     def derivative(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.velocity(x, t)
@@ -226,3 +230,86 @@ def solve(ode, noise: torch.Tensor, steps: int, sampler: str = "heun", times=Non
     times = ode.times(steps) if times is None else times
     x = ode.alpha_sigma(float(times[0]))[1] * noise
     return SAMPLERS[sampler](ode, x, times)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler object of diffusion models
+
+DEFAULT_ODE_STEPS = 18  # EDM's CIFAR-10 setting: 35 NFE with Heun
+
+
+@dataclass(frozen=True)
+class ODESampler(Sampler):
+    """A probability-flow ODE solver for a diffusion network (`fewstep.core.samplers` has the
+    interface), with classifier-free guidance through the null label `num_classes`.
+
+    `formulation` 'trigflow' reads the network as a TrigFlow velocity, 'edm' as an EDM denoiser.
+    `solver` and `steps` are the defaults; `grid` 'karras' is the formulation's Karras schedule,
+    'uniform' the uniform grid in t from pi/2 to 0 (what a progressive-distillation student learned)."""
+
+    net: torch.nn.Module
+    sigma_d: float = SIGMA_D
+    formulation: str = "trigflow"
+    num_classes: int = 0
+    solver: str = "heun"
+    steps: int = DEFAULT_ODE_STEPS
+    grid: str = "karras"
+
+    def __post_init__(self):
+        if self.formulation not in ("trigflow", "edm"):
+            raise ValueError(f"formulation must be 'trigflow' or 'edm', got {self.formulation!r}")
+        if self.grid not in ("karras", "uniform") or (self.grid == "uniform" and self.formulation != "trigflow"):
+            raise ValueError(f"grid must be 'karras', or 'uniform' for a TrigFlow model, got {self.grid!r}")
+        self._check_solver(self.solver)
+
+    @staticmethod
+    def _check_solver(name) -> None:
+        if name not in SAMPLERS:
+            raise ValueError(f"--sampler must be among {', '.join(SAMPLERS)} for a diffusion model, got {name!r}")
+
+    def ode(self, labels: torch.Tensor | None = None, guidance=1.0):
+        """The guided probability-flow ODE of the network."""
+        null = self.num_classes or None
+        if self.formulation == "edm":
+            return EDMODE(guided(edm_net_denoiser(self.net, self.sigma_d), labels, guidance, null))
+        return TrigFlowODE(guided(trigflow_net_velocity(self.net, self.sigma_d), labels, guidance, null), self.sigma_d)
+
+    def times(self, steps: int) -> torch.Tensor | None:
+        """The solver's grid (None: the formulation's Karras schedule)."""
+        return torch.linspace(HALF_PI, 0, steps + 1, dtype=torch.float64) if self.grid == "uniform" else None
+
+    def schedules(self, steps=None, nfe=None, samplers=None) -> list[Schedule]:
+        """Each solver (default: this sampler's) at each step count, or at the steps that give each
+        NFE (Heun: NFE = 2 steps - 1, so NFE must be odd; Euler, DPM-Solver++(2M), DDIM: NFE = steps)."""
+        if steps is not None and nfe is not None:
+            raise ValueError("give --steps or --nfe, not both")
+        samplers = samplers or [self.solver]
+        for s in samplers:
+            self._check_solver(s)
+        rows = []
+        for s in samplers:
+            if nfe is None:
+                rows += [Schedule(s, k) for k in (steps or [self.steps])]
+                continue
+            for n in nfe:
+                if s == "heun" and n % 2 == 0:
+                    raise ValueError(f"heun takes 2 steps - 1 NFE, so --nfe must be odd for it, got {n}")
+                rows.append(Schedule(s, (n + 1) // 2 if s == "heun" else n))
+        return rows
+
+    def schedule(self, steps=None, times=None, sampler=None) -> Schedule:
+        if times is not None:
+            raise ValueError("times are for consistency models; a diffusion model takes steps and a sampler")
+        return self.schedules([steps] if steps else None, samplers=[sampler] if sampler else None)[0]
+
+    def preview_schedules(self, times=None) -> list[Schedule]:
+        return self.schedules()
+
+    def nfe(self, schedule: Schedule) -> int:
+        return 2 * schedule.steps - 1 if schedule.sampler == "heun" else schedule.steps  # grids end at 0
+
+    @torch.no_grad()
+    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None) -> torch.Tensor:
+        """Deterministic: the generator is unused."""
+        return solve(self.ode(labels, guidance), noise, schedule.steps, schedule.sampler,
+                     times=self.times(schedule.steps))[0]

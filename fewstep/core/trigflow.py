@@ -1,6 +1,6 @@
 """TrigFlow: the noise process and parameterization of continuous-time consistency models.
 
-SPEC 1.1. Data `x0` (per-dim std ~ sigma_d), noise `z ~ N(0, sigma_d^2 I)`,
+docs/math.md#the-network-contract. Data `x0` (per-dim std ~ sigma_d), noise `z ~ N(0, sigma_d^2 I)`,
 `x_t = cos(t) x0 + sin(t) z` for `t in [0, pi/2]`. The network `F` sees `x_t / sigma_d` and
 `c_noise(t) = t` (the identity time transform: `sin(t) d c_noise/dt` stays bounded): the network
 contract is `F(x_t / sigma_d, t, labels, **cond)`; `net_velocity` turns it into a velocity.
@@ -13,6 +13,7 @@ import math
 import torch
 
 HALF_PI = math.pi / 2
+SIGMA_D = 0.5  # the per-dimension data std TrigFlow's parameterization assumes; the default everywhere
 
 
 def expand_to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def trigflow_velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> tor
 
 
 def net_velocity(net, x_t: torch.Tensor, t: torch.Tensor, sigma_d: float, labels=None, **cond) -> torch.Tensor:
-    """The TrigFlow velocity of a network, `v = sigma_d F(x_t / sigma_d, t, labels, **cond)` (SPEC 1.1).
+    """The TrigFlow velocity of a network, `v = sigma_d F(x_t / sigma_d, t, labels, **cond)` (docs/math.md#the-network-contract).
 
     `cond`: extra keyword inputs, e.g. `guidance` (the CFG scale of a student that takes it as
     input); a keyword whose value is None is left out, so `guidance=None` suits any network.

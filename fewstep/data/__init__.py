@@ -13,7 +13,7 @@ lazily), arrays, IDX files and CIFAR-10; and a resumable epoch loader over any o
     for x, labels in ds.batches(1024): ...            # every example in order, read lazily (evaluation)
 
 Values: images come out as float32 in [-1, 1] shaped (B, C, H, W); vectors as float32 (B, D) with
-per-dimension std about 0.5, the `sigma_d` that TrigFlow assumes (SPEC 1.1). Every dataset is a
+per-dimension std about 0.5, the `sigma_d` that TrigFlow assumes (docs/math.md#consistency-function). Every dataset is a
 map-style torch Dataset whose `__getitems__(indices)` returns `(x,)` or `(x, labels)` (base.py).
 
 Modules: base (the contract, in-memory storage, pixel helpers), toys, digits, arrays (.npy/.npz and

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SIGMA_D = 0.5  # per-dimension data std that TrigFlow's parameterization assumes (SPEC 1.1)
+from fewstep.core.trigflow import SIGMA_D  # the data std every dataset is scaled to
+
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, the weights of PIL's convert("L")
 _ALL_CHUNK = 1024  # examples per read when all() gathers a dataset
 

@@ -32,8 +32,15 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist": load_mnist,
 }
 
-_PATH_KINDS = (f"a folder of images, a .zip of images, a .npy/.npz file, a folder of MNIST IDX files, "
-               f"{ARCHIVE_NAME}, or a .safetensors file of latents (fewstep encode)")
+# File types other layers add (`register_file_type`): suffix -> (loader, what it is). The latents of
+# `fewstep encode` are read by `fewstep.interop.diffusers.latents`, which registers ".safetensors".
+FILE_TYPES: dict[str, tuple[Callable[..., Dataset], str]] = {}
+
+
+def _path_kinds() -> str:
+    kinds = ["a folder of images", "a .zip of images", "a .npy/.npz file", "a folder of MNIST IDX files",
+             ARCHIVE_NAME, *(what for _, what in FILE_TYPES.values())]
+    return ", ".join(kinds[:-1]) + ", or " + kinds[-1]
 
 
 def register_dataset(name: str) -> Callable[[Factory], Factory]:
@@ -57,6 +64,17 @@ def register_dataset(name: str) -> Callable[[Factory], Factory]:
     return register
 
 
+def register_file_type(suffix: str, loader: Callable[..., Dataset], what: str) -> None:
+    """Make `load_dataset(path)` read files ending in `suffix` (e.g. ".safetensors") with
+    `loader(path, name=..., **options)`; `what` describes them in error messages."""
+    if not suffix.startswith(".") or suffix.lower() in (".npy", ".npz", ".zip"):  # those are read before FILE_TYPES
+        raise DataError(f"a file type is a new suffix such as '.h5', got {suffix!r}")
+    known = FILE_TYPES.get(suffix.lower())
+    if known is not None and known[0] is not loader:
+        raise DataError(f"file type {suffix!r} is already registered to {known[0]!r}")
+    FILE_TYPES[suffix.lower()] = (loader, what)
+
+
 def _call_with_options(factory: Callable[..., Dataset], options: dict, what: str) -> Dataset:
     """Call `factory(**options)`, turning an option it does not take into a DataError naming the key."""
     accepted = [p for p in inspect.signature(factory).parameters if p not in ("path", "name")]
@@ -78,13 +96,11 @@ def _path_loader(path: Path) -> Callable[..., Dataset]:
         return load_array_file
     if suffix == ".zip":
         return ZipImageDataset
-    if suffix == ".safetensors":
-        from fewstep.interop.diffusers.latents import LatentDataset  # VAE latents written by `fewstep encode`
-
-        return LatentDataset
+    if suffix in FILE_TYPES:
+        return FILE_TYPES[suffix][0]
     if is_idx_images(path):
         return load_idx
-    raise DataError(f"'{path}': unsupported file type; expected {_PATH_KINDS}")
+    raise DataError(f"'{path}': unsupported file type; expected {_path_kinds()}")
 
 
 def load_dataset(spec: str | os.PathLike, *, resolution: int | None = None, channels: int | None = None,
@@ -92,7 +108,8 @@ def load_dataset(spec: str | os.PathLike, *, resolution: int | None = None, chan
     """A registered name (see `DATASETS`; names win over same-named paths, write ./digits for a folder)
     or a path: a folder of images (read lazily; EDM's dataset_tool layout with dataset.json, or class
     subfolders), a .zip of such a folder (lazily), a `.npy`/`.npz` file, a folder (or file) of MNIST IDX
-    files, or CIFAR-10's `cifar-10-python.tar.gz` (or its extracted folder).
+    files, CIFAR-10's `cifar-10-python.tar.gz` (or its extracted folder), or a file type another module
+    registered (`register_file_type`: `fewstep.interop.diffusers.latents` reads `.safetensors` latents).
 
     `resolution` centre-crops and resizes images to a square; `channels` (1 or 3) converts grey/RGB.
     Other options: `split` (IDX, CIFAR-10, fashion-mnist, mnist: "train" or "test"), `root` / `download`
@@ -120,7 +137,7 @@ def load_dataset(spec: str | os.PathLike, *, resolution: int | None = None, chan
     if not path.exists():
         if isinstance(spec, str) and "/" not in text and os.sep not in text and not path.suffix:
             raise DataError(f"unknown dataset {text!r}: known names are {', '.join(DATASETS)}; or pass a path "
-                            f"to {_PATH_KINDS}")
+                            f"to {_path_kinds()}")
         raise DataError(f"path not found: '{path}'")
     loader = _path_loader(path)
     return _call_with_options(functools.partial(loader, path, name=text), options, f"'{path}'")

@@ -1,4 +1,4 @@
-"""Scaled-dot-product attention with its forward-mode tangent (SPEC 6).
+"""Scaled-dot-product attention with its forward-mode tangent (docs/math.md#attention-tangent-rule).
 
 `attention_with_tangent(q, k, v, q_dot, k_dot, v_dot)` returns `(out, out_dot)`:
 
@@ -25,7 +25,7 @@ Two ways to compute `out_dot`:
 `backend="auto"` (default) takes the kernel on CUDA when Triton is installed and the call is
 supported, else the math path.
 
-The online softmax with tangents (SPEC 6), per query row, over key blocks j:
+The online softmax with tangents (docs/math.md#attention-tangent-rule), per query row, over key blocks j:
 
     m  = running max of S_ij          alpha = exp(m_old - m_new) rescales all of:
     l  = sum_j p_ij                   p_ij = exp(S_ij - m)
@@ -123,7 +123,7 @@ def _(q, k, v, q_dot, k_dot, v_dot, is_causal, scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Math path (SPEC 6, exact under any mask)
+# Math path (docs/math.md#attention-tangent-rule, exact under any mask)
 
 
 def attention_tangent_math(q, k, v, q_dot, k_dot, v_dot, attn_mask=None, is_causal=False, scale=None):

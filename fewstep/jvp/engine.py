@@ -25,7 +25,7 @@ your own ops too; a rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d, 
 layer_norm, silu, gelu, relu, sigmoid, tanh, softmax, log_softmax, exp, sin, cos, log, sqrt, rsqrt, abs, square, pow,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
 setitem, chunk/split/unbind, cat/stack, interpolate, pooling by averages, pad, mean/sum,
-matmul/bmm/mm/einsum, `scaled_dot_product_attention` (SPEC 6, causal flag, bool/float masks,
+matmul/bmm/mm/einsum, `scaled_dot_product_attention` (docs/math.md#attention-tangent-rule, causal flag, bool/float masks,
 GQA), dropout (ONE mask: the primal runs as `torch.native_dropout`, which returns its mask;
 on CPU it draws the same mask as `F.dropout` from the same RNG state). Tensors without a
 tangent (weights, constants, labels, embedding tables) have tangent zero, never materialized
@@ -505,7 +505,7 @@ def _pad(c, x, pad, mode="constant", value=None):
 
 @tangent_rule(F.scaled_dot_product_attention)
 def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SPEC 6, by `fewstep.jvp.attention`: the math path, or on CUDA the fused Triton kernel
+    """docs/math.md#attention-tangent-rule, by `fewstep.jvp.attention`: the math path, or on CUDA the fused Triton kernel
     (one pass over K/V, O(L) memory) whatever backend computed the primal."""
     if dropout_p > 0.0:  # the fused kernel's mask is not observable; a redraw would not match it
         raise NotImplementedError("tangent engine: scaled_dot_product_attention with dropout_p > 0 has no tangent "

@@ -1,6 +1,6 @@
 """The method protocol: what a training objective is, and the optional parts the training loop
-(`fewstep.training.fit.fit`) and sampling (`fewstep.apps.generate`) may ask of it. No caller switches on
-method types: each method declares its parts here.
+(`fewstep.training.fit.fit`) may ask of it. No caller switches on method types: each method declares
+its parts here, and hands out the sampler its networks sample with (`sampler(net)`).
 
 A method is a callable `loss, stats = method(net, x0, labels=None, step=0)` with `loss` per
 sample (B,) and `stats` a dict of detached scalars. Subclass `Method` (or follow it by duck
@@ -10,15 +10,13 @@ typing) for the rest:
 | --- | --- | --- |
 | `name` | "" | every registered method: its config name |
 | `sigma_d` | 0.5 | the data std its network assumes |
-| `sampling` | "ode" | "consistency" for one/few-step models |
 | `takes_teacher`, `set_teacher(net, formulation)` | no teacher | sCD, CD (functions of the teacher), PD (its network) |
-| `parameterization` | "trigflow" | how the network is read: "edm" for EDM, CD, CT, iCT (SPEC 1.2) |
+| `parameterization` | "trigflow" | how the network is read: "edm" for EDM, CD, CT, iCT (docs/math.md#edm-parameterization) |
 | `setup(net, total_steps)` | nothing | methods with curricula laid out over the run |
 | `after_step(net, step) -> bool` | False | EMA targets (CD, CT); True restarts the sampling EMA (PD) |
 | `state_tensors()` / `load_state_tensors(net, tensors)` | none | EMA targets, PD's current teacher |
-| `consistency_fn(net, labels, guidance)` | TrigFlow `f` | discrete-time (VE) models (for editing) |
-| `sample(net, noise, times, generator, labels, guidance)` | multistep consistency sampling | VE models: CM Algorithm 1 |
-| `ode(net, labels, guidance)`, `ode_times(steps)`, `default_ode_sampler`, `default_sample_steps()` | TrigFlow velocity, Heun | EDM, PD |
+| `sampler(net, step=None)` | TrigFlow PF-ODE, Heun | every few-step method; EDM, PD (`fewstep.core.samplers`) |
+| `extra_networks(net)` | none | the networks behind those tensors (sharded like `net` under fsdp) |
 
 Register a method with `@register_method("name")` so that configs and checkpoints can name it.
 """
@@ -29,6 +27,9 @@ import dataclasses
 from typing import Callable, ClassVar
 
 import torch
+
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D
 
 METHODS: dict[str, type] = {}
 
@@ -51,11 +52,9 @@ class Method:
     """Base class of the training objectives; every part but `__call__` is optional."""
 
     name: ClassVar[str] = ""
-    sampling: ClassVar[str] = "ode"  # "consistency": multistep consistency sampling; "ode": PF-ODE solvers
     takes_teacher: ClassVar[bool] = False
-    parameterization: ClassVar[str] = "trigflow"  # how the network is read: "trigflow" (SPEC 1.1) or "edm" (1.2)
-    default_ode_sampler: ClassVar[str] = "heun"
-    sigma_d: float = 0.5
+    parameterization: ClassVar[str] = "trigflow"  # how the network is read: "trigflow" (docs/math.md#trigflow) or "edm" (docs/math.md#edm-parameterization)
+    sigma_d: float = SIGMA_D
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         raise NotImplementedError
@@ -81,45 +80,27 @@ class Method:
         if tensors:
             raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint has {sorted(tensors)[:3]}")
 
+    def extra_networks(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The networks the method trains beside `net` (created now if they are made from it); a
+        sharding strategy shards them like `net`. Their weights are in `state_tensors`."""
+        return {}
+
     # -- sampling ---------------------------------------------------------------------------
 
-    def consistency_fn(self, net, labels: torch.Tensor | None = None, guidance=None) -> Callable:
-        """Consistency models: the TrigFlow consistency function `fn(x_t, t) -> x0` of `net`."""
-        from fewstep.core.samplers import trigflow_sampler_fn
+    def sampler(self, net: torch.nn.Module, step: int | None = None):
+        """How `net` samples (`fewstep.core.samplers`): a diffusion model by default, the TrigFlow
+        PF-ODE with Heun. `step`: the optimizer steps it was trained for, for methods whose sampler
+        changes over a run (PD; None: the run's end)."""
+        from fewstep.core.ode import ODESampler
 
-        w = guidance if getattr(net, "guidance_input", False) else None
-        return trigflow_sampler_fn(net, self.sigma_d, labels, w)
-
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Consistency models: multistep consistency sampling from unit Gaussian `noise` at the
-        decreasing TrigFlow `times` (NFE = len(times))."""
-        from fewstep.core.samplers import multistep_sample
-
-        return multistep_sample(self.consistency_fn(net, labels, guidance), noise, times, self.sigma_d, generator)
-
-    def ode(self, net, labels: torch.Tensor | None = None, guidance: float = 1.0):
-        """Diffusion models: the probability-flow ODE of `net` (classifier-free guided)."""
-        from fewstep.core.ode import TrigFlowODE, guided, trigflow_net_velocity
-
-        null = getattr(net, "num_classes", 0) or None
-        return TrigFlowODE(guided(trigflow_net_velocity(net, self.sigma_d), labels, guidance, null), self.sigma_d)
-
-    def ode_times(self, steps: int) -> torch.Tensor | None:
-        """The time grid of an ODE sampler with `steps` steps (None: the solver's own default)."""
-        return None
-
-    def default_sample_steps(self, step: int | None = None) -> int | None:
-        """Steps a checkpoint saved after `step` optimizer steps samples with by default (None: the
-        sampler's default)."""
-        return None
+        return ODESampler(net, self.sigma_d, num_classes=network_info(net).num_classes)
 
 
 class CallableMethod(Method):
     """A plain callable `loss, stats = fn(net, x0, labels, step)` as a method: every optional part
     takes the protocol's default."""
 
-    def __init__(self, fn: Callable, sigma_d: float = 0.5):
+    def __init__(self, fn: Callable, sigma_d: float = SIGMA_D):
         self.fn, self.sigma_d = fn, sigma_d
 
     def __call__(self, net, x0, labels=None, step=0):
@@ -132,7 +113,7 @@ def as_method(obj) -> Method:
         return obj
     if not callable(obj):
         raise TypeError(f"a method is a callable loss(net, x0, labels, step); got {type(obj).__name__}")
-    return CallableMethod(obj, getattr(obj, "sigma_d", 0.5))
+    return CallableMethod(obj, getattr(obj, "sigma_d", SIGMA_D))
 
 
 def method_config(method) -> dict:

@@ -1,4 +1,4 @@
-"""Discrete-time consistency models in the EDM / VE formulation (SPEC 1.2, 3): CD, CT and iCT.
+"""Discrete-time consistency models in the EDM / VE formulation (docs/math.md#cm-ct-and-ict): CD, CT and iCT.
 
 The network is read through the consistency parameterization of `fewstep.core.edm`
 (`f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4)`, exactly `x` at sigma = eps). Each
@@ -18,7 +18,7 @@ official code), so that they differ only by their inputs and weights. Objectives
 target hold it themselves (`target`); the training loop calls `after_step(net, step)` after each
 optimizer step and checkpoints `state_tensors()`.
 
-Sampling is Algorithm 1 in the VE formulation (`sample`, `fewstep.core.samplers.ve_multistep_sample`).
+Sampling is Algorithm 1 in the VE formulation (`sampler`, `fewstep.core.samplers.VEConsistencySampler`).
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ from typing import Callable
 
 import torch
 
-from fewstep.core.edm import EPS, RHO, SIGMA_DATA, T_MAX, edm_consistency, karras_grid
+from fewstep.core.edm import EPS, RHO, T_MAX, edm_consistency, karras_grid
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.core.trigflow import expand_to
+from fewstep.core.trigflow import SIGMA_D, expand_to
+from fewstep.networks.contract import network_info
 
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (SPEC 3.2, 3.3)
+# Schedules (docs/math.md#consistency-training, 3.3)
 
 
 def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
@@ -69,7 +70,7 @@ def lognormal_index_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: flo
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics d(x, y) (SPEC 3.4), per sample
+# Metrics d(x, y) (docs/math.md#metrics), per sample
 
 
 def pseudo_huber_c(dim: int) -> float:
@@ -113,7 +114,7 @@ def _draw_pair(sigmas: torch.Tensor, like: torch.Tensor, probs: torch.Tensor | N
 
 @dataclass
 class _DiscreteCM(Method):
-    sigma_data: float = SIGMA_DATA
+    sigma_data: float = SIGMA_D
     eps: float = EPS
     sigma_max: float = T_MAX
     rho: float = RHO
@@ -130,7 +131,6 @@ class _DiscreteCM(Method):
         if self.metric == "lpips":
             cm_distance(torch.zeros(1, 1), torch.zeros(1, 1), "lpips")
 
-    sampling = "consistency"
     parameterization = "edm"
 
     @property
@@ -141,26 +141,11 @@ class _DiscreteCM(Method):
         if self.total_steps == 0:
             self.total_steps = total_steps  # curricula (CT, iCT) are laid out over the whole run
 
-    def consistency_fn(self, net, labels=None, guidance=None):
-        """The network's consistency function as a TrigFlow callable `fn(x_t, t)`, for routines that
-        speak TrigFlow (editing; `samplers.ve_consistency_as_trigflow`). Sample with `sample`, which
-        is Algorithm 1 exactly. `guidance` is ignored (these networks take no guidance input)."""
-        from fewstep.core.samplers import ve_consistency_as_trigflow
+    def sampler(self, net, step=None):
+        """CM paper Algorithm 1 in the VE formulation (`fewstep.core.samplers.VEConsistencySampler`)."""
+        from fewstep.core.samplers import VEConsistencySampler
 
-        return ve_consistency_as_trigflow(net, self.sigma_data, self.eps, self.sigma_max, labels)
-
-    @torch.no_grad()
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Multistep consistency sampling, CM paper Algorithm 1 (SPEC 3.5), from unit Gaussian
-        `noise`: `x = f(T z, T)`, then `x = f(x + sqrt(tau^2 - eps^2) z', tau)` for each further level.
-        `times` are decreasing TrigFlow times as in every fewstep schedule, read as the levels
-        `sigma = sigma_data tan(t)` (t = pi/2: T = sigma_max; `samplers.ve_sigmas`). NFE = len(times).
-        `guidance` is ignored (these networks take no guidance input)."""
-        from fewstep.core.samplers import ve_multistep_sample, ve_sigmas
-
-        sigmas = ve_sigmas(times, self.sigma_data, self.eps, self.sigma_max)
-        return ve_multistep_sample(lambda x, sigma: self.f(net, x, sigma, labels), noise, sigmas, self.eps, generator)
+        return VEConsistencySampler(net, self.sigma_data, eps=self.eps, sigma_max=self.sigma_max)
 
     def grid(self, num_scales: int) -> torch.Tensor:
         """The N Karras noise levels, increasing, in float64."""
@@ -206,6 +191,9 @@ class _EMATarget:
         if tensors:
             self._target(net).load_state_dict(tensors)
 
+    def extra_networks(self, net) -> dict[str, torch.nn.Module]:
+        return {"target": self._target(net)}
+
     def after_step(self, net, step: int) -> bool:
         self._ema(net, self.target_decay(step))
         return False
@@ -218,7 +206,7 @@ class _EMATarget:
 @register_method("ct")
 @dataclass
 class CT(_EMATarget, _DiscreteCM):
-    """Consistency training (CM paper, Algorithm 3), SPEC 3.2."""
+    """Consistency training (CM paper, Algorithm 3), docs/math.md#consistency-training."""
 
     s0: int = 2
     s1: int = 150
@@ -249,7 +237,7 @@ class CT(_EMATarget, _DiscreteCM):
 @register_method("ict")
 @dataclass
 class ICT(_DiscreteCM):
-    """Improved consistency training (Song & Dhariwal 2023), SPEC 3.3: no EMA target."""
+    """Improved consistency training (Song & Dhariwal 2023), docs/math.md#improved-consistency-training: no EMA target."""
 
     metric: str = "pseudo_huber"
     s0: int = 10
@@ -277,7 +265,7 @@ class ICT(_DiscreteCM):
         return self._loss(pred, target, 1.0 / (s_hi - s_lo), N)
 
 
-def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIGMA_DATA,
+def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIGMA_D,
                           guidance: float = 1.0, null_label: int | None = None) -> Callable:
     """A frozen diffusion teacher as an EDM denoiser `D(x, sigma, labels)` (no gradients):
     an EDM network directly, a TrigFlow velocity network through `trigflow_to_edm`;
@@ -291,7 +279,7 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
     model = (edm_net_denoiser(net, sigma_data) if formulation == "edm"
              else trigflow_to_edm(trigflow_net_velocity(net, sigma_data), sigma_data))
     if null_label is None:
-        null_label = getattr(net, "num_classes", 0) or None
+        null_label = network_info(net).num_classes or None
 
     @torch.no_grad()
     def denoiser(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,7 +291,7 @@ def make_teacher_denoiser(net, formulation: str = "edm", sigma_data: float = SIG
 @register_method("cd")
 @dataclass
 class CD(_EMATarget, _DiscreteCM):
-    """Consistency distillation (CM paper, Algorithm 2), SPEC 3.1. `teacher`: an EDM denoiser
+    """Consistency distillation (CM paper, Algorithm 2), docs/math.md#consistency-distillation. `teacher`: an EDM denoiser
     `D(x, sigma, labels)` (see `make_teacher_denoiser`), given at construction."""
 
     teacher: InitVar[Callable | None] = None

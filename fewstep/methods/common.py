@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fewstep.networks.contract import network_info
+
 
 def same_random_draws(like: torch.Tensor):
     """A context that restores the RNG state of `like`'s device (and the CPU's) on exit, so that the
@@ -22,12 +24,11 @@ def per_sample_mse(residual: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weighting(mse: torch.Tensor, net, t: torch.Tensor, enabled: bool):
-    """SPEC 1.3: `exp(w(t)) * mse - w(t)` with the network's learned head, or `mse` alone.
+    """docs/math.md#adaptive-weighting: `exp(w(t)) * mse - w(t)` with the network's learned head, or `mse` alone.
 
     Returns the per-sample loss and the weights `w(t)` (None when unused).
     """
-    head = getattr(net, "adaptive_weight", None)
-    w = head(t) if (enabled and head is not None) else None
+    w = net.adaptive_weight(t) if (enabled and network_info(net).adaptive_weight) else None
     if w is None:
         return mse, None
     w = w.to(torch.promote_types(w.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays fp64

@@ -1,5 +1,5 @@
 """Easy Consistency Tuning (ECT; Geng, Pokle, Luo, Lin, Kolter 2024, "Consistency Models Made Easy",
-arXiv 2406.14548, code locuslab/ect), SPEC 10: consistency training that starts from a diffusion
+arXiv 2406.14548, code locuslab/ect), docs/math.md#ect: consistency training that starts from a diffusion
 model's weights, with a pair of noise levels (t, r) that starts at r = 0 (the diffusion loss itself)
 and moves r -> t over the run.
 
@@ -23,9 +23,9 @@ sigma = 0.821, TrigFlow t = 1.024 (`--times 1.5708,1.024`); fewstep's default is
 Sampling starts where ECT's does, at sigma_max = 80 (`t_max = arctan(sigma_max / sigma_d)`), not at
 t = pi/2 (sigma = inf, a time the network never trained at): a schedule's first time above `t_max`
 becomes `t_max`, and the first noise is ECT's `x = sigma_max eps` read in TrigFlow,
-`x_{t_max} = cos(t_max) sigma_max eps = sin(t_max) sigma_d eps` (`ECT.sample`).
+`x_{t_max} = cos(t_max) sigma_max eps = sin(t_max) sigma_d eps` (`ECT.sampler`).
 
-In fewstep's conventions the network is read as TrigFlow (SPEC 1.1): with `t = arctan(sigma /
+In fewstep's conventions the network is read as TrigFlow (docs/math.md#edm-to-trigflow): with `t = arctan(sigma /
 sigma_d)`, `x_t = cos(t) x_sigma` and `z = sigma_d eps`, the consistency function
 `f(x_t, t) = cos t x_t - sin t sigma_d F(x_t / sigma_d, t)` is exactly EDM's preconditioned denoiser
 `D(x_sigma, sigma)`, which is what ECT tunes (its `ECMPrecond` trains with EDM's preconditioning;
@@ -50,7 +50,8 @@ import torch
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.cm import cm_distance
 from fewstep.methods.common import check_choice, check_range, same_random_draws
-from fewstep.core.trigflow import expand_to, time_dtype, trigflow_consistency, trigflow_noise
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D, expand_to, time_dtype, trigflow_consistency, trigflow_noise
 
 MAPPINGS = ("sigmoid", "const")
 WEIGHTINGS = ("inv_dt", "edm", "none")
@@ -72,7 +73,7 @@ def ect_mapping(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: 
     return (t * (1 - n / q ** (stage + 1))).clamp(min=0)
 
 
-def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str = "inv_dt", sigma_d: float = 0.5) -> torch.Tensor:
+def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str = "inv_dt", sigma_d: float = SIGMA_D) -> torch.Tensor:
     """`1 / (t - r)` ('inv_dt'), EDM's `(t^2 + sigma_d^2) / (t sigma_d)^2` ('edm'), or 1 ('none'); EDM sigmas."""
     if weighting == "inv_dt":
         return 1.0 / (t - r)
@@ -106,9 +107,7 @@ class ECT(Method):
     """Easy Consistency Tuning (module docstring): `--teacher RUN` starts from a diffusion model;
     `method.from_teacher=false` trains from random weights (or from `train.init_from`)."""
 
-    sampling = "consistency"
-
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -1.1  # log-normal noise levels t (EDM sigma), ECT's (= iCT's)
     p_std: float = 2.0
     q: float = 2.0  # dt shrinks by q per stage
@@ -137,6 +136,13 @@ class ECT(Method):
         if self.huber_c is not None:
             check_range("method.huber_c", self.huber_c, 0)
 
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow, from ECT's own starting time (`t_max`)."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input,
+                                          t_max=self.t_max)
+
     @property
     def takes_teacher(self) -> bool:  # a diffusion model's weights start the run
         return self.from_teacher
@@ -153,16 +159,6 @@ class ECT(Method):
     def t_max(self) -> float:
         """The TrigFlow time sampling starts at: ECT's sigma_max, `arctan(sigma_max / sigma_d)`."""
         return math.atan(self.sigma_max / self.sigma_d)
-
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Multistep consistency sampling from `t_max` (module docstring): a first time above `t_max`
-        is `t_max`, with the noise at that level, `sin(t_max) sigma_d z`; the other times as given."""
-        times = [float(t) for t in times]
-        if times and times[0] > self.t_max:
-            times[0] = self.t_max
-            noise = noise * math.sin(self.t_max)
-        return super().sample(net, noise, times, generator, labels, guidance)
 
     def stage(self, step: int) -> int:
         return ect_stage(step, self.total_steps, self.stages)

@@ -1,8 +1,8 @@
-"""EDM diffusion (VE with EDM preconditioning), SPEC 1.2.
+"""EDM diffusion (VE with EDM preconditioning), docs/math.md#edm-parameterization.
 
 `ln(sigma) ~ N(P_mean, P_std^2)`, `L = lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / D` with
 `lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2` (EDM, Table 1), optionally
-with learned adaptive weighting on top (SPEC 1.3, fed `c_noise = ln(sigma) / 4`). With
+with learned adaptive weighting on top (docs/math.md#adaptive-weighting, fed `c_noise = ln(sigma) / 4`). With
 `label_dropout > 0` labels are replaced by the null label with that probability (for CFG).
 For data of std sigma_data the optimal denoiser's loss is 1 at every sigma.
 """
@@ -17,13 +17,14 @@ from fewstep.core.edm import edm_denoiser
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.core.trigflow import expand_to
+from fewstep.core.trigflow import SIGMA_D, expand_to
+from fewstep.networks.contract import network_info
 
 
 @register_method("edm")
 @dataclass
 class EDMDiffusion(Method):
-    sigma_data: float = 0.5
+    sigma_data: float = SIGMA_D
     p_mean: float = -1.2
     p_std: float = 1.2
     adaptive_weight: bool = False
@@ -35,11 +36,11 @@ class EDMDiffusion(Method):
     def sigma_d(self) -> float:
         return self.sigma_data
 
-    def ode(self, net, labels=None, guidance: float = 1.0):
-        from fewstep.core.ode import EDMODE, edm_net_denoiser, guided
+    def sampler(self, net, step=None):
+        """The EDM probability-flow ODE, Heun on the Karras schedule."""
+        from fewstep.core.ode import ODESampler
 
-        null = getattr(net, "num_classes", 0) or None
-        return EDMODE(guided(edm_net_denoiser(net, self.sigma_data), labels, guidance, null))
+        return ODESampler(net, self.sigma_data, "edm", num_classes=network_info(net).num_classes)
 
     def __post_init__(self):
         check_range("method.sigma_data", self.sigma_data, 0, low_open=True)

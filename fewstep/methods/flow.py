@@ -1,7 +1,7 @@
-"""TrigFlow diffusion (flow matching with a velocity network), SPEC 1.1.
+"""TrigFlow diffusion (flow matching with a velocity network), docs/math.md#the-network-contract.
 
 `L = || sigma_d F(x_t / sigma_d, t) - v_t ||^2 / D` with `v_t = cos(t) z - sin(t) x0`,
-`t` from the log-normal proposal, optionally with learned adaptive weighting (SPEC 1.3).
+`t` from the log-normal proposal, optionally with learned adaptive weighting (docs/math.md#adaptive-weighting).
 With `label_dropout > 0`, labels are replaced by the null label with that probability
 (classifier-free guidance at sampling).
 """
@@ -14,7 +14,8 @@ import torch
 
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import adaptive_weighting, check_range, per_sample_mse
-from fewstep.core.trigflow import lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.core.trigflow import SIGMA_D, lognormal_times, net_velocity, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.networks.contract import network_info
 
 
 def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | None:
@@ -22,13 +23,13 @@ def drop_labels(labels: torch.Tensor | None, p: float, net) -> torch.Tensor | No
     if labels is None or p <= 0:
         return labels
     drop = torch.rand(labels.shape, device=labels.device) < p
-    return torch.where(drop, torch.full_like(labels, net.num_classes), labels)
+    return torch.where(drop, torch.full_like(labels, network_info(net).num_classes), labels)
 
 
 @register_method("flow")
 @dataclass
 class FlowMatching(Method):
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -1.0
     p_std: float = 1.4
     adaptive_weight: bool = True

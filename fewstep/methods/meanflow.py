@@ -1,5 +1,5 @@
 """MeanFlow (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for One-step Generative Modeling",
-arXiv 2505.13447), SPEC 10: a network of two times learns the average velocity
+arXiv 2505.13447), docs/math.md#the-meanflow-identity: a network of two times learns the average velocity
 
     u(x_t, r, t) = 1 / (t - r) int_r^t v(x_s, s) ds,    so that    x_r = x_t - (t - r) u(x_t, r, t),
 
@@ -20,17 +20,17 @@ kappa its Eq. 21): `v~ = w v + kappa u(x_t, t, t | c) + (1 - w - kappa) u(x_t, t
 network's own velocities at r = t, without gradients; the null-label samples of `label_dropout`
 learn the unconditional u. One network call per sample both ways then samples with CFG (1 NFE).
 
-Time convention: TrigFlow (`x_t = cos t x0 + sin t z`, t in [0, pi/2], SPEC 1.1), not the
+Time convention: TrigFlow (`x_t = cos t x0 + sin t z`, t in [0, pi/2], docs/math.md#noising-and-velocity), not the
 paper's linear interpolation. Why:
 - Every fewstep sampler, schedule (`--steps`, `--times`, previews: pi/2 then 1.1), editing routine
-  and the network contract speak TrigFlow time; MeanFlow samples through `sample` with those same
+  and the network contract speak TrigFlow time; MeanFlow samples through `sampler` with those same
   times and needs nothing new anywhere else.
 - At r = t the MeanFlow network is a TrigFlow flow-matching network (`u(x, t, t) = v`, `F = v /
   sigma_d`): the r = t samples (75% by default) are fewstep's flow-matching loss, a 'flow'
   checkpoint's weights start a MeanFlow network exactly (its r embedding starts at zero), and the
   r = t slice (`r=None`) can be sampled with the ODE solvers.
-- The networks' time embedding was designed for t in [0, pi/2] with bounded `d emb / dt` (SPEC 2.4),
-  which is what keeps the JVP bounded; the identity itself needs only `dx_t/dt = v` (SPEC 10).
+- The networks' time embedding was designed for t in [0, pi/2] with bounded `d emb / dt` (docs/math.md#stabilizers),
+  which is what keeps the JVP bounded; the identity itself needs only `dx_t/dt = v` (docs/math.md#the-meanflow-identity).
 - The paper's logit-normal time density carries over exactly: logit-normal(P_mean, P_std) on the
   linear t is log-normal(P_mean, P_std) on its noise level `sigma = t / (1 - t)`, and fewstep's
   `lognormal_times(P_mean, P_std)` draws TrigFlow times whose noise level `sigma_d tan t` has that
@@ -63,7 +63,8 @@ from fewstep.jvp import JVP_MODES, jvp
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range, per_sample_mse
 from fewstep.methods.flow import drop_labels
-from fewstep.core.trigflow import (HALF_PI, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import (HALF_PI, SIGMA_D, expand_to, lognormal_times, net_velocity, time_dtype, trigflow_noise,
                               trigflow_velocity)
 
 # py-meanflow's CIFAR-10 recipe as MeanFlow fields (module docstring): its logit-normal(-2, 2) on the
@@ -73,7 +74,7 @@ PY_MEANFLOW_CIFAR10 = {"p_mean": -2.0, "p_std": 2.0, "ratio_r_neq_t": 0.75, "ada
 
 def check_second_time(net) -> None:
     """MeanFlow's network takes the second time r (`second_time = True`; the network contract)."""
-    if not getattr(net, "second_time", False):
+    if not network_info(net).second_time:
         raise ValueError("method 'meanflow' needs a network that takes a second time r: set network.second_time=true "
                          "(fewstep's UNet, MLP, DiT), or give your network an `r` keyword and `second_time = True`")
 
@@ -180,10 +181,9 @@ class MeanFlow(Method):
     """MeanFlow, trained from data (module docstring). Its network takes the second time r
     (`network.second_time=true`)."""
 
-    sampling = "consistency"
     network_options: ClassVar[dict] = {"second_time": True}  # what its network must be built with
 
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -0.4  # log-normal times (the paper's logit-normal, exactly; module docstring)
     p_std: float = 1.0
     ratio_r_neq_t: float = 0.25  # fraction of the batch with r != t (paper: 25%)
@@ -224,7 +224,7 @@ class MeanFlow(Method):
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         check_second_time(net)
-        if self.guided and (labels is None or not getattr(net, "num_classes", 0)):
+        if self.guided and (labels is None or not network_info(net).num_classes):
             raise ValueError("method.guidance needs class labels: set network.class_conditional=true "
                              "(on labelled data)")
         labels = drop_labels(labels, self.label_dropout, net)
@@ -242,33 +242,11 @@ class MeanFlow(Method):
         return meanflow_loss(net, x_t, r, t, v, self.sigma_d, labels, adaptive_p=self.adaptive_p,
                              adaptive_c=self.adaptive_c, jvp_mode=self.jvp_mode)
 
-    # -- sampling ---------------------------------------------------------------------------
+    def sampler(self, net, step=None):
+        """Flow-map sampling with the average velocity u(z, r, t)."""
+        from fewstep.core.samplers import FlowMapSampler
 
-    def average_velocity(self, net, labels=None, guidance=None):
-        """`u(x_t, r, t) = sigma_d F(x_t / sigma_d, t, r=r)` as a callable `fn(x_t, r, t)`."""
-        w = guidance if getattr(net, "guidance_input", False) else None
-        return lambda x_t, r, t: net_velocity(net, x_t, t, self.sigma_d, labels, guidance=w, r=r)
-
-    def consistency_fn(self, net, labels=None, guidance=None):
-        """The flow map to 0, `f(x_t, t) = x_t - t u(x_t, 0, t)`: a consistency function (editing)."""
-        u = self.average_velocity(net, labels, guidance)
-        return lambda x_t, t: x_t - expand_to(t, x_t) * u(x_t, torch.zeros_like(t), t)
-
-    @torch.no_grad()
-    def sample(self, net, noise: torch.Tensor, times, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
-        """Flow-map sampling from unit Gaussian `noise`: `x = sigma_d z` at `times[0]`, then one jump
-        `x <- x - (t - s) u(x, s, t)` per time, the last to s = 0 (NFE = len(times); no re-noising).
-        `generator` is unused: the sampler is deterministic."""
-        times = [float(t) for t in times]
-        if not times:
-            raise ValueError("times must hold at least one time")
-        u = self.average_velocity(net, labels, guidance)
-        x = self.sigma_d * noise
-        for t, s in zip(times, times[1:] + [0.0]):
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-            x = x - (t - s) * u(x, torch.full_like(tt, s), tt)
-        return x
+        return FlowMapSampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input)
 
 
 __all__ = ["JVP_MODES", "PY_MEANFLOW_CIFAR10", "MeanFlow", "check_second_time", "guided_velocity", "meanflow_jvp",

@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho 2022), SPEC 3.6: the baseline consistency models are
+"""Progressive distillation (Salimans & Ho 2022), docs/math.md#progressive-distillation: the baseline consistency models are
 compared with. In TrigFlow, with a uniform time grid (TrigFlow's t is the angle of the cosine
 schedule, so a uniform grid in t is the original's uniform grid in continuous time):
 
@@ -28,7 +28,8 @@ import torch
 
 from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_range, per_sample_mse
-from fewstep.core.trigflow import expand_to, net_velocity, time_dtype, trigflow_noise
+from fewstep.core.trigflow import SIGMA_D, expand_to, net_velocity, time_dtype, trigflow_noise
+from fewstep.networks.contract import network_info
 
 
 def ddim_step(x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class ProgressiveDistillation(Method):
     is kept and replaced by the student at each round's end."""
 
     teacher: InitVar[torch.nn.Module | None] = None
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     start_steps: int = 64  # the round-0 teacher's DDIM steps; the student of round 0 takes half
     min_steps: int = 1  # the last round's student steps
     total_steps: int = 0  # the run length the rounds split (0: the run's train.steps)
@@ -76,7 +77,6 @@ class ProgressiveDistillation(Method):
             self.set_teacher(teacher)
 
     takes_teacher = True
-    default_ode_sampler = "ddim"
 
     def set_teacher(self, net: torch.nn.Module, formulation: str = "trigflow") -> None:
         """The teacher network itself (a copy): students replace it round by round."""
@@ -95,14 +95,15 @@ class ProgressiveDistillation(Method):
         restart, self.restart_ema = self.restart_ema, False
         return restart
 
-    def ode_times(self, steps: int) -> torch.Tensor:
-        """The uniform grid in t the student was distilled on."""
-        return torch.linspace(math.pi / 2, 0, steps + 1, dtype=torch.float64)
+    def sampler(self, net, step: int | None = None):
+        """DDIM on the uniform grid in t the student was distilled on, with the steps of the student
+        saved after `step` optimizer steps (default: the run's end)."""
+        from fewstep.core.ode import ODESampler
 
-    def default_sample_steps(self, step: int | None = None) -> int:
-        """The DDIM steps of the student saved after `step` optimizer steps (default: the run's end)."""
         step = self.total_steps if step is None else step
-        return pd_student_steps(max(step - 1, 0), self.start_steps, self.min_steps, max(self.total_steps, 1))
+        steps = pd_student_steps(max(step - 1, 0), self.start_steps, self.min_steps, max(self.total_steps, 1))
+        return ODESampler(net, self.sigma_d, num_classes=network_info(net).num_classes, solver="ddim", steps=steps,
+                          grid="uniform")
 
     def student_steps(self, step: int) -> int:
         return pd_student_steps(step, self.start_steps, self.min_steps, self.total_steps)
@@ -143,6 +144,9 @@ class ProgressiveDistillation(Method):
         if self.round_steps is not None:
             out["_round_steps"] = torch.tensor(self.round_steps)
         return out
+
+    def extra_networks(self, net) -> dict[str, torch.nn.Module]:
+        return {} if self.teacher_net is None else {"teacher": self.teacher_net}
 
     def load_state_tensors(self, net, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)

@@ -1,10 +1,10 @@
-"""Continuous-time consistency distillation (sCD), SPEC 2.1.
+"""Continuous-time consistency distillation (sCD), docs/math.md#sct-and-scd.
 
 Same as sCT (`scm_loss`: tangent normalization, adaptive weighting, log-normal proposal)
 except that the ODE direction is the teacher's velocity `dx_t/dt = v_teacher(x_t, t)`
 (classifier-free guided when `guidance != 1`), and the paper's defaults differ:
 P_mean = -0.8, P_std = 1.6, tangent warmup over 10k iterations. The student should start
-from the teacher's weights (diffusion fine-tuning, SPEC 2.4); that is the caller's job.
+from the teacher's weights (diffusion fine-tuning, docs/math.md#stabilizers); that is the caller's job.
 
     teacher = make_teacher_velocity(teacher_net, "edm", sigma_d=0.5)
     method = SCD(teacher=teacher, guidance=2.0)
@@ -28,18 +28,19 @@ from fewstep.methods.common import check_choice, check_range
 from fewstep.jvp import JVP_MODES
 from fewstep.methods.scm import TANGENT_NORMS, scm_loss, tangent_warmup
 from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
-from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise
+from fewstep.core.trigflow import SIGMA_D, lognormal_times, time_dtype, trigflow_noise
+from fewstep.networks.contract import network_info
 
 FORMULATIONS = ("trigflow", "edm")
 
 
-def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0.5,
+def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = SIGMA_D,
                           guidance: float = 1.0, null_label: int | None = None) -> Callable:
     """A frozen teacher as a TrigFlow velocity `v(x_t, t, labels)` (no gradients).
 
     `formulation='trigflow'`: `net` is a velocity network, `v = sigma_d F(x_t / sigma_d, t)`.
     `formulation='edm'`: `net` is an EDM-preconditioned denoiser network (sigma_data =
-    sigma_d), converted by SPEC 1.1, `v = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / sin t`.
+    sigma_d), converted by docs/math.md#edm-to-trigflow, `v = (cos t x_t - D(x_t / cos t, sigma_d tan t)) / sin t`.
     With `guidance != 1` the velocity is classifier-free guided (pass the guidance either
     here or to `SCD`, not both). `null_label` defaults to `net.num_classes`. Puts `net` in
     eval mode (no dropout in the teacher).
@@ -52,7 +53,7 @@ def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = 0
     else:
         model = edm_to_trigflow(edm_net_denoiser(net, sigma_d), sigma_d)
     if null_label is None:
-        null_label = getattr(net, "num_classes", 0) or None  # batch cond + null in one call
+        null_label = network_info(net).num_classes or None  # batch cond + null in one call
 
     @torch.no_grad()
     def teacher_velocity(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,7 +69,7 @@ class SCD(Method):
     `make_teacher_velocity`); given at construction, not part of the config."""
 
     teacher: InitVar[Callable | None] = None
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -0.8
     p_std: float = 1.6
     guidance: float = 1.0  # CFG scale of the teacher's velocity (1: conditional, no guidance)
@@ -81,8 +82,13 @@ class SCD(Method):
     adaptive_weight: bool = True
     jvp_mode: str = "tangent"  # as in SCT
 
-    sampling = "consistency"
     takes_teacher = True
+
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input)
 
     def set_teacher(self, net, formulation: str = "trigflow") -> None:
         """The teacher's velocity, from a frozen TrigFlow or EDM diffusion network."""
@@ -124,9 +130,9 @@ class SCD(Method):
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         w = self.draw_guidance(x0.shape[0], x0.device)
-        if w is None and labels is not None and getattr(net, "guidance_input", False):
+        if w is None and labels is not None and network_info(net).guidance_input:
             w = torch.full((x0.shape[0],), float(self.guidance), device=x0.device)  # one fixed scale, as input
-        if w is not None and (labels is None or not getattr(net, "guidance_input", False)):
+        if w is not None and (labels is None or not network_info(net).guidance_input):
             raise ValueError("method.guidance_range needs class labels and a student that takes the guidance "
                              "scale: set network.class_conditional=true and network.guidance_input=true")
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,

@@ -1,13 +1,13 @@
-"""The continuous-time consistency (sCM) objective shared by sCT and sCD (SPEC 2).
+"""The continuous-time consistency (sCM) objective shared by sCT and sCD (docs/math.md#sct-and-scd).
 
 Given `x_t`, `t` and the ODE direction `dx_t/dt` (sCT: the conditional velocity; sCD: the
 teacher's velocity), with `theta^- = stopgrad(theta)`:
 
-    F^-, jvp_out = jvp(F, (x_t / sigma_d, t), (cos t sin t dx_t/dt, cos t sin t sigma_d))   # SPEC 2.2
+    F^-, jvp_out = jvp(F, (x_t / sigma_d, t), (cos t sin t dx_t/dt, cos t sin t sigma_d))   # docs/math.md#the-jvp-rearrangement
                                                                       # (`fewstep.jvp.jvp`, any mode)
     g = -cos^2 t (sigma_d F^- - dx_t/dt) - r (cos t sin t x_t + jvp_out)                     # = cos t df/dt
     g = g / (||g|| + c)                                                                       # tangent normalization
-    L = exp(w(t)) / D || F_theta - F^- - g ||^2 - w(t)                                        # SPEC 2.3
+    L = exp(w(t)) / D || F_theta - F^- - g ||^2 - w(t)                                        # docs/math.md#the-loss
 
 `jvp_out` already equals `sigma_d cos t sin t dF^-/dt`; the rearrangement keeps every factor
 bounded near t = pi/2, which is what keeps fp16 finite.
@@ -39,7 +39,7 @@ def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d
 
 
 def scm_tangent(x_t, t, dxdt, F_minus, jvp_out, sigma_d: float, r: float = 1.0) -> torch.Tensor:
-    """`g = cos(t) df^-/dt` from the JVP output (SPEC 2.3), before normalization."""
+    """`g = cos(t) df^-/dt` from the JVP output (docs/math.md#the-loss), before normalization."""
     cos, sin = torch.cos(expand_to(t, x_t)), torch.sin(expand_to(t, x_t))
     return -cos.square() * (sigma_d * F_minus - dxdt) - r * (cos * sin * x_t + jvp_out)
 
@@ -68,7 +68,7 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
              tangent_norm: str = "l2", norm_const: float = 0.1, adaptive_weight: bool = True,
              jvp_mode: str = "tangent", guidance=None):
-    """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (SPEC 2.1-2.3).
+    """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (docs/math.md#sct-and-scd).
     `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input."""
     F_theta, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance, mode=jvp_mode)
     F_minus = F_theta.detach()  # theta^- = stopgrad(theta): the same pass, so the same dropout masks

@@ -1,4 +1,4 @@
-"""Continuous-time consistency training from scratch (sCT), SPEC 2.
+"""Continuous-time consistency training from scratch (sCT), docs/math.md#sct-and-scd.
 
 The tangent direction is the conditional velocity `dx_t/dt = cos(t) z - sin(t) x0` of the
 same `x0` and `z` that made `x_t`; no teacher.
@@ -14,15 +14,14 @@ from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.jvp import JVP_MODES
 from fewstep.methods.scm import TANGENT_NORMS, scm_loss, tangent_warmup
-from fewstep.core.trigflow import lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
+from fewstep.networks.contract import network_info
+from fewstep.core.trigflow import SIGMA_D, lognormal_times, time_dtype, trigflow_noise, trigflow_velocity
 
 
 @register_method("sct")
 @dataclass
 class SCT(Method):
-    sampling = "consistency"
-
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = -1.0
     p_std: float = 1.4
     tangent_norm: str = "l2"  # 'l2' (paper), 'rms', 'clip' or 'none'
@@ -40,6 +39,12 @@ class SCT(Method):
         check_range("method.warmup_steps", self.warmup_steps, 0)
         check_choice("method.tangent_norm", self.tangent_norm, TANGENT_NORMS)
         check_choice("method.jvp_mode", self.jvp_mode, JVP_MODES)
+
+    def sampler(self, net, step=None):
+        """Multistep consistency sampling in TrigFlow."""
+        from fewstep.core.samplers import TrigFlowConsistencySampler
+
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input)
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,

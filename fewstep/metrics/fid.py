@@ -1,4 +1,4 @@
-"""Image metrics on extracted features: FID, KID, precision/recall, Inception Score (SPEC 7).
+"""Image metrics on extracted features: FID, KID, precision/recall, Inception Score (docs/math.md#evaluation-protocol).
 
 Everything is float64. Features come from a `FeatureExtractor` (see `features.py`) as
 (N, dim) arrays or tensors; `FeatureStats` holds their mean and covariance (and the raw

@@ -1,4 +1,4 @@
-"""Exact sample-based distances for low-dimensional (toy) data (SPEC 7).
+"""Exact sample-based distances for low-dimensional (toy) data (docs/math.md#toy-data).
 
 All three take two sample sets `x` (N, D) and `y` (M, D) as torch tensors (or anything
 `torch.as_tensor` accepts), compute in float64 on the CPU and return a Python float. `y` is

@@ -8,8 +8,8 @@ The network contract, which every method, sampler and command relies on:
 - `x` is the noisy sample divided by sigma_d (`x_t / sigma_d`), `t` the TrigFlow time in
   [0, pi/2], one per sample (shape (B,)); `F` predicts the scaled velocity: the model's
   velocity is `sigma_d * F(x_t / sigma_d, t)` (`fewstep.core.trigflow.net_velocity`), its
-  consistency function `cos(t) x_t - sin(t) sigma_d F` (SPEC 1.1). EDM-family methods (edm, cd,
-  ct, ict) feed the same signature `c_noise` and `c_in x` instead (SPEC 1.2).
+  consistency function `cos(t) x_t - sin(t) sigma_d F` (docs/math.md#consistency-function). EDM-family methods (edm, cd,
+  ct, ict) feed the same signature `c_noise` and `c_in x` instead (docs/math.md#edm-parameterization).
 - `labels`: class indices (B,), or None for unconditional models; a class-conditional network
   sets `num_classes` (K) and reads label K as "no label" (classifier-free guidance).
 - `**cond`: optional extra inputs, e.g. `guidance` (the CFG scale of a distilled student, with
@@ -23,9 +23,15 @@ The network contract, which every method, sampler and command relies on:
   the time embedding and zero-initialized, so that without it nothing changes. MeanFlow's JVP
   gives `r` a zero tangent: compute with `r` as given (e.g. `t - r` inside the network), not
   with a copy of `t`.
-- optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (SPEC 1.3); absent or
+- optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (docs/math.md#adaptive-weighting); absent or
   returning None means no adaptive weighting.
 - a network registered with `@register_network(name)` can be rebuilt from checkpoints.
+
+`network_info(net)` reads these optional features (`num_classes`, `guidance_input`, `second_time`,
+`adaptive_weight`) as a `NetworkInfo`, through DDP / torch.compile wrappers; nothing else probes
+them. fewstep's UNet, DiT and MLP share their conditioning (`layers.Conditioning`: time, label,
+guidance and r embeddings, time embedded in float32 at least) and check their arguments (shapes,
+label range, labels only for class-conditional networks) with one-line errors.
 
 Call networks through `net(...)` (`__call__`), never `net.forward`, so that module hooks fire.
 sCT and sCD take the network's JVP from the tangent engine (`tangent_forward`), which needs no
@@ -38,8 +44,9 @@ from __future__ import annotations
 import inspect
 import typing
 
-from fewstep.networks.dit import DiT
 from fewstep.jvp.engine import check_tangent, tangent_forward
+from fewstep.networks.contract import NetworkInfo, network_info
+from fewstep.networks.dit import DiT
 from fewstep.networks.mlp import MLP
 from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
                                        network_spec, register_network, unwrap)
@@ -49,6 +56,9 @@ from fewstep.networks.unet import UNet
 DATA_ARGUMENTS = ("img_channels", "img_resolution", "dim", "num_classes")
 # Keys of the `network` config section that are not constructor arguments.
 BUILD_KEYS = ("arch", "class_conditional", "checkpoint_activations")
+# `network.arch = "auto"`: the network for each kind of data.
+AUTO_ARCH = {"image": "unet", "vector": "mlp"}
+DATA_SHAPES = {"image": "(C, H, W)", "vector": "(D,)"}
 
 
 def constructor_arguments(cls) -> dict[str, inspect.Parameter]:
@@ -66,31 +76,25 @@ def constructor_hints(cls) -> dict:
 
 
 def check_network_values(arch: str, kwargs: dict) -> None:
-    """Value checks of fewstep's UNet and MLP arguments (ranges), without building them; other
-    networks check their own arguments when built."""
-    from fewstep.networks.layers import check_arguments
-
-    for name in (("unet", "mlp") if arch == "auto" else (arch,)):
-        if name not in ("unet", "mlp"):
-            continue
-        params = constructor_arguments(NETWORKS[name])
-        value = {k: kwargs.get(k, p.default) for k, p in params.items() if k not in DATA_ARGUMENTS}
-        sizes = ("model_channels", "num_blocks", "attn_heads") if name == "unet" else ("width", "depth")
-        check_arguments(dropout=value["dropout"], emb_min_freq=value["emb_min_freq"],
-                        emb_max_freq=value["emb_max_freq"], **{k: value[k] for k in sizes})
-        if name == "unet" and (not value["channel_mult"] or min(value["channel_mult"]) < 1):
-            raise ValueError(f"network.channel_mult must be a non-empty list of positive ints, "
-                             f"got {value['channel_mult']}")
+    """Value checks of a network's arguments (ranges) without building it: the network class's own
+    `check_values(**kwargs)`, where it has one ('auto': every default architecture)."""
+    for name in (AUTO_ARCH.values() if arch == "auto" else (arch,)):
+        cls = network_class(name)
+        if hasattr(cls, "check_values"):
+            params = constructor_arguments(cls)
+            cls.check_values(**{k: kwargs.get(k, p.default) for k, p in params.items()
+                                if k not in DATA_ARGUMENTS and p.default is not inspect.Parameter.empty})
 
 
 def resolve_arch(arch: str, kind: str) -> str:
-    """'auto' -> 'unet' for images, 'mlp' for vectors."""
-    return arch if arch != "auto" else ("unet" if kind == "image" else "mlp")
+    """'auto' -> the default network for the data's kind (`AUTO_ARCH`: 'unet' for images, 'mlp' for vectors)."""
+    return arch if arch != "auto" else AUTO_ARCH[kind]
 
 
 def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int = 0):
     """The network a run's `network` section describes (`{"arch", "class_conditional", **kwargs}`),
-    for data of `kind` ('image'/'vector') and `shape`; data-shaped arguments are filled in."""
+    for data of `kind` ('image'/'vector') and `shape`; data-shaped arguments are filled in. A
+    network class that sets `data_kind` takes only that kind of data."""
     cfg = dict(cfg)
     arch = resolve_arch(cfg.pop("arch", "auto"), kind)
     checkpointed = cfg.pop("checkpoint_activations", False)
@@ -104,6 +108,9 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
         if key not in params or key in DATA_ARGUMENTS:
             raise ValueError(f"unknown key network.{key} for network {arch!r}; it takes: "
                              f"{', '.join(k for k in params if k not in DATA_ARGUMENTS)}")
+    wants = getattr(cls, "data_kind", None)
+    if wants is not None and wants != kind:
+        raise ValueError(f"network.arch {arch!r} needs {wants} data {DATA_SHAPES[wants]}, got shape {tuple(shape)}")
     data = {"num_classes": classes}
     if kind == "image":
         if len(shape) != 3:
@@ -113,10 +120,6 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
         data.update(img_channels=shape[0], img_resolution=shape[1])
     else:
         data["dim"] = shape[0]
-    if arch == "unet" and kind != "image":
-        raise ValueError(f"network.arch 'unet' needs image data (C, H, W), got shape {tuple(shape)}")
-    if arch == "mlp" and kind != "vector":
-        raise ValueError(f"network.arch 'mlp' needs vector data (D,), got shape {tuple(shape)}")
     if classes and "num_classes" not in params:
         raise ValueError(f"network {arch!r} takes no num_classes, so it cannot be class-conditional")
     kwargs = {k: v for k, v in data.items() if k in params}
@@ -129,7 +132,7 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return net
 
 
-__all__ = ["BUILD_KEYS", "DATA_ARGUMENTS", "DiT", "check_network_values", "check_tangent",
+__all__ = ["AUTO_ARCH", "BUILD_KEYS", "DATA_ARGUMENTS", "DiT", "NetworkInfo", "network_info", "check_network_values", "check_tangent",
            "tangent_forward", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
            "constructor_arguments", "network_spec", "register_network", "unwrap"]
 

@@ -1,4 +1,4 @@
-"""A student from a diffusion teacher's weights (diffusion fine-tuning, SPEC 2.4).
+"""A student from a diffusion teacher's weights (diffusion fine-tuning, docs/math.md#stabilizers).
 
 A TrigFlow ('flow') teacher's network is the student's network: its weights are copied as they
 are. An EDM teacher's network fits too, after two changes. With `sigma = sigma_d tan(t)` and
@@ -10,7 +10,7 @@ are. An EDM teacher's network fits too, after two changes. With `sigma = sigma_d
 
 and the two agree when `F_trig(x, t) = -F_edm(x, ln(sigma_d tan t) / 4)`: the same input, the
 output negated, and a different time input. The student may not take EDM's log time input
-(SPEC 1.1: `sin(t) d c_noise/dt` is unbounded at pi/2), so instead its time-embedding MLP is
+(docs/math.md#the-network-contract: `sin(t) d c_noise/dt` is unbounded at pi/2), so instead its time-embedding MLP is
 fitted so that `emb_student(t) = emb_teacher(ln(sigma_d tan t) / 4)`, with the teacher's
 noise levels clamped to the range it was trained on (EDM's [0.002, 80]).
 """
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fewstep.core.edm import EPS, T_MAX
+from fewstep.core.trigflow import SIGMA_D
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
 STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.")
@@ -59,7 +60,7 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
                        steps: int = 2000, lr: float = 3e-3) -> float:
     """Fit `student_emb.mlp(pos(t))` to `teacher_emb.mlp(pos(teacher_time(t)))` on the grid `t`.
 
-    Both are `fewstep.networks.layers.TimeEmbedding`s; only the student's MLP changes (class
+    Both are `fewstep.networks.layers.Conditioning`s; only the student's MLP changes (class
     and guidance embeddings are added after it). Full-batch Adam with cosine decay. Returns
     the final relative RMS error of the fit.
     """
@@ -83,7 +84,7 @@ def fit_time_embedding(student_emb: nn.Module, teacher_emb: nn.Module, teacher_t
     return float(err)
 
 
-def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = 0.5,
+def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: str, sigma_d: float = SIGMA_D,
                          fit_steps: int = 2000, student_formulation: str = "trigflow") -> dict:
     """Initialize a student from a teacher network of the same architecture.
 

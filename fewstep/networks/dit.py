@@ -3,8 +3,8 @@
 Patchify, transformer blocks with adaLN-Zero modulation from the time (and class) embedding,
 `F.scaled_dot_product_attention`, a GELU MLP, and a modulated linear head, unpatchified to
 `F(x / sigma_d, t)`. The time embedding is fewstep's positional embedding of t itself (the
-sCM paper's advice, SPEC 2.4), the same as the UNet's; `second_time=True` adds MeanFlow's second
-time r as the UNet does (`unet.TwoTimeEmbedding`). The module has one forward only: its JVP for
+sCM paper's advice, docs/math.md#stabilizers), the same as the UNet's; `second_time=True` adds MeanFlow's second
+time r as the UNet does (`layers.ConditionedNetwork`). The module has one forward only: its JVP for
 sCT/sCD/MeanFlow comes from the tangent engine (`fewstep.jvp.engine`) or `torch.func.jvp`.
 """
 
@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import AdaptiveWeight, check_arguments
+from fewstep.networks.layers import ConditionedNetwork, check_arguments
 from fewstep.networks.registry import register_network
-from fewstep.networks.unet import embed, time_embedding
 
 
 def sincos_position_embedding(dim: int, grid: int) -> torch.Tensor:
@@ -63,26 +62,25 @@ class DiTBlock(nn.Module):
 
 
 @register_network("dit")
-class DiT(nn.Module):
+class DiT(ConditionedNetwork):
+    data_kind = "image"
+
     def __init__(self, img_channels: int, img_resolution: int, patch_size: int = 2, hidden_size: int = 256,
                  depth: int = 6, heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
                  adaptive_weight: bool = True, guidance_input: bool = False, second_time: bool = False):
         super().__init__()
-        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq,
-                        patch_size=patch_size, hidden_size=hidden_size, depth=depth, heads=heads)
+        self.check_values(patch_size=patch_size, hidden_size=hidden_size, depth=depth, heads=heads, dropout=dropout,
+                          emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq)
         if img_resolution % patch_size:
             raise ValueError(f"img_resolution {img_resolution} is not divisible by network.patch_size {patch_size}")
-        if hidden_size % heads:
-            raise ValueError(f"network.hidden_size {hidden_size} is not divisible by network.heads {heads}")
         self.img_channels, self.img_resolution, self.patch_size = img_channels, img_resolution, patch_size
-        self.num_classes, self.guidance_input, self.second_time = num_classes, guidance_input, second_time
         self.grid = img_resolution // patch_size
         self.patchify = nn.Conv2d(img_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_position_embedding(hidden_size, self.grid), persistent=False)
-        self.time_emb = time_embedding(hidden_size, hidden_size, num_classes, emb_min_freq, emb_max_freq,
-                                       guidance_input, second_time)
-        self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
+        self.build_conditioning(hidden_size, hidden_size, num_classes=num_classes, emb_min_freq=emb_min_freq,
+                                emb_max_freq=emb_max_freq, adaptive_weight=adaptive_weight,
+                                guidance_input=guidance_input, second_time=second_time)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
@@ -92,10 +90,21 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
         nn.init.xavier_uniform_(self.patchify.weight.view(hidden_size, -1))
 
+    @staticmethod
+    def check_values(*, patch_size: int, hidden_size: int, depth: int, heads: int, dropout: float,
+                     emb_min_freq: float, emb_max_freq: float, **_) -> None:
+        """The checks that need no data (`fewstep.networks.check_network_values` runs them from a config)."""
+        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq,
+                        patch_size=patch_size, hidden_size=hidden_size, depth=depth, heads=heads)
+        if hidden_size % heads:
+            raise ValueError(f"network.hidden_size {hidden_size} is not divisible by network.heads {heads}")
+        if hidden_size % 4:
+            raise ValueError(f"network.hidden_size must be divisible by 4, got {hidden_size}")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance=None, r=None) -> torch.Tensor:
+        emb = self.condition(x, (self.img_channels, self.img_resolution, self.img_resolution), t, labels, guidance, r)
         b, c, size, _ = x.shape
-        emb = embed(self.time_emb, t, labels, guidance, r)  # silu already applied
         h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos
         for block in self.blocks:
             h = block(h, emb)
@@ -103,9 +112,6 @@ class DiT(nn.Module):
         h = self.head(modulate(self.norm_out(h), shift, scale))  # (b, grid^2, p * p * c)
         p, g = self.patch_size, self.grid
         return h.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, size, size)
-
-    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor | None:
-        return None if self.weight_head is None else self.weight_head(t)
 
 
 __all__ = ["DiT", "DiTBlock", "modulate", "sincos_position_embedding"]

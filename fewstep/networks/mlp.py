@@ -1,5 +1,5 @@
-"""A residual MLP for low-dimensional (toy) data, with the same time conditioning as the UNet (and, with
-`second_time=True`, MeanFlow's second time r: `unet.TwoTimeEmbedding`)."""
+"""A residual MLP for low-dimensional (toy) data, with the same conditioning as the UNet and the DiT
+(`layers.ConditionedNetwork`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import AdaDoubleNorm, AdaptiveWeight, check_arguments
+from fewstep.networks.layers import AdaDoubleNorm, ConditionedNetwork, check_arguments
 from fewstep.networks.registry import register_network
-from fewstep.networks.unet import embed, time_embedding
 
 
 class _MLPBlock(nn.Module):
@@ -25,30 +24,34 @@ class _MLPBlock(nn.Module):
 
 
 @register_network("mlp")
-class MLP(nn.Module):
+class MLP(ConditionedNetwork):
+    data_kind = "vector"
+
     def __init__(self, dim: int, width: int = 256, depth: int = 4, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
                  adaptive_weight: bool = True, guidance_input: bool = False, second_time: bool = False):
         super().__init__()
-        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq, width=width,
-                        depth=depth)
-        self.dim, self.num_classes, self.guidance_input = dim, num_classes, guidance_input
-        self.second_time = second_time
-        self.time_emb = time_embedding(width, width, num_classes, emb_min_freq, emb_max_freq, guidance_input,
-                                       second_time)
-        self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
+        self.check_values(width=width, depth=depth, dropout=dropout, emb_min_freq=emb_min_freq,
+                          emb_max_freq=emb_max_freq)
+        self.dim = dim
+        self.build_conditioning(width, width, num_classes=num_classes, emb_min_freq=emb_min_freq,
+                                emb_max_freq=emb_max_freq, adaptive_weight=adaptive_weight,
+                                guidance_input=guidance_input, second_time=second_time)
         self.linear_in = nn.Linear(dim, width)
         self.blocks = nn.ModuleList([_MLPBlock(width, width, dropout) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(width)
         self.linear_out = nn.Linear(width, dim)
 
+    @staticmethod
+    def check_values(*, width: int, depth: int, dropout: float, emb_min_freq: float, emb_max_freq: float, **_) -> None:
+        """The checks that need no data (`fewstep.networks.check_network_values` runs them from a config)."""
+        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq, width=width,
+                        depth=depth)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance=None, r=None) -> torch.Tensor:
-        emb = embed(self.time_emb, t, labels, guidance, r)
+        emb = self.condition(x, (self.dim,), t, labels, guidance, r)
         h = self.linear_in(x)
         for block in self.blocks:
             h = block(h, emb)
         return self.linear_out(F.silu(self.norm_out(h)))
-
-    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor | None:
-        return None if self.weight_head is None else self.weight_head(t)

@@ -3,8 +3,8 @@
 Residual blocks with adaptive double normalization, optional self-attention at chosen
 resolutions, dropout, optional class labels, and an optional adaptive-weighting head.
 The network computes `F(x / sigma_d, t)`; the formulation (TrigFlow) wraps it. With
-`second_time=True` it also takes MeanFlow's second time, `F(x / sigma_d, t, r=r)`
-(`TwoTimeEmbedding`, shared with the MLP and the DiT).
+`second_time=True` it also takes MeanFlow's second time, `F(x / sigma_d, t, r=r)`. The
+conditioning and the argument checks are `layers.ConditionedNetwork`'s, shared with the MLP and the DiT.
 """
 
 from __future__ import annotations
@@ -13,80 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewstep.networks.layers import (AdaptiveWeight, PositionalEmbedding, ResBlock2d, SelfAttention2d,
-                                     TimeEmbedding, check_arguments, num_groups)
+from fewstep.networks.layers import ConditionedNetwork, ResBlock2d, SelfAttention2d, check_arguments, num_groups
 from fewstep.networks.registry import register_network
 
 
-class TwoTimeEmbedding(TimeEmbedding):
-    """`TimeEmbedding` plus an embedding of the interval `t - r` to a second time `r <= t`, for
-    flow-map networks (MeanFlow: the average velocity over [r, t]).
-
-    The interval goes through its own sinusoids (the same small frequencies as t: `d(t - r)/dt = 1`,
-    so the JVP in t stays bounded, SPEC 2.4) and MLP, whose last layer starts at zero: a fresh
-    network, or one loaded from a checkpoint without this embedding, computes exactly what it did
-    without it. The sum goes through the same SiLU as the time embedding (MeanFlow's DiT adds its
-    two time embeddings the same way). `r=None` means `r = t` (interval 0): the instantaneous
-    velocity, so the network is also a plain TrigFlow velocity network.
-
-    Why (t, t - r) rather than (t, r): MeanFlow's ablation found (t, t - r) at least as good, and its
-    official code embeds the interval; here every r = t sample (the flow-matching part, 75% of a
-    MeanFlow batch) sees the same interval input 0 whatever t, so the r embedding only has to learn
-    what changes with the jump length, the quantity a sampler chooses.
-    """
-
-    def __init__(self, base_dim: int, emb_dim: int, num_classes: int = 0, min_freq: float = 0.1,
-                 max_freq: float = 1.0, guidance_input: bool = False):
-        super().__init__(base_dim, emb_dim, num_classes, min_freq, max_freq, guidance_input)
-        self.interval = nn.Sequential(PositionalEmbedding(base_dim, min_freq, max_freq), nn.Linear(base_dim, emb_dim),
-                                      nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        nn.init.zeros_(self.interval[3].weight)
-        nn.init.zeros_(self.interval[3].bias)
-
-    def forward(self, t: torch.Tensor, labels: torch.Tensor | None = None, guidance=None, r=None) -> torch.Tensor:
-        interval = torch.zeros_like(t) if r is None else t - r  # r carries no tangent: d(t - r)/dt = 1
-        return F.silu(self._conditions(self.mlp(self.pos(t)), labels, guidance) + self.interval(interval))
-
-
-def time_embedding(base_dim: int, emb_dim: int, num_classes: int, min_freq: float, max_freq: float,
-                   guidance_input: bool, second_time: bool) -> TimeEmbedding:
-    """The conditioning embedding of fewstep's networks: `TwoTimeEmbedding` with `second_time`."""
-    cls = TwoTimeEmbedding if second_time else TimeEmbedding
-    return cls(base_dim, emb_dim, num_classes, min_freq, max_freq, guidance_input)
-
-
-def embed(time_emb: TimeEmbedding, t: torch.Tensor, labels, guidance, r) -> torch.Tensor:
-    """`time_emb(t, labels, guidance[, r])`; a second time `r` for a network without one is an error."""
-    if isinstance(time_emb, TwoTimeEmbedding):
-        return time_emb(t, labels, guidance, r)
-    if r is not None:
-        raise ValueError("this network takes no second time r (MeanFlow): build it with second_time=True "
-                         "(network.second_time=true)")
-    return time_emb(t, labels, guidance)
-
-
 @register_network("unet")
-class UNet(nn.Module):
+class UNet(ConditionedNetwork):
+    data_kind = "image"
+
     def __init__(self, img_channels: int, img_resolution: int, model_channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2), num_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (), attn_heads: int = 1, dropout: float = 0.0,
                  num_classes: int = 0, emb_min_freq: float = 0.1, emb_max_freq: float = 1.0,
                  adaptive_weight: bool = True, guidance_input: bool = False, second_time: bool = False):
         super().__init__()
-        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq,
-                        model_channels=model_channels, num_blocks=num_blocks, attn_heads=attn_heads)
-        if not channel_mult or min(channel_mult) < 1:
-            raise ValueError(f"network.channel_mult must be a non-empty list of positive ints, got {channel_mult}")
+        self.check_values(model_channels=model_channels, channel_mult=channel_mult, num_blocks=num_blocks,
+                          attn_heads=attn_heads, dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq)
         if img_resolution % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^(levels-1) "
                              f"for channel_mult {tuple(channel_mult)}")
-        self.img_channels, self.img_resolution, self.num_classes = img_channels, img_resolution, num_classes
-        self.guidance_input = guidance_input  # takes the CFG scale it imitates (a distilled student)
-        self.second_time = second_time  # takes MeanFlow's second time r (`TwoTimeEmbedding`)
+        self.img_channels, self.img_resolution = img_channels, img_resolution
         emb_dim = 4 * model_channels
-        self.time_emb = time_embedding(model_channels, emb_dim, num_classes, emb_min_freq, emb_max_freq,
-                                       guidance_input, second_time)
-        self.weight_head = AdaptiveWeight(128, emb_min_freq, emb_max_freq) if adaptive_weight else None
+        self.build_conditioning(model_channels, emb_dim, num_classes=num_classes, emb_min_freq=emb_min_freq,
+                                emb_max_freq=emb_max_freq, adaptive_weight=adaptive_weight,
+                                guidance_input=guidance_input, second_time=second_time)
         self.conv_in = nn.Conv2d(img_channels, model_channels, 3, padding=1)
 
         # Encoder: each entry is (block, attention-or-None); `None` blocks are downsamplings.
@@ -126,9 +76,18 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @staticmethod
+    def check_values(*, model_channels: int, channel_mult, num_blocks: int, attn_heads: int, dropout: float,
+                     emb_min_freq: float, emb_max_freq: float, **_) -> None:
+        """The checks that need no data (`fewstep.networks.check_network_values` runs them from a config)."""
+        check_arguments(dropout=dropout, emb_min_freq=emb_min_freq, emb_max_freq=emb_max_freq,
+                        model_channels=model_channels, num_blocks=num_blocks, attn_heads=attn_heads)
+        if not channel_mult or min(channel_mult) < 1:
+            raise ValueError(f"network.channel_mult must be a non-empty list of positive ints, got {channel_mult}")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance=None, r=None) -> torch.Tensor:
-        emb = embed(self.time_emb, t, labels, guidance, r)
+        emb = self.condition(x, (self.img_channels, self.img_resolution, self.img_resolution), t, labels, guidance, r)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.enc:
@@ -139,10 +98,6 @@ class UNet(nn.Module):
         for stage in self.dec:
             h = stage(torch.cat([h, skips.pop()], dim=1) if stage.takes_skip else h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor | None:
-        """`w_phi(t)` of SPEC 1.3, or None when the network has no weighting head."""
-        return None if self.weight_head is None else self.weight_head(t)
 
 
 class _Stage(nn.Module):

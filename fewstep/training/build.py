@@ -5,23 +5,18 @@ This is what `fewstep train` runs; Python users can call `fit` on objects of the
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from fewstep.config import Config, ConfigError, build_method, validate_network
+from fewstep.config import Config, ConfigError
 from fewstep.devices import resolve_device
-
-
-def _reports() -> bool:
-    """Whether this process prints the run's messages (process 0 under torchrun; before the
-    process group exists, so from the environment)."""
-    return int(os.environ.get("RANK", "0")) == 0
+from fewstep.training.distributed import main_process
+from fewstep.training.registries import build_method, validate_against_registries, validate_network
 
 
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -79,7 +74,7 @@ def _encoded(cfg: Config, dataset):
     key = hashlib.sha256(json.dumps([source, where, weights], sort_keys=True, default=str).encode())
     path = latent_cache_dir() / f"{key.hexdigest()[:20]}.safetensors"
     if not path.exists():
-        if _reports():
+        if main_process():
             print(f"encoding {len(dataset)} images of {cfg.data.name!r} with the VAE {cfg.data.vae} -> {path}")
         encode_dataset(dataset, cfg.data.vae, path, source=source, progress=cfg.train.progress)
     return LatentDataset(path, name=cfg.data.name)
@@ -95,17 +90,18 @@ def default_workers(dataset) -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def _report_latents(cfg: Config, dataset) -> None:
-    """Latent data: the measured sigma_d becomes the method's unless the config sets one."""
+def _latent_method(cfg: Config, dataset) -> dict:
+    """The `method` section for `dataset`: on latent data, the measured sigma_d becomes the
+    method's unless the config sets one."""
     latents = getattr(dataset, "latents", None)
     if not latents:
-        return
+        return cfg.method
     measured = float(latents["sigma_d"])
-    if "sigma_d" not in cfg.method:
-        cfg.method["sigma_d"] = round(measured, 6)
-    if _reports():
+    method = {"sigma_d": round(measured, 6), **cfg.method}
+    if main_process():
         print(f"latents {tuple(dataset.shape)} of {tuple(latents['pixel_shape'])} images (VAE {latents['vae']}): "
-              f"sigma_d = {measured:.4f} measured; method.sigma_d = {cfg.method['sigma_d']}")
+              f"sigma_d = {measured:.4f} measured; method.sigma_d = {method['sigma_d']}")
+    return method
 
 
 def _local_device(device: torch.device) -> torch.device:
@@ -117,17 +113,17 @@ def _local_device(device: torch.device) -> torch.device:
 
 def load_teacher(path: str, method, dataset, device: torch.device, scheduler: str | None = None):
     """The diffusion teacher of `train.teacher`, checked against the run, handed to `method`."""
-    from fewstep.apps.generate import load_diffusers_model, load_model
     from fewstep.interop.diffusers.pretrained import PretrainedError, is_diffusers_folder, is_hub_id
+    from fewstep.training.restore import restore, restore_diffusers
 
     try:
         if is_diffusers_folder(path) or is_hub_id(path):  # a diffusers model, converted to TrigFlow exactly
-            teacher = load_diffusers_model(path, device, method.sigma_d, scheduler)
+            teacher = restore_diffusers(path, device, method.sigma_d, scheduler)
         else:
-            teacher = load_model(path, device)
+            teacher = restore(path, device)
     except PretrainedError as e:
         raise ConfigError(str(e)) from None
-    if teacher.is_consistency:
+    if teacher.sampler.consistency_fn() is not None:  # a teacher has a PF-ODE, not a consistency function
         raise ConfigError(f"the teacher must be a diffusion model (method 'flow' or 'edm'); "
                           f"{teacher.checkpoint} was trained with {teacher.method_name!r}")
     if tuple(teacher.shape) != tuple(dataset.shape):
@@ -143,7 +139,7 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
 
 
 def _student_network(cfg: Config, teacher, method):
-    """Diffusion fine-tuning (SPEC 2.4): the teacher's architecture, plus the student's own
+    """Diffusion fine-tuning (docs/math.md#stabilizers): the teacher's architecture, plus the student's own
     guidance input when asked for."""
     from fewstep.networks import build_registered, network_spec
 
@@ -172,7 +168,8 @@ class Built:
     method: object
     data: object  # a fewstep.data.Dataset
     options: dict = field(default_factory=dict)
-    teacher: object | None = None  # the teacher's `fewstep.apps.generate.Model`
+    teacher: object | None = None  # the teacher, a `fewstep.training.restore.Restored`
+    config: Config | None = None  # the config as built: network and method sections resolved (recorded in checkpoints)
 
     def __iter__(self):
         return iter((self.net, self.method, self.data))
@@ -180,56 +177,61 @@ class Built:
 
 def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     """Config -> network, method (teacher included), data, optimizer and `fit` options. `out_dir`:
-    a run folder that already holds checkpoints skips the student's initialization from its teacher."""
-    from fewstep.training.callbacks import SamplePreviews, TensorBoard
+    a run folder that already holds checkpoints skips the student's initialization from its teacher.
+    `cfg` is not changed: the resolved config (network and method as trained) is `Built.config`."""
+    from fewstep.training.callbacks import TensorBoard, WandB
     from fewstep.training.checkpoint import list_checkpoints
     from fewstep.networks import build_network, network_spec
     from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
 
-    cfg.validate()
+    cfg = validate_against_registries(cfg.validate())
     tc = cfg.train
     device = _local_device(resolve_device(tc.device))
     torch.manual_seed(tc.seed)  # the same initial weights on every process
     dataset = load_data(cfg)
-    _report_latents(cfg, dataset)
+    cfg = replace(cfg, method=_latent_method(cfg, dataset))
     method = build_method(cfg.method)
     teacher = load_teacher(tc.teacher, method, dataset, device, tc.teacher_scheduler) if tc.teacher else None
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
     init = None
     if tc.init_from:  # fine-tuning: the network and weights of another run (e.g. flow, then sCT)
-        from fewstep.apps.generate import load_model
+        from fewstep.training.restore import restore
 
-        init = load_model(tc.init_from, device)
+        init = restore(tc.init_from, device)
         if tuple(init.shape) != tuple(dataset.shape):
             raise ConfigError(f"train.init_from was trained on data of shape {tuple(init.shape)}, this run's data "
                               f"has shape {tuple(dataset.shape)}")
     source = init or (teacher if tc.init_from_teacher else None)
     if source is not None:
         if source.config.get("network"):  # the run records the architecture it really trains
-            cfg.network = validate_network({**source.config["network"],
-                                            "guidance_input": bool(cfg.network.get("guidance_input"))})
+            cfg = replace(cfg, network=validate_network({**source.config["network"],
+                                                         "guidance_input": bool(cfg.network.get("guidance_input"))}))
         net = _student_network(cfg, source, method)
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":
             copy_teacher_weights(net, source.net)  # the same model behind the same exact conversion
-            if _reports():
+            if main_process():
                 print(f"student initialized from the diffusers model {tc.init_from or tc.teacher} "
                       f"({type(net.model).__name__}, {type(net.schedule).__name__} "
                       f"{net.schedule.kind}/{net.schedule.prediction})")
         elif not resuming:
             done = student_from_teacher(net, source.net, source.method.parameterization, method.sigma_d,
                                         student_formulation=method.parameterization)
-            if _reports():
+            if main_process():
                 print(f"network initialized from {what}" + (f": {done}" if done else ""))
     else:
         try:
             needs = getattr(method, "network_options", {})  # e.g. MeanFlow: a second time input r
             if needs and any(cfg.network.get(k) != v for k, v in needs.items()):
-                cfg.network = validate_network({**cfg.network, **needs})
+                cfg = replace(cfg, network=validate_network({**cfg.network, **needs}))
             net = build_network(cfg.network, dataset.kind, dataset.shape, dataset.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     workers = default_workers(dataset) if cfg.data.workers is None else cfg.data.workers
+    try:
+        loggers = ([TensorBoard()] if tc.tensorboard else []) + ([WandB(tc.wandb_project)] if tc.wandb else [])
+    except ImportError as e:  # an optional extra that is not installed: one line
+        raise ConfigError(str(e)) from None
     options = dict(
         steps=tc.steps, optimizer=make_optimizer(cfg.optim, net.parameters()),
         lr_schedule=functools.partial(learning_rate, cfg.optim, total_steps=tc.steps), batch_size=tc.batch_size,
@@ -238,42 +240,23 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         ckpt_every=tc.ckpt_every, keep_ckpts=tc.keep_ckpts, resume=tc.resume, max_nonfinite=tc.max_nonfinite,
         progress=tc.progress, config=cfg.to_dict(), parallel=tc.parallel, grad_accum=tc.grad_accum, compile=tc.compile,
         sharded_checkpoints=tc.sharded_checkpoints,
-        callbacks=[SamplePreviews(tc.sample_every, tc.num_samples, tc.sample_times, dataset)]
-        + ([TensorBoard()] if tc.tensorboard else []))
-    return Built(net, method, dataset, options, teacher)
+        callbacks=loggers)  # previews and loss curves: `fewstep.apps.train` adds them
+    return Built(net, method, dataset, options, teacher, cfg)
 
 
 def pretrain_config(cfg: Config) -> Config:
     """The flow-matching run that `train.pretrain_steps` trains first: the same data and network,
     method 'flow' (with the run's sigma_d), `train.pretrain_lr`, ending at `pretrain_steps`."""
-    pre = copy.deepcopy(cfg)
-    pre.method = {"name": "flow", **({"sigma_d": cfg.method["sigma_d"]} if "sigma_d" in cfg.method else {})}
-    pre.optim.lr = cfg.train.pretrain_lr or cfg.optim.lr
-    pre.train.steps, pre.train.pretrain_steps = cfg.train.pretrain_steps, 0
-    pre.train.sample_every, pre.train.resume = 0, True
-    pre.train.ckpt_every = min(cfg.train.ckpt_every or cfg.train.pretrain_steps, cfg.train.pretrain_steps)
-    return pre
+    tc = cfg.train
+    return replace(
+        cfg, method={"name": "flow", **({"sigma_d": cfg.method["sigma_d"]} if "sigma_d" in cfg.method else {})},
+        optim=replace(cfg.optim, lr=tc.pretrain_lr or cfg.optim.lr),
+        train=replace(tc, steps=tc.pretrain_steps, pretrain_steps=0, sample_every=0, resume=True,
+                      ckpt_every=min(tc.ckpt_every or tc.pretrain_steps, tc.pretrain_steps)))
 
 
-def train(cfg: Config, out_dir: str | Path) -> dict:
-    """Train `cfg` into `out_dir`: `fit` over what `build(cfg)` makes. Resumes from the latest
-    checkpoint in `out_dir` when `train.resume`. With `train.pretrain_steps`, a flow-matching run
-    is trained first into `<out_dir>/pretrain` (resumed, or skipped once finished) and becomes the
-    teacher (sCD, ECT, CD, PD) or the starting weights (sCT, MeanFlow, ...)."""
-    from fewstep.training.fit import fit
-
-    if cfg.train.pretrain_steps:
-        pre_dir = Path(out_dir) / "pretrain"
-        if _reports():
-            print(f"stage 1: flow matching, {cfg.train.pretrain_steps} steps -> {pre_dir}")
-        train(pretrain_config(cfg), pre_dir)
-        cfg = copy.deepcopy(cfg)
-        if build_method(cfg.method).takes_teacher:
-            cfg.train.teacher = str(pre_dir)
-        else:
-            cfg.train.init_from = str(pre_dir)
-        cfg.train.pretrain_steps = 0
-        if _reports():
-            print(f"stage 2: {cfg.method['name']} from the flow model, {cfg.train.steps} steps -> {out_dir}")
-    built = build(cfg, out_dir)
-    return fit(*built, out_dir, **built.options)
+def after_pretrain_config(cfg: Config, pre_dir: str | Path) -> Config:
+    """The second stage of `train.pretrain_steps`: the flow model in `pre_dir` is the teacher of a
+    distillation method, else the starting weights."""
+    key = "teacher" if build_method(cfg.method).takes_teacher else "init_from"
+    return replace(cfg, train=replace(cfg.train, pretrain_steps=0, **{key: str(pre_dir)}))

@@ -1,109 +1,67 @@
-"""Callbacks for `fewstep.fit`: what a run shows while it trains.
-
-`SamplePreviews` samples the EMA network every `every` steps and at the end: PNG grids for
-images, scatter plots beside the data for vectors, and quick quality numbers with their NFE for
-`metrics.json` (exact sample distances for 2-D data, pixel precision/recall on the digits).
+"""Callbacks: what `fewstep.fit` lets other code do while a run trains, and the loggers that need
+nothing but the records (TensorBoard, Weights & Biases). Callbacks that sample or plot live in
+`fewstep.apps.callbacks` (the loop knows no sampler and no plotting).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fewstep.training.fit import Callback, Run
+
+@dataclass
+class Run:
+    """What callbacks see of a run in progress."""
+
+    out_dir: Path
+    net: torch.nn.Module
+    ema_net: torch.nn.Module
+    method: object
+    data_info: dict  # kind, shape, num_classes
+    total_steps: int
+    step: int = 0
+    config: dict = field(default_factory=dict)
 
 
-def preview_schedules(method, times=None, step: int | None = None):
-    """What previews sample: consistency models at 1 step and at `times` (default: the sCM
-    paper's two); diffusion models with their default ODE solver (Heun, 35 NFE)."""
-    from fewstep.apps.generate import Schedule, schedules
-    from fewstep.core.samplers import TWO_STEP_TIMES
+class Callback:
+    """Hooks of `fit`, called on the main process only. Override what you need."""
 
-    if method.sampling != "consistency":
-        return schedules(method, default_steps=method.default_sample_steps(step))
-    times = tuple(times or TWO_STEP_TIMES)
-    plan = [Schedule("multistep", 1, times[:1])]
-    return plan + ([Schedule("multistep", len(times), times)] if len(times) > 1 else [])
-
-
-class SamplePreviews(Callback):
-    """Sample grids every `every` steps (0: only at the end) and at the end, with metrics.
-
-    `dataset` (optional): a `fewstep.data.Dataset`, for scatter plots beside the data and the
-    metrics; `num`: samples per grid (vectors: at least 2,000); `times`: the multistep times.
-    """
-
-    def __init__(self, every: int = 500, num: int = 64, times=None, dataset=None):
-        self.every, self.num, self.times, self.dataset = every, num, times, dataset
-
-    def needs_ema(self, run: Run) -> bool:
-        return bool(self.every) and run.step % self.every == 0 and run.step < run.total_steps
+    def on_log(self, run: Run, record: dict) -> None:
+        """After each JSONL record (every `log_every` steps)."""
 
     def on_step(self, run: Run) -> None:
-        if self.needs_ema(run):
-            self.write(run, run.out_dir / "samples" / f"step-{run.step:07d}")
+        """After each optimizer step (`run.step` counts the steps done)."""
 
-    def on_end(self, run: Run) -> dict:
-        samples = self.write(run, run.out_dir / "samples" / "final")
-        out = {"samples": sorted(str(p.relative_to(run.out_dir)) for p in (run.out_dir / "samples").glob("final*"))}
-        metrics = sample_metrics(samples, self.dataset) if self.dataset is not None else {}
-        if metrics:
-            out["metrics"] = metrics
-        return out
+    def on_end(self, run: Run) -> dict | None:
+        """At the end; a returned dict is merged into `metrics.json`."""
 
-    def write(self, run: Run, path: Path) -> dict[str, tuple[torch.Tensor, int]]:
-        """One grid (or scatter plot) per preview schedule; returns `{name: (samples, NFE)}`."""
-        from fewstep.apps.generate import Model, generate
-        from fewstep.image import save_image_grid, save_scatter
-
-        info = run.data_info
-        if not info:
-            return {}
-        model = Model.from_net(run.ema_net, run.method, info["kind"], info["shape"], run.config, run.step,
-                               latents=info.get("latents"))
-        model._decoder = getattr(self, "_decoder", None)  # the VAE of a latent run, loaded once
-        n = self.num if info["kind"] == "image" else max(self.num, 2000)
-        samples = {}
-        was_training = run.ema_net.training
-        run.ema_net.eval()
-        for schedule in preview_schedules(run.method, self.times, run.step):
-            x, nfe, _ = generate(model, schedule, n, progress=False)
-            name = f"{schedule.steps}-step" if schedule.sampler == "multistep" else f"{schedule.sampler}-nfe{nfe}"
-            samples[name] = (x, nfe)
-        run.ema_net.train(was_training)
-        self._decoder = model._decoder
-        if info["kind"] == "image":
-            for name, (x, _) in samples.items():
-                save_image_grid(x, path.with_name(f"{path.stem}-{name}.png"))
-        else:
-            plots = {f"{k} (NFE {nfe})": x for k, (x, nfe) in samples.items()}
-            if self.dataset is not None:
-                plots = {"data": _reference(self.dataset, n), **plots}
-            save_scatter(plots, path.with_suffix(".png"), title=path.stem)
-        return samples
+    def needs_ema(self, run: Run) -> bool:
+        """Called on EVERY process before `on_step`: whether `run.ema_net` will be used at this
+        step (under fsdp its full weights are then gathered, a collective)."""
+        return False
 
 
-def _reference(dataset, n: int) -> torch.Tensor:
-    return dataset.all()[0][:n]  # vectors: in memory (toys: a fixed-seed draw)
+def _scalars(record: dict) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def sample_metrics(samples: dict[str, tuple[torch.Tensor, int]], dataset) -> dict:
-    """Quick quality numbers for `metrics.json`, each with its NFE: exact sample-based distances
-    to held-out data for vectors; pixel-space precision/recall and class coverage for the digits.
-    (Image FID/KID: `fewstep eval`.)"""
-    from fewstep.metrics.digits import digits_score
-    from fewstep.metrics.toy import energy_distance, sliced_wasserstein
+def _new_grids(run: Run, seen: set[str]):
+    """The preview PNGs written since the last call, as (name, HxWx3 uint8 array)."""
+    import numpy as np
+    from PIL import Image
 
-    out = {}
-    for name, (x, nfe) in samples.items():
-        if dataset.kind == "vector":
-            ref = _reference(dataset, len(x))
-            out[name] = {"nfe": nfe, "num": len(x), "sliced_wasserstein": float(sliced_wasserstein(x, ref)),
-                         "energy_distance": float(energy_distance(x, ref))}
-        elif tuple(x.shape[1:]) == (1, 8, 8) and dataset.name == "digits":  # pixels (decoded, for latents)
-            out[name] = {"nfe": nfe, "num": len(x), **digits_score(x)}
-    return out
+    for png in sorted((run.out_dir / "samples").glob("*.png")):
+        if png.name in seen:
+            continue
+        seen.add(png.name)
+        with Image.open(png) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        yield re.sub(r"^(step-\d+|final)-?", "", png.stem) or "preview", pixels  # step-0000500-1-step -> 1-step
 
 
 class TensorBoard(Callback):
@@ -127,28 +85,54 @@ class TensorBoard(Callback):
     def on_log(self, run: Run, record: dict) -> None:
         writer = self._open(run)
         step = int(record.get("step", run.step))
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(key, value, step)
+        for key, value in _scalars(record).items():
+            writer.add_scalar(key, value, step)
         self._add_grids(run, step)
         writer.flush()
 
     def _add_grids(self, run: Run, step: int) -> None:
-        import re
-
-        import numpy as np
-        from PIL import Image
-
-        for png in sorted((run.out_dir / "samples").glob("*.png")):
-            if png.name in self._seen:
-                continue
-            self._seen.add(png.name)
-            with Image.open(png) as im:
-                pixels = np.asarray(im.convert("RGB"))
-            name = re.sub(r"^(step-\d+|final)-?", "", png.stem) or "preview"  # step-0000500-1-step -> 1-step
+        for name, pixels in _new_grids(run, self._seen):
             self.writer.add_image(f"samples/{name}", pixels, step, dataformats="HWC")
 
     def on_end(self, run: Run) -> None:
-        self._add_grids(run, run.step)
         if self.writer is not None:
+            self._add_grids(run, run.step)
             self.writer.close()
+
+
+class WandB(Callback):
+    """Logs what `TensorBoard` logs (every record's numbers, the preview grids) and the run's config
+    to Weights & Biases (`train.wandb`; needs the `wandb` extra). A resumed run continues the same
+    W&B run (its id is kept in `<run>/wandb-id`). Files go to `$WANDB_DIR`, else the run folder;
+    `WANDB_MODE=offline` logs without a network."""
+
+    def __init__(self, project: str | None = None):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("train.wandb needs Weights & Biases: pip install 'fewstep[wandb]'") from None
+        self._wandb, self.project, self.run = wandb, project or "fewstep", None
+        self._seen: set[str] = set()
+
+    def _open(self, run: Run):
+        if self.run is None:
+            id_file = run.out_dir / "wandb-id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.run = self._wandb.init(project=self.project, name=run.out_dir.name, id=run_id, resume="allow",
+                                        config=run.config, dir=os.environ.get("WANDB_DIR", str(run.out_dir)))
+        return self.run
+
+    def on_log(self, run: Run, record: dict) -> None:
+        step = int(record.get("step", run.step))
+        self._open(run).log({**_scalars(record), **self._grids(run)}, step=step)
+
+    def _grids(self, run: Run) -> dict:
+        return {f"samples/{name}": self._wandb.Image(pixels) for name, pixels in _new_grids(run, self._seen)}
+
+    def on_end(self, run: Run) -> None:
+        if self.run is not None:
+            grids = self._grids(run)
+            if grids:
+                self.run.log(grids, step=run.step)
+            self.run.finish()

@@ -1,4 +1,4 @@
-"""Data-parallel training across processes (`torchrun`), SPEC 5.
+"""Data-parallel training across processes (`torchrun`), docs/math.md#training-loop-facts.
 
     torchrun --standalone --nproc_per_node=8 -m fewstep train --preset digits --set train.parallel=ddp
 
@@ -36,6 +36,12 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def main_process() -> bool:
+    """Whether this process prints the run's messages: process 0 under torchrun, read from the
+    environment (it holds before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:

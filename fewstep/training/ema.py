@@ -1,4 +1,4 @@
-"""Moving averages of the weights, used for sampling and evaluation (SPEC 5).
+"""Moving averages of the weights, used for sampling and evaluation (docs/math.md#training-loop-facts).
 
 - `EMA(net, decay)`: the classic exponential average, with a warmup of the decay.
 - `EMA(net, sigma_rel=0.05)`: EDM2's power-function average (Karras et al. 2024): at step t the

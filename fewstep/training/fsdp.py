@@ -53,28 +53,33 @@ def is_sharded(net: nn.Module) -> bool:
 def shard(net: nn.Module, precision: str = "fp32", mesh=None,
           called_outside_forward: tuple[str, ...] = ("weight_head",)) -> nn.Module:
     """`fully_shard` each of `blocks(net)`, then the root, over `mesh` (None: all
-    processes of the default group). 'bf16': forward in bfloat16, gradients reduced in float32;
+    processes of the default group). 'bf16': the blocks' forward in bfloat16 (the root's, with the
+    time embedding, in float32), gradients reduced in float32;
     'fp32': the parameters' own dtype throughout. Returns `net` itself (sharded in place).
 
     `called_outside_forward`: submodules (by name) that the methods call directly rather than
     through `net(...)`, each made a unit of its own so that its call gathers its weights and
-    casts its inputs: the adaptive-weight head (`net.adaptive_weight(t)`, SPEC 1.3). Under
+    casts its inputs: the adaptive-weight head (`net.adaptive_weight(t)`, docs/math.md#adaptive-weighting). Under
     'bf16' the root's weights stay bf16 after the forward, and a float32 `t` would meet them.
 
     Call on every process, after the replicas hold the same weights (broadcast first) and
     after anything that copies the unsharded net (the EMA)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    kwargs = {"mesh": mesh}
+    kwargs, root = {"mesh": mesh}, {"mesh": mesh}
     if precision == "bf16":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The blocks compute in bf16; the root (stem, head, time embedding) in float32, so that t
+        # reaches the time embedding unrounded (a bf16 t near pi/2 is off by up to 0.008; rcm).
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                   output_dtype=torch.float32)
+        root["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in blocks(net):
         fully_shard(block, **kwargs)
     for name in called_outside_forward:
         module = getattr(net, name, None)
         if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
-            fully_shard(module, **kwargs)
-    fully_shard(net, **kwargs)
+            fully_shard(module, **root)
+    fully_shard(net, **root)
     return net
 
 
@@ -145,7 +150,8 @@ def load_full_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, 
                          f"the optimizer {len(optimizer.param_groups)}")
     osd = {"state": state, "param_groups": groups}
     if is_sharded(net):
-        set_optimizer_state_dict(net, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        # strict=False: parameters that never had a gradient (a head the method does not use) have no state
+        set_optimizer_state_dict(net, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     params = dict(net.named_parameters(remove_duplicate=False))
     ids = {}  # plain `Optimizer.load_state_dict` keys parameters by their index over the groups
@@ -289,4 +295,5 @@ def load_sharded_state(files: list[Path], meta: dict, net: nn.Module, ema_net: n
             state.setdefault(fqn, {})[key] = local(name, params[fqn])
     groups = [{k: (type(live[k])(v) if isinstance(live.get(k), tuple) else v) for k, v in g.items()}
               for g, live in zip(meta["optimizer"]["param_groups"], optimizer.param_groups)]
-    set_optimizer_state_dict(net, optimizer, {"state": state, "param_groups": groups}, options=options)
+    set_optimizer_state_dict(net, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=False, strict=False))

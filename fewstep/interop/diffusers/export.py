@@ -9,7 +9,7 @@ and output (`networks.noise_schedules`), and with that conversion its TrigFlow c
 `cos(t) x_t - sin(t) sigma_d F` is exactly the model's x0 estimate at the noise level of t. That is
 what diffusers' `LCMScheduler` computes at each step, from the same epsilon / v / sample prediction
 and the same `alphas_cumprod`; it then re-noises to the next timestep, which is multistep
-consistency sampling (SPEC 2.5). LCM's boundary-condition mix `c_skip x + c_out x0` is made
+consistency sampling (docs/math.md#multistep-consistency-sampling). LCM's boundary-condition mix `c_skip x + c_out x0` is made
 negligible (`timestep_scaling` = 1000: `c_skip < 1e-9` at every timestep LCM visits), so diffusers'
 pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
 
@@ -30,6 +30,7 @@ VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "tr
 def export_diffusers(model, out: str | Path) -> Path:
     """Write `model` (a `fewstep.apps.generate.Model` of an sCT/sCD student on a diffusers `UNet2DModel`
     with a VP schedule) as a `DDPMPipeline` folder with an `LCMScheduler`."""
+    from fewstep.core.samplers import TrigFlowConsistencySampler
     from fewstep.methods.base import method_config
     from fewstep.interop.diffusers.network import DiffusersNetwork, import_diffusers
     from fewstep.networks.registry import unwrap
@@ -41,8 +42,8 @@ def export_diffusers(model, out: str | Path) -> Path:
     if net.schedule.kind != "vp":
         raise ValueError("export writes VP (DDPM/DDIM-schedule) students; this student has a rectified-flow "
                          "schedule, which no diffusers UNet pipeline samples")
-    if model.method.sampling != "consistency" or getattr(model.method, "parameterization", "trigflow") != "trigflow":
-        raise ValueError(f"export writes TrigFlow consistency models (sct, scd), whose consistency function is the "
+    if not isinstance(model.sampler, TrigFlowConsistencySampler):
+        raise ValueError(f"export writes TrigFlow consistency models (sct, scd, ect), whose consistency function is the "
                          f"model's x0 estimate; this checkpoint was trained with {model.method_name!r}")
     if type(net.model).__name__ != "UNet2DModel":
         raise ValueError(f"export writes UNet2DModel students (DDPMPipeline); got {type(net.model).__name__}")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fewstep.data.base import DataError, Dataset, batch_generator
+from fewstep.data.registry import register_file_type
 
 RECORD_KEY = "fewstep_latents"
 
@@ -120,14 +121,16 @@ def encode_dataset(dataset: Dataset, vae_spec: str, out: str | os.PathLike, *, b
 
 
 def read_record(path: str | os.PathLike) -> dict | None:
-    """The latents record of a safetensors file, or None when it is not a fewstep latents file."""
-    from safetensors import safe_open
+    """The latents record of a safetensors file, or None when it is a safetensors file of something
+    else. A file safetensors cannot open (damaged, truncated, not safetensors) is a DataError."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except Exception:  # not a safetensors file at all
-        return None
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"'{path}': damaged or truncated safetensors file ({' '.join(str(e).split())[:200]}); "
+                        f"encode it again with `fewstep encode`") from None
     return json.loads(meta[RECORD_KEY]) if RECORD_KEY in meta else None
 
 
@@ -138,12 +141,12 @@ class LatentDataset(Dataset):
     kind = "image"
 
     def __init__(self, path: str | os.PathLike, name: str | None = None, seed: int = 0):
-        from safetensors.torch import load_file
+        from fewstep.interop.diffusers.pretrained import load_safetensors
 
         record = read_record(path)
         if record is None:
             raise DataError(f"'{path}' is not a fewstep latents file (make one with `fewstep encode`)")
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path, error=DataError, hint="encode it again with `fewstep encode`")
         self.name = name or str(path)
         self.record = record
         self._mean, self._std = tensors["mean"], tensors["std"]
@@ -172,3 +175,8 @@ class LatentDataset(Dataset):
         eps = torch.randn(self._mean[idx].shape, generator=batch_generator(list(indices), self.seed))
         x = (self._mean[idx] + self._std[idx] * eps - self.shift_factor) * self.scaling_factor
         return (x,) if self._labels is None else (x, self._labels[idx])
+
+
+# `load_dataset("x.safetensors")` and `fewstep train --data x.safetensors` read latents once this module is
+# imported (`fewstep.training.build` does): the data layer itself knows no VAE.
+register_file_type(".safetensors", LatentDataset, "a .safetensors file of latents (fewstep encode)")

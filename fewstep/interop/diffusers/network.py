@@ -30,6 +30,7 @@ from torch import nn
 
 from fewstep.interop.diffusers.schedules import TrigFlowSchedule, import_diffusers
 from fewstep.networks.registry import register_network
+from fewstep.core.trigflow import SIGMA_D
 
 MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel")
 
@@ -48,7 +49,7 @@ def class_count(model_name: str, config: dict) -> int:
 @register_network("diffusers")
 class DiffusersNetwork(nn.Module):
     def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0,
-                 schedule: dict | None = None, sigma_d: float = 0.5, formulation: str = "trigflow",
+                 schedule: dict | None = None, sigma_d: float = SIGMA_D, formulation: str = "trigflow",
                  prediction: str | None = None):
         super().__init__()
         if model not in MODELS:

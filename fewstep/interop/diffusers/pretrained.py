@@ -82,18 +82,30 @@ def _read_json(path: Path) -> dict:
         raise PretrainedError(f"{path}: cannot read JSON ({e})") from None
 
 
-def read_safetensors(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
-    """The weights of a diffusers model folder, from one safetensors file or a sharded index."""
+def load_safetensors(path: str | os.PathLike, error: type[ValueError] = PretrainedError,
+                     hint: str = "copy or download it again") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a damaged or truncated file (an interrupted download or
+    copy) is `error` naming the file, in one line, not safetensors' deep traceback."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise error(f"{path}: damaged or truncated safetensors file ({' '.join(str(e).split())[:200]}); "
+                    f"{hint}") from None
+
+
+def read_safetensors(folder: Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers model folder, from one safetensors file or a sharded index."""
     single, index = folder / name, folder / (name + ".index.json")
     if single.exists():
-        return load_file(str(single))
+        return load_safetensors(single)
     if index.exists():
         files = sorted(set(_read_json(index)["weight_map"].values()))
         weights = {}
         for f in files:
-            weights.update(load_file(str(folder / Path(f).name)))
+            weights.update(load_safetensors(folder / Path(f).name))
         return weights
     pickles = [p.name for p in folder.glob("*.bin")]
     hint = f" (only {', '.join(pickles)}: fewstep reads no pickled weights; convert with save_pretrained(" \

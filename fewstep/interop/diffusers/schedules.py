@@ -1,6 +1,6 @@
 """diffusers' noise schedules in TrigFlow time: a diffusers model as a TrigFlow network, exactly.
 
-TrigFlow (SPEC 1.1) writes `x_t = cos(t) x0 + sin(t) z` with `z = sigma_d eps`; a VP (DDPM/DDIM)
+TrigFlow (docs/math.md#trigflow) writes `x_t = cos(t) x0 + sin(t) z` with `z = sigma_d eps`; a VP (DDPM/DDIM)
 model sees `x = sqrt(ab) x0 + sqrt(1 - ab) eps` at discrete timestep k with `ab = alphas_cumprod[k]`;
 a rectified-flow model sees `x = (1 - s) x0 + s eps` at timestep `s N`. Equal signal-to-noise
 ratios are the same noisy point up to a scale, so for TrigFlow time t:
