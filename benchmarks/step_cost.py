@@ -104,7 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per mode")
     p.add_argument("--compile", action="store_true",
-                   help="also time each mode on torch.compile(net) ('<mode>+compile', the traced joint graph compiled too)")
+                   help="also time each mode on torch.compile(net) ('<mode>+compile'; the traced joint graph "
+                        "is compiled too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--probe-memory", default=None, choices=MODES, help=argparse.SUPPRESS)
@@ -325,8 +326,8 @@ def main(argv=None):
     for mode, err in failed.items():
         print(f"{mode:<18}failed: {err}")
         results[mode] = {"error": err}
-    print(f"x: ratio to {ref}; xc: ratio to flow+compile. ms/step: median wall-clock; best ms: fastest round; cpu ms: median process "
-          "CPU time (all threads)")
+    print(f"x: ratio to {ref}; xc: ratio to flow+compile. ms/step: median wall-clock; best ms: fastest round; "
+          "cpu ms: median process CPU time (all threads)")
     if memory:
         print("peak: " + ("torch.cuda.max_memory_allocated" if x0.device.type == "cuda" else "peak RSS")
               + " of a fresh process running that mode; step: its growth over the "

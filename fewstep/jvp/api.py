@@ -93,7 +93,8 @@ def _jvp_single(net, args, tangents, kwargs):
         return out.primal, (torch.zeros_like(out.primal) if out.tangent is None else out.tangent.detach())
 
 
-_MODES: dict[str, Callable] = {"traced": _jvp_traced, "tangent": _jvp_tangent, "separate": _jvp_separate, "single": _jvp_single}
+_MODES: dict[str, Callable] = {"traced": _jvp_traced, "tangent": _jvp_tangent, "separate": _jvp_separate,
+                               "single": _jvp_single}
 JVP_MODES = tuple(_MODES)
 
 

@@ -104,7 +104,8 @@ def attention_tangent(q, k, v, q_dot=None, k_dot=None, v_dot=None, attn_mask=Non
     reason = triton_supported(q, k, v, attn_mask)
     if reason is not None:
         raise RuntimeError(f"attention_with_tangent(backend='triton'): {reason}")
-    return attention_tangent_fused(q, k, v, q_dot, k_dot, v_dot, bool(is_causal), None if scale is None else float(scale))
+    scale = None if scale is None else float(scale)
+    return attention_tangent_fused(q, k, v, q_dot, k_dot, v_dot, bool(is_causal), scale)
 
 
 # A custom op, so that tracers and torch.compile see the kernel as one opaque node (the traced JVP
