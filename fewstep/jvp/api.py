@@ -64,8 +64,7 @@ def _jvp_tangent(net, args, tangents, kwargs):
 def _jvp_traced(net, args, tangents, kwargs, compile=False):
     full = dict(_full_tangents(args, tangents))
     tangents = tuple(full.get(i) for i in range(len(args)))
-    # a torch.compile'd network (train.compile) gets its joint graph compiled too
-    result = traced_jvp(net, args, tangents, kwargs, compile or hasattr(net, "_orig_mod"))
+    result = traced_jvp(net, args, tangents, kwargs, compile)
     return _jvp_tangent(net, args, tangents, kwargs) if result is None else result
 
 

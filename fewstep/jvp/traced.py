@@ -17,7 +17,8 @@ part of the signature (shapes, strides, dtypes, devices of every tensor, the val
 arguments, which inputs carry tangents, the modules' train/eval flags, grad and autocast state).
 
 `compile=True` runs the joint graph through `torch.compile` (inductor): one compile per signature,
-none per step, as the graph's inputs are tensors whose values may change freely. A signature is
+none per step, as the graph's inputs are tensors whose values may change freely; a network that
+is itself `torch.compile`'d has its joint graph compiled with the same backend. A signature is
 traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine.
 """
 
@@ -52,13 +53,14 @@ class TracedJVP:
         self.warned = False
         self.traces = 0  # how many signatures were traced (tests count them)
 
-    def __call__(self, args: tuple, tangents: tuple, kwargs: dict, compile: bool = False):
+    def __call__(self, args: tuple, tangents: tuple, kwargs: dict, compile=False):
         run = self.prepare(args, tangents, kwargs, compile)
         return None if run is None else run()
 
-    def prepare(self, args: tuple, tangents: tuple, kwargs: dict, compile: bool = False):
+    def prepare(self, args: tuple, tangents: tuple, kwargs: dict, compile=False):
         """A function that runs the joint graph of this call's signature (traced now if new), or
-        None when the network cannot be traced."""
+        None when the network cannot be traced. `compile`: False, True (inductor), or a function
+        that compiles a module (the `torch.compile` context of a compiled network)."""
         net = self.net()
         if any(type(p).__name__ == "DTensor" for p in net.parameters()):  # FSDP2 gathers them in hooks
             self._notice(net, "its parameters are sharded (FSDP2), gathered by hooks outside the graph")
@@ -77,7 +79,7 @@ class TracedJVP:
             return None
         gm, out_spec, compiled = entry
         if compile and compiled is None:
-            compiled = torch.compile(gm, dynamic=False)
+            compiled = compile(gm) if callable(compile) else torch.compile(gm, dynamic=False)
             self.graphs[key] = (gm, out_spec, compiled)
         graph = compiled if compile else gm
         inputs = [*state.values(), *(x for x in leaves if isinstance(x, torch.Tensor))]
@@ -163,6 +165,10 @@ def traced_jvp(net, args: tuple, tangents: tuple, kwargs: dict, compile: bool = 
     None when `net` cannot be traced, or is a plain function rather than an `nn.Module` (the
     caller falls back to the eager engine). Under DDP the graph runs inside DDP's forward, in
     place of the wrapped module's forward, so that DDP prepares its gradient all-reduce as usual."""
+    if hasattr(net, "_orig_mod") and not compile:
+        # a torch.compile'd network (train.compile): its joint graph is compiled the same way
+        # (`dynamo_ctx` holds the backend and options it was compiled with)
+        compile = getattr(net, "dynamo_ctx", True)
     net = _unwrap(net)
     if not isinstance(net, torch.nn.Module):
         return None  # a plain function: its closed-over tensors would become constants of the graph
