@@ -242,6 +242,7 @@ def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~15 s
 def test_under_ddp_the_gradients_are_all_reduced(tmp_path):
     """The joint graph runs inside DDP's forward: DDP's all-reduce averages the gradients."""
     import json
