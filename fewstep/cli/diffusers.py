@@ -20,6 +20,9 @@ EXPORT_EXAMPLES = """examples:
 
 The student must be an sCT/sCD model on a diffusers UNet2DModel distilled from a VP (DDPM/DDIM)
 teacher; the folder is a DDPMPipeline with an LCMScheduler, which generates in 1 or 2 steps.
+A LoRA student (network.lora_rank) exports its adapter instead, where diffusers' LoRA loaders read
+it: pytorch_lora_weights.safetensors (`pipe.load_lora_weights(FOLDER)`, or a model's
+`load_lora_adapter(FOLDER, prefix="unet", use_safetensors=True)`) and the LCMScheduler's scheduler_config.json.
 """
 
 
@@ -76,5 +79,7 @@ def run_export(args) -> int:
 
     model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
     out = export_diffusers(model, args.out)
-    print(f"wrote a diffusers DDPMPipeline with an LCMScheduler ({model.method_name}, step {model.step}) to {out}")
+    what = ("a LoRA adapter (pytorch_lora_weights.safetensors) and its LCMScheduler"
+            if (out / "pytorch_lora_weights.safetensors").exists() else "a diffusers DDPMPipeline with an LCMScheduler")
+    print(f"wrote {what} ({model.method_name}, step {model.step}) to {out}")
     return 0

@@ -47,6 +47,7 @@ import typing
 from fewstep.jvp.engine import check_tangent, tangent_forward
 from fewstep.networks.contract import NetworkInfo, network_info
 from fewstep.networks.dit import DiT
+from fewstep.networks.lora import LoRANetwork, lora_network
 from fewstep.networks.mlp import MLP
 from fewstep.networks.registry import (NETWORKS, UnknownNetworkError, build_registered, network_class,
                                        network_spec, register_network, unwrap)
@@ -55,7 +56,9 @@ from fewstep.networks.unet import UNet
 # Constructor arguments `build_network` fills in from the data when a network takes them.
 DATA_ARGUMENTS = ("img_channels", "img_resolution", "dim", "num_classes")
 # Keys of the `network` config section that are not constructor arguments.
-BUILD_KEYS = ("arch", "class_conditional", "checkpoint_activations")
+BUILD_KEYS = ("arch", "class_conditional", "checkpoint_activations", "lora_rank", "lora_alpha", "lora_targets")
+# The LoRA student's settings (`fewstep.networks.lora`): `build` wraps the initialized student with them.
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 # `network.arch = "auto"`: the network for each kind of data.
 AUTO_ARCH = {"image": "unet", "vector": "mlp"}
 DATA_SHAPES = {"image": "(C, H, W)", "vector": "(D,)"}
@@ -98,6 +101,7 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     cfg = dict(cfg)
     arch = resolve_arch(cfg.pop("arch", "auto"), kind)
     checkpointed = cfg.pop("checkpoint_activations", False)
+    lora = {k: cfg.pop(k) for k in LORA_KEYS if k in cfg}
     classes = num_classes if cfg.pop("class_conditional", False) else 0
     if cfg.get("guidance_input") and not classes:
         raise ValueError("network.guidance_input needs class labels (network.class_conditional=true, on labelled "
@@ -125,6 +129,8 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     kwargs = {k: v for k, v in data.items() if k in params}
     kwargs.update(cfg)
     net = cls(**kwargs)
+    if lora.get("lora_rank") is not None:  # before checkpointing: the LoRA network rebuilds its base
+        net = lora_network(net, lora["lora_rank"], lora.get("lora_alpha"), lora.get("lora_targets"))
     if checkpointed:
         from fewstep.networks.blocks import checkpoint_activations
 
@@ -132,9 +138,10 @@ def build_network(cfg: dict, kind: str, shape: tuple[int, ...], num_classes: int
     return net
 
 
-__all__ = ["AUTO_ARCH", "BUILD_KEYS", "DATA_ARGUMENTS", "DiT", "NetworkInfo", "network_info", "check_network_values", "check_tangent",
-           "tangent_forward", "MLP", "NETWORKS", "UNet", "UnknownNetworkError", "build_network", "build_registered",
-           "constructor_arguments", "network_spec", "register_network", "unwrap"]
+__all__ = ["AUTO_ARCH", "BUILD_KEYS", "LORA_KEYS", "DATA_ARGUMENTS", "DiT", "NetworkInfo", "network_info",
+           "check_network_values", "check_tangent", "tangent_forward", "LoRANetwork", "lora_network", "MLP", "NETWORKS",
+           "UNet", "UnknownNetworkError", "build_network", "build_registered", "constructor_arguments", "network_spec",
+           "register_network", "unwrap"]
 
 
 # Registers the diffusers adapter's name (imported last: the adapter imports this package's registry).

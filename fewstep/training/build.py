@@ -181,7 +181,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     `cfg` is not changed: the resolved config (network and method as trained) is `Built.config`."""
     from fewstep.training.callbacks import TensorBoard, WandB
     from fewstep.training.checkpoint import list_checkpoints
-    from fewstep.networks import build_network, network_spec
+    from fewstep.networks import LORA_KEYS, build_network, lora_network, network_spec
     from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
 
     cfg = validate_against_registries(cfg.validate())
@@ -202,9 +202,14 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
             raise ConfigError(f"train.init_from was trained on data of shape {tuple(init.shape)}, this run's data "
                               f"has shape {tuple(dataset.shape)}")
     source = init or (teacher if tc.init_from_teacher else None)
+    lora = {k: cfg.network[k] for k in LORA_KEYS if cfg.network.get(k) is not None}
+    if lora and source is None:
+        raise ConfigError("network.lora_rank trains a LoRA adapter on a teacher's frozen weights: give train.teacher "
+                          "(with train.init_from_teacher) or train.init_from")
     if source is not None:
         if source.config.get("network"):  # the run records the architecture it really trains
-            cfg = replace(cfg, network=validate_network({**source.config["network"],
+            recorded = {k: v for k, v in source.config["network"].items() if k not in LORA_KEYS}
+            cfg = replace(cfg, network=validate_network({**recorded, **lora,
                                                          "guidance_input": bool(cfg.network.get("guidance_input"))}))
         net = _student_network(cfg, source, method)
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
@@ -219,6 +224,15 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
                                         student_formulation=method.parameterization)
             if main_process():
                 print(f"network initialized from {what}" + (f": {done}" if done else ""))
+        if lora:  # LCM-LoRA: the initialized student frozen under a trainable adapter
+            try:
+                net = lora_network(net, lora["lora_rank"], lora.get("lora_alpha"), lora.get("lora_targets"))
+            except (ImportError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+            if main_process():
+                trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+                print(f"LoRA student: rank {net.rank}, alpha {net.alpha:g}, {trained} of "
+                      f"{sum(p.numel() for p in net.parameters())} parameters train")
     else:
         try:
             needs = getattr(method, "network_options", {})  # e.g. MeanFlow: a second time input r
@@ -233,7 +247,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     except ImportError as e:  # an optional extra that is not installed: one line
         raise ConfigError(str(e)) from None
     options = dict(
-        steps=tc.steps, optimizer=make_optimizer(cfg.optim, net.parameters()),
+        steps=tc.steps, optimizer=make_optimizer(cfg.optim, [p for p in net.parameters() if p.requires_grad]),
         lr_schedule=functools.partial(learning_rate, cfg.optim, total_steps=tc.steps), batch_size=tc.batch_size,
         workers=workers, ema_decay=tc.ema_decay, ema_sigma_rel=tc.ema_sigma_rel, device=device,
         precision=tc.precision, grad_clip=cfg.optim.grad_clip, seed=tc.seed, log_every=tc.log_every,

@@ -48,6 +48,7 @@ def validate_network(cfg: dict) -> dict:
         raise ConfigError(f"network.arch must be 'auto' or a registered network ({', '.join(sorted(NETWORKS))}), "
                           f"got {arch!r}; register your own with @fewstep.networks.register_network")
     cfg["class_conditional"] = coerce("network.class_conditional", cfg["class_conditional"], bool)
+    _check_lora(cfg)
     if "checkpoint_activations" in cfg:
         cfg["checkpoint_activations"] = coerce("network.checkpoint_activations", cfg["checkpoint_activations"], bool)
     candidates = ["unet", "mlp"] if arch == "auto" else [arch]
@@ -68,6 +69,25 @@ def validate_network(cfg: dict) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+def _check_lora(cfg: dict) -> None:
+    """`network.lora_rank` / `lora_alpha` / `lora_targets`: a LoRA student's settings (`fewstep.networks.lora`)."""
+    rank = cfg.get("lora_rank")
+    if rank is None:
+        extra = [k for k in ("lora_alpha", "lora_targets") if cfg.get(k) is not None]
+        if extra:
+            raise ConfigError(f"network.{extra[0]} is a LoRA setting: give network.lora_rank too")
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"network.lora_rank must be an integer >= 1, got {rank!r}")
+    alpha = cfg.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+        raise ConfigError(f"network.lora_alpha must be a number > 0, got {alpha!r}")
+    targets = cfg.get("lora_targets")
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"network.lora_targets must be a non-empty list of module names, got {targets!r}")
 
 
 def build_method(method_cfg: dict):

@@ -14,7 +14,8 @@ negligible (`timestep_scaling` = 1000: `c_skip < 1e-9` at every timestep LCM vis
 pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
 
 The folder keeps `fewstep.json` (method, data, training step) beside diffusers' files, so that
-`fewstep sample`/`eval` read it as the consistency model it is.
+`fewstep sample`/`eval` read it as the consistency model it is. A LoRA student (`network.lora_rank`)
+exports only its adapter, for diffusers' LoRA loaders, on top of the teacher they already have.
 """
 
 from __future__ import annotations
@@ -29,13 +30,62 @@ VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "tr
 
 def export_diffusers(model, out: str | Path) -> Path:
     """Write `model` (a `fewstep.apps.generate.Model` of an sCT/sCD student on a diffusers `UNet2DModel`
-    with a VP schedule) as a `DDPMPipeline` folder with an `LCMScheduler`."""
-    from fewstep.core.samplers import TrigFlowConsistencySampler
-    from fewstep.methods.base import method_config
-    from fewstep.interop.diffusers.network import DiffusersNetwork, import_diffusers
+    with a VP schedule) as a `DDPMPipeline` folder with an `LCMScheduler`; a LoRA student as its adapter
+    (`export_lora`)."""
+    from fewstep.interop.diffusers.network import import_diffusers
+    from fewstep.networks.lora import LoRANetwork
     from fewstep.networks.registry import unwrap
 
-    net = unwrap(model.net)
+    if isinstance(unwrap(model.net), LoRANetwork):
+        return export_lora(model, out)
+    net = _consistency_student(model, unwrap(model.net))
+    if type(net.model).__name__ != "UNet2DModel":
+        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline); got {type(net.model).__name__}")
+    if net.num_classes:
+        raise ValueError("export writes unconditional students: DDPMPipeline takes no class labels")
+    if model.latents:
+        raise ValueError("export writes pixel-space students: DDPMPipeline has no VAE")
+    diffusers = import_diffusers()
+    out = Path(out)
+    diffusers.DDPMPipeline(unet=net.model, scheduler=lcm_scheduler(net)).save_pretrained(out, safe_serialization=True)
+    _write_record(model, out)
+    return out
+
+
+def export_lora(model, out: str | Path) -> Path:
+    """Write a LoRA student's adapter (`fewstep.networks.lora`) where diffusers' LoRA loaders read it:
+    `out/pytorch_lora_weights.safetensors` (peft's adapter state, keyed by the diffusers model's module
+    names, prefixed `unet.` or `transformer.`), with the `LCMScheduler` that samples it
+    (`out/scheduler_config.json`)."""
+    from safetensors.torch import save_file
+
+    from fewstep.networks.registry import unwrap
+
+    lora = unwrap(model.net)
+    net = _consistency_student(model, lora.base)
+    state = lora.adapter_state_dict()
+    # The loaders take alpha = rank when no alphas are given: fold peft's scale alpha / rank into B.
+    scale = lora.alpha / lora.rank
+    state = {k: (v * scale if "lora_B" in k else v) for k, v in state.items()}
+    name = type(net.model).__name__
+    prefix = "unet" if name.startswith("UNet") else "transformer"
+    # peft's key layout (`lora_A` / `lora_B`), which the loaders read as it is. Not diffusers' older
+    # `lora.down` layout: `convert_state_dict_to_diffusers` renames the attention keys but not the
+    # convolutions', and a loader that sees a mixed file converts by its first key and drops the rest.
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"{prefix}.{k}": v.detach().contiguous() for k, v in state.items()},
+              str(out / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    lcm_scheduler(net).save_config(out)
+    _write_record(model, out, lora={"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "model": name})
+    return out
+
+
+def _consistency_student(model, net):
+    """`net` if it is a TrigFlow consistency student on a diffusers model with a VP schedule."""
+    from fewstep.core.samplers import TrigFlowConsistencySampler
+    from fewstep.interop.diffusers.network import DiffusersNetwork
+
     if not isinstance(net, DiffusersNetwork) or net.schedule is None:
         raise ValueError("export needs a student on a diffusers model with its schedule (distilled from a diffusers "
                          "teacher); this checkpoint's network is fewstep's own")
@@ -45,20 +95,22 @@ def export_diffusers(model, out: str | Path) -> Path:
     if not isinstance(model.sampler, TrigFlowConsistencySampler):
         raise ValueError(f"export writes TrigFlow consistency models (sct, scd, ect), whose consistency function is the "
                          f"model's x0 estimate; this checkpoint was trained with {model.method_name!r}")
-    if type(net.model).__name__ != "UNet2DModel":
-        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline); got {type(net.model).__name__}")
-    if net.num_classes:
-        raise ValueError("export writes unconditional students: DDPMPipeline takes no class labels")
-    if model.latents:
-        raise ValueError("export writes pixel-space students: DDPMPipeline has no VAE")
-    diffusers = import_diffusers()
+    return net
+
+
+def lcm_scheduler(net):
+    """The `LCMScheduler` that samples the student `net` (module docstring: why it is exact)."""
+    from fewstep.interop.diffusers.network import import_diffusers
+
     sched_cfg = {k: v for k, v in net.schedule_source["config"].items() if k in VP_KEYS}
     sched_cfg.update(prediction_type=net.schedule.prediction, clip_sample=False, thresholding=False,
                      set_alpha_to_one=True, timestep_scaling=LCM_TIMESTEP_SCALING)
-    scheduler = diffusers.LCMScheduler.from_config(sched_cfg)
-    out = Path(out)
-    diffusers.DDPMPipeline(unet=net.model, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    return import_diffusers().LCMScheduler.from_config(sched_cfg)
+
+
+def _write_record(model, out: Path, **extra) -> None:
+    from fewstep.methods.base import method_config
+
     record = {"method": method_config(model.method), "data": model.config.get("data") or {}, "step": model.step,
-              "weights": model.weights, "exported_from": str(model.checkpoint) if model.checkpoint else None}
+              "weights": model.weights, "exported_from": str(model.checkpoint) if model.checkpoint else None, **extra}
     (out / "fewstep.json").write_text(json.dumps(record, indent=1))
-    return out

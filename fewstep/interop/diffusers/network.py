@@ -48,6 +48,8 @@ def class_count(model_name: str, config: dict) -> int:
 
 @register_network("diffusers")
 class DiffusersNetwork(nn.Module):
+    lora_module = "model"  # LoRA adapts the diffusers model itself: its adapter keeps diffusers' names
+
     def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0,
                  schedule: dict | None = None, sigma_d: float = SIGMA_D, formulation: str = "trigflow",
                  prediction: str | None = None):
