@@ -19,7 +19,9 @@ Modes:
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
   sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.jvp.engine`)
+  sct-traced     sCT, the engine traced once into a joint primal+tangent graph (`fewstep.jvp.traced`)
   meanflow-tangent   MeanFlow (docs/math.md#meanflow), its JVP along (v, 0, 1) through the tangent engine
+  meanflow-traced    MeanFlow, its JVP through the traced joint graph
   meanflow-separate  MeanFlow, torch.func.jvp in a no-grad pass + a separate graded forward
   meanflow-single    MeanFlow, one grad-enabled forward-AD pass
 The MeanFlow modes train the same network built with `second_time=True` (its r embedding is the
@@ -33,6 +35,13 @@ Examples:
   python benchmarks/step_cost.py --modes flow meanflow-tangent meanflow-separate --threads 2
   python benchmarks/step_cost.py --modes flow meanflow-tangent --r-neq-t 1 --threads 2   # JVP on every sample
   python benchmarks/step_cost.py --net dit --threads 2 --out benchmarks/results/step_cost-dit-2t.json
+  python benchmarks/step_cost.py --modes flow sct-traced --compile --threads 1   # inductor, both steps
+
+`--compile` adds `<mode>+compile` for each mode, timed in the same rounds: the mode on
+`torch.compile(net)`. The flow step's forward and backward are compiled, and so is the traced
+joint graph (jvp compiles it for a compiled network); the tangent engine unwraps the compiled
+network and stays eager. Compilation happens in the warmup steps; compiled modes get no memory
+probe. Ratios: `x` to eager flow, `xc` to compiled flow.
 """
 
 from __future__ import annotations
@@ -62,8 +71,8 @@ from fewstep.methods import SCT, FlowMatching, MeanFlow  # noqa: E402
 from fewstep.interop.diffusers.network import DiffusersNetwork  # noqa: E402
 from fewstep.networks import DiT, UNet  # noqa: E402
 
-MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "meanflow-tangent", "meanflow-separate",
-         "meanflow-single")
+MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "sct-traced", "meanflow-tangent", "meanflow-traced",
+         "meanflow-separate", "meanflow-single")
 NETS = ("fewstep-unet", "diffusers-unet", "dit")
 
 
@@ -80,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", type=int, nargs="*", default=None,
                    help="attention resolutions (default: the lowest resolution)")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--depth", type=int, default=6, help="DiT blocks (DiT-B: 12)")
+    p.add_argument("--heads", type=int, default=4, help="DiT heads (DiT-B: 12); hidden size is 4 x --channels")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     p.add_argument("--mem-steps", type=int, default=2, help="steps run by each memory probe")
@@ -92,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per mode")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each mode on torch.compile(net) ('<mode>+compile'; the traced joint graph "
+                        "is compiled too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--probe-memory", default=None, choices=MODES, help=argparse.SUPPRESS)
@@ -124,8 +138,8 @@ def build(args, second_time: bool = False):
             "dropout": args.dropout})
     else:
         attn = ["all"]
-        net = DiT(args.img_channels, args.resolution, patch_size=2, hidden_size=4 * args.channels, depth=6,
-                  heads=4, dropout=args.dropout, **extra)
+        net = DiT(args.img_channels, args.resolution, patch_size=2, hidden_size=4 * args.channels, depth=args.depth,
+                  heads=args.heads, dropout=args.dropout, **extra)
     # Weights as after some training: the zero-initialized output layers would make parts of
     # the backward trivially cheap.
     with torch.no_grad():
@@ -137,7 +151,9 @@ def build(args, second_time: bool = False):
     return net, x0, attn
 
 
-def make_step(mode: str, net, x0, args):
+def make_step(label: str, net, x0, args):
+    """One training step of `label`: a mode, or `<mode>+compile` (the same on `torch.compile(net)`)."""
+    mode, compiled = label.removesuffix("+compile"), label.endswith("+compile")
     if mode == "flow":
         method = FlowMatching()
     elif mode.startswith("meanflow"):
@@ -145,6 +161,8 @@ def make_step(mode: str, net, x0, args):
     else:
         method = SCT(jvp_mode=mode.split("-")[1])
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+    if compiled:
+        net = torch.compile(net, dynamic=False)
 
     def amp():
         return torch.autocast(x0.device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()
@@ -241,8 +259,9 @@ def main(argv=None):
             for mode in (m for m in args.modes if m.startswith("meanflow")):
                 failed[mode] = str(err)
     steps = {}
-    for mode in args.modes:
-        if mode not in failed:
+    labels = list(args.modes) + ([m + "+compile" for m in args.modes] if args.compile else [])
+    for mode in labels:
+        if mode.removesuffix("+compile") not in failed:
             steps[mode] = make_step(mode, copy.deepcopy(two_time if mode.startswith("meanflow") else net), x0, args)
     device_name = (torch.cuda.get_device_name() if x0.device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -251,14 +270,14 @@ def main(argv=None):
           f"channels {args.channels} x {tuple(args.mult)}, attention at {attn}, batch {args.batch}, "
           f"amp {args.amp}, on {device_name}")
 
-    for mode in (m for m in args.modes if m not in failed):
+    for mode in (m for m in labels if m.removesuffix("+compile") not in failed):
         try:
             for _ in range(max(1, args.warmup)):
                 steps[mode]()
         except RuntimeError as err:
             failed[mode] = str(err).strip().splitlines()[0][:160]
             print(f"  {mode} failed: {failed[mode]}")
-    modes = [m for m in args.modes if m not in failed]
+    modes = [m for m in labels if m not in failed and m.removesuffix("+compile") not in failed]
     if not modes:
         raise SystemExit("every mode failed")
     times = {mode: [] for mode in modes}
@@ -274,8 +293,8 @@ def main(argv=None):
 
     memory = {}
     if not args.no_memory:
-        for mode in modes:
-            memory[mode] = run_memory_probe(mode, argv)
+        for mode in (m for m in modes if not m.endswith("+compile")):
+            memory[mode] = run_memory_probe(mode, [a for a in argv if a != "--compile"])
 
     results = {}
     ref = "flow" if "flow" in modes else modes[0]
@@ -287,6 +306,8 @@ def main(argv=None):
         row = {"ms_per_step": ms, "ms_all": [t * 1e3 for t in times[mode]], "time_ratio": ms / ref_ms,
                "best_ms": best, "best_ratio": best / (min(times[ref]) * 1e3),
                "cpu_ms_per_step": cpu, "cpu_ratio": cpu / ref_cpu}
+        if mode.endswith("+compile") and "flow+compile" in times:
+            row["compiled_ratio"] = ms / (statistics.median(times["flow+compile"]) * 1e3)
         if mode in memory:
             row.update(memory[mode])
             row["peak_ratio"] = memory[mode]["peak_bytes"] / memory[ref]["peak_bytes"]
@@ -294,18 +315,19 @@ def main(argv=None):
         results[mode] = row
 
     mib = 2.0 ** 20
-    print(f"\n{'mode':<18}{'ms/step':>9}{'x':>6}{'best ms':>9}{'x':>6}{'cpu ms':>9}{'x':>6}"
+    print(f"\n{'mode':<22}{'ms/step':>9}{'x':>6}{'xc':>6}{'best ms':>9}{'x':>6}{'cpu ms':>9}{'x':>6}"
           f"{'peak MiB':>10}{'x':>6}{'step MiB':>10}{'x':>6}")
     for mode, row in results.items():
         mem = (f"{row['peak_bytes'] / mib:>10.0f}{row['peak_ratio']:>6.2f}{row['step_bytes'] / mib:>10.0f}"
                f"{row['step_ratio']:>6.2f}" if "peak_bytes" in row else "")
-        print(f"{mode:<18}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{row['best_ms']:>9.0f}"
+        xc = f"{row['compiled_ratio']:>6.2f}" if "compiled_ratio" in row else " " * 6
+        print(f"{mode:<22}{row['ms_per_step']:>9.0f}{row['time_ratio']:>6.2f}{xc}{row['best_ms']:>9.0f}"
               f"{row['best_ratio']:>6.2f}{row['cpu_ms_per_step']:>9.0f}{row['cpu_ratio']:>6.2f}{mem}")
     for mode, err in failed.items():
         print(f"{mode:<18}failed: {err}")
         results[mode] = {"error": err}
-    print(f"x: ratio to {ref}. ms/step: median wall-clock; best ms: fastest round; cpu ms: median process "
-          "CPU time (all threads)")
+    print(f"x: ratio to {ref}; xc: ratio to flow+compile. ms/step: median wall-clock; best ms: fastest round; "
+          "cpu ms: median process CPU time (all threads)")
     if memory:
         print("peak: " + ("torch.cuda.max_memory_allocated" if x0.device.type == "cuda" else "peak RSS")
               + " of a fresh process running that mode; step: its growth over the "

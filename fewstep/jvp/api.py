@@ -5,7 +5,11 @@ derivative `J net . tangents` without a graph. `tangents[i]` belongs to `args[i]
 number (broadcast like `args[i]`) or None (zero); `kwargs` have tangent zero. Modes, one function
 each in `_MODES`:
 
-- "tangent" (default): the tangent engine (`fewstep.jvp.engine`), one call of the network's own
+- "traced" (default): the tangent engine traced once per input signature into one aten graph of
+  primal and tangent (`fewstep.jvp.traced`), replayed at every call, optionally compiled; the
+  same arithmetic without the per-op Python. A forward that cannot be traced (branches on tensor
+  values) runs "tangent" instead, with one warning per network.
+- "tangent": the tangent engine (`fewstep.jvp.engine`), one call of the network's own
   forward carrying tangents op by op; any network, about the memory of a plain training step.
 - "separate": `torch.func.jvp` in a no-grad pass, then a graded forward with the same random
   draws (dropout masks); under `torch.no_grad()` the second pass is skipped.
@@ -24,6 +28,7 @@ from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.jvp.engine import tangent_forward
+from fewstep.jvp.traced import traced_jvp
 
 
 def forward_ad_attention():
@@ -56,6 +61,13 @@ def _jvp_tangent(net, args, tangents, kwargs):
     return out, _detach(tout)
 
 
+def _jvp_traced(net, args, tangents, kwargs, compile=False):
+    full = dict(_full_tangents(args, tangents))
+    tangents = tuple(full.get(i) for i in range(len(args)))
+    result = traced_jvp(net, args, tangents, kwargs, compile)
+    return _jvp_tangent(net, args, tangents, kwargs) if result is None else result
+
+
 def _jvp_separate(net, args, tangents, kwargs):
     moving = _full_tangents(args, tangents)
 
@@ -80,7 +92,8 @@ def _jvp_single(net, args, tangents, kwargs):
         return out.primal, (torch.zeros_like(out.primal) if out.tangent is None else out.tangent.detach())
 
 
-_MODES: dict[str, Callable] = {"tangent": _jvp_tangent, "separate": _jvp_separate, "single": _jvp_single}
+_MODES: dict[str, Callable] = {"traced": _jvp_traced, "tangent": _jvp_tangent, "separate": _jvp_separate,
+                               "single": _jvp_single}
 JVP_MODES = tuple(_MODES)
 
 
@@ -94,14 +107,19 @@ def _detach(tree):
     return tree
 
 
-def jvp(net, args: tuple, tangents: tuple, kwargs: dict | None = None, mode: str = "tangent"):
+def jvp(net, args: tuple, tangents: tuple, kwargs: dict | None = None, mode: str = "traced",
+        compile: bool = False):
     """`(net(*args, **kwargs), J net . tangents)`: the output with autograd and its JVP without a graph.
 
     `tangents[i]` is the tangent of `args[i]` (a tensor, a number, or None: zero); `kwargs` carry
-    none. `mode`: one of `JVP_MODES` (module docstring); they agree to rounding."""
+    none. `mode`: one of `JVP_MODES` (module docstring); they agree to rounding. `compile=True`
+    (mode "traced" only) runs the joint graph through `torch.compile`, as does a `net` that is
+    itself `torch.compile`'d."""
     fn = _MODES.get(mode)
     if fn is None:
         raise ValueError(f"jvp mode must be one of {list(JVP_MODES)}, got {mode!r}")
+    if compile and mode != "traced":
+        raise ValueError(f"jvp: compile=True needs mode='traced', got mode={mode!r}")
     args, tangents = tuple(args), tuple(tangents)
     if len(tangents) != len(args):
         raise ValueError(f"jvp: {len(tangents)} tangents for {len(args)} args (None for an arg without one)")
@@ -114,7 +132,7 @@ def jvp(net, args: tuple, tangents: tuple, kwargs: dict | None = None, mode: str
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor) and any(v is x for x in args):
             kwargs[k] = v.view_as(v)
-    return fn(net, args, tangents, kwargs)
+    return fn(net, args, tangents, kwargs, compile=True) if compile else fn(net, args, tangents, kwargs)
 
 
 __all__ = ["JVP_MODES", "forward_ad_attention", "jvp"]

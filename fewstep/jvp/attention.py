@@ -101,7 +101,26 @@ def attention_tangent(q, k, v, q_dot=None, k_dot=None, v_dot=None, attn_mask=Non
         backend = "triton" if q.is_cuda and triton_supported(q, k, v, attn_mask) is None else "math"
     if backend == "math":
         return attention_tangent_math(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale)
-    return attention_tangent_triton(q, k, v, q_dot, k_dot, v_dot, attn_mask, is_causal, scale)[1]
+    reason = triton_supported(q, k, v, attn_mask)
+    if reason is not None:
+        raise RuntimeError(f"attention_with_tangent(backend='triton'): {reason}")
+    scale = None if scale is None else float(scale)
+    return attention_tangent_fused(q, k, v, q_dot, k_dot, v_dot, bool(is_causal), scale)
+
+
+# A custom op, so that tracers and torch.compile see the kernel as one opaque node (the traced JVP
+# records it in its graph; a raw Triton launch would be invisible to make_fx).
+@torch.library.custom_op("fewstep::attention_tangent_fused", mutates_args=())
+def attention_tangent_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor | None,
+                            k_dot: torch.Tensor | None, v_dot: torch.Tensor | None, is_causal: bool,
+                            scale: float | None) -> torch.Tensor:
+    """The tangent of SDPA from the fused Triton kernel (no attn_mask), in q's dtype."""
+    return attention_tangent_triton(q, k, v, q_dot, k_dot, v_dot, None, is_causal, scale)[1]
+
+
+@attention_tangent_fused.register_fake
+def _(q, k, v, q_dot, k_dot, v_dot, is_causal, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -238,8 +238,27 @@ def tangent_rule(*ops, primal: bool = False):
         for f in funcs:
             (PRIMAL_RULES if primal else RULES)[f] = rule
             (RULES if primal else PRIMAL_RULES).pop(f, None)
+        _DISPATCH.clear()
         return rule
     return register
+
+
+_DISPATCH: dict = {}  # op -> what the mode needs to know of it (`_dispatch`); cleared by `tangent_rule`
+
+
+def _dispatch(func) -> tuple:
+    """`(primal rule, in-place twin's name, op whose rule applies, that rule, op name)` of `func`,
+    worked out once per op: the name parsing and lookups would otherwise run at every call."""
+    entry = _DISPATCH.get(func)
+    if entry is None:
+        twin = _inplace_name(func)
+        rule_func = func
+        if twin is not None:  # the out-of-place op's rule, on a saved copy of the input
+            rule_func = next((f for f in (getattr(where, twin, None) for where in (torch.Tensor, torch, F))
+                              if f is not None and f in RULES), None)
+        entry = _DISPATCH[func] = (PRIMAL_RULES.get(func), twin, rule_func,
+                                   None if rule_func is None else RULES.get(rule_func), op_name(func))
+    return entry
 
 
 def _linear_in_all(c, *args, **kwargs):
@@ -674,13 +693,12 @@ class TangentMode(TorchFunctionMode):
         store = self.tangents._d
         if not (_any_tangent(store, args) or (kwargs and _any_tangent(store, kwargs.values()))):
             return func(*args, **kwargs)  # the common case, kept cheap: this runs for every op
-        primal_rule = PRIMAL_RULES.get(func)
+        primal_rule, twin, rule_func, rule, name = _dispatch(func)
         if primal_rule is not None:
             return primal_rule(TangentContext(func, None, store=self.tangents), *args, **kwargs)
 
         # Detached primals, and their tangents keyed by id; an in-place op keeps a copy of `self`.
         tangents: dict[int, torch.Tensor] = {}
-        twin = _inplace_name(func)
         inplace = twin is not None or _inplace_flag(func, args, kwargs)
         out = None
         if not inplace:  # run the op first: most ops with a tangent input that return no
@@ -704,16 +722,10 @@ class TangentMode(TorchFunctionMode):
             if not any(_is_float(y) for y in _leaves(out)):
                 return out
 
-        rule_func = func
-        if twin is not None:  # the out-of-place op's rule, on the saved copy of the input
-            rule_func = next((f for f in (getattr(where, twin, None) for where in (torch.Tensor, torch, F))
-                              if f is not None and f in RULES), None)
         if "inplace" in dkwargs:
             dkwargs = dict(dkwargs, inplace=False)
-        name = op_name(func)
         with torch.no_grad():
             dout = _map(lambda y: y.detach() if isinstance(y, torch.Tensor) else y, out)
-            rule = RULES.get(rule_func) if rule_func is not None else None
             tout = None
             if rule is not None:
                 try:

@@ -28,9 +28,10 @@ class SCT(Method):
     norm_const: float = 0.1
     warmup_steps: int = 0  # tangent warmup; the paper uses 10k for sCT from scratch
     adaptive_weight: bool = True
-    jvp_mode: str = "tangent"  # "tangent": the tangent engine, one forward with tangents (any network;
-    # fewstep.jvp.engine); "separate": torch.func.jvp in a no-grad pass; "single": one grad-enabled
-    # forward-AD pass (more memory). The last two are for comparison.
+    jvp_mode: str = "traced"  # "traced": the tangent engine traced once per input signature into one
+    # primal+tangent graph (fewstep.jvp.traced; compiled with train.compile); "tangent": the engine
+    # eagerly, one forward with tangents (any network; the fallback of "traced"); "separate":
+    # torch.func.jvp in a no-grad pass; "single": one grad-enabled forward-AD pass (more memory).
 
     def __post_init__(self):
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)

@@ -305,8 +305,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                gathering the full model on process 0: for models larger than one process's memory.
                Either kind resumes on any number of processes.
     compile:   `torch.compile` the network (True: inductor; or a backend name); if compiling fails,
-               one line says why and training continues eagerly. The tangent engine's pass runs
-               eagerly: traced op by op it recompiled at every step and was slower (docs/results.md).
+               one line says why and training continues eagerly. sCT/sCD/MeanFlow's traced JVP
+               (`jvp_mode="traced"`) compiles its joint primal+tangent graph with inductor, once per
+               input signature; the eager engine (`"tangent"`) stays eager.
 
     Resumes from the latest good checkpoint in `out_dir` when `resume`. Returns the summary that
     `metrics.json` holds.
