@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fewstep.core.edm import edm_precond
 from fewstep.networks import MLP, UNet
@@ -165,3 +166,15 @@ def init_gloo(rank: int, world: int, directory) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{Path(directory).resolve() / 'gloo-store'}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+
+
+class DropoutNet(nn.Module):
+    """A tiny network with dropout between two linears (dropout-mask tests of the JVP modes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, t):
+        return self.b(self.drop(torch.tanh(self.a(x) * t[:, None])))

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.networks import MLP, UNet
 from fewstep.jvp import JVP_MODES, NoTangentRuleError, check_tangent, jvp, tangent_forward, tangent_rule
+from helpers import DropoutNet
 
 DT = torch.float64
 TOL = 1e-6
@@ -247,16 +248,6 @@ def test_labels_without_tangent_and_hooks_fire():
     assert calls == [1]
     _, ref = torch.func.jvp(lambda x: net(x, t, y), (x,), (x_dot,))
     assert rel(tout, ref) < 1e-10
-
-
-class DropoutNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 4)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x, t):
-        return self.b(self.drop(torch.tanh(self.a(x) * t[:, None])))
 
 
 def test_dropout_shares_the_primal_mask():

@@ -20,7 +20,7 @@ from fewstep.jvp import traced
 from fewstep.jvp.traced import runner_of
 from fewstep.methods.scm import scm_loss
 from fewstep.networks import DiT
-from helpers import randomize_zero_params_, tiny_mlp, tiny_unet
+from helpers import DropoutNet, randomize_zero_params_, tiny_mlp, tiny_unet
 
 DT = torch.float64
 EPS = 1e-6
@@ -135,16 +135,6 @@ def test_autograd_records_only_the_primal():
     flow = _saved_bytes(lambda: net(x, t))
     traced = _saved_bytes(lambda: jvp(net, (x, t), (torch.randn_like(x), 1.0), mode="traced"))
     assert traced <= 1.05 * flow, (traced, flow)
-
-
-class DropoutNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 4)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x, t):
-        return self.b(self.drop(torch.tanh(self.a(x) * t[:, None])))
 
 
 def test_dropout_draws_one_mask_for_primal_and_tangent():
