@@ -272,7 +272,7 @@ def test_eval_with_inception_tiny(digits_run, tmp_path):
         result = evaluate(digits_run, [1], num=6, ref_num=6, batch_size=6, device="cpu", progress=False)
     finally:
         torch.set_num_threads(1)
-    assert result["features"] == {"name": "inception-v3-2015-12-05", "sha256": INCEPTION_SHA256, "dim": 2048}
+    assert result["features"] == {"name": "inception-2015-12-05", "sha256": INCEPTION_SHA256, "dim": 2048}
     row = result["rows"][0]
     assert row["fid"] > 0 and math.isfinite(row["kid"]) and 0 <= row["precision"] <= 1
 

@@ -28,6 +28,7 @@ from fewstep.metrics import (
     sliced_wasserstein,
 )
 from fewstep.metrics import features as features_mod
+from fewstep.metrics.features import tf_bilinear_resize
 
 F64 = torch.float64
 
@@ -362,6 +363,29 @@ def test_missing_weights_error_is_clear(tmp_path, monkeypatch):
         InceptionV3Features(fake)
 
 
+def _tf1_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1 `resize_bilinear` (align_corners=False) by its definition: output index i reads input
+    position i * H / size, interpolating between floor and floor + 1 (clamped at the edge)."""
+    h = x.shape[-1]
+    pos = torch.arange(size, dtype=torch.float64) * h / size
+    i0 = pos.floor().long().clamp(max=h - 1)
+    i1 = (i0 + 1).clamp(max=h - 1)
+    f = (pos - pos.floor()).to(x.dtype)
+    rows = x[..., i0, :] * (1 - f)[:, None] + x[..., i1, :] * f[:, None]
+    return rows[..., i0] * (1 - f) + rows[..., i1] * f
+
+
+def test_tf_bilinear_resize_is_tf1s_resize():
+    # StyleGAN3's detector resizes as TF1 did (no half-pixel centres); F.interpolate does not.
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 255
+    y = tf_bilinear_resize(x, 299)
+    assert y.shape == (2, 3, 299, 299)
+    assert torch.allclose(y, _tf1_resize(x, 299), atol=1e-9)
+    assert y[..., 0, 0].equal(x[..., 0, 0])  # output pixel 0 reads input pixel 0 exactly
+    half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (half_pixel - y).abs().max() > 10  # the two resizes differ by many grey levels
+
+
 @pytest.fixture(scope="module")
 def inception() -> InceptionV3Features:
     try:
@@ -378,9 +402,8 @@ def test_inception_weights_load_offline(inception):
     f = inception(images)
     assert f.shape == (2, 2048) and f.dtype == torch.float64 and torch.isfinite(f).all()
     assert (f >= 0).all()  # pool features come after a ReLU
-    # docs/math.md#evaluation-protocol preprocessing, written out: grey -> RGB, bilinear to 299, (x - 128) / 128.
-    x = images.float().repeat(1, 3, 1, 1)
-    x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    # docs/math.md#fid preprocessing, written out: grey -> RGB, TF1 bilinear to 299, (x - 128) / 128.
+    x = _tf1_resize(images.float().repeat(1, 3, 1, 1), 299)
     with torch.no_grad():
         expected = inception.model((x - 128) / 128).double()
     assert torch.allclose(f, expected, rtol=1e-4, atol=1e-5)
