@@ -451,3 +451,45 @@ def test_fashion_mnist_split_vs_noise_inception(inception):
     a, b, c = (FeatureStats.from_features(inception(x)) for x in (train, test, noise))
     assert fid(a, b) < 0.6 * fid(a, c)
     assert kid(a.features, b.features) < 0.1 * kid(a.features, c.features)
+
+
+# ------------------------------------------------------------------------------------------
+# A second implementation (optional: `pip install --no-deps torch-fidelity`, the `eval` extra)
+
+
+def _fidelity(module: str):
+    """A torch-fidelity module, or a skip: the package needs torchvision, which fewstep does not."""
+    try:
+        return __import__(f"torch_fidelity.{module}", fromlist=[module])
+    except ImportError as e:
+        pytest.skip(f"torch-fidelity not importable ({e})")
+
+
+def test_fid_agrees_with_torch_fidelity_on_the_same_features():
+    fidelity = _fidelity("metric_fid")
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    a = torch.randn(300, 64, generator=g, dtype=torch.float64) @ mix
+    b = (torch.randn(300, 64, generator=g, dtype=torch.float64) * 1.3 + 0.2) @ mix
+    theirs = fidelity.fid_statistics_to_metric(fidelity.fid_features_to_statistics(a),
+                                               fidelity.fid_features_to_statistics(b), False)["frechet_inception_distance"]
+    ours = fid(FeatureStats.from_features(a), FeatureStats.from_features(b))
+    assert ours == pytest.approx(theirs, rel=1e-8)
+    # fewer samples than dimensions (singular covariances): fewstep's thin factor, their eigenvalues
+    few = fid(FeatureStats.from_features(a[:40]), FeatureStats.from_features(b[:40]))
+    theirs_few = fidelity.fid_statistics_to_metric(fidelity.fid_features_to_statistics(a[:40]),
+                                                   fidelity.fid_features_to_statistics(b[:40]), False)
+    assert few == pytest.approx(theirs_few["frechet_inception_distance"], rel=1e-6)
+
+
+def test_inception_preprocessing_agrees_with_torch_fidelity(inception):
+    # torch-fidelity's Inception runs the same TF graph after its own TF1 resize and (x - 128) / 128:
+    # with its preprocessing in front of the same weights, the features are fewstep's.
+    compat = _fidelity("interpolate_compat_tensorflow")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    resized = compat.interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    assert torch.allclose(tf_bilinear_resize(images.float(), 299), resized, atol=1e-3)
+    with torch.no_grad():
+        theirs = inception.model((resized - 128) / 128).double()
+    assert torch.allclose(inception(images), theirs, rtol=1e-4, atol=1e-4)
