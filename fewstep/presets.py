@@ -95,7 +95,7 @@ PAPER_PRESETS = {
     # (8k iterations) is about one A100-hour: 2-step FID 2.73 with t_mid = 0.821 (sigma), TrigFlow 1.024.
     "cifar10-ecm-1h": {
         "data": _CIFAR10,
-        "network": {"dropout": 0.2},  # the student's own dropout over the teacher's architecture
+        "network": {"arch": "ddpmpp", "dropout": 0.2},  # the student's own dropout over the teacher's architecture
         "method": {"name": "ect", "p_mean": -1.1, "p_std": 2.0, "q": 256.0, "k": 8.0, "b": 1.0, "stages": 1,
                    "mapping": "sigmoid", "metric": "pseudo_huber", "huber_c": 0.0, "weighting": "inv_dt",
                    "sigma_max": 80.0},
@@ -115,7 +115,7 @@ PAPER_PRESETS = {
     # sCD on ImageNet 64x64 from an EDM2-S teacher (--teacher, e.g. EDM2's edm2-img64-s snapshot; XL: 2-step FID 1.66).
     "imagenet64-scd-s": {
         "data": _IMAGENET64,
-        "network": {"dropout": 0.45, "dropout_res": 16},
+        "network": {"arch": "edm2", "dropout": 0.45, "dropout_res": 16},  # the teacher's architecture, sCM's dropout
         "method": {"name": "scd", "p_mean": -1.0, "p_std": 1.6, **_SCM_SHARED},
         "optim": {**_EDM2_ADAM, "lr": 1e-4, "decay_start": 35_000},
         "train": _IMAGENET_TRAIN,
@@ -160,7 +160,9 @@ METHOD_OVERRIDES = {
 
 def check_teacher(name: str | None, cfg) -> None:
     """A teacher preset needs `train.teacher` (or `train.init_from`): one line that names what to give."""
-    if name in TEACHERS and not (cfg.train.teacher or cfg.train.init_from or cfg.train.pretrain_steps):
+    if name not in TEACHERS or cfg.method.get("name") != PRESETS[name]["method"]["name"]:
+        return  # another method on the preset's data and network (e.g. --method flow: the teacher itself)
+    if not (cfg.train.teacher or cfg.train.init_from or cfg.train.pretrain_steps):
         raise ValueError(f"preset {name!r} starts from a teacher: give --teacher PATH ({TEACHERS[name]})")
 
 
