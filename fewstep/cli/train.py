@@ -89,8 +89,9 @@ def build_train_config(args):
         data = {**data, "network": user.get("network", {})}
     from fewstep.training.registries import validate_against_registries
 
-    cfg = validate_against_registries(config_from_dict(data))  # every mistake in the config before training starts
-    check_teacher(preset, cfg)
+    cfg = config_from_dict(data)
+    check_teacher(preset, cfg)  # before the registries' own check: it names the teacher the preset expects
+    cfg = validate_against_registries(cfg)  # every mistake in the config before training starts
     out = Path(args.out or f"runs/{preset or Path(cfg.data.name).stem}")
     return cfg, out
 
