@@ -83,7 +83,10 @@ def train_command(name: str) -> str:
 
 
 def eval_command(name: str) -> str:
-    return f"{TORCHRUN} eval runs/{name} --protocol paper --steps 1,2"
+    # ECT samples its 2 steps through sigma = 0.821 (TrigFlow 1.024), not sCM's t_mid = 1.1
+    steps = "--times 1.5708 --times 1.5708,1.024" if name == "cifar10-ecm-1h" else "--steps 1,2"
+    guidance = " --guidance 1.5" if name == "imagenet512-scd-s" else ""
+    return f"{TORCHRUN} eval runs/{name} --protocol paper {steps}{guidance}"
 
 
 def print_plan() -> None:

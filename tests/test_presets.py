@@ -127,5 +127,17 @@ def test_reproduce_smoke_of_one_preset(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "cifar10-sct" / "eval.json").read_text())
     assert set(seconds) == {"cifar10-sct"} and result["step"] == 2 and math.isfinite(result["rows"][0]["fid"])
-    assert reproduce.train_command("cifar10-ecm-1h") in (ROOT / "docs" / "reproduce.md").read_text()
+    sys.modules.pop("reproduce", None)
+
+
+def test_the_guide_shows_the_commands_the_script_prints(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import reproduce
+
+    guide = (ROOT / "docs" / "reproduce.md").read_text()
+    assert set(reproduce.PLAN) == set(PAPER_PRESETS)
+    for name in PAPER_PRESETS:
+        assert reproduce.train_command(name) in guide and reproduce.eval_command(name) in guide
+        if "teacher" in reproduce.PLAN[name]:
+            assert reproduce.PLAN[name]["teacher"][1] in guide
     sys.modules.pop("reproduce", None)
