@@ -29,7 +29,8 @@ class DhariwalUNet(nn.Module):
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  augment_dim: int = 0, model_channels: int = 192, channel_mult=(1, 2, 3, 4), channel_mult_emb: int = 4,
                  num_blocks: int = 3, attn_resolutions=(32, 16, 8), dropout: float = 0.10,
-                 channels_per_head: int = 64, embedding_scale: float | None = None, double_norm: bool = False, dropout_res: int | None = None):
+                 channels_per_head: int = 64, embedding_scale: float | None = None, double_norm: bool = False,
+                 dropout_res: int | None = None):
         super().__init__()
         check_levels(img_resolution, channel_mult)
         emb_channels = self.emb_channels = model_channels * channel_mult_emb
@@ -106,8 +107,8 @@ class ADM(PaperNetwork):
                  model_channels: int = 192, channel_mult: tuple[int, ...] = (1, 2, 3, 4), channel_mult_emb: int = 4,
                  num_blocks: int = 3, attn_resolutions: tuple[int, ...] = (32, 16, 8), dropout: float = 0.10,
                  channels_per_head: int = 64, precond: str = "edm", sigma_data: float = 0.5,
-                 embedding_scale: float | None = None, double_norm: bool = False, dropout_res: int | None = None, adaptive_weight: bool = False,
-                 guidance_input: bool = False, num_classes: int = 0):
+                 embedding_scale: float | None = None, double_norm: bool = False, dropout_res: int | None = None,
+                 adaptive_weight: bool = False, guidance_input: bool = False, num_classes: int = 0):
         super().__init__()
         k = resolve_label_dim(label_dim, num_classes)
         self.model = DhariwalUNet(img_resolution, img_channels, img_channels, label_dim=k, augment_dim=augment_dim,

@@ -172,7 +172,8 @@ class DDPMpp(_SongNetwork):
 
 @register_network("ncsnpp")
 class NCSNpp(_SongNetwork):
-    """EDM's NCSN++ (`SongUNet` with Fourier embedding of twice the width, residual encoder, [1, 3, 3, 1] resampling)."""
+    """EDM's NCSN++ (`SongUNet` with a Fourier embedding twice as wide, a residual encoder, [1, 3, 3, 1]
+    resampling)."""
 
     def __init__(self, img_channels: int, img_resolution: int, label_dim: int = 0, augment_dim: int = 0,
                  model_channels: int = 128, channel_mult: tuple[int, ...] = (2, 2, 2), channel_mult_emb: int = 4,
