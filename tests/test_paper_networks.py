@@ -103,11 +103,13 @@ def test_traced_jvp_equals_the_eager_engine(name, kw, monkeypatch):
     x, t, kwargs = _inputs(net)
     x, t = x.double(), t.double()
     tangents = (torch.randn_like(x), torch.ones_like(t))
-    out, tout = jvp(net, (x, t), tangents, kwargs, mode="tangent")  # (EDM2: normalizes the scrambled weights)
+    with torch.no_grad():  # EDM2: bring the scrambled weights to their fixed point, rms = 1 - 1e-4
+        net(x, t, **kwargs), net(x, t, **kwargs)
+    out, tout = jvp(net, (x, t), tangents, kwargs, mode="tangent")
     out2, tout2 = jvp(net, (x, t), tangents, kwargs, mode="traced")
     assert traced.runner_of(net).traces == 1
-    torch.testing.assert_close(out2, out, rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(tout2, tout, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(tout2, tout, rtol=1e-6, atol=1e-9)
     if name == "edm2":
         w = net.unet.dec["8x8_in0"].conv_res0.weight
         with torch.no_grad():
