@@ -61,18 +61,31 @@ class VAECodec:
 
     def __init__(self, info: dict, device: str | torch.device = "cpu"):
         self.vae = load_vae(info["vae"], device)
-        self.scaling_factor, self.shift_factor = float(info["scaling_factor"]), float(info["shift_factor"])
+        # numbers, or one per channel (EDM2's latent normalization, read from its snapshots)
+        self.scaling_factor, self.shift_factor = _factor(info["scaling_factor"]), _factor(info["shift_factor"])
         self.pixel_shape = tuple(info["pixel_shape"])
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.to(next(self.vae.parameters()).dtype) / self.scaling_factor + self.shift_factor
+        x = x.to(next(self.vae.parameters()).dtype)
+        z = x / _on(self.scaling_factor, x) + _on(self.shift_factor, x)
         return self.vae.decode(z, return_dict=False)[0].float()
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype), return_dict=False)[0]
-        return ((posterior.mean - self.shift_factor) * self.scaling_factor).float()
+        mean = posterior.mean
+        return ((mean - _on(self.shift_factor, mean)) * _on(self.scaling_factor, mean)).float()
+
+
+def _factor(value):
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=torch.float64).reshape(1, -1, 1, 1)
+    return float(value)
+
+
+def _on(factor, x: torch.Tensor):
+    return factor.to(x.device, x.dtype) if isinstance(factor, torch.Tensor) else factor
 
 
 @torch.no_grad()
