@@ -86,9 +86,10 @@ SONG = {"ddpmpp": dict(embedding_type="positional", encoder_type="standard", dec
 PRECONDS = {"VPPrecond": "vp", "VEPrecond": "ve", "EDMPrecond": "edm", "ECMPrecond": "edm"}
 
 
-def edm_snapshot(p, path, class_name, name, label_dim=0, edit=None):
+def edm_snapshot(p, path, class_name, name, label_dim=0, edit=None, channels=2):
     """An EDM snapshot of a random fewstep network; returns that network (the reference)."""
     tiny = dict(TINY, model_channels=64, channel_mult=[1, 1]) if name == "adm" else TINY  # EDM's 64 per head
+    tiny = dict(tiny, img_channels=channels)
     net = network_class(name)(**tiny, label_dim=label_dim, precond=PRECONDS[class_name]).eval()
     with torch.no_grad():
         for q in net.parameters():
@@ -237,3 +238,13 @@ def test_sample_eval_teacher_and_convert_accept_a_snapshot(persistence, tmp_path
     out = tmp_path / "s.png"
     assert main(["sample", str(path), "--steps", "2", "--num", "4", "--out", str(out)]) == 0
     assert out.exists()
+
+
+def test_train_takes_a_snapshot_as_teacher(persistence, tmp_path):
+    """ECT from an EDM snapshot, as ECT's 1-hour recipe starts (here on 8x8 digits, 2 steps)."""
+    path = tmp_path / "edm-vp.pkl"
+    edm_snapshot(persistence, path, "VPPrecond", "ddpmpp", channels=1)
+    common = ["--data", "digits", "--batch-size", "8", "--no-progress", "--set", "train.sample_every=0",
+              "--steps", "2"]
+    assert main(["train", *common, "--method", "ect", "--teacher", str(path), "--out", str(tmp_path / "ect")]) == 0
+    assert restore(tmp_path / "ect").config["network"]["arch"] == "ddpmpp"
