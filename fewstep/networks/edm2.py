@@ -53,8 +53,12 @@ class MPFourier(nn.Module):
 
     def __init__(self, num_channels: int, bandwidth: float = 1.0):
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+        freqs, phases = torch.empty(num_channels), torch.empty(num_channels)
+        if not freqs.is_meta:  # nothing to draw on the meta device
+            freqs.normal_(0, 2 * math.pi * bandwidth)
+            phases.uniform_(0, 2 * math.pi)
+        self.register_buffer("freqs", freqs)
+        self.register_buffer("phases", phases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -69,7 +73,8 @@ class MPConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel):
         super().__init__()
         self.out_channels = out_channels
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        w = torch.empty(out_channels, in_channels, *kernel)
+        self.weight = nn.Parameter(w if w.is_meta else w.normal_())
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
         w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))

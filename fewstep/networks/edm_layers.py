@@ -17,8 +17,11 @@ from torch import nn
 
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int, gain: float = 1.0) -> torch.Tensor:
-    """EDM's initializations times `gain`, drawn in place (one op per tensor, cheap on the meta device)."""
+    """EDM's initializations times `gain`, drawn in place (nothing to draw on the meta device, where
+    torch's `normal_` would import its compiler)."""
     w = torch.empty(*shape)
+    if w.is_meta:
+        return w
     if mode == "xavier_uniform":
         bound = gain * math.sqrt(6 / (fan_in + fan_out))
     elif mode == "kaiming_uniform":
@@ -185,7 +188,8 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        freqs = torch.empty(num_channels // 2)
+        self.register_buffer("freqs", freqs if freqs.is_meta else freqs.normal_(0, scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arg = x[:, None] * (2 * math.pi * self.freqs).to(x.dtype)[None]

@@ -19,8 +19,8 @@ one-hot rows (all zeros = no label).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from fewstep.core.edm import T_CAP
 from fewstep.networks.layers import AdaptiveWeight, ConditionedNetwork, PositionalEmbedding
@@ -95,7 +95,7 @@ class PaperNetwork(ConditionedNetwork):
         if torch.is_tensor(guidance) and guidance.numel() not in (1, b):
             raise ValueError(f"{name}: guidance must be one scale per sample ({b}) or one for all, "
                              f"got shape {tuple(guidance.shape)}")
-        if labels is not None:
+        if labels is not None and get_proxy_mode() is None:  # the traced JVP's tensors have no values to check
             self.check_labels(labels, b)
         return t.reshape(-1).expand(b)
 
@@ -105,7 +105,7 @@ class PaperNetwork(ConditionedNetwork):
             return None
         if labels is None:
             return torch.zeros(b, self.num_classes, device=device, dtype=dtype)
-        return F.one_hot(labels.long(), self.num_classes + 1)[:, :self.num_classes].to(dtype)
+        return (labels[:, None] == torch.arange(self.num_classes, device=device)).to(dtype)
 
     def preconditioning(self, x: torch.Tensor, t: torch.Tensor):
         """`(x_in, c_noise, out)`: the raw network's inputs at TrigFlow `(x = x_t / sigma_d, t)`, and

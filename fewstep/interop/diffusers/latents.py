@@ -56,7 +56,7 @@ def vae_factors(vae) -> tuple[float, float]:
 
 
 def channel_factor(value) -> float | torch.Tensor:
-    """A VAE factor as stored: one number, or one per channel (EDM2's normalization), shaped (C, 1, 1)."""
+    """A factor of `LatentDataset`'s samples: one number, or one per channel as float32 (C, 1, 1)."""
     if isinstance(value, (list, tuple)):
         return torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
     return float(value)
@@ -68,23 +68,31 @@ class VAECodec:
 
     def __init__(self, info: dict, device: str | torch.device = "cpu"):
         self.vae = load_vae(info["vae"], device)
-        self.scaling_factor, self.shift_factor = channel_factor(info["scaling_factor"]), channel_factor(info["shift_factor"])
+        # numbers, or one per channel (EDM2's latent normalization, read from its snapshots)
+        self.scaling_factor, self.shift_factor = _factor(info["scaling_factor"]), _factor(info["shift_factor"])
         self.pixel_shape = tuple(info["pixel_shape"])
-
-    def _factors(self, x: torch.Tensor):
-        return tuple(f.to(x.device) if isinstance(f, torch.Tensor) else f for f in (self.scaling_factor, self.shift_factor))
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        scale, shift = self._factors(x)
-        z = x.to(next(self.vae.parameters()).dtype) / scale + shift
+        x = x.to(next(self.vae.parameters()).dtype)
+        z = x / _on(self.scaling_factor, x) + _on(self.shift_factor, x)
         return self.vae.decode(z, return_dict=False)[0].float()
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype), return_dict=False)[0]
-        scale, shift = self._factors(posterior.mean)
-        return ((posterior.mean - shift) * scale).float()
+        mean = posterior.mean
+        return ((mean - _on(self.shift_factor, mean)) * _on(self.scaling_factor, mean)).float()
+
+
+def _factor(value):
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=torch.float64).reshape(1, -1, 1, 1)
+    return float(value)
+
+
+def _on(factor, x: torch.Tensor):
+    return factor.to(x.device, x.dtype) if isinstance(factor, torch.Tensor) else factor
 
 
 @torch.no_grad()
