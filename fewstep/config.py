@@ -36,6 +36,10 @@ class DataConfig:
     workers: int | None = None  # DataLoader worker processes (None: 0 for in-memory data, else up to 4)
     options: dict = field(default_factory=dict)  # more load_dataset options: split, key, value_range, ...
     vae: str | None = None  # train in the latent space of this diffusers AutoencoderKL (folder or Hub id)
+    # EDM2's latent normalization, per channel in the VAE's raw latent units: (z - mean) / std * 0.5
+    # instead of the VAE's scaling factor (data.vae or a latents file only).
+    latent_mean: list[float] | None = None
+    latent_std: list[float] | None = None
 
     def validate(self):
         if self.workers is not None and self.workers < 0:
@@ -44,6 +48,10 @@ class DataConfig:
             raise ConfigError(f"data.resolution must be a positive integer, got {self.resolution}")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if (self.latent_mean is None) != (self.latent_std is None):
+            raise ConfigError("data.latent_mean and data.latent_std go together (one value per latent channel)")
+        if self.latent_std is not None and not all(v > 0 for v in self.latent_std):
+            raise ConfigError(f"data.latent_std must be > 0 per channel, got {self.latent_std}")
         if self.vae is not None and self.xflip:
             raise ConfigError("data.xflip mirrors pixels, not latents: encode a mirrored dataset instead of "
                               "combining it with data.vae")

@@ -150,6 +150,46 @@ def test_eval_image_checkpoint_random_features(digits_run, tmp_path, capsys):
     assert again["rows"][0]["fid"] == pytest.approx(result["rows"][0]["fid"], rel=1e-6)  # same seed, same samples
 
 
+def test_eval_paper_protocol_reports_the_minimum_over_seeds(digits_run, tmp_path, capsys):
+    # EDM's tables: FID alone, each row the minimum over sampling seeds, its spread and NFE beside it.
+    out = tmp_path / "eval.json"
+    assert run_cli(["eval", str(digits_run), "--steps", "1", "--num", "32", "--protocol", "paper", "--features",
+                    "random", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["metrics"] == ["fid"] and result["seeds"] == [0, 1, 2] and result["num"] == 32
+    assert result["reference"]["split"] is None  # the digits have no train split: all of them
+    single = [evaluate(digits_run, [1], num=32, seed=s, features="random", device="cpu", progress=False,
+                       fid_only=True)["rows"][0] for s in (0, 1, 2)]
+    fids = [r["fid"] for r in single]
+    assert len(set(fids)) == 3  # three seeds, three sample sets
+    row = result["rows"][0]
+    assert [p["fid"] for p in row["per_seed"]] == pytest.approx(fids, rel=1e-9)
+    assert row["fid"] == pytest.approx(min(fids), rel=1e-9) and row["seed"] == int(np.argmin(fids))
+    assert row["spread"]["fid"] == pytest.approx({"min": min(fids), "mean": np.mean(fids), "max": max(fids)}, rel=1e-9)
+    assert row["nfe"] == 1 and "kid" not in row
+    text = capsys.readouterr().out
+    assert f"sct multistep NFE 1: FID {min(fids):.4g} = min over seeds 0, 1, 2 (mean {np.mean(fids):.4g}" in text
+    with pytest.raises(ValueError, match="distinct"):
+        evaluate(digits_run, [1], num=8, seeds=[1, 1], features="random", device="cpu", progress=False)
+
+
+def test_cifar10_reference_stats_from_the_python_archive(tmp_path, capsys):
+    # The papers' reference: the training images of cifar-10-python.tar.gz, covariance with N - 1.
+    from test_data import write_cifar
+    from fewstep.metrics import FeatureStats, RandomConvFeatures
+
+    path, batches = write_cifar(tmp_path, per_batch=4)
+    assert run_cli(["ref-stats", "--ref", str(path), "--split", "train", "--features", "random", "--device", "cpu",
+                    "--no-progress"]) == 0
+    stored = FeatureStats.load(capsys.readouterr().out.strip().split("-> ")[1])
+    pixels = np.concatenate([batches[f"data_batch_{k}"][0] for k in range(1, 6)]).reshape(-1, 3, 32, 32)
+    feats = RandomConvFeatures()(torch.from_numpy(pixels), progress=False).numpy()
+    assert stored.num == 20 and stored.meta["split"] == "train"
+    np.testing.assert_allclose(stored.mu, feats.mean(axis=0), rtol=1e-5, atol=1e-6)
+    centred = feats - feats.mean(axis=0)
+    np.testing.assert_allclose(stored.sigma, centred.T @ centred / (20 - 1), rtol=1e-5, atol=1e-6)
+
+
 def test_eval_user_errors(toy_run, digits_run):
     with pytest.raises(ValueError, match="--steps"):
         run_cli(["eval", str(toy_run), "--steps", "0"])
@@ -272,7 +312,7 @@ def test_eval_with_inception_tiny(digits_run, tmp_path):
         result = evaluate(digits_run, [1], num=6, ref_num=6, batch_size=6, device="cpu", progress=False)
     finally:
         torch.set_num_threads(1)
-    assert result["features"] == {"name": "inception-v3-2015-12-05", "sha256": INCEPTION_SHA256, "dim": 2048}
+    assert result["features"] == {"name": "inception-2015-12-05", "sha256": INCEPTION_SHA256, "dim": 2048}
     row = result["rows"][0]
     assert row["fid"] > 0 and math.isfinite(row["kid"]) and 0 <= row["precision"] <= 1
 

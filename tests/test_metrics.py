@@ -28,6 +28,7 @@ from fewstep.metrics import (
     sliced_wasserstein,
 )
 from fewstep.metrics import features as features_mod
+from fewstep.metrics.features import tf_bilinear_resize
 
 F64 = torch.float64
 
@@ -362,6 +363,29 @@ def test_missing_weights_error_is_clear(tmp_path, monkeypatch):
         InceptionV3Features(fake)
 
 
+def _tf1_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1 `resize_bilinear` (align_corners=False) by its definition: output index i reads input
+    position i * H / size, interpolating between floor and floor + 1 (clamped at the edge)."""
+    h = x.shape[-1]
+    pos = torch.arange(size, dtype=torch.float64) * h / size
+    i0 = pos.floor().long().clamp(max=h - 1)
+    i1 = (i0 + 1).clamp(max=h - 1)
+    f = (pos - pos.floor()).to(x.dtype)
+    rows = x[..., i0, :] * (1 - f)[:, None] + x[..., i1, :] * f[:, None]
+    return rows[..., i0] * (1 - f) + rows[..., i1] * f
+
+
+def test_tf_bilinear_resize_is_tf1s_resize():
+    # StyleGAN3's detector resizes as TF1 did (no half-pixel centres); F.interpolate does not.
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 255
+    y = tf_bilinear_resize(x, 299)
+    assert y.shape == (2, 3, 299, 299)
+    assert torch.allclose(y, _tf1_resize(x, 299), atol=1e-9)
+    assert y[..., 0, 0].equal(x[..., 0, 0])  # output pixel 0 reads input pixel 0 exactly
+    half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (half_pixel - y).abs().max() > 10  # the two resizes differ by many grey levels
+
+
 @pytest.fixture(scope="module")
 def inception() -> InceptionV3Features:
     try:
@@ -378,9 +402,8 @@ def test_inception_weights_load_offline(inception):
     f = inception(images)
     assert f.shape == (2, 2048) and f.dtype == torch.float64 and torch.isfinite(f).all()
     assert (f >= 0).all()  # pool features come after a ReLU
-    # docs/math.md#evaluation-protocol preprocessing, written out: grey -> RGB, bilinear to 299, (x - 128) / 128.
-    x = images.float().repeat(1, 3, 1, 1)
-    x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    # docs/math.md#fid preprocessing, written out: grey -> RGB, TF1 bilinear to 299, (x - 128) / 128.
+    x = _tf1_resize(images.float().repeat(1, 3, 1, 1), 299)
     with torch.no_grad():
         expected = inception.model((x - 128) / 128).double()
     assert torch.allclose(f, expected, rtol=1e-4, atol=1e-5)
@@ -428,3 +451,45 @@ def test_fashion_mnist_split_vs_noise_inception(inception):
     a, b, c = (FeatureStats.from_features(inception(x)) for x in (train, test, noise))
     assert fid(a, b) < 0.6 * fid(a, c)
     assert kid(a.features, b.features) < 0.1 * kid(a.features, c.features)
+
+
+# ------------------------------------------------------------------------------------------
+# A second implementation (optional: `pip install --no-deps torch-fidelity`, the `eval` extra)
+
+
+def _fidelity(module: str):
+    """A torch-fidelity module, or a skip: the package needs torchvision, which fewstep does not."""
+    try:
+        return __import__(f"torch_fidelity.{module}", fromlist=[module])
+    except ImportError as e:
+        pytest.skip(f"torch-fidelity not importable ({e})")
+
+
+def test_fid_agrees_with_torch_fidelity_on_the_same_features():
+    fidelity = _fidelity("metric_fid")
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    a = torch.randn(300, 64, generator=g, dtype=torch.float64) @ mix
+    b = (torch.randn(300, 64, generator=g, dtype=torch.float64) * 1.3 + 0.2) @ mix
+    theirs = fidelity.fid_statistics_to_metric(fidelity.fid_features_to_statistics(a),
+                                               fidelity.fid_features_to_statistics(b), False)["frechet_inception_distance"]
+    ours = fid(FeatureStats.from_features(a), FeatureStats.from_features(b))
+    assert ours == pytest.approx(theirs, rel=1e-8)
+    # fewer samples than dimensions (singular covariances): fewstep's thin factor, their eigenvalues
+    few = fid(FeatureStats.from_features(a[:40]), FeatureStats.from_features(b[:40]))
+    theirs_few = fidelity.fid_statistics_to_metric(fidelity.fid_features_to_statistics(a[:40]),
+                                                   fidelity.fid_features_to_statistics(b[:40]), False)
+    assert few == pytest.approx(theirs_few["frechet_inception_distance"], rel=1e-6)
+
+
+def test_inception_preprocessing_agrees_with_torch_fidelity(inception):
+    # torch-fidelity's Inception runs the same TF graph after its own TF1 resize and (x - 128) / 128:
+    # with its preprocessing in front of the same weights, the features are fewstep's.
+    compat = _fidelity("interpolate_compat_tensorflow")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    resized = compat.interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    assert torch.allclose(tf_bilinear_resize(images.float(), 299), resized, atol=1e-3)
+    with torch.no_grad():
+        theirs = inception.model((resized - 128) / 128).double()
+    assert torch.allclose(inception(images), theirs, rtol=1e-4, atol=1e-4)

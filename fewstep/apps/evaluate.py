@@ -41,6 +41,9 @@ VECTOR_METRICS = ("sliced_wasserstein", "mmd", "energy_distance")
 PR_K = 3
 KID_SUBSET = 1000
 KID_SUBSETS = 100
+# The protocol of the papers' tables (EDM's `fid.py`; the CM, sCM and ECT papers): 50,000 samples against
+# the training images' statistics, FID alone, sampled with three seeds, the minimum reported with its spread.
+PAPER_PROTOCOL = {"num": 50_000, "seeds": [0, 1, 2], "default_split": "train", "fid_only": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,15 +51,16 @@ KID_SUBSETS = 100
 
 
 def load_reference(spec: str, split: str | None = None, *, resolution: int | None = None,
-                   channels: int | None = None, download: bool = False) -> tuple[Dataset, str | None]:
-    """A reference dataset and the split used: `split`, else "test" where the dataset has one."""
+                   channels: int | None = None, download: bool = False,
+                   default_split: str = "test") -> tuple[Dataset, str | None]:
+    """A reference dataset and the split used: `split`, else `default_split` where the dataset has one."""
     opts = {k: v for k, v in (("resolution", resolution), ("channels", channels)) if v is not None}
     if download:
         opts["download"] = True
     if split is not None:
         return load_dataset(spec, split=split, **opts), split
     try:
-        return load_dataset(spec, split="test", **opts), "test"
+        return load_dataset(spec, split=default_split, **opts), default_split
     except DataError as e:
         if "'split'" not in str(e):  # the dataset has splits, but the test files are missing
             raise
@@ -116,7 +120,7 @@ def first_examples(dataset: Dataset, num: int, chunk: int = 4096) -> torch.Tenso
 
 def reference_image_stats(dataset: Dataset, spec: str, split: str | None, extractor, *,
                           num: int | None = None, channels: int | None = None, cache_dir=None,
-                          refresh: bool = False, progress: bool = True):
+                          refresh: bool = False, progress: bool = True, keep_features: bool = True):
     """Feature statistics of an image reference (the first `num` images; all when None), from
     the cache or computed and cached. Returns (stats, cache path, whether it was a cache hit)."""
     from fewstep.metrics import reference_stats, reference_stats_path
@@ -134,7 +138,7 @@ def reference_image_stats(dataset: Dataset, spec: str, split: str | None, extrac
         return _image_batches(dataset, num)
 
     stats = reference_stats(_ref_key(spec, channels), split_key, resolution, images, extractor, cache_dir,
-                            num_images=num, refresh=refresh, progress=progress)
+                            num_images=num, refresh=refresh, progress=progress, keep_features=keep_features)
     path = reference_stats_path(_ref_key(spec, channels), split_key, resolution, extractor, num, cache_dir)
     return stats, path, not computed
 
@@ -151,18 +155,21 @@ class Scorer:
         return self.scores(self.features(samples))
 
 
-def _image_scores(feats: torch.Tensor, ref_stats, seed: int, progress: bool) -> dict:
+def _image_scores(feats: torch.Tensor, ref_stats, seed: int, progress: bool,
+                  metrics: tuple[str, ...] = IMAGE_METRICS) -> dict:
     from fewstep.metrics import FeatureStats, fid, kid, precision_recall
 
     fake = FeatureStats.from_features(feats)
+    out = {"fid": fid(fake, ref_stats)}
     real = ref_stats.features
-    # Precision / recall on equal set sizes: the k-NN radii shrink as a set grows.
-    m = min(len(feats), len(real))
-    pick = np.random.default_rng(seed).choice(len(real), m, replace=False) if m < len(real) else slice(None)
-    precision, recall = precision_recall(real[pick], feats[:m].numpy(), PR_K)
-    return {"fid": fid(fake, ref_stats),
-            "kid": kid(feats, real, KID_SUBSETS, KID_SUBSET, seed, progress=progress),
-            "precision": precision, "recall": recall}
+    if "kid" in metrics:
+        out["kid"] = kid(feats, real, KID_SUBSETS, KID_SUBSET, seed, progress=progress)
+    if "precision" in metrics or "recall" in metrics:
+        # Precision / recall on equal set sizes: the k-NN radii shrink as a set grows.
+        m = min(len(feats), len(real))
+        pick = np.random.default_rng(seed).choice(len(real), m, replace=False) if m < len(real) else slice(None)
+        out["precision"], out["recall"] = precision_recall(real[pick], feats[:m].numpy(), PR_K)
+    return out
 
 
 def _vector_scores(samples: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -179,14 +186,16 @@ def _vector_scores(samples: torch.Tensor, ref: torch.Tensor) -> dict:
 def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | None = None,
                     ref_num: int | None = None, features: str = "inception", extractor=None,
                     inception_weights: str | Path | None = None, device=None, download: bool = False,
-                    cache_dir=None, seed: int = 0, progress: bool = True):
+                    cache_dir=None, seed: int = 0, progress: bool = True, fid_only: bool = False,
+                    default_split: str = "test"):
     """The reference of `model`'s samples and a scorer for them: returns `(info, score)` where
     `info` describes the reference and protocol (JSON-ready) and `score(samples) -> {metric: value}`
-    (a `Scorer`, whose halves `evaluate` splits over processes)."""
+    (a `Scorer`, whose halves `evaluate` splits over processes). `fid_only`: images are scored by
+    FID alone (the papers' tables; precision/recall of 50,000 against 50,000 costs far more)."""
     data = training_data(model)
     ref_spec = reference_name(model, ref)
     ref_ds, ref_split = load_reference(ref_spec, split, resolution=data.get("resolution"),
-                                       channels=data.get("channels"), download=download)
+                                       channels=data.get("channels"), download=download, default_split=default_split)
     if ref_ds.kind != model.kind:
         raise ValueError(f"the checkpoint generates {model.kind}s {model.shape} but reference {ref_spec!r} "
                          f"holds {ref_ds.kind}s {ref_ds.shape}")
@@ -195,17 +204,19 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
         if len(ref_ds) < 2:
             raise ValueError(f"reference {ref_spec!r} holds fewer than 2 images")
         extractor = extractor or make_extractor(features, inception_weights, device or model.device, download)
+        metrics = ("fid",) if fid_only else IMAGE_METRICS
         ref_stats, path, hit = reference_image_stats(ref_ds, ref_spec, ref_split, extractor, num=ref_num,
-                                                     channels=data.get("channels"),
+                                                     channels=data.get("channels"), keep_features=not fid_only,
                                                      cache_dir=cache_dir, progress=progress)
         info["reference"] = {"name": ref_spec, "split": ref_split, "num": ref_stats.num,
                              "stats": str(path), "cached": hit}
         info["features"] = {"name": extractor.name, "sha256": extractor.sha256, "dim": extractor.dim}
-        info["metrics"] = list(IMAGE_METRICS)
-        info["protocol"] = (f"FID on all {ref_stats.num} reference features; KID: {KID_SUBSETS} subsets of "
-                            f"min({KID_SUBSET}, N); precision/recall k={PR_K} on equal-size sets")
+        info["metrics"] = list(metrics)
+        info["protocol"] = f"FID on all {ref_stats.num} reference features (covariance with N - 1)" + (
+            "" if fid_only else f"; KID: {KID_SUBSETS} subsets of min({KID_SUBSET}, N); precision/recall "
+                                f"k={PR_K} on equal-size sets")
         return info, Scorer(lambda x: extractor(to_uint8(x), progress=False),
-                            lambda feats: _image_scores(feats, ref_stats, seed, progress))
+                            lambda feats: _image_scores(feats, ref_stats, seed, progress, metrics))
     if model.shape != ref_ds.shape:
         raise ValueError(f"the checkpoint generates vectors {model.shape}, reference {ref_spec!r} "
                          f"holds {ref_ds.shape}")
@@ -220,15 +231,23 @@ def prepare_scoring(model, *, num: int, ref: str | None = None, split: str | Non
 def _sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score,
                       distributed: DistInfo | None = None) -> dict:
     """One table row. Each process samples its batches (`generate`'s split) and extracts their
-    features batch by batch; process 0 gathers the features in batch order and scores them, so
-    the row equals a single process's bit for bit. Every process returns the row."""
+    features batch by batch, as they are made (50,000 samples at 512 px would not fit in memory);
+    process 0 gathers the features in batch order and scores them, so the row equals a single
+    process's bit for bit. Every process returns the row."""
     dist_info = distributed or DistInfo()
-    x, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress,
-                                    rank=dist_info.rank, world_size=dist_info.world_size)
-    finite = bool(torch.isfinite(x).all())
-    t0 = time.perf_counter()
-    feats = [score.features(b) for b in x.split(batch_size)] if finite and len(x) else []
-    status = gather_objects((finite, used_nfe, seconds, time.perf_counter() - t0), dist_info)
+    feats, finite, feature_seconds = [], [True], [0.0]
+
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        finite[0] = finite[0] and bool(torch.isfinite(batch).all())
+        if finite[0]:
+            feats.append(score.features(batch).cpu())
+        feature_seconds[0] += time.perf_counter() - t0
+        return batch[:0]  # nothing of the samples is kept
+
+    _, used_nfe, seconds = generate(model, schedule, num, batch_size, seed, guidance, progress,
+                                    rank=dist_info.rank, world_size=dist_info.world_size, transform=features)
+    status = gather_objects((finite[0], used_nfe, seconds - feature_seconds[0], feature_seconds[0]), dist_info)
     if not all(s[0] for s in status):
         raise ValueError(f"{model.method_name} {schedule.sampler} with {schedule.steps} steps produced "
                          f"non-finite samples")
@@ -238,9 +257,21 @@ def _sample_and_score(model, schedule, num, batch_size, seed, guidance, progress
         t0 = time.perf_counter()
         scores = score.scores(torch.cat(feats))
         row = {"method": model.method_name, **schedule.to_dict(), "nfe": max(s[1] for s in status),
-               **{k: float(v) for k, v in scores.items()}, "seconds": max(s[2] for s in status),
+               "seed": seed, **{k: float(v) for k, v in scores.items()}, "seconds": max(s[2] for s in status),
                "metric_seconds": max(s[3] for s in status) + time.perf_counter() - t0}
     return broadcast_object(row, dist_info)
+
+
+def over_seeds(rows: list[dict], metrics: list[str]) -> dict:
+    """One table row from one schedule sampled with several seeds, as EDM's tables report it: the
+    values of the seed with the lowest first metric (FID), `spread` {metric: {min, mean, max}} over
+    the seeds, and every seed's values in `per_seed`."""
+    best = min(rows, key=lambda r: r[metrics[0]])
+    spread = {m: {"min": min(r[m] for r in rows), "mean": float(np.mean([r[m] for r in rows])),
+                  "max": max(r[m] for r in rows)} for m in metrics}
+    per_seed = [{"seed": r["seed"], **{m: r[m] for m in metrics}} for r in rows]
+    return {**best, "seeds": [r["seed"] for r in rows], "spread": spread, "per_seed": per_seed,
+            "seconds": float(np.mean([r["seconds"] for r in rows]))}
 
 
 def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: list[int] | None = None,
@@ -249,8 +280,15 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
              features: str = "inception", extractor=None, inception_weights: str | Path | None = None,
              device: str = "auto", batch_size: int = 256, seed: int = 0, guidance: float = 1.0,
              ema: bool = True, download: bool = False, cache_dir=None, progress: bool = True,
-             distributed: DistInfo | None = None) -> dict:
+             distributed: DistInfo | None = None, seeds: list[int] | None = None,
+             fid_only: bool = False, default_split: str = "test") -> dict:
     """Sample a checkpoint at each schedule and score the samples against a reference.
+
+    `seeds`: each schedule is sampled once per seed and its row reports the seed with the lowest
+    FID (first metric), the spread over the seeds beside it (`over_seeds`; default: `[seed]`).
+    `fid_only`: score images by FID alone. `default_split`: the reference split when `split` is
+    None and the dataset has splits. `PAPER_PROTOCOL` holds the papers' values of these
+    (`fewstep eval --protocol paper`; `evaluate(run, **PAPER_PROTOCOL)`).
 
     `ref` defaults to the checkpoint's training data (`data.name`, with its resolution and
     channels), test split where there is one. `extractor` (a `FeatureExtractor`) overrides
@@ -265,6 +303,10 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     """
     if num < 2:
         raise ValueError(f"--num must be >= 2, got {num}")
+    seeds = [seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct sampling seeds, got {seeds}")
+    seed = seeds[0]
     dist_info = distributed or DistInfo()
     progress = progress and dist_info.is_main
     dev = resolve_device(device)
@@ -280,18 +322,23 @@ def evaluate(checkpoint: str | Path, steps: list[int] | None = None, *, nfe: lis
     info, score = prepare_scoring(model, num=num, ref=ref, split=split, ref_num=ref_num, features=features,
                                   extractor=extractor, inception_weights=inception_weights, device=dev,
                                   download=download and dist_info.is_main, cache_dir=cache_dir, seed=seed,
-                                  progress=progress)
+                                  progress=progress, fid_only=fid_only, default_split=default_split)
     if dist_info.is_main:
         barrier(dist_info)
     info = broadcast_object(info, dist_info)  # process 0's (its `cached` flag)
     result = {"fewstep_eval": 1, "checkpoint": str(model.checkpoint.resolve()), "step": model.step,
               "method": model.method_name, "weights": model.weights, "kind": model.kind, "shape": list(model.shape),
               "num": num, "seed": seed, "guidance": guidance, **info}
+    if len(seeds) > 1:
+        result["seeds"] = seeds
     generate(model, plan[0], 2, batch_size, seed, guidance, progress=False)  # warm-up: not in the timings
     result["processes"] = dist_info.world_size
-    result["rows"] = [_sample_and_score(model, schedule, num, batch_size, seed, guidance, progress, score, dist_info)
-                      for schedule in tqdm(plan, desc="eval", unit="row", disable=not progress or len(plan) < 2,
-                                           leave=False)]
+    rows = []
+    for schedule in tqdm(plan, desc="eval", unit="row", disable=not progress or len(plan) < 2, leave=False):
+        per_seed = [_sample_and_score(model, schedule, num, batch_size, s, guidance, progress, score, dist_info)
+                    for s in seeds]
+        rows.append(per_seed[0] if len(seeds) == 1 else over_seeds(per_seed, info["metrics"]))
+    result["rows"] = rows
     return result
 
 
@@ -366,4 +413,13 @@ def format_table(result: dict) -> str:
     note = (f"N = {result['num']} samples per row vs {ref['name']}{split} ({ref['num']} reference "
             f"{'images' if result['kind'] == 'image' else 'points'}){feats}; checkpoint step {result['step']} "
             f"({result['weights']} weights); seconds = sampling time")
-    return "\n".join([fmt(head)] + [fmt(row) for row in lines] + [note])
+    seeds = [_seed_line(r, metrics[0]) for r in result["rows"] if "spread" in r]
+    return "\n".join([fmt(head)] + [fmt(row) for row in lines] + seeds + [note])
+
+
+def _seed_line(row: dict, metric: str) -> str:
+    """The reported value of a row sampled with several seeds, with its NFE and its spread."""
+    s = row["spread"][metric]
+    seeds = ", ".join(str(k) for k in row["seeds"])
+    return (f"{row['method']} {row['sampler']} NFE {row['nfe']}: {_HEAD.get(metric, metric)} {s['min']:.4g} = min over "
+            f"seeds {seeds} (mean {s['mean']:.4g}, max {s['max']:.4g})")

@@ -141,14 +141,17 @@ def batch_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, seed: int = 0,
              guidance: float = 1.0, progress: bool = True, labels: torch.Tensor | None = None, *,
-             rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, int, float]:
+             rank: int = 0, world_size: int = 1, transform=None) -> tuple[torch.Tensor, int, float]:
     """`num` samples (on the CPU; pixels for a latent model) in batches of `batch_size`; batch k draws from a generator seeded
     by `batch_seed(seed, k)` (the global RNG is untouched). Class-conditional models get `labels`,
     by default balanced 0, 1, ..., K-1, 0, ... Returns (samples, NFE, seconds of sampling).
 
     Split over processes, process `rank` of `world_size` draws batches rank, rank + world_size, ...
     and returns them in that order; interleaved in batch order, the processes' samples equal
-    those of `world_size=1`, bit for bit (`fewstep.training.distributed.gather_batches`)."""
+    those of `world_size=1`, bit for bit (`fewstep.training.distributed.gather_batches`).
+
+    `transform(batch) -> tensor` maps each decoded batch before it is kept (e.g. to its features),
+    so that 50,000 large samples never sit in memory together; its time counts in the seconds."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if batch_size < 1:
@@ -173,7 +176,8 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
         lab = None if labels is None else labels[start:start + n].to(model.device)
         x = sampler.sample(noise, schedule, lab, guidance, gen)
-        out.append(model.decode(x).float().cpu())
+        x = model.decode(x).float()
+        out.append((x if transform is None else transform(x)).cpu())
     _sync(model.device)
     samples = torch.cat(out) if out else torch.empty(0, *model.output_shape)
     return samples, nfe, time.perf_counter() - start_time

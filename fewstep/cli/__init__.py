@@ -6,6 +6,7 @@
     plot.py       fewstep plot
     edit.py       fewstep edit
     diffusers.py  fewstep encode, export
+    convert.py    fewstep convert (EDM / EDM2 / ECT snapshots)
     common.py     the parser, typed numeric options, --import MODULE
 
 Each module adds its parsers (`add_parser(s)(subparsers)`) and runs a parsed command (`run*(args)`)
@@ -26,7 +27,7 @@ __all__ = ["build_parser", "build_train_config", "main"]
 
 
 def build_parser() -> Parser:
-    from fewstep.cli import diffusers, edit, evaluate, plot, sample, train
+    from fewstep.cli import convert, diffusers, edit, evaluate, plot, sample, train
 
     parser = Parser(prog="fewstep", description="Consistency models: train, sample, evaluate, edit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,6 +37,7 @@ def build_parser() -> Parser:
     plot.add_parser(sub)
     edit.add_parser(sub)
     diffusers.add_parsers(sub)  # encode, export
+    convert.add_parser(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ EVAL_EXAMPLES = """examples:
   fewstep eval runs/flow --sampler heun,euler --nfe 9,19,35 --out flow_eval.json
   fewstep eval runs/8g --steps 1,2 --num 5000          # toy data: sliced Wasserstein, MMD, energy distance
   fewstep eval runs/digits --features random --num 200 # fast smoke test (not an FID)
+  fewstep eval runs/cifar10-sct --protocol paper --ref cifar-10-python.tar.gz   # the papers' tables (below)
   fewstep eval runs/mine --import mynets.py            # a network of your own: import its registered class
   torchrun --standalone --nproc_per_node 8 -m fewstep -- eval runs/digits --num 50000   # split over 8 GPUs
 
@@ -23,6 +24,10 @@ one); its statistics are cached (see `fewstep ref-stats`). Inception weights: th
 Under torchrun the processes split the sampling batches and the feature extraction; the scores equal a
 single process's with the same --seed and --batch-size. The `--` after `-m fewstep` stops torchrun from
 reading --num as an abbreviation of its own --numa-binding.
+
+--protocol paper is the papers' tables (EDM's fid.py; the CM, sCM and ECT papers): 50,000 samples against
+the statistics of the training split, FID alone, sampled with seeds 0,1,2, each row reporting the minimum
+with its mean and maximum over the seeds and its NFE; --num, --seeds and --split still override it.
 """
 
 SEARCH_EXAMPLES = """examples:
@@ -97,7 +102,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--times", default=None, action="append",
                    help="consistency models: comma-separated multistep times, one row each (repeatable), "
                         "e.g. --times 1.5708,0.8 (see `fewstep search-times`)")
-    p.add_argument("--num", type=count(2), default=1000, help="samples per row (default 1000)")
+    p.add_argument("--num", type=count(2), default=None,
+                   help="samples per row (default 1000; 50000 with --protocol paper)")
+    p.add_argument("--seeds", type=counts(0), default=None,
+                   help="comma-separated sampling seeds: each row is sampled with each, and reports the lowest "
+                        "FID with its spread (default: --seed; 0,1,2 with --protocol paper)")
+    p.add_argument("--protocol", choices=("quick", "paper"), default="quick",
+                   help="quick (default: 1000 samples, test split, FID/KID/precision/recall) or paper (50000 "
+                        "samples, train split, FID, min over seeds 0,1,2)")
     _add_scoring(p, "eval.json")
     p.set_defaults(func=run_eval)
 
@@ -136,13 +148,17 @@ def run_eval(args) -> int:
     from fewstep.apps.evaluate import evaluate, format_table
     from fewstep.apps.generate import parse_times, write_result
 
+    from fewstep.apps.evaluate import PAPER_PROTOCOL
+
     times = [parse_times(text) for text in args.times] if args.times else None
+    protocol = PAPER_PROTOCOL if args.protocol == "paper" else {"num": 1000}
     dist_info, device = init_distributed(resolve_device(args.device))
     try:
         kwargs = {**_scoring_kwargs(args), "device": device}
         kwargs["progress"] = kwargs["progress"] and dist_info.is_main
+        protocol = {**protocol, "num": args.num or protocol["num"], "seeds": args.seeds or protocol.get("seeds")}
         result = evaluate(args.checkpoint, args.steps, nfe=args.nfe, samplers=args.sampler, times=times,
-                          num=args.num, distributed=dist_info, **kwargs)
+                          distributed=dist_info, **protocol, **kwargs)
         if dist_info.is_main:
             out = write_result(result, args.out, "eval.json")
             print(format_table(result))

@@ -64,7 +64,7 @@ def build_train_config(args):
     """The run's `Config` (checked against the method and network registries) and run folder from
     the parsed flags: preset, then config file, then flags, then `--set` overrides."""
     from fewstep.config import apply_overrides, config_from_dict, load_config_file, merge
-    from fewstep.presets import DEFAULT_PRESET, preset_config
+    from fewstep.presets import DEFAULT_PRESET, check_teacher, preset_config
 
     preset = args.preset or (None if args.config else DEFAULT_PRESET)
     file_data = load_config_file(args.config) if args.config else {}
@@ -89,7 +89,9 @@ def build_train_config(args):
         data = {**data, "network": user.get("network", {})}
     from fewstep.training.registries import validate_against_registries
 
-    cfg = validate_against_registries(config_from_dict(data))  # every mistake in the config before training starts
+    cfg = config_from_dict(data)
+    check_teacher(preset, cfg)  # before the registries' own check: it names the teacher the preset expects
+    cfg = validate_against_registries(cfg)  # every mistake in the config before training starts
     out = Path(args.out or f"runs/{preset or Path(cfg.data.name).stem}")
     return cfg, out
 

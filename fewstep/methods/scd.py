@@ -17,6 +17,8 @@ student samples at any scale in the range (`fewstep sample --guidance W`).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import InitVar, dataclass
 from typing import Callable
 
@@ -80,6 +82,8 @@ class SCD(Method):
     norm_const: float = 0.1
     warmup_steps: int = 10000  # tangent warmup (paper: 10k)
     adaptive_weight: bool = True
+    # Sampling starts at t_max = arctan(sigma_max / sigma_d) (the sCM paper: sigma_max = 80); None: t = pi/2.
+    sigma_max: float | None = None
     jvp_mode: str = "tangent"  # as in SCT
 
     takes_teacher = True
@@ -88,7 +92,9 @@ class SCD(Method):
         """Multistep consistency sampling in TrigFlow."""
         from fewstep.core.samplers import TrigFlowConsistencySampler
 
-        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input)
+        t_max = math.pi / 2 if self.sigma_max is None else math.atan(self.sigma_max / self.sigma_d)
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input,
+                                          t_max=t_max)
 
     def set_teacher(self, net, formulation: str = "trigflow") -> None:
         """The teacher's velocity, from a frozen TrigFlow or EDM diffusion network."""
@@ -97,6 +103,8 @@ class SCD(Method):
     def __post_init__(self, teacher):
         self.teacher = teacher
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
+        if self.sigma_max is not None:
+            check_range("method.sigma_max", self.sigma_max, 0, low_open=True)
         check_range("method.p_std", self.p_std, 0, low_open=True)
         check_range("method.guidance", self.guidance, 0)
         if self.guidance_range is not None:

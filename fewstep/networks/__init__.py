@@ -144,5 +144,10 @@ __all__ = ["AUTO_ARCH", "BUILD_KEYS", "LORA_KEYS", "DATA_ARGUMENTS", "DiT", "Net
            "register_network", "unwrap"]
 
 
+# Registers the paper networks' names: ddpmpp, ncsnpp, adm, edm2.
+import fewstep.networks.song_unet  # noqa: E402,F401
+import fewstep.networks.adm  # noqa: E402,F401
+import fewstep.networks.edm2  # noqa: E402,F401
+
 # Registers the diffusers adapter's name (imported last: the adapter imports this package's registry).
 import fewstep.interop.diffusers.network  # noqa: E402,F401

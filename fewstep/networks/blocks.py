@@ -1,7 +1,7 @@
 """The repeated blocks of a network, found without knowing its class, and activation
 checkpointing over them.
 
-A block is an element of an `nn.ModuleList` (outermost lists only): fewstep's UNet stages, DiT
+A block is an element of an `nn.ModuleList` or a `BlockDict` (outermost ones only): fewstep's UNet stages, DiT
 and MLP blocks, diffusers' `down_blocks` / `up_blocks`, most transformers' layers. FSDP shards
 per block (`fewstep.training.fsdp`) and activation checkpointing recomputes per block.
 """
@@ -15,6 +15,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+class BlockDict(nn.ModuleDict):
+    """A `ModuleDict` of blocks: the paper networks keep EDM's named `enc` / `dec` dicts (their keys
+    name a snapshot's tensors), and `blocks` treats them as it treats lists."""
+
+
 def blocks(net: nn.Module) -> list[nn.Module]:
     """The elements of every `nn.ModuleList` of `net`, outermost lists only (a list inside a chosen
     block belongs to that block), in module order. fewstep's UNet: enc/mid/dec stages; DiT and
@@ -26,6 +31,8 @@ def blocks(net: nn.Module) -> list[nn.Module]:
         for child in module.children():
             if isinstance(child, nn.ModuleList):
                 found.extend(child)
+            elif isinstance(child, BlockDict):
+                found.extend(child.values())
             else:
                 visit(child)
 

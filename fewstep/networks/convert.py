@@ -26,7 +26,7 @@ from fewstep.core.edm import EPS, T_MAX
 from fewstep.core.trigflow import SIGMA_D
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
-STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.")
+STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.", "guidance_emb.")  # the last: paper networks
 
 
 def output_layer(net: nn.Module) -> nn.Module:

@@ -50,6 +50,10 @@ def load_data(cfg: Config):
                            **cfg.data.options)
     if cfg.data.vae and not isinstance(dataset, LatentDataset):
         dataset = _encoded(cfg, dataset)
+    if cfg.data.latent_mean is not None:
+        if not isinstance(dataset, LatentDataset):
+            raise ConfigError("data.latent_mean/latent_std normalize latents: give data.vae or a latents file")
+        dataset.normalize(cfg.data.latent_mean, cfg.data.latent_std)
     return XFlip(dataset) if cfg.data.xflip else dataset
 
 
@@ -138,9 +142,14 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
     return teacher
 
 
+# Network arguments a student built from its teacher may set for itself: regularization, not architecture
+# (ECT and sCM fine-tune with more dropout than the teacher was trained with).
+STUDENT_OPTIONS = ("dropout", "dropout_res")
+
+
 def _student_network(cfg: Config, teacher, method):
     """Diffusion fine-tuning (docs/math.md#stabilizers): the teacher's architecture, plus the student's own
-    guidance input when asked for."""
+    guidance input when asked for, and the `STUDENT_OPTIONS` the config's network section sets."""
     from fewstep.networks import build_registered, network_spec
 
     spec = network_spec(teacher.net)
@@ -157,6 +166,11 @@ def _student_network(cfg: Config, teacher, method):
 
     takes = constructor_arguments(network_class(spec["name"]))
     spec["kwargs"].update({k: v for k, v in getattr(method, "network_options", {}).items() if k in takes})
+    own = {k: cfg.network[k] for k in STUDENT_OPTIONS if k in cfg.network}
+    if any(k not in takes for k in own):
+        raise ConfigError(f"network.{next(k for k in own if k not in takes)} is not an argument of the teacher's "
+                          f"network {spec['name']!r}")
+    spec["kwargs"].update(own)
     return build_registered(spec)
 
 
@@ -209,7 +223,8 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     if source is not None:
         if source.config.get("network"):  # the run records the architecture it really trains
             recorded = {k: v for k, v in source.config["network"].items() if k not in LORA_KEYS}
-            cfg = replace(cfg, network=validate_network({**recorded, **lora,
+            own = {k: cfg.network[k] for k in STUDENT_OPTIONS if k in cfg.network}
+            cfg = replace(cfg, network=validate_network({**recorded, **lora, **own,
                                                          "guidance_input": bool(cfg.network.get("guidance_input"))}))
         net = _student_network(cfg, source, method)
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"

@@ -47,7 +47,7 @@ class Restored:
 
 def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> Restored:
     """Rebuild the network and method of a checkpoint (a run folder, its checkpoints/ folder, or a
-    ckpt-*.json), or of a diffusers model folder or Hub id. The network class must be registered
+    ckpt-*.json), of an EDM / EDM2 / ECT snapshot (`.pkl`), or of a diffusers model folder or Hub id. The network class must be registered
     (`fewstep.networks.register_network`); nothing is imported on the checkpoint's say-so."""
     from fewstep.config import ConfigError
     from fewstep.interop.diffusers.pretrained import is_diffusers_folder, is_hub_id
@@ -55,7 +55,11 @@ def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: boo
     from fewstep.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, unprefixed
     from fewstep.training.registries import build_method
 
+    from fewstep.interop.edm_snapshot import is_snapshot
+
     device = torch.device(device)
+    if is_snapshot(checkpoint):  # an EDM / EDM2 / ECT .pkl, read without running its code
+        return restore_snapshot(checkpoint, device)
     if is_diffusers_folder(checkpoint) or is_hub_id(str(checkpoint)):
         return restore_diffusers(checkpoint, device)
     json_path = resolve_checkpoint(checkpoint)
@@ -86,6 +90,8 @@ def restore(checkpoint: str | Path, device: str | torch.device = "cpu", ema: boo
                             prefix)
     else:
         weights = unprefixed(prefix, tensors)
+        if not weights and prefix == "net":  # a converted snapshot holds its EMA only
+            prefix, weights = "ema", unprefixed("ema", tensors)
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
@@ -115,3 +121,39 @@ def restore_diffusers(source, device: str | torch.device = "cpu", sigma_d: float
     config = {k: record[k] for k in ("data", "network") if k in record}
     return Restored(net, method, "image", shape, int(net.num_classes), config, Path(source),
                     int(record.get("step", 0)), "ema", torch.device(device))
+
+
+def _snapshot_record(snap) -> tuple[dict, dict]:
+    """(method config, run-like config) of a snapshot (`fewstep.interop.edm_snapshot.Snapshot`)."""
+    kwargs = {k: v for k, v in snap.spec["kwargs"].items() if k not in ("img_channels", "img_resolution")}
+    data = {"kind": "image", "shape": list(snap.shape), "latents": snap.latents}
+    return snap.method, {"network": {"arch": snap.spec["name"], **kwargs}, "method": snap.method, "data_info": data,
+                         "snapshot": {"file": str(snap.source), "class": snap.class_name}}
+
+
+def restore_snapshot(path, device: str | torch.device = "cpu") -> Restored:
+    """An EDM / EDM2 / ECT snapshot (`.pkl`) as a fewstep network and method: the paper's network in
+    fewstep's reimplementation, its preconditioning converted exactly to TrigFlow; sampled as a
+    diffusion model ('flow'), or, for ECT's consistency models, as 'ect'."""
+    from fewstep.interop.edm_snapshot import read_snapshot
+    from fewstep.training.registries import build_method
+
+    snap = read_snapshot(path)
+    method_cfg, config = _snapshot_record(snap)
+    config.pop("data_info")
+    return Restored(snap.net.to(device), build_method(method_cfg), "image", snap.shape, snap.num_classes, config,
+                    Path(path), 0, "ema", torch.device(device), snap.latents)
+
+
+def convert_snapshot(path, out) -> Path:
+    """Read a snapshot once and write it as a fewstep checkpoint folder (`out/checkpoints/ckpt-0000000`:
+    safetensors + JSON) that `restore`, `fewstep sample`, `eval` and `train --teacher` read. Returns
+    the JSON path. The weights are stored as the EMA (the snapshot's `ema`)."""
+    from fewstep.interop.edm_snapshot import read_snapshot
+    from fewstep.training.checkpoint import prefixed, save_checkpoint
+
+    snap = read_snapshot(path)
+    method_cfg, config = _snapshot_record(snap)
+    data = config.pop("data_info")
+    state = {"config": config, "data": data, "method": method_cfg, "network": snap.spec}
+    return save_checkpoint(Path(out) / "checkpoints", 0, prefixed("ema", snap.net.state_dict()), state)

@@ -55,24 +55,44 @@ def vae_factors(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def channel_factor(value) -> float | torch.Tensor:
+    """A factor of `LatentDataset`'s samples: one number, or one per channel as float32 (C, 1, 1)."""
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
+    return float(value)
+
+
 class VAECodec:
     """Pixels in [-1, 1] <-> model-space latents, through the run's VAE (loaded once, on `device`):
     `codec(x)` decodes; `codec.encode(pixels)` takes the posterior mean."""
 
     def __init__(self, info: dict, device: str | torch.device = "cpu"):
         self.vae = load_vae(info["vae"], device)
-        self.scaling_factor, self.shift_factor = float(info["scaling_factor"]), float(info["shift_factor"])
+        # numbers, or one per channel (EDM2's latent normalization, read from its snapshots)
+        self.scaling_factor, self.shift_factor = _factor(info["scaling_factor"]), _factor(info["shift_factor"])
         self.pixel_shape = tuple(info["pixel_shape"])
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.to(next(self.vae.parameters()).dtype) / self.scaling_factor + self.shift_factor
+        x = x.to(next(self.vae.parameters()).dtype)
+        z = x / _on(self.scaling_factor, x) + _on(self.shift_factor, x)
         return self.vae.decode(z, return_dict=False)[0].float()
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype), return_dict=False)[0]
-        return ((posterior.mean - self.shift_factor) * self.scaling_factor).float()
+        mean = posterior.mean
+        return ((mean - _on(self.shift_factor, mean)) * _on(self.scaling_factor, mean)).float()
+
+
+def _factor(value):
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=torch.float64).reshape(1, -1, 1, 1)
+    return float(value)
+
+
+def _on(factor, x: torch.Tensor):
+    return factor.to(x.device, x.dtype) if isinstance(factor, torch.Tensor) else factor
 
 
 @torch.no_grad()
@@ -160,6 +180,23 @@ class LatentDataset(Dataset):
     @property
     def sigma_d(self) -> float:
         return float(self.record["sigma_d"])
+
+    def normalize(self, mean: list[float], std: list[float], final_std: float = 0.5) -> None:
+        """EDM2's latent normalization instead of the VAE's one scaling factor: model space is
+        `(latent - mean) / std * final_std` per channel (`mean`, `std` in the VAE's raw latent units;
+        EDM2's final std 0.5 is sigma_d). The recorded sigma_d is measured again in the new space."""
+        channels = self.shape[0]
+        if len(mean) != channels or len(std) != channels:
+            raise DataError(f"latent normalization needs {channels} means and stds (one per latent channel), "
+                            f"got {len(mean)} and {len(std)}")
+        if not all(v > 0 for v in std):
+            raise DataError(f"latent stds must be > 0, got {list(std)}")
+        scale = [final_std / v for v in std]
+        self.shift_factor, self.scaling_factor = channel_factor(list(mean)), channel_factor(scale)
+        m = (self._mean.double() - self.shift_factor.double()) * self.scaling_factor.double()
+        second = (m.square() + (self._std.double() * self.scaling_factor.double()).square()).mean()
+        self.record = {**self.record, "shift_factor": [float(v) for v in mean], "scaling_factor": scale,
+                       "sigma_d": float((second - m.mean().square()).sqrt())}
 
     @property
     def latents(self) -> dict:
