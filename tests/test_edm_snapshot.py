@@ -65,7 +65,10 @@ def as_persistent(p, module, class_name=None, init_kwargs=None, dtype=None):
         md = torch.nn.ModuleDict()
         object.__setattr__(md, "_modules", children)
         return md
-    cast = lambda v: None if v is None else (v.to(dtype) if dtype is not None and v.is_floating_point() else v)  # noqa
+    def cast(v):  # EDM2's gains are scalars in its snapshots (1-vectors in fewstep's network)
+        v = None if v is None else (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        return v.reshape(()) if v is not None and v.shape == (1,) and type(module).__name__ in ("Block", "UNet") else v
+
     params = collections.OrderedDict((n, None if v is None else torch.nn.Parameter(cast(v.detach()), False))
                                      for n, v in module._parameters.items())
     state = {"training": False, "_parameters": params,
