@@ -65,7 +65,10 @@ def as_persistent(p, module, class_name=None, init_kwargs=None, dtype=None):
         md = torch.nn.ModuleDict()
         object.__setattr__(md, "_modules", children)
         return md
-    cast = lambda v: None if v is None else (v.to(dtype) if dtype is not None and v.is_floating_point() else v)  # noqa
+    def cast(v):  # EDM2's gains are scalars in its snapshots (1-vectors in fewstep's network)
+        v = None if v is None else (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        return v.reshape(()) if v is not None and v.shape == (1,) and type(module).__name__ in ("Block", "UNet") else v
+
     params = collections.OrderedDict((n, None if v is None else torch.nn.Parameter(cast(v.detach()), False))
                                      for n, v in module._parameters.items())
     state = {"training": False, "_parameters": params,
@@ -248,3 +251,26 @@ def test_train_takes_a_snapshot_as_teacher(persistence, tmp_path):
               "--steps", "2"]
     assert main(["train", *common, "--method", "ect", "--teacher", str(path), "--out", str(tmp_path / "ect")]) == 0
     assert restore(tmp_path / "ect").config["network"]["arch"] == "ddpmpp"
+
+
+def test_per_channel_latent_factors_decode_as_edm2(tmp_path):
+    """EDM2's normalization is per channel: the codec decodes z = x / scaling_factor + shift_factor per channel."""
+    diffusers = pytest.importorskip("diffusers")
+    from fewstep.interop.diffusers.latents import VAECodec
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), sample_size=8)
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    sf, shift = [0.12, 0.11, 0.13, 0.15], [5.81, 3.25, 0.12, -2.15]
+    codec = VAECodec({"vae": str(tmp_path / "vae"), "scaling_factor": sf, "shift_factor": shift,
+                      "pixel_shape": [3, 8, 8]})
+    x = torch.randn(2, 4, 8, 8)
+    z = x / torch.tensor(sf).reshape(1, 4, 1, 1) + torch.tensor(shift).reshape(1, 4, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(codec(x), codec.vae.decode(z, return_dict=False)[0])
+        pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+        mean = codec.vae.encode(pixels, return_dict=False)[0].mean
+        torch.testing.assert_close(codec.encode(pixels) / torch.tensor(sf).reshape(1, 4, 1, 1)
+                                   + torch.tensor(shift).reshape(1, 4, 1, 1), mean, rtol=1e-5, atol=1e-5)

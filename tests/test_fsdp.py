@@ -25,7 +25,7 @@ from fewstep.training.fsdp import (clip_grad_norm, full_optimizer_state, full_st
                           load_full_state_dict, shard)
 from fewstep.methods import SCT, FlowMatching
 from fewstep.networks.blocks import blocks
-from fewstep.networks import MLP, DiT, UNet
+from fewstep.networks import MLP, DiT, UNet, network_class
 from helpers import init_gloo
 
 WORLD, BATCH = 2, 8
@@ -70,7 +70,16 @@ def _nets():
     with torch.no_grad():  # DiT starts with a zero output layer: move off it so every gradient counts
         for p in dit.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return {"mlp": (mlp, (3,)), "dit": (dit, (1, 4, 4))}
+    # the paper networks: EDM's named enc/dec blocks (BlockDict) are the FSDP units; EDM2's logvar head too
+    ddpmpp = network_class("ddpmpp")(img_channels=1, img_resolution=4, model_channels=4, channel_mult=(1, 2),
+                                      num_blocks=1, attn_resolutions=(2,), dropout=0.0, precond="trigflow").double()
+    edm2 = network_class("edm2")(img_channels=1, img_resolution=4, model_channels=4, channel_mult=(1, 2),
+                                 num_blocks=1, attn_resolutions=(2,), channels_per_head=4).double()
+    with torch.no_grad():
+        for p in (*ddpmpp.parameters(), *edm2.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    edm2.eval()  # training mode's forced weight normalization is off under FSDP2 only: compare without it
+    return {"mlp": (mlp, (3,)), "dit": (dit, (1, 4, 4)), "ddpmpp": (ddpmpp, (1, 4, 4)), "edm2": (edm2, (1, 4, 4))}
 
 
 def _full_grads(net) -> dict[str, torch.Tensor]:
@@ -243,6 +252,8 @@ def test_blocks_are_the_outermost_module_list_elements():
     assert blocks(net) == [net.stages[0], net.stages[1], net.inner[0][0]]
     unet = UNet(1, 8, model_channels=8)
     assert blocks(unet) == [*unet.enc, *unet.mid, *unet.dec]
+    ddpmpp = nets["ddpmpp"][0]
+    assert blocks(ddpmpp) == [*ddpmpp.model.enc.values(), *ddpmpp.model.dec.values()]
 
 
 def test_blocks_of_a_diffusers_unet():
@@ -253,7 +264,7 @@ def test_blocks_of_a_diffusers_unet():
     assert blocks(net) == [*net.down_blocks, *net.up_blocks, *net.mid_block.attentions, *net.mid_block.resnets]
 
 
-@pytest.mark.parametrize("net", ["mlp", "dit"])
+@pytest.mark.parametrize("net", ["mlp", "dit", "ddpmpp", "edm2"])
 @pytest.mark.parametrize("method", ["flow", "sct"])
 def test_sharded_gradient_equals_the_full_batch_gradient(results, net, method):
     """Each process its half-batch mean; FSDP2's reduce-scatter averages: the full-batch mean.

@@ -346,6 +346,8 @@ def read_snapshot(path, key: str = "ema") -> Snapshot:
         raise SnapshotError(f"{where}: the snapshot has tensor {extra[0]!r}, which network {spec['name']!r} does not "
                             f"({len(extra)} extra)")
     for k, v in expected.items():
+        if tensors[k].numel() == v.numel() == 1:  # EDM2's scalar gains are 1-vectors in fewstep's network
+            tensors[k] = tensors[k].reshape(v.shape)
         if tuple(v.shape) != tuple(tensors[k].shape):
             raise SnapshotError(f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)}, network "
                                 f"{spec['name']!r} expects {tuple(v.shape)}")

@@ -1,5 +1,6 @@
-"""Networks `F(x_t / sigma_d, t, labels=None, **cond)`: fewstep's UNet, DiT and MLP, a registry for
-any other network (`register_network`), and `build_network` from a run's `network` config.
+"""Networks `F(x_t / sigma_d, t, labels=None, **cond)`: fewstep's UNet, DiT and MLP, the papers'
+networks (`ddpmpp`, `ncsnpp`, `adm`, `edm2`: `song_unet`, `adm`, `edm2`, around `paper`), a registry
+for any other network (`register_network`), and `build_network` from a run's `network` config.
 
 The network contract, which every method, sampler and command relies on:
 

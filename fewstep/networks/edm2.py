@@ -9,7 +9,8 @@ adaptive weighting: `adaptive_weight(t) = -logvar(c_noise(t))` (EDM2's loss
 `L / exp(logvar) + logvar` is fewstep's `exp(w) L - w` with `w = -logvar`).
 
 MP layers normalize their weights in every forward; in training mode they also write the
-normalized weights back (EDM2's forced weight normalization, Eq. 66 of the paper).
+normalized weights back (EDM2's forced weight normalization, Eq. 66 of the paper), except under
+FSDP2. EDM2's scalar gains are 1-element vectors (FSDP2 shards no scalars).
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ class MPConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel):
         super().__init__()
         self.out_channels = out_channels
+        self.forced = True  # forced weight normalization in training mode (off under FSDP2, see EDM2.raw_forward)
         w = torch.empty(out_channels, in_channels, *kernel)
         self.weight = nn.Parameter(w if w.is_meta else w.normal_())
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
         w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
-        if self.training:  # forced weight normalization, through `.data`: no autograd, traced graphs too
+        if self.training and self.forced:  # forced weight normalization, through `.data`: traced graphs too
             with torch.no_grad():
                 self.weight.data.copy_(normalize(w.detach()))
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
@@ -107,7 +109,7 @@ class Block(nn.Module):
         self.out_channels, self.flavor, self.resample_mode = out_channels, flavor, resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = nn.Parameter(torch.zeros([1]))  # EDM2's scalar gains as 1-vectors: FSDP2 shards no scalars
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
         self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
@@ -157,7 +159,7 @@ class UNet(nn.Module):
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
         cemb = self.emb_channels = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
         self.label_balance, self.concat_balance = label_balance, concat_balance
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros([1]))
         self.emb_fourier = MPFourier(cnoise, bandwidth=1.0 if embedding_scale is None else embedding_scale)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
@@ -237,7 +239,7 @@ class EDM2(PaperNetwork):
                          dropout_res=dropout_res, embedding_scale=embedding_scale, channels_per_head=channels_per_head)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
-        self.use_logvar = adaptive_weight
+        self.use_logvar, self._forced = adaptive_weight, True
         self.init_paper(img_channels=img_channels, img_resolution=img_resolution, num_classes=k, precond=precond,
                         sigma_data=sigma_data, adaptive_weight=False, guidance_input=guidance_input,
                         guidance_dim=self.unet.emb_channels)
@@ -254,4 +256,17 @@ class EDM2(PaperNetwork):
         return -self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1)
 
     def raw_forward(self, x_in, c_noise, class_labels, extra):
+        # FSDP2 gathers each weight into a buffer that its backward gathers again from the shards, so a
+        # write-back would be lost and would corrupt the saved activations: no forced normalization there
+        # (the forward's own normalization keeps the output independent of the weights' scale).
+        forced = not _is_sharded(self)
+        if forced != self._forced:
+            for m in self.modules():
+                if isinstance(m, MPConv):
+                    m.forced = forced
+            self._forced = forced
         return self.unet(x_in, c_noise, class_labels, extra)
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return hasattr(module, "_get_fsdp_state")  # FSDP2's fully_shard makes the module an FSDPModule
