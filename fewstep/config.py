@@ -36,6 +36,8 @@ class DataConfig:
     workers: int | None = None  # DataLoader worker processes (None: 0 for in-memory data, else up to 4)
     options: dict = field(default_factory=dict)  # more load_dataset options: split, key, value_range, ...
     vae: str | None = None  # train in the latent space of this diffusers AutoencoderKL (folder or Hub id)
+    # a prompt dataset's text encoder: a pipeline folder or Hub id (default: a text-to-image teacher's own)
+    text_encoder: str | None = None
 
     def validate(self):
         if self.workers is not None and self.workers < 0:

@@ -75,10 +75,27 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
     return fn
 
 
+def guided_text(model: Callable, cond: dict, null_cond: dict, guidance=1.0) -> Callable:
+    """Bind text cond (the network contract's `text`, `text_mask`) to `model(x, s, labels, **cond)`,
+    guided against the empty prompt (docs/math.md#text-guidance): returns `fn(x, s)` with output
+    `model(x, s, null) + w (model(x, s, cond) - model(x, s, null))`, both halves in one batched call.
+    `w` is a float or a per-sample (B,) tensor; `w = 1` costs a single conditional call."""
+    if not isinstance(guidance, torch.Tensor) and guidance == 1.0:
+        return lambda x, s: model(x, s, None, **cond)
+    both_cond = {k: torch.cat([cond[k], null_cond[k].to(cond[k].dtype)]) for k in cond}
+
+    def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        both = model(torch.cat([x, x]), torch.cat([s, s]), None, **both_cond)
+        c, u = both.chunk(2)
+        return cfg_combine(u, c, guidance)
+
+    return fn
+
+
 def trigflow_net_velocity(net, sigma_d: float = SIGMA_D) -> Callable:
-    """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network
+    """`(x_t, t, labels, **cond) -> sigma_d F(x_t / sigma_d, t, labels, **cond)` for a TrigFlow network
     (`fewstep.core.trigflow.net_velocity` with the network bound)."""
-    return lambda x_t, t, labels=None: net_velocity(net, x_t, t, sigma_d, labels)
+    return lambda x_t, t, labels=None, **cond: net_velocity(net, x_t, t, sigma_d, labels, **cond)
 
 
 def edm_net_denoiser(net, sigma_data: float = SIGMA_D) -> Callable:
