@@ -61,7 +61,7 @@ def tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def captioned_digits(folder: str | Path, count: int = 40) -> Path:
+def captioned_digits(folder: str | Path, count: int = 200) -> Path:
     """`count` of scikit-learn's 8x8 digits as PNGs with a Hugging Face imagefolder metadata.jsonl
     ("a handwritten digit three")."""
     import numpy as np
