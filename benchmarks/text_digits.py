@@ -122,21 +122,15 @@ def _prompts_for(n: int) -> tuple[list[str], torch.Tensor]:
     return [PROMPTS[int(d)] for d in digits], digits
 
 
-@torch.no_grad()
 def teacher_samples(teacher: str | Path, n: int = 1000, guidance: float = 2.0, steps: int = 18, seed: int = 0):
     """The teacher's samples by Heun (2 * steps - 1 NFE) on its exact TrigFlow ODE, guided against the
-    empty prompt. Returns (samples, digits)."""
-    from fewstep.core.ode import TrigFlowODE, guided_text, solve, trigflow_net_velocity
-    from fewstep.interop.diffusers.pretrained import load_diffusers_network
-    from fewstep.interop.diffusers.text import PromptEncoder
+    empty prompt (what `fewstep sample TEACHER --prompt ... --guidance W` does). Returns (samples, digits)."""
+    from fewstep.apps.generate import generate, load_diffusers_model
 
-    net, _ = load_diffusers_network(teacher, sigma_d=0.5)
-    encoder = PromptEncoder(teacher)
+    model = load_diffusers_model(teacher, sigma_d=0.5)
     prompts, digits = _prompts_for(n)
-    cond, null = encoder.cond(prompts), encoder.cond([""] * n)
-    noise = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
-    ode = TrigFlowODE(guided_text(trigflow_net_velocity(net, 0.5), cond, null, guidance), 0.5)
-    x, _ = solve(ode, noise, steps=steps, sampler="heun")
+    x, _, _ = generate(model, model.sampler.schedule(steps, sampler="heun"), n, batch_size=500, seed=seed,
+                       guidance=guidance, progress=False, prompts=prompts)
     return x, digits
 
 

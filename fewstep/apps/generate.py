@@ -67,6 +67,8 @@ class Model(Restored):
             from fewstep.interop.diffusers.text import PromptEncoder
 
             spec = (self.config.get("data") or {}).get("text_encoder")
+            if not spec and self.checkpoint is not None and (Path(self.checkpoint) / "model_index.json").exists():
+                spec = str(self.checkpoint)  # a diffusers pipeline folder: its own text encoder
             if not spec:
                 raise ValueError("this text-to-image checkpoint records no text encoder (data.text_encoder)")
             self._prompt_encoder = PromptEncoder(spec, self.device)
@@ -191,13 +193,14 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
-    if guidance != 1.0 and not model.num_classes:
-        raise ValueError("guidance applies to class-conditional checkpoints only")
+    text = model.takes_text
+    diffusion = model.sampler.consistency_fn() is None if text else False
+    if guidance != 1.0 and not model.num_classes and not diffusion:
+        raise ValueError("guidance applies to class-conditional checkpoints and text-to-image diffusion models only")
     if not model.num_classes:
         labels = None
     elif labels is None:
         labels = torch.arange(num) % model.num_classes
-    text = model.takes_text
     if prompts is not None and not text:
         raise ValueError("prompts are for text-to-image models; this model takes no text")
     if text:
@@ -205,8 +208,7 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         if not prompts:
             raise ValueError("no prompts given")
         if not getattr(model.sampler, "takes_cond", False):
-            raise ValueError(f"a text-to-image {model.method_name!r} model samples with prompts only as a TrigFlow "
-                             f"consistency model (sct, scd)")
+            raise ValueError(f"a text-to-image {model.method_name!r} model cannot sample with prompts yet")
     starts = list(range(0, num, batch_size))[rank::world_size]
     sampler = model.sampler
     out, nfe = [], sampler.nfe(schedule)
@@ -220,7 +222,8 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         lab = None if labels is None else labels[start:start + n].to(model.device)
         if text:
             cond = model.text_cond([prompts[i % len(prompts)] for i in range(start, start + n)])
-            x = sampler.sample(noise, schedule, lab, guidance, gen, cond=cond)
+            extra = {"null_cond": model.text_cond([""] * n)} if diffusion else {}  # CFG against the empty prompt
+            x = sampler.sample(noise, schedule, lab, guidance, gen, cond=cond, **extra)
         else:
             x = sampler.sample(noise, schedule, lab, guidance, gen)
         out.append(model.decode(x).float().cpu())

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   fewstep sample runs/teacher --sampler heun --steps 18 --label 3 --guidance 2   # a diffusion model, 35 NFE
   fewstep sample runs/t2i --prompt "a handwritten digit three" --steps 1 --num 16   # text-to-image
   fewstep sample runs/t2i --prompts prompts.txt --num 64      # one prompt per line, used in turn
+  fewstep sample path/to/sd-pipeline --prompt "a cat" --steps 18 --guidance 3    # the teacher, 35 NFE
   fewstep sample runs/mine --import mynets.py     # a network of your own: import its registered class first
 """
 
@@ -27,8 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", default=None,
                    help="diffusion models: heun (default), euler, dpmpp_2m (ddim for a PD student)")
     p.add_argument("--guidance", type=number(0), default=1.0,
-                   help="classifier-free guidance scale (class-conditional diffusion models, and sCD students "
-                        "distilled with method.guidance_range; 1 = none)")
+                   help="classifier-free guidance scale (class-conditional diffusion models, text-to-image diffusion "
+                        "models against the empty prompt, and sCD students distilled with method.guidance_range; "
+                        "1 = none)")
     p.add_argument("--num", type=count(1), default=64, help="number of samples (default 64)")
     p.add_argument("--label", type=count(0), default=None, help="class label for a class-conditional model")
     p.add_argument("--prompt", action="append", default=None,

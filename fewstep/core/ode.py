@@ -325,8 +325,18 @@ class ODESampler(Sampler):
     def nfe(self, schedule: Schedule) -> int:
         return 2 * schedule.steps - 1 if schedule.sampler == "heun" else schedule.steps  # grids end at 0
 
+    takes_cond = True
+
     @torch.no_grad()
-    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None) -> torch.Tensor:
-        """Deterministic: the generator is unused."""
-        return solve(self.ode(labels, guidance), noise, schedule.steps, schedule.sampler,
-                     times=self.times(schedule.steps))[0]
+    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None, cond: dict | None = None,
+               null_cond: dict | None = None) -> torch.Tensor:
+        """Deterministic: the generator is unused. `cond` / `null_cond`: a text-to-image model's text
+        cond and the empty prompt's, guided as `v_u + w (v_c - v_u)` (TrigFlow formulation)."""
+        if cond:
+            if self.formulation != "trigflow" or null_cond is None:
+                raise ValueError("text cond needs a TrigFlow diffusion model and the empty prompt's cond")
+            ode = TrigFlowODE(guided_text(trigflow_net_velocity(self.net, self.sigma_d), cond, null_cond, guidance),
+                              self.sigma_d)
+        else:
+            ode = self.ode(labels, guidance)
+        return solve(ode, noise, schedule.steps, schedule.sampler, times=self.times(schedule.steps))[0]
