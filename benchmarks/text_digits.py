@@ -16,11 +16,14 @@ import argparse
 import copy
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPTS = [f"a handwritten digit {n}" for n in NUMBERS]
