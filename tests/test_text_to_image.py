@@ -237,3 +237,27 @@ def test_prompt_files(tmp_path):
             read_prompt_file(tmp_path / "bad.txt")
     with pytest.raises(ValueError, match="no such file"):
         read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_a_text_teacher_samples_with_prompts_and_guidance(files):
+    """`generate` on a text-to-image diffusion teacher: one Euler step from t_max is
+    `x_T + (0 - t_max) (v_u + w (v_c - v_u))`, with v_u at the empty prompt's embeddings."""
+    from fewstep.apps.generate import batch_seed, generate, load_diffusers_model
+    from fewstep.core.ode import TrigFlowODE
+
+    model = load_diffusers_model(files[0], sigma_d=0.5)
+    assert model.takes_text
+    prompts = ["a handwritten digit two", "a handwritten digit six"]
+    x, nfe, _ = generate(model, model.sampler.schedule(1, sampler="euler"), 2, seed=4, guidance=2.5,
+                         progress=False, prompts=prompts)
+    assert nfe == 1
+    t0 = float(TrigFlowODE(None, 0.5).times(1)[0])
+    noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(batch_seed(4, 0)))
+    x_T = TrigFlowODE(None, 0.5).alpha_sigma(t0)[1] * noise
+    cond, null = model.text_cond(prompts), model.text_cond(["", ""])
+    t = torch.full((2,), t0)
+    with torch.no_grad():
+        v_c, v_u = (0.5 * model.net(x_T / 0.5, t, **c) for c in (cond, null))
+    expected = x_T - t0 * (v_u + 2.5 * (v_c - v_u))
+    assert (x - expected).abs().max() <= 1e-5 * expected.abs().max()  # float32 rounding
+    assert (x - (x_T - t0 * v_c)).abs().max() > 1e-2 * expected.abs().max()  # the guidance does something
