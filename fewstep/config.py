@@ -40,6 +40,8 @@ class DataConfig:
     # instead of the VAE's scaling factor (data.vae or a latents file only).
     latent_mean: list[float] | None = None
     latent_std: list[float] | None = None
+    # a prompt dataset's text encoder: a pipeline folder or Hub id (default: a text-to-image teacher's own)
+    text_encoder: str | None = None
 
     def validate(self):
         if self.workers is not None and self.workers < 0:

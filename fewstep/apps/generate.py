@@ -34,6 +34,7 @@ class Model(Restored):
     decoder of latent models."""
 
     _decoder: object = field(default=None, repr=False)
+    _prompt_encoder: object = field(default=None, repr=False)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -54,6 +55,40 @@ class Model(Restored):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels -> model space (the VAE posterior's mean for latent models; identity otherwise)."""
         return self._codec().encode(pixels) if self.latents else pixels
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether this is a text-to-image model (samples need prompts)."""
+        return network_info(self.net).text_input
+
+    def prompt_encoder(self):
+        """The run's text encoder (`data.text_encoder`, recorded by training), loaded once."""
+        if self._prompt_encoder is None:
+            from fewstep.interop.diffusers.text import PromptEncoder
+
+            spec = (self.config.get("data") or {}).get("text_encoder")
+            if not spec and self.checkpoint is not None and (Path(self.checkpoint) / "model_index.json").exists():
+                spec = str(self.checkpoint)  # a diffusers pipeline folder: its own text encoder
+            if not spec:
+                raise ValueError("this text-to-image checkpoint records no text encoder (data.text_encoder)")
+            self._prompt_encoder = PromptEncoder(spec, self.device)
+        return self._prompt_encoder
+
+    def text_cond(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The network contract's text cond of `prompts`: from the training prompts' table when the
+        method holds it and has them all (training previews), else encoded by the run's encoder."""
+        table = getattr(self.method, "prompts", None)
+        if table is not None and all(p in table.prompts for p in prompts):
+            index = {p: i for i, p in enumerate(table.prompts)}
+            return table.cond(torch.tensor([index[p] for p in prompts], device=self.device))
+        return self.prompt_encoder().cond(list(prompts), self.device)
+
+    def default_prompts(self) -> list[str]:
+        """The prompts of samples asked for without any: the training prompts (previews)."""
+        table = getattr(self.method, "prompts", None)
+        if table is None:
+            raise ValueError("this model is text-to-image: give prompts (fewstep sample --prompt TEXT or --prompts FILE)")
+        return table.prompts
 
     @property
     def run_dir(self) -> Path | None:
@@ -141,7 +176,8 @@ def batch_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, seed: int = 0,
              guidance: float = 1.0, progress: bool = True, labels: torch.Tensor | None = None, *,
-             rank: int = 0, world_size: int = 1, transform=None) -> tuple[torch.Tensor, int, float]:
+             rank: int = 0, world_size: int = 1, transform=None,
+             prompts: list[str] | None = None) -> tuple[torch.Tensor, int, float]:
     """`num` samples (on the CPU; pixels for a latent model) in batches of `batch_size`; batch k draws from a generator seeded
     by `batch_seed(seed, k)` (the global RNG is untouched). Class-conditional models get `labels`,
     by default balanced 0, 1, ..., K-1, 0, ... Returns (samples, NFE, seconds of sampling).
@@ -151,19 +187,31 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
     those of `world_size=1`, bit for bit (`fewstep.training.distributed.gather_batches`).
 
     `transform(batch) -> tensor` maps each decoded batch before it is kept (e.g. to its features),
-    so that 50,000 large samples never sit in memory together; its time counts in the seconds."""
+    so that 50,000 large samples never sit in memory together; its time counts in the seconds.
+    A text-to-image model samples `prompts` cyclically (sample i has prompt i mod len(prompts); by
+    default the training prompts of a run in progress)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
-    if guidance != 1.0 and not model.num_classes:
-        raise ValueError("guidance applies to class-conditional checkpoints only")
+    text = model.takes_text
+    diffusion = model.sampler.consistency_fn() is None if text else False
+    if guidance != 1.0 and not model.num_classes and not diffusion:
+        raise ValueError("guidance applies to class-conditional checkpoints and text-to-image diffusion models only")
     if not model.num_classes:
         labels = None
     elif labels is None:
         labels = torch.arange(num) % model.num_classes
+    if prompts is not None and not text:
+        raise ValueError("prompts are for text-to-image models; this model takes no text")
+    if text:
+        prompts = list(prompts) if prompts is not None else model.default_prompts()
+        if not prompts:
+            raise ValueError("no prompts given")
+        if not getattr(model.sampler, "takes_cond", False):
+            raise ValueError(f"a text-to-image {model.method_name!r} model cannot sample with prompts yet")
     starts = list(range(0, num, batch_size))[rank::world_size]
     sampler = model.sampler
     out, nfe = [], sampler.nfe(schedule)
@@ -175,7 +223,12 @@ def generate(model: Model, schedule: Schedule, num: int, batch_size: int = 256, 
         gen = torch.Generator(device=model.device).manual_seed(batch_seed(seed, start // batch_size))
         noise = torch.randn((n, *model.shape), device=model.device, generator=gen)
         lab = None if labels is None else labels[start:start + n].to(model.device)
-        x = sampler.sample(noise, schedule, lab, guidance, gen)
+        if text:
+            cond = model.text_cond([prompts[i % len(prompts)] for i in range(start, start + n)])
+            extra = {"null_cond": model.text_cond([""] * n)} if diffusion else {}  # CFG against the empty prompt
+            x = sampler.sample(noise, schedule, lab, guidance, gen, cond=cond, **extra)
+        else:
+            x = sampler.sample(noise, schedule, lab, guidance, gen)
         x = model.decode(x).float()
         out.append((x if transform is None else transform(x)).cpu())
     _sync(model.device)

@@ -19,7 +19,9 @@ EXPORT_EXAMPLES = """examples:
   fewstep sample scd-pipeline --steps 1                               # fewstep reads the folder too
 
 The student must be an sCT/sCD model on a diffusers UNet2DModel distilled from a VP (DDPM/DDIM)
-teacher; the folder is a DDPMPipeline with an LCMScheduler, which generates in 1 or 2 steps.
+teacher; the folder is a DDPMPipeline with an LCMScheduler, which generates in 1 or 2 steps. A
+text-to-image student on SD's UNet2DConditionModel is written as a StableDiffusionPipeline (its VAE,
+tokenizer and text encoder beside it); sample it with guidance_scale=1 (the guidance is distilled in).
 A LoRA student (network.lora_rank) exports its adapter instead, where diffusers' LoRA loaders read
 it: pytorch_lora_weights.safetensors (`pipe.load_lora_weights(FOLDER)`, or a model's
 `load_lora_adapter(FOLDER, prefix="unet", use_safetensors=True)`) and the LCMScheduler's scheduler_config.json.
@@ -79,7 +81,12 @@ def run_export(args) -> int:
 
     model = load_model(args.checkpoint, resolve_device(args.device), ema=not args.no_ema)
     out = export_diffusers(model, args.out)
-    what = ("a LoRA adapter (pytorch_lora_weights.safetensors) and its LCMScheduler"
-            if (out / "pytorch_lora_weights.safetensors").exists() else "a diffusers DDPMPipeline with an LCMScheduler")
+    if (out / "pytorch_lora_weights.safetensors").exists():
+        what = "a LoRA adapter (pytorch_lora_weights.safetensors) and its LCMScheduler"
+    else:
+        import json
+
+        pipeline = json.loads((out / "model_index.json").read_text()).get("_class_name", "pipeline")
+        what = f"a diffusers {pipeline} with an LCMScheduler"
     print(f"wrote {what} ({model.method_name}, step {model.step}) to {out}")
     return 0

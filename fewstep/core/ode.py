@@ -75,10 +75,27 @@ def guided(model: Callable, labels: torch.Tensor | None = None, guidance=1.0,
     return fn
 
 
+def guided_text(model: Callable, cond: dict, null_cond: dict, guidance=1.0) -> Callable:
+    """Bind text cond (the network contract's `text`, `text_mask`) to `model(x, s, labels, **cond)`,
+    guided against the empty prompt (docs/math.md#text-guidance): returns `fn(x, s)` with output
+    `model(x, s, null) + w (model(x, s, cond) - model(x, s, null))`, both halves in one batched call.
+    `w` is a float or a per-sample (B,) tensor; `w = 1` costs a single conditional call."""
+    if not isinstance(guidance, torch.Tensor) and guidance == 1.0:
+        return lambda x, s: model(x, s, None, **cond)
+    both_cond = {k: torch.cat([cond[k], null_cond[k].to(cond[k].dtype)]) for k in cond}
+
+    def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        both = model(torch.cat([x, x]), torch.cat([s, s]), None, **both_cond)
+        c, u = both.chunk(2)
+        return cfg_combine(u, c, guidance)
+
+    return fn
+
+
 def trigflow_net_velocity(net, sigma_d: float = SIGMA_D) -> Callable:
-    """`(x_t, t, labels) -> sigma_d F(x_t / sigma_d, t, labels)` for a TrigFlow network
+    """`(x_t, t, labels, **cond) -> sigma_d F(x_t / sigma_d, t, labels, **cond)` for a TrigFlow network
     (`fewstep.core.trigflow.net_velocity` with the network bound)."""
-    return lambda x_t, t, labels=None: net_velocity(net, x_t, t, sigma_d, labels)
+    return lambda x_t, t, labels=None, **cond: net_velocity(net, x_t, t, sigma_d, labels, **cond)
 
 
 def edm_net_denoiser(net, sigma_data: float = SIGMA_D) -> Callable:
@@ -308,8 +325,18 @@ class ODESampler(Sampler):
     def nfe(self, schedule: Schedule) -> int:
         return 2 * schedule.steps - 1 if schedule.sampler == "heun" else schedule.steps  # grids end at 0
 
+    takes_cond = True
+
     @torch.no_grad()
-    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None) -> torch.Tensor:
-        """Deterministic: the generator is unused."""
-        return solve(self.ode(labels, guidance), noise, schedule.steps, schedule.sampler,
-                     times=self.times(schedule.steps))[0]
+    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None, cond: dict | None = None,
+               null_cond: dict | None = None) -> torch.Tensor:
+        """Deterministic: the generator is unused. `cond` / `null_cond`: a text-to-image model's text
+        cond and the empty prompt's, guided as `v_u + w (v_c - v_u)` (TrigFlow formulation)."""
+        if cond:
+            if self.formulation != "trigflow" or null_cond is None:
+                raise ValueError("text cond needs a TrigFlow diffusion model and the empty prompt's cond")
+            ode = TrigFlowODE(guided_text(trigflow_net_velocity(self.net, self.sigma_d), cond, null_cond, guidance),
+                              self.sigma_d)
+        else:
+            ode = self.ode(labels, guidance)
+        return solve(ode, noise, schedule.steps, schedule.sampler, times=self.times(schedule.steps))[0]

@@ -119,10 +119,11 @@ def ve_consistency_as_trigflow(net, sigma_data: float = SIGMA_D, eps: float = EP
     return fn
 
 
-def trigflow_sampler_fn(net, sigma_d: float = SIGMA_D, labels: torch.Tensor | None = None, guidance=None):
+def trigflow_sampler_fn(net, sigma_d: float = SIGMA_D, labels: torch.Tensor | None = None, guidance=None,
+                        cond: dict | None = None):
     """The consistency function of a TrigFlow network, as a sampler callable (`guidance`: the CFG
-    scale for a student that takes it as input)."""
-    return lambda x_t, t: trigflow_consistency(net, x_t, t, sigma_d, labels, guidance)
+    scale for a student that takes it as input; `cond`: other keyword inputs, e.g. text)."""
+    return lambda x_t, t: trigflow_consistency(net, x_t, t, sigma_d, labels, guidance, **(cond or {}))
 
 
 def trigflow_search_grid(points: int = 40, sigma_d: float = SIGMA_D, sigma_min: float = 0.002,
@@ -212,6 +213,8 @@ class Sampler:
 
     def sample(self, noise: torch.Tensor, schedule: Schedule, labels: torch.Tensor | None = None,
                guidance=1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples from `noise`. Samplers that also take the network contract's other cond (a
+        text-to-image model's `text`, `text_mask`) have a `cond=` keyword and `takes_cond = True`."""
         raise NotImplementedError
 
     def consistency_fn(self, labels: torch.Tensor | None = None, guidance=None) -> Callable | None:
@@ -289,13 +292,16 @@ class TrigFlowConsistencySampler(_Multistep):
     arctan(sigma_max / sigma_d)` (ECT starts there). A schedule that starts lower (SDEdit-like) reads
     `sigma_d z` as its first state."""
 
-    def consistency_fn(self, labels=None, guidance=None) -> Callable:
+    takes_cond = True
+
+    def consistency_fn(self, labels=None, guidance=None, cond: dict | None = None) -> Callable:
         w = guidance if self.guidance_input else None
-        return trigflow_sampler_fn(self.net, self.sigma_d, labels, w)
+        return trigflow_sampler_fn(self.net, self.sigma_d, labels, w, cond)
 
     @torch.no_grad()
-    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None) -> torch.Tensor:
-        fn = self.consistency_fn(labels, self._guidance(guidance))
+    def sample(self, noise, schedule, labels=None, guidance=1.0, generator=None, cond: dict | None = None
+               ) -> torch.Tensor:
+        fn = self.consistency_fn(labels, self._guidance(guidance), cond)
         times = self._start(schedule)
         if times[0] == self.t_max:
             noise = math.sin(self.t_max) * noise  # sin(pi/2) is 1.0 exactly: the prior's noise unchanged

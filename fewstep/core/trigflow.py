@@ -50,9 +50,9 @@ def consistency_from_velocity(x_t, t, v) -> torch.Tensor:
     return torch.cos(t) * x_t - torch.sin(t) * v
 
 
-def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None, guidance=None) -> torch.Tensor:
+def trigflow_consistency(net, x_t, t, sigma_d: float, labels=None, guidance=None, **cond) -> torch.Tensor:
     """Consistency function `f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t)`."""
-    return consistency_from_velocity(x_t, t, net_velocity(net, x_t, t, sigma_d, labels, guidance=guidance))
+    return consistency_from_velocity(x_t, t, net_velocity(net, x_t, t, sigma_d, labels, guidance=guidance, **cond))
 
 
 def time_dtype(x: torch.Tensor) -> torch.dtype:

@@ -8,7 +8,8 @@ an image of another size is an error when it is read.
 
 Labels: `dataset.json` at the root wins (EDM: `{"labels": [["00000/img00000000.png", 6], ...]}`,
 or `{"labels": null}` for none); otherwise, when more than one top-level subfolder holds images,
-each such subfolder is a class (sorted names -> labels 0, 1, ...).
+each such subfolder is a class (sorted names -> labels 0, 1, ...). A `metadata.jsonl` at the root
+(Hugging Face imagefolder captions) makes a prompt dataset instead (`fewstep.data.prompts`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from fewstep.data.base import DataError, Dataset, convert_channels, decode_pixels, one_line, resize_images
+from fewstep.data.prompts import METADATA_FILE, prompts_from_metadata
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABELS_FILE = "dataset.json"
@@ -203,9 +205,20 @@ class ImageFolderDataset(ImageFilesDataset):
             raise DataError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under '{self.root}'")
         labels_file = os.path.join(self.root, LABELS_FILE)
         labels_json = Path(labels_file).read_bytes() if os.path.isfile(labels_file) else None
+        captions = None
+        metadata = os.path.join(self.root, METADATA_FILE)
+        if os.path.isfile(metadata):  # Hugging Face imagefolder captions: a prompt dataset (fewstep.data.prompts)
+            names, captions = prompts_from_metadata(Path(metadata).read_bytes(), set(names), metadata)
+            labels_json = None
         super().__init__(os.fspath(path) if name is None else name, names, labels_json,
                          labels_file if labels_json is not None else self.root,
                          resolution=resolution, channels=channels)
+        self.prompts = None  # the distinct captions; labels index them
+        if captions is not None:
+            self.prompts = sorted(set(captions))
+            index = {p: i for i, p in enumerate(self.prompts)}
+            self._labels = torch.tensor([index[c] for c in captions], dtype=torch.int64)
+            self.class_names, self.num_classes = None, 0
 
     def open_image(self, i: int) -> str:
         return self.where(i)

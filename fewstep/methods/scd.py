@@ -10,6 +10,11 @@ from the teacher's weights (diffusion fine-tuning, docs/math.md#stabilizers); th
     method = SCD(teacher=teacher, guidance=2.0)
     loss, stats = method(student, x0, labels, step)
 
+Text-to-image (a teacher with `text_input`, prompts from a prompt dataset): `set_prompts(table)`
+gives the encoded prompts (`fewstep.data.prompts.PromptTable`); labels are then prompt indices, the
+network gets the contract's `text` / `text_mask`, and the teacher is guided against the empty
+prompt, `v_u + w (v_c - v_u)` (docs/math.md#text-guidance).
+
 With `guidance_range=[w_min, w_max]` each sample draws its own scale, the teacher is guided
 with it and the student (a network with `guidance_input`) takes it as an input, so that one
 student samples at any scale in the range (`fewstep sample --guidance W`).
@@ -29,7 +34,7 @@ from fewstep.methods.base import Method, register_method
 from fewstep.methods.common import check_choice, check_range
 from fewstep.jvp import JVP_MODES
 from fewstep.methods.scm import TANGENT_NORMS, scm_loss, tangent_warmup
-from fewstep.core.ode import edm_net_denoiser, guided, trigflow_net_velocity
+from fewstep.core.ode import edm_net_denoiser, guided, guided_text, trigflow_net_velocity
 from fewstep.core.trigflow import SIGMA_D, lognormal_times, time_dtype, trigflow_noise
 from fewstep.networks.contract import network_info
 
@@ -58,7 +63,10 @@ def make_teacher_velocity(net, formulation: str = "trigflow", sigma_d: float = S
         null_label = network_info(net).num_classes or None  # batch cond + null in one call
 
     @torch.no_grad()
-    def teacher_velocity(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def teacher_velocity(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                         **cond) -> torch.Tensor:
+        if cond:  # text cond: the caller guides against the empty prompt (`fewstep.core.ode.guided_text`)
+            return model(x_t, t, labels, **cond)
         return guided(model, labels, guidance, null_label)(x_t, t)
 
     return teacher_velocity
@@ -100,8 +108,13 @@ class SCD(Method):
         """The teacher's velocity, from a frozen TrigFlow or EDM diffusion network."""
         self.teacher = make_teacher_velocity(net.requires_grad_(False), formulation, self.sigma_d)
 
+    def set_prompts(self, table) -> None:
+        """The run's encoded prompts (a `PromptTable`): labels become prompt indices."""
+        self.prompts = table
+
     def __post_init__(self, teacher):
         self.teacher = teacher
+        self.prompts = None  # set_prompts: a text-to-image run's encoded prompts
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)
         if self.sigma_max is not None:
             check_range("method.sigma_max", self.sigma_max, 0, low_open=True)
@@ -136,7 +149,32 @@ class SCD(Method):
         lo, hi = self.guidance_range
         return lo + (hi - lo) * torch.rand(n, device=device)
 
+    def text_teacher_velocity(self, x_t, t, cond: dict, guidance=None):
+        """The teacher velocity under text cond, guided against the empty prompt (no gradients)."""
+        if self.teacher is None:
+            raise ValueError("sCD needs a teacher: SCD(teacher=make_teacher_velocity(net, ...), ...)")
+        null = self.prompts.null_cond(x_t.shape[0], x_t.device, cond["text"].dtype)
+        with torch.no_grad():
+            return guided_text(self.teacher, cond, null, self.guidance if guidance is None else guidance)(x_t, t)
+
+    def _text_loss(self, net, x0, labels, step):
+        if labels is None:
+            raise ValueError("a text-to-image sCD run needs prompt indices as labels (a prompt dataset)")
+        if self.guidance_range is not None:
+            raise ValueError("method.guidance_range needs a student with a guidance input; a text-to-image "
+                             "student distils one fixed scale: set method.guidance")
+        cond = self.prompts.cond(labels)
+        t = lognormal_times(x0.shape[0], self.p_mean, self.p_std, self.sigma_d, device=x0.device,
+                            dtype=time_dtype(x0))
+        x_t = trigflow_noise(x0, torch.randn_like(x0) * self.sigma_d, t)
+        dxdt = self.text_teacher_velocity(x_t, t, cond).to(x0.dtype)
+        return scm_loss(net, x_t, t, dxdt, self.sigma_d, None, r=tangent_warmup(step, self.warmup_steps),
+                        tangent_norm=self.tangent_norm, norm_const=self.norm_const,
+                        adaptive_weight=self.adaptive_weight, jvp_mode=self.jvp_mode, cond=cond)
+
     def __call__(self, net, x0: torch.Tensor, labels: torch.Tensor | None = None, step: int = 0):
+        if self.prompts is not None:
+            return self._text_loss(net, x0, labels, step)
         w = self.draw_guidance(x0.shape[0], x0.device)
         if w is None and labels is not None and network_info(net).guidance_input:
             w = torch.full((x0.shape[0],), float(self.guidance), device=x0.device)  # one fixed scale, as input

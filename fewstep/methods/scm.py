@@ -24,17 +24,18 @@ from fewstep.methods.common import adaptive_weighting, per_sample_mse
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
 
 
-def _cond(guidance) -> dict:
-    """Keyword inputs besides `(x, t, labels)`: the CFG scale of a guidance-conditioned student."""
-    return {} if guidance is None else {"guidance": guidance}
+def _cond(guidance, cond: dict | None = None) -> dict:
+    """Keyword inputs besides `(x, t, labels)`: the CFG scale of a guidance-conditioned student, and
+    any other cond of the network contract (e.g. `text`, `text_mask`), constant along the tangent."""
+    return {**(cond or {}), **({} if guidance is None else {"guidance": guidance})}
 
 
 def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
-            labels: torch.Tensor | None = None, guidance=None, mode: str = "tangent"):
+            labels: torch.Tensor | None = None, guidance=None, mode: str = "tangent", cond: dict | None = None):
     """`(F, sigma_d cos t sin t dF/dt)` at `(x_t / sigma_d, t)` along `dx_t/dt`, by `fewstep.jvp.jvp`:
     `F` with autograd (unless called under `torch.no_grad()`), the JVP without a graph."""
     cs = torch.cos(t) * torch.sin(t)
-    return jvp(net, (x_t / sigma_d, t, labels), (expand_to(cs, x_t) * dxdt, cs * sigma_d, None), _cond(guidance),
+    return jvp(net, (x_t / sigma_d, t, labels), (expand_to(cs, x_t) * dxdt, cs * sigma_d, None), _cond(guidance, cond),
                mode=mode)
 
 
@@ -67,10 +68,11 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
              tangent_norm: str = "l2", norm_const: float = 0.1, adaptive_weight: bool = True,
-             jvp_mode: str = "tangent", guidance=None):
+             jvp_mode: str = "tangent", guidance=None, cond: dict | None = None):
     """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (docs/math.md#sct-and-scd).
-    `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input."""
-    F_theta, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance, mode=jvp_mode)
+    `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input;
+    `cond`: other keyword inputs of the network (a text-to-image student's `text`, `text_mask`)."""
+    F_theta, jvp_out = scm_jvp(net, x_t, t, dxdt, sigma_d, labels, guidance, mode=jvp_mode, cond=cond)
     F_minus = F_theta.detach()  # theta^- = stopgrad(theta): the same pass, so the same dropout masks
 
     # Tangent math in float32 at least, whatever precision the network ran in.

@@ -24,6 +24,9 @@ The network contract, which every method, sampler and command relies on:
   the time embedding and zero-initialized, so that without it nothing changes. MeanFlow's JVP
   gives `r` a zero tangent: compute with `r` as given (e.g. `t - r` inside the network), not
   with a copy of `t`.
+- `text`, `text_mask` (keywords, optional; text-to-image models): prompt embeddings (B, L, D) from a
+  text encoder and their attention mask (B, L). A network that takes them sets `text_input = True`;
+  classifier-free guidance mixes against the empty prompt's embeddings (docs/math.md#text-guidance).
 - optional `adaptive_weight(t) -> (B,)`: the learned loss weighting head (docs/math.md#adaptive-weighting); absent or
   returning None means no adaptive weighting.
 - a network registered with `@register_network(name)` can be rebuilt from checkpoints.

@@ -124,6 +124,10 @@ class LoRANetwork(nn.Module):
         return bool(getattr(self.base, "second_time", False))
 
     @property
+    def text_input(self) -> bool:
+        return bool(getattr(self.base, "text_input", False))
+
+    @property
     def weight_head(self):
         has = callable(getattr(self.base, "adaptive_weight", None))
         return getattr(self.base, "weight_head", None) if has else None

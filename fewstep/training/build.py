@@ -81,7 +81,7 @@ def _encoded(cfg: Config, dataset):
         if main_process():
             print(f"encoding {len(dataset)} images of {cfg.data.name!r} with the VAE {cfg.data.vae} -> {path}")
         encode_dataset(dataset, cfg.data.vae, path, source=source, progress=cfg.train.progress)
-    return LatentDataset(path, name=cfg.data.name)
+    return LatentDataset(path, name=cfg.data.name)  # a prompt dataset's captions are in its record
 
 
 def default_workers(dataset) -> int:
@@ -147,6 +147,38 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
 STUDENT_OPTIONS = ("dropout", "dropout_res")
 
 
+def _prompts(cfg: Config, dataset, method, teacher, device) -> Config:
+    """Text-to-image: a prompt dataset's captions encoded once (cached) by the text encoder of
+    `data.text_encoder`, or of a diffusers teacher pipeline, and handed to the method. Returns the
+    config with `data.text_encoder` resolved (sampling encodes new prompts with it)."""
+    from fewstep.interop.diffusers.pretrained import PretrainedError
+    from fewstep.interop.diffusers.text import cached_prompt_table
+    from fewstep.networks.contract import network_info
+
+    prompts = getattr(dataset, "prompts", None)
+    takes_text = teacher is not None and network_info(teacher.net).text_input
+    if not prompts:
+        if takes_text:
+            raise ConfigError(f"the teacher {cfg.train.teacher} is text-to-image: train on a prompt dataset (an image "
+                              f"folder with a metadata.jsonl of file_name and text)")
+        return cfg
+    if teacher is not None and not takes_text:
+        raise ConfigError(f"{cfg.data.name} is a prompt dataset (metadata.jsonl) but the teacher takes no text")
+    if not hasattr(method, "set_prompts"):
+        raise ConfigError(f"method {method.name!r} does not train on prompts; text-to-image distillation is "
+                          f"method 'scd' with a text-to-image teacher")
+    spec = cfg.data.text_encoder or (cfg.train.teacher if takes_text else None)
+    if spec is None:
+        raise ConfigError("a prompt dataset needs a text encoder: set data.text_encoder to a text-to-image "
+                          "pipeline (folder or Hub id)")
+    try:
+        table, _ = cached_prompt_table(spec, prompts, device, progress=main_process() and cfg.train.progress)
+    except PretrainedError as e:
+        raise ConfigError(str(e)) from None
+    method.set_prompts(table.to(device))
+    return replace(cfg, data=replace(cfg.data, text_encoder=str(spec)))
+
+
 def _student_network(cfg: Config, teacher, method):
     """Diffusion fine-tuning (docs/math.md#stabilizers): the teacher's architecture, plus the student's own
     guidance input when asked for, and the `STUDENT_OPTIONS` the config's network section sets."""
@@ -206,6 +238,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     cfg = replace(cfg, method=_latent_method(cfg, dataset))
     method = build_method(cfg.method)
     teacher = load_teacher(tc.teacher, method, dataset, device, tc.teacher_scheduler) if tc.teacher else None
+    cfg = _prompts(cfg, dataset, method, teacher, device)
     resuming = out_dir is not None and tc.resume and bool(list_checkpoints(Path(out_dir) / "checkpoints"))
     init = None
     if tc.init_from:  # fine-tuning: the network and weights of another run (e.g. flow, then sCT)

@@ -212,7 +212,9 @@ def _batches(data, data_info, net, batch_size, workers, seed, dist_info, device)
 
 
 def _to_device(x0, labels, net, device):
-    labels = labels.to(device, non_blocking=True) if labels is not None and network_info(net).num_classes else None
+    info = network_info(net)  # a text-to-image network's labels are prompt indices (fewstep.data.prompts)
+    labels = labels.to(device, non_blocking=True) if labels is not None and (info.num_classes or info.text_input) \
+        else None
     return x0.to(device, non_blocking=True), labels
 
 

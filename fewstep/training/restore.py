@@ -119,8 +119,9 @@ def restore_diffusers(source, device: str | torch.device = "cpu", sigma_d: float
     size = (size, size) if isinstance(size, int) else tuple(size)
     shape = (int(src.config.get("in_channels", 3)), *size)
     config = {k: record[k] for k in ("data", "network") if k in record}
+    latents = (record.get("data") or {}).get("latents")  # an exported latent pipeline decodes with its own VAE
     return Restored(net, method, "image", shape, int(net.num_classes), config, Path(source),
-                    int(record.get("step", 0)), "ema", torch.device(device))
+                    int(record.get("step", 0)), "ema", torch.device(device), latents)
 
 
 def _snapshot_record(snap) -> tuple[dict, dict]:

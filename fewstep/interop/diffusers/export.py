@@ -14,7 +14,10 @@ negligible (`timestep_scaling` = 1000: `c_skip < 1e-9` at every timestep LCM vis
 pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
 
 The folder keeps `fewstep.json` (method, data, training step) beside diffusers' files, so that
-`fewstep sample`/`eval` read it as the consistency model it is. A LoRA student (`network.lora_rank`)
+`fewstep sample`/`eval` read it as the consistency model it is. A text-to-image student on SD's
+`UNet2DConditionModel` is written as a `StableDiffusionPipeline` (its VAE, tokenizer, text encoder,
+the student's UNet and the `LCMScheduler`), sampled without CFG: the guidance is distilled into it.
+A LoRA student (`network.lora_rank`)
 exports only its adapter, for diffusers' LoRA loaders, on top of the teacher they already have.
 """
 
@@ -39,8 +42,11 @@ def export_diffusers(model, out: str | Path) -> Path:
     if isinstance(unwrap(model.net), LoRANetwork):
         return export_lora(model, out)
     net = _consistency_student(model, unwrap(model.net))
+    if type(net.model).__name__ == "UNet2DConditionModel":
+        return export_text_to_image(model, net, out)
     if type(net.model).__name__ != "UNet2DModel":
-        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline); got {type(net.model).__name__}")
+        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline) and UNet2DConditionModel students "
+                         f"(StableDiffusionPipeline); got {type(net.model).__name__}")
     if net.num_classes:
         raise ValueError("export writes unconditional students: DDPMPipeline takes no class labels")
     if model.latents:
@@ -49,6 +55,28 @@ def export_diffusers(model, out: str | Path) -> Path:
     out = Path(out)
     diffusers.DDPMPipeline(unet=net.model, scheduler=lcm_scheduler(net)).save_pretrained(out, safe_serialization=True)
     _write_record(model, out)
+    return out
+
+
+def export_text_to_image(model, net, out: str | Path) -> Path:
+    """A text-to-image student on SD's `UNet2DConditionModel` as a `StableDiffusionPipeline` folder
+    with an `LCMScheduler`, beside the run's VAE, tokenizer and text encoder. Sample it without CFG
+    (`guidance_scale=1`): the teacher's guidance is distilled into the student."""
+    from fewstep.interop.diffusers.latents import load_vae
+    from fewstep.interop.diffusers.network import import_diffusers
+
+    if not model.latents:
+        raise ValueError("export of a text-to-image student needs its VAE: train it in latents (data.vae)")
+    encoder = model.prompt_encoder()
+    out = Path(out)
+    import_diffusers().StableDiffusionPipeline(
+        vae=load_vae(model.latents["vae"]), text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=net.model,
+        scheduler=lcm_scheduler(net), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(out, safe_serialization=True)
+    # The folder is its own text encoder and VAE when fewstep reads it back.
+    data = {**(model.config.get("data") or {}), "text_encoder": str(out.resolve()),
+            "latents": {**model.latents, "vae": str(out.resolve())}}
+    _write_record(model, out, data=data)
     return out
 
 
@@ -112,5 +140,6 @@ def _write_record(model, out: Path, **extra) -> None:
     from fewstep.methods.base import method_config
 
     record = {"method": method_config(model.method), "data": model.config.get("data") or {}, "step": model.step,
-              "weights": model.weights, "exported_from": str(model.checkpoint) if model.checkpoint else None, **extra}
+              "weights": model.weights, "exported_from": str(model.checkpoint) if model.checkpoint else None}
+    record.update(extra)
     (out / "fewstep.json").write_text(json.dumps(record, indent=1))

@@ -128,7 +128,7 @@ def encode_dataset(dataset: Dataset, vae_spec: str, out: str | os.PathLike, *, b
     record = {"vae": str(vae_spec), "scaling_factor": sf, "shift_factor": shift, "pixel_shape": list(dataset.shape),
               "latent_shape": list(mean.shape[1:]), "count": len(mean), "sigma_d": sigma_d,
               "source": source or {"name": dataset.name}, "class_names": dataset.class_names,
-              "num_classes": dataset.num_classes}
+              "num_classes": dataset.num_classes, "prompts": getattr(dataset, "prompts", None)}
     tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
     if labels:
         tensors["labels"] = torch.cat(labels).to(torch.int64)
@@ -174,6 +174,7 @@ class LatentDataset(Dataset):
         self.shape = tuple(self._mean.shape[1:])
         self.class_names = record.get("class_names")
         self.num_classes = int(record.get("num_classes") or 0) if self._labels is not None else 0
+        self.prompts = record.get("prompts")  # a prompt dataset's captions: labels index them
         self.scaling_factor, self.shift_factor = record["scaling_factor"], record["shift_factor"]
         self.seed = seed
 

@@ -8,6 +8,8 @@ The diffusers model is built from its config (`Model.from_config`) and called th
 is looked up by name among diffusers' image models in `MODELS` only: a checkpoint
 (`{"name": "diffusers", "kwargs": {"model": ..., "config": ...}}`) can never name other code.
 `time_scale` maps TrigFlow's t in [0, pi/2] to the model's timestep input (1: t itself);
+`text` / `text_mask` (the contract's text cond: prompt embeddings and their mask) for
+text-to-image models (`TEXT_MODELS`: SD's `UNet2DConditionModel`, `PixArtTransformer2DModel`);
 `num_classes` K for class-conditional models whose class embedding has K + 1 rows (the last one
 is fewstep's "no label", for classifier-free guidance).
 
@@ -32,7 +34,10 @@ from fewstep.interop.diffusers.schedules import TrigFlowSchedule, import_diffuse
 from fewstep.networks.registry import register_network
 from fewstep.core.trigflow import SIGMA_D
 
-MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel")
+MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel", "UNet2DConditionModel",
+          "PixArtTransformer2DModel")
+# Text-conditioned models: they take the contract's `text` (B, L, D) and `text_mask` (B, L) cond.
+TEXT_MODELS = ("UNet2DConditionModel", "PixArtTransformer2DModel")
 
 
 def class_count(model_name: str, config: dict) -> int:
@@ -64,24 +69,50 @@ class DiffusersNetwork(nn.Module):
         self.time_scale = time_scale
         self.num_classes = num_classes  # K: labels 0..K-1, and K for "no label" (the model embeds K + 1)
         self.formulation = formulation
+        self.text_input = model in TEXT_MODELS  # the network contract's text cond (network_info)
         self.schedule_source = schedule  # {"scheduler": class name, "config": ...}, as given
         # `prediction` re-reads the model's output (e.g. a v_prediction student of an epsilon teacher)
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
             schedule["scheduler"], schedule["config"], sigma_d, prediction or schedule.get("prediction"))
 
-    def _model(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _model(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None, text=None,
+               text_mask=None) -> torch.Tensor:
         if labels is None and self.num_classes:  # the contract's "no label" is class K
             labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         kwargs = {} if labels is None else {"class_labels": labels}
-        out = self.model(x, timestep, **kwargs, return_dict=False)[0]
+        if self.text_input:  # PixArt's second positional argument is the text, not the timestep
+            out = self.model(x, timestep=timestep, **kwargs, **self._text_kwargs(x, text, text_mask),
+                             return_dict=False)[0]
+        else:
+            self._text_kwargs(x, text, text_mask)  # a one-line error for text given to a model without it
+            out = self.model(x, timestep, **kwargs, return_dict=False)[0]
         if out.shape[1] == 2 * x.shape[1]:  # a learned-variance model (DiT): the first half is the prediction
             out = out[:, :x.shape[1]]
         return out
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _text_kwargs(self, x: torch.Tensor, text, text_mask) -> dict:
+        """The text cond in the model's own keywords (SD's UNet reads no mask, as its pipelines)."""
+        name = type(self.model).__name__
+        if not self.text_input:
+            if text is not None:
+                raise ValueError(f"this {name} takes no text: it is not a text-to-image model")
+            return {}
+        if not (torch.is_tensor(text) and text.ndim == 3 and text.shape[0] == x.shape[0]):
+            raise ValueError(f"this {name} is text-conditioned: pass text= prompt embeddings of shape (B, L, D) with "
+                             f"B = {x.shape[0]}, got {tuple(text.shape) if torch.is_tensor(text) else text!r}")
+        if name == "UNet2DConditionModel":
+            return {"encoder_hidden_states": text}
+        return {"encoder_hidden_states": text, "encoder_attention_mask": text_mask,
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None, text=None,
+                text_mask=None) -> torch.Tensor:
+        def model(xm, k):
+            return self._model(xm, k, labels, text, text_mask)
+
         if self.schedule is None:
-            return self._model(x, t * self.time_scale, labels)
+            return model(x, t * self.time_scale)
         if self.formulation == "edm":  # t is c_noise = ln(sigma) / 4, sigma = sigma_d tan(t_trigflow)
             t_trig = torch.atan(torch.exp(4 * t) / self.schedule.sigma_d)
-            return -self.schedule.velocity(lambda xm, k: self._model(xm, k, labels), x, t_trig)
-        return self.schedule.velocity(lambda xm, k: self._model(xm, k, labels), x, t)
+            return -self.schedule.velocity(model, x, t_trig)
+        return self.schedule.velocity(model, x, t)
