@@ -24,11 +24,12 @@ traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
@@ -107,12 +108,9 @@ class TracedJVP:
 
         inputs = [x.detach() for x in state.values()] + [leaves[i].detach() for i in where]
         try:
-            # One fake mode for the nodes' metadata: without a current one, make_fx makes a new mode
-            # per node (each taking a stack trace), which is most of the tracing time.
-            context = torch._guards.TracingContext(FakeTensorMode(allow_fallback_kernels=True))
-            with warnings.catch_warnings(), torch._guards.tracing(context):
+            with _untouched_rng(inputs), _no_node_metadata(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the engine's once-per-op notices repeat at every replay otherwise
-                gm = make_fx(joint, tracing_mode="real")(*inputs)
+                gm = make_fx(joint, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(*inputs)
         except Exception as e:  # noqa: BLE001 - any failure to trace: the eager engine is exact anyway
             self._notice(net, e)
             return _FALLBACK
@@ -128,6 +126,30 @@ class TracedJVP:
                 f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             warnings.warn(f"jvp(mode='traced'): cannot trace {type(net).__name__} ({why}); "
                           f"using mode='tangent' (the eager engine) for it", stacklevel=4)
+
+
+@contextlib.contextmanager
+def _no_node_metadata():
+    """make_fx gives every node a fake tensor of its output (`meta["val"]`), more than half of the
+    tracing time; nothing here reads it (a replay runs the aten ops, torch.compile retraces the
+    graph's code), so the trace skips it."""
+    set_meta = getattr(proxy_tensor, "set_meta", None)
+    if set_meta is None:  # another torch: trace as it does
+        yield
+        return
+    proxy_tensor.set_meta = lambda proxy, val: proxy
+    try:
+        yield
+    finally:
+        proxy_tensor.set_meta = set_meta
+
+
+def _untouched_rng(tensors: list):
+    """The trace runs on real tensors, so its dropout draws would advance the RNG: restored after,
+    the trace call draws exactly what an untraced call draws, so a resumed run (which traces at
+    another step) repeats the uninterrupted run's masks bit for bit."""
+    cuda = sorted({x.device.index or 0 for x in tensors if x.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda, device_type="cuda") if cuda else torch.random.fork_rng(devices=[])
 
 
 def _state(net) -> dict:
