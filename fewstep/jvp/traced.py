@@ -8,10 +8,13 @@ exactly as they run eagerly, so the joint graph holds the same arithmetic, op fo
 registered with `@tangent_rule` (yours too) is in it. The rules read detached primals, and the
 tracer records those `detach` nodes: replayed, autograd records the primal's ops only, so the
 backward and the saved activations are those of a plain forward. Dropout's `native_dropout` is one
-node whose mask feeds both the primal and the tangent; every replay draws a fresh mask.
+node whose mask feeds both the primal and the tangent; every replay draws a fresh mask, and draws
+what an eager call would. The trace runs the ops on real tensors and restores the RNG after, so
+when a signature is traced leaves no mark on the random stream (a resumed run, which traces at
+another step, repeats the uninterrupted run's dropout masks bit for bit).
 
-Tracing uses fake tensors, so a forward that branches on a tensor's VALUE (`if x.max() > 0`,
-`.item()`) cannot be captured: it falls back to the eager engine (`mode="tangent"`), with one
+The tracer refuses any op that reads a tensor's value into Python, so a forward that branches on
+a tensor's VALUE (`if x.max() > 0`, `.item()`) cannot be captured: it falls back to the eager engine (`mode="tangent"`), with one
 warning per network naming the reason. Branches on shapes, dtypes and flags are fine: they are
 part of the signature (shapes, strides, dtypes, devices of every tensor, the values of the other
 arguments, which inputs carry tangents, the modules' train/eval flags, grad and autocast state).
@@ -19,7 +22,9 @@ arguments, which inputs carry tangents, the modules' train/eval flags, grad and 
 `compile=True` runs the joint graph through `torch.compile` (inductor): one compile per signature,
 none per step, as the graph's inputs are tensors whose values may change freely; a network that
 is itself `torch.compile`'d has its joint graph compiled with the same backend. A signature is
-traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine.
+traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine. Compiled, it is
+traced at the first: inductor draws its random numbers its own way, so an eager first call would
+make a resumed run's masks differ from the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ class TracedJVP:
         entry = self.graphs.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
-            if seen < TRACE_AT_CALL:
-                return None  # the eager engine, the same numbers
+            if seen < TRACE_AT_CALL and not compile:
+                return None  # the eager engine, the same numbers and the same random draws
             del self.seen[key]
             entry = self.graphs[key] = self._trace(net, state, leaves, spec)
         if entry is _FALLBACK:

@@ -80,7 +80,7 @@ class SCD(Method):
     norm_const: float = 0.1
     warmup_steps: int = 10000  # tangent warmup (paper: 10k)
     adaptive_weight: bool = True
-    jvp_mode: str = "tangent"  # as in SCT
+    jvp_mode: str = "traced"  # as in SCT
 
     takes_teacher = True
 
