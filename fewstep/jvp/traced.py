@@ -22,14 +22,16 @@ arguments, which inputs carry tangents, the modules' train/eval flags, grad and 
 `compile=True` runs the joint graph through `torch.compile` (inductor): one compile per signature,
 none per step, as the graph's inputs are tensors whose values may change freely; a network that
 is itself `torch.compile`'d has its joint graph compiled with the same backend. A signature is
-traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine. Compiled, it is
-traced at the first: inductor draws its random numbers its own way, so an eager first call would
-make a resumed run's masks differ from the uninterrupted run's.
+traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine. Inside
+`repeated_calls()` (fewstep's training loop) and compiled, it is traced at the first, so that
+every step of a run, resumed or not, runs the same graph: inductor draws its random numbers its
+own way, and the eager engine's gradients may differ from the graph's in the last bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 import weakref
 
@@ -40,13 +42,28 @@ from torch.utils import _pytree as pytree
 
 from fewstep.jvp.engine import tangent_forward
 
-__all__ = ["TracedJVP", "traced_jvp"]
+__all__ = ["TracedJVP", "repeated_calls", "traced_jvp"]
 
 _FALLBACK = object()  # a cache entry: this signature could not be traced
 # A signature is traced at its second call; its first runs the eager engine. Training repeats a
 # signature thousands of times, while a one-off call (a check, a test) would pay a trace of
-# seconds for a single use.
+# seconds for a single use. Inside `repeated_calls()` (the training loop) it is traced at once.
 TRACE_AT_CALL = 2
+_REPEATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fewstep_traced_repeated", default=False)
+
+
+@contextlib.contextmanager
+def repeated_calls():
+    """The calls in this block repeat their signatures (a training loop): each is traced at its
+    first call, so every call of a signature runs its graph. The eager engine and the graph agree
+    in value, but not always in the last bit of a gradient (the diffusers UNet's attention
+    projections differ by ~1e-10), so a run that switched from one to the other at a step that
+    depends on when the process started would not resume bit for bit."""
+    token = _REPEATED.set(True)
+    try:
+        yield
+    finally:
+        _REPEATED.reset(token)
 
 
 class TracedJVP:
@@ -77,7 +94,7 @@ class TracedJVP:
         entry = self.graphs.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
-            if seen < TRACE_AT_CALL and not compile:
+            if seen < TRACE_AT_CALL and not compile and not _REPEATED.get():
                 return None  # the eager engine, the same numbers and the same random draws
             del self.seen[key]
             entry = self.graphs[key] = self._trace(net, state, leaves, spec)
