@@ -166,12 +166,11 @@ def _fit_traced(out, steps):
     fit(net, SCT(jvp_mode="traced"), data, out, steps=steps, ckpt_every=0, log_every=2, progress=False)
 
 
-def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path):
     """4 steps at once == 2 steps, stop, resume for 2 more, bit for bit, with dropout: the resumed
     process traces at another step, and the trace itself must not advance the RNG."""
     from fewstep.training import checkpoint as ckpt
 
-    monkeypatch.setattr(traced, "TRACE_AT_CALL", 2)  # the library's default: an untraced first call
     _fit_traced(tmp_path / "full", 4)
     _fit_traced(tmp_path / "split", 2)
     _fit_traced(tmp_path / "split", 4)
