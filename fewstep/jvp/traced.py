@@ -14,10 +14,11 @@ when a signature is traced leaves no mark on the random stream (a resumed run, w
 another step, repeats the uninterrupted run's dropout masks bit for bit).
 
 The tracer refuses any op that reads a tensor's value into Python, so a forward that branches on
-a tensor's VALUE (`if x.max() > 0`, `.item()`) cannot be captured: it falls back to the eager engine (`mode="tangent"`), with one
-warning per network naming the reason. Branches on shapes, dtypes and flags are fine: they are
-part of the signature (shapes, strides, dtypes, devices of every tensor, the values of the other
-arguments, which inputs carry tangents, the modules' train/eval flags, grad and autocast state).
+a tensor's VALUE (`if x.max() > 0`, `.item()`) cannot be captured: it falls back to the eager
+engine (`mode="tangent"`), with one warning per network naming the reason. Branches on shapes,
+dtypes and flags are fine: they are part of the signature (shapes, strides, dtypes, devices of
+every tensor, the values of the other arguments, which inputs carry tangents, the modules'
+train/eval flags, grad and autocast state).
 
 `compile=True` runs the joint graph through `torch.compile` (inductor): one compile per signature,
 none per step, as the graph's inputs are tensors whose values may change freely; a network that
