@@ -156,6 +156,31 @@ def test_dropout_draws_one_mask_for_primal_and_tangent():
     assert not torch.equal(other, out)  # each replay draws a fresh mask
 
 
+def _fit_traced(out, steps):
+    from fewstep import fit
+    from fewstep.methods import SCT
+
+    torch.manual_seed(0)
+    net = tiny_mlp(dim=2, dropout=0.3)
+    data = [0.5 * torch.randn(16, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fit(net, SCT(jvp_mode="traced"), data, out, steps=steps, ckpt_every=0, log_every=2, progress=False)
+
+
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path):
+    """4 steps at once == 2 steps, stop, resume for 2 more, bit for bit, with dropout: the resumed
+    process traces at another step, and the trace itself must not advance the RNG."""
+    from fewstep.training import checkpoint as ckpt
+
+    _fit_traced(tmp_path / "full", 4)
+    _fit_traced(tmp_path / "split", 2)
+    _fit_traced(tmp_path / "split", 4)
+    full, _ = ckpt.load_checkpoint(tmp_path / "full")
+    split, state = ckpt.load_checkpoint(tmp_path / "split")
+    assert state["step"] == 4 and full.keys() == split.keys()
+    for k in full:
+        assert torch.equal(full[k], split[k]), k
+
+
 class Branchy(nn.Module):
     """A forward that branches on a tensor's value: not traceable."""
 

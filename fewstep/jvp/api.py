@@ -5,11 +5,11 @@ derivative `J net . tangents` without a graph. `tangents[i]` belongs to `args[i]
 number (broadcast like `args[i]`) or None (zero); `kwargs` have tangent zero. Modes, one function
 each in `_MODES`:
 
-- "traced": the tangent engine traced once per input signature into one aten graph of
+- "traced" (default): the tangent engine traced once per input signature into one aten graph of
   primal and tangent (`fewstep.jvp.traced`), replayed at every call, optionally compiled; the
   same arithmetic without the per-op Python. A forward that cannot be traced (branches on tensor
   values) runs "tangent" instead, with one warning per network.
-- "tangent" (default): the tangent engine (`fewstep.jvp.engine`), one call of the network's own
+- "tangent": the tangent engine (`fewstep.jvp.engine`), one call of the network's own
   forward carrying tangents op by op; any network, about the memory of a plain training step.
 - "separate": `torch.func.jvp` in a no-grad pass, then a graded forward with the same random
   draws (dropout masks); under `torch.no_grad()` the second pass is skipped.
@@ -107,7 +107,7 @@ def _detach(tree):
     return tree
 
 
-def jvp(net, args: tuple, tangents: tuple, kwargs: dict | None = None, mode: str = "tangent",
+def jvp(net, args: tuple, tangents: tuple, kwargs: dict | None = None, mode: str = "traced",
         compile: bool = False):
     """`(net(*args, **kwargs), J net . tangents)`: the output with autograd and its JVP without a graph.
 

@@ -8,39 +8,63 @@ exactly as they run eagerly, so the joint graph holds the same arithmetic, op fo
 registered with `@tangent_rule` (yours too) is in it. The rules read detached primals, and the
 tracer records those `detach` nodes: replayed, autograd records the primal's ops only, so the
 backward and the saved activations are those of a plain forward. Dropout's `native_dropout` is one
-node whose mask feeds both the primal and the tangent; every replay draws a fresh mask.
+node whose mask feeds both the primal and the tangent; every replay draws a fresh mask, and draws
+what an eager call would. The trace runs the ops on real tensors and restores the RNG after, so
+when a signature is traced leaves no mark on the random stream (a resumed run, which traces at
+another step, repeats the uninterrupted run's dropout masks bit for bit).
 
-Tracing uses fake tensors, so a forward that branches on a tensor's VALUE (`if x.max() > 0`,
-`.item()`) cannot be captured: it falls back to the eager engine (`mode="tangent"`), with one
-warning per network naming the reason. Branches on shapes, dtypes and flags are fine: they are
-part of the signature (shapes, strides, dtypes, devices of every tensor, the values of the other
-arguments, which inputs carry tangents, the modules' train/eval flags, grad and autocast state).
+The tracer refuses any op that reads a tensor's value into Python, so a forward that branches on
+a tensor's VALUE (`if x.max() > 0`, `.item()`) cannot be captured: it falls back to the eager
+engine (`mode="tangent"`), with one warning per network naming the reason. Branches on shapes,
+dtypes and flags are fine: they are part of the signature (shapes, strides, dtypes, devices of
+every tensor, the values of the other arguments, which inputs carry tangents, the modules'
+train/eval flags, grad and autocast state).
 
 `compile=True` runs the joint graph through `torch.compile` (inductor): one compile per signature,
 none per step, as the graph's inputs are tensors whose values may change freely; a network that
 is itself `torch.compile`'d has its joint graph compiled with the same backend. A signature is
-traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine.
+traced at its second call (`TRACE_AT_CALL`); the first runs the eager engine. Inside
+`repeated_calls()` (fewstep's training loop) and compiled, it is traced at the first, so that
+every step of a run, resumed or not, runs the same graph: inductor draws its random numbers its
+own way, and the eager engine's gradients may differ from the graph's in the last bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 import weakref
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from fewstep.jvp.engine import tangent_forward
 
-__all__ = ["TracedJVP", "traced_jvp"]
+__all__ = ["TracedJVP", "repeated_calls", "traced_jvp"]
 
 _FALLBACK = object()  # a cache entry: this signature could not be traced
 # A signature is traced at its second call; its first runs the eager engine. Training repeats a
 # signature thousands of times, while a one-off call (a check, a test) would pay a trace of
-# seconds for a single use.
+# seconds for a single use. Inside `repeated_calls()` (the training loop) it is traced at once.
 TRACE_AT_CALL = 2
+_REPEATED: contextvars.ContextVar[bool] = contextvars.ContextVar("fewstep_traced_repeated", default=False)
+
+
+@contextlib.contextmanager
+def repeated_calls():
+    """The calls in this block repeat their signatures (a training loop): each is traced at its
+    first call, so every call of a signature runs its graph. The eager engine and the graph agree
+    in value, but not always in the last bit of a gradient (the diffusers UNet's attention
+    projections differ by ~1e-10), so a run that switched from one to the other at a step that
+    depends on when the process started would not resume bit for bit."""
+    token = _REPEATED.set(True)
+    try:
+        yield
+    finally:
+        _REPEATED.reset(token)
 
 
 class TracedJVP:
@@ -71,8 +95,8 @@ class TracedJVP:
         entry = self.graphs.get(key)
         if entry is None:
             seen = self.seen[key] = self.seen.get(key, 0) + 1
-            if seen < TRACE_AT_CALL:
-                return None  # the eager engine, the same numbers
+            if seen < TRACE_AT_CALL and not compile and not _REPEATED.get():
+                return None  # the eager engine, the same numbers and the same random draws
             del self.seen[key]
             entry = self.graphs[key] = self._trace(net, state, leaves, spec)
         if entry is _FALLBACK:
@@ -107,12 +131,9 @@ class TracedJVP:
 
         inputs = [x.detach() for x in state.values()] + [leaves[i].detach() for i in where]
         try:
-            # One fake mode for the nodes' metadata: without a current one, make_fx makes a new mode
-            # per node (each taking a stack trace), which is most of the tracing time.
-            context = torch._guards.TracingContext(FakeTensorMode(allow_fallback_kernels=True))
-            with warnings.catch_warnings(), torch._guards.tracing(context):
+            with _untouched_rng(inputs), _no_node_metadata(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the engine's once-per-op notices repeat at every replay otherwise
-                gm = make_fx(joint, tracing_mode="real")(*inputs)
+                gm = make_fx(joint, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(*inputs)
         except Exception as e:  # noqa: BLE001 - any failure to trace: the eager engine is exact anyway
             self._notice(net, e)
             return _FALLBACK
@@ -128,6 +149,30 @@ class TracedJVP:
                 f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             warnings.warn(f"jvp(mode='traced'): cannot trace {type(net).__name__} ({why}); "
                           f"using mode='tangent' (the eager engine) for it", stacklevel=4)
+
+
+@contextlib.contextmanager
+def _no_node_metadata():
+    """make_fx gives every node a fake tensor of its output (`meta["val"]`), more than half of the
+    tracing time; nothing here reads it (a replay runs the aten ops, torch.compile retraces the
+    graph's code), so the trace skips it."""
+    set_meta = getattr(proxy_tensor, "set_meta", None)
+    if set_meta is None:  # another torch: trace as it does
+        yield
+        return
+    proxy_tensor.set_meta = lambda proxy, val: proxy
+    try:
+        yield
+    finally:
+        proxy_tensor.set_meta = set_meta
+
+
+def _untouched_rng(tensors: list):
+    """The trace runs on real tensors, so its dropout draws would advance the RNG: restored after,
+    the trace call draws exactly what an untraced call draws, so a resumed run (which traces at
+    another step) repeats the uninterrupted run's masks bit for bit."""
+    cuda = sorted({x.device.index or 0 for x in tensors if x.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda, device_type="cuda") if cuda else torch.random.fork_rng(devices=[])
 
 
 def _state(net) -> dict:

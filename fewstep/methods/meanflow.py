@@ -94,7 +94,7 @@ def meanflow_times(n: int, p_mean: float, p_std: float, ratio_r_neq_t: float, si
 
 
 def meanflow_jvp(net, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, sigma_d: float,
-                 labels: torch.Tensor | None = None, cond: dict | None = None, mode: str = "tangent"):
+                 labels: torch.Tensor | None = None, cond: dict | None = None, mode: str = "traced"):
     """`(F_theta, (t - r) dF/dt)`: the network's output with autograd, and its JVP along `(v, 0, 1)` on
     `(x_t, r, t)` (no graph), in F units (`u = sigma_d F`), by `fewstep.jvp.jvp` in `mode` (`JVP_MODES`)."""
     # r rides in the keyword inputs: its tangent is zero even when the caller passes t itself as r
@@ -105,7 +105,7 @@ def meanflow_jvp(net, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: to
 
 def meanflow_loss(net, x_t: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, sigma_d: float,
                   labels: torch.Tensor | None = None, *, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
-                  jvp_mode: str = "tangent", cond: dict | None = None):
+                  jvp_mode: str = "traced", cond: dict | None = None):
     """Per-sample MeanFlow loss and stats for given `x_t`, `(r, t)` and velocity `v` (the conditional
     velocity, a guided one, or a teacher's): `sg(w) ||F - sg(v / sigma_d - (t - r) dF/dt)||^2 / D`,
     `w = 1 / (||.||^2 / D + c)^p` (p = 0: plain squared error)."""
@@ -193,7 +193,7 @@ class MeanFlow(Method):
     guidance_kappa: float = 0.0  # the paper's kappa (its Appendix); effective scale w / (1 - kappa)
     guidance_interval: list[float] | None = None  # [t_min, t_max] (TrigFlow time) where CFG applies; None: all t
     label_dropout: float = 0.0  # probability of the null label (the paper: 0.1 with CFG)
-    jvp_mode: str = "tangent"  # "tangent" (the engine, eager), "traced" (the engine traced; opt-in until it resumes bit-identically), "separate" (torch.func.jvp), "single"
+    jvp_mode: str = "traced"  # "traced" (the engine traced), "tangent" (eager), "separate" (torch.func.jvp), "single"
 
     def __post_init__(self):
         check_range("method.sigma_d", self.sigma_d, 0, low_open=True)

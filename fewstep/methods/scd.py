@@ -92,7 +92,7 @@ class SCD(Method):
     adaptive_weight: bool = True
     # Sampling starts at t_max = arctan(sigma_max / sigma_d) (the sCM paper: sigma_max = 80); None: t = pi/2.
     sigma_max: float | None = None
-    jvp_mode: str = "tangent"  # as in SCT
+    jvp_mode: str = "traced"  # as in SCT
 
     takes_teacher = True
 

@@ -31,7 +31,7 @@ def _cond(guidance, cond: dict | None = None) -> dict:
 
 
 def scm_jvp(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
-            labels: torch.Tensor | None = None, guidance=None, mode: str = "tangent", cond: dict | None = None):
+            labels: torch.Tensor | None = None, guidance=None, mode: str = "traced", cond: dict | None = None):
     """`(F, sigma_d cos t sin t dF/dt)` at `(x_t / sigma_d, t)` along `dx_t/dt`, by `fewstep.jvp.jvp`:
     `F` with autograd (unless called under `torch.no_grad()`), the JVP without a graph."""
     cs = torch.cos(t) * torch.sin(t)
@@ -68,7 +68,7 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 def scm_loss(net, x_t, t, dxdt, sigma_d: float, labels=None, *, r: float = 1.0,
              tangent_norm: str = "l2", norm_const: float = 0.1, adaptive_weight: bool = True,
-             jvp_mode: str = "tangent", guidance=None, cond: dict | None = None):
+             jvp_mode: str = "traced", guidance=None, cond: dict | None = None):
     """Per-sample sCM loss and stats for given `x_t`, `t` and `dx_t/dt` (docs/math.md#sct-and-scd).
     `guidance`: the per-sample CFG scale a guidance-conditioned student (sCD) takes as input;
     `cond`: other keyword inputs of the network (a text-to-image student's `text`, `text_mask`)."""

@@ -32,10 +32,9 @@ class SCT(Method):
     adaptive_weight: bool = True
     # Sampling starts at t_max = arctan(sigma_max / sigma_d) (the sCM paper: sigma_max = 80); None: t = pi/2.
     sigma_max: float | None = None
-    jvp_mode: str = "tangent"  # "tangent": the engine eagerly, one forward with tangents (any network);
-    # "traced": the engine traced once per input signature into one primal+tangent graph
-    # (fewstep.jvp.traced; opt-in: a resumed run does not yet draw dropout masks as the run it
-    # continues, so it is not bit-identical; compiled with train.compile); "separate":
+    jvp_mode: str = "traced"  # "traced": the tangent engine traced once per input signature into one
+    # primal+tangent graph (fewstep.jvp.traced; compiled with train.compile); "tangent": the engine
+    # eagerly, one forward with tangents (any network; the fallback of "traced"); "separate":
     # torch.func.jvp in a no-grad pass; "single": one grad-enabled forward-AD pass (more memory).
 
     def __post_init__(self):

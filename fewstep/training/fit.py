@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fewstep.devices import autocast_context, resolve_device
+from fewstep.jvp.traced import repeated_calls
 from fewstep.methods.base import as_method
 from fewstep.training.callbacks import Callback, Run  # noqa: F401 - `fewstep.Callback`
 from fewstep.training.checkpoint import Checkpointer, TrainState
@@ -256,7 +257,8 @@ class StatsLog:
 def _micro_batch_loss(method, model, eager, x0, labels, step, device, precision, main):
     """The method's mean loss over one micro-batch, and the model to use from now on: a compiled
     one that fails here is replaced by the eager network."""
-    with autocast_context(device, precision):
+    # repeated_calls: the JVP of every step runs the same traced graph, resumed or not
+    with autocast_context(device, precision), repeated_calls():
         try:
             per_sample, stats = method(model, x0, labels, step)
         except Exception as err:  # noqa: BLE001 - only a failed compile is caught
