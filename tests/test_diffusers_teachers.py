@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fewstep.interop.diffusers.schedules import TrigFlowSchedule, vp_log_snr
-from tests.helpers import MU, S, SD, v_star
+from helpers import MU, S, SD, v_star
 
 diffusers = pytest.importorskip("diffusers")
 
