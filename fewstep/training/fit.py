@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from fewstep.devices import autocast_context, resolve_device
 from fewstep.methods.base import as_method
+from fewstep.training.auxiliary import Auxiliaries
 from fewstep.training.callbacks import Callback, Run  # noqa: F401 - `fewstep.Callback`
 from fewstep.training.checkpoint import Checkpointer, TrainState
 from fewstep.training.distributed import broadcast_parameters, init_distributed, shutdown_distributed
@@ -330,13 +331,14 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     method.setup(net, steps)
     optimizer = optimizer or torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
     ema = EMA(net, ema_decay, ema_sigma_rel)
+    aux = Auxiliaries(method.auxiliaries(net), par, precision, device)  # made from the unsharded net
     eager, optimizer = par.prepare(net, ema.net, method, optimizer, precision)
     model = _compiled(eager, compile, par.is_main)
     record = _record_of(net, method, config, data_info, steps, seed)
     if par.is_main and "data" in record["config"]:
         (out_dir / "config.json").write_text(json.dumps(record["config"], indent=1))
     state = TrainState(net, ema, optimizer, method, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                       BatchStream(data), record)
+                       BatchStream(data), record, aux=aux)
     found = checkpoints.load_latest(state) if resume else None
     if found and par.is_main:
         print(f"resumed from {found} at step {state.step}")
@@ -352,13 +354,17 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 if lr_schedule is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = lr_schedule(step)
-                optimizer.zero_grad(set_to_none=True)
-                ok, totals = True, {}
-                for micro in range(grad_accum):  # K micro-batches = one batch K times larger
+                batches = []
+                for _ in range(grad_accum):  # K micro-batches = one batch K times larger
                     x0, labels = unpack_batch(next(state.stream))
                     if not run.data_info:
                         run.data_info = record["data"] = _data_info(data, x0, net)
-                    x0, labels = _to_device(x0, labels, net, device)
+                    batches.append(_to_device(x0, labels, net, device))
+                aux_stats, aux_skipped = aux.train(net, batches, step)  # e.g. DMD2's fake score, before net
+                state.nonfinite_total += aux_skipped
+                optimizer.zero_grad(set_to_none=True)
+                ok, totals = True, {}
+                for micro, (x0, labels) in enumerate(batches):
                     with par.micro_batch(eager, last=micro == grad_accum - 1):
                         loss, stats, model = _micro_batch_loss(method, model, eager, x0, labels, step, device,
                                                                precision, par.is_main)
@@ -376,7 +382,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                     ema.update(net, step)
                     if method.after_step(net, step):
                         ema.net.load_state_dict(net.state_dict())  # e.g. a new progressive-distillation round
-                    log.add(totals)
+                    log.add({**totals, **aux_stats})
                     nonfinite_run = 0
                 else:  # a non-finite loss or gradient; or fp16 gradients that overflowed (the scale drops)
                     optimizer.zero_grad(set_to_none=True)
