@@ -82,7 +82,8 @@ class ScoreWithHead(nn.Module):
         if not widths:
             raise ValueError("method.gan_weight: the fake score's middle block has no Linear/Conv2d layer")
         self.score = score
-        self.head = nn.Sequential(nn.SiLU(), nn.Linear(widths[-1], 1))
+        like = next(score.parameters())
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(widths[-1], 1)).to(device=like.device, dtype=like.dtype)
         self._features = None
         found[len(found) // 2].register_forward_hook(self._keep)
         info = network_info(score)  # the contract's features, for callers that read them
