@@ -118,8 +118,9 @@ class Method:
             raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint has {sorted(tensors)[:3]}")
 
     def extra_networks(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """The networks the method trains beside `net` (created now if they are made from it); a
-        sharding strategy shards them like `net`. Their weights are in `state_tensors`."""
+        """The networks the method keeps beside `net` without an optimizer (an EMA target, PD's teacher;
+        created now if they are made from it); a sharding strategy shards them like `net`. Their
+        weights are in `state_tensors`. Networks trained by gradient: `auxiliaries`."""
         return {}
 
     def auxiliaries(self, net: torch.nn.Module) -> dict[str, Auxiliary]:

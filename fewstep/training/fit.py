@@ -4,7 +4,8 @@ nothing and knows no method).
     from fewstep import fit
     fit(net, method, loader, "runs/mine", steps=2000, optimizer=torch.optim.Adam(net.parameters(), 1e-3))
 
-Per step: K micro-batches of the method's per-sample loss, a NaN/Inf guard, backward, gradient
+Per step: the updates the method's auxiliary networks are owed (`fewstep.training.auxiliary`,
+e.g. DMD2's fake score), then K micro-batches of the method's per-sample loss, a NaN/Inf guard, backward, gradient
 clipping, an optimizer step, EMA, the method's after-step hook. Periodically: JSONL stats,
 callbacks, checkpoints. The loop reads top to bottom over collaborators that each own one thing:
 a parallel strategy (`fewstep.training.parallel`: wrapping, sharding, clipping, collectives), a
