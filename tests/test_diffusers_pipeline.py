@@ -42,7 +42,7 @@ TRAIN = ["--steps", "4", "--set", "train.batch_size=8", "--set", "train.sample_e
          "train.num_samples=8", "--set", "train.progress=false", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("method", ["scd", "cd"])
+@pytest.mark.parametrize("method", ["scd", "cd", "dmd2", "rcm"])
 def test_distil_a_diffusers_pipeline_through_the_cli(ddpm_folder, tmp_path, method, capsys):
     out = tmp_path / method
     assert main(["train", "--method", method, "--teacher", str(ddpm_folder), "--out", str(out), *TRAIN]) == 0

@@ -270,3 +270,32 @@ def test_bad_options_are_one_line_errors():
         DMD2().auxiliaries(MLP(2, 16, 1))
     with pytest.raises(ValueError, match="guidance_range"):
         RCM(guidance_range=[1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# From the command line
+
+
+def test_dmd2_trains_samples_and_edits_from_the_cli(tmp_path, capsys):
+    """A class-conditional UNet teacher (label dropout, for CFG); a 2-step DMD2 generator with the
+    teacher guided at 2 and the GAN head on trains, resumes, samples at its own times and edits."""
+    from fewstep.cli import main
+
+    teacher, student = tmp_path / "teacher", tmp_path / "dmd2"
+    common = ["--batch-size", "8", "--no-progress", "--device", "cpu", "--set", "train.sample_every=0",
+              "--set", "train.num_samples=4", "--set", "network.model_channels=8", "--set", "network.channel_mult=[1]",
+              "--set", "network.attn_resolutions=[]"]
+    assert main(["train", "--steps", "2", *common, "--method", "flow", "--set", "network.class_conditional=true",
+                 "--set", "method.label_dropout=0.2", "--out", str(teacher)]) == 0
+    dmd = ["train", *common[:9], "--method", "dmd2", "--teacher", str(teacher),
+           "--set", "method.generator_steps=2", "--set", "method.guidance=2", "--set", "method.gan_weight=0.01",
+           "--set", "method.fake_updates=2", "--out", str(student)]
+    assert main([*dmd, "--steps", "1"]) == 0
+    assert main([*dmd, "--steps", "2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    tensors, meta = ckpt.load_checkpoint(student)
+    assert meta["auxiliaries"]["fake_score"]["updates"] == 4 and "aux.fake_score.net.head.1.weight" in tensors
+    assert main(["sample", str(student), "--num", "4", "--label", "3", "--out", str(tmp_path / "s.png")]) == 0
+    assert "NFE 2" in capsys.readouterr().out  # the generator's own 2 steps by default
+    assert main(["edit", str(student), "--task", "inpaint", "--num", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "e.png")]) == 0
