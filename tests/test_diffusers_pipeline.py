@@ -56,6 +56,9 @@ def test_distil_a_diffusers_pipeline_through_the_cli(ddpm_folder, tmp_path, meth
                  "--out", str(tmp_path / "eval.json")]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [r["nfe"] for r in rows] == [1, 2] and all(math.isfinite(r["fid"]) for r in rows)
+    if method in ("dmd2", "rcm"):  # TrigFlow consistency students: exported as an LCMScheduler pipeline
+        assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+        assert load_model(tmp_path / "exported").method_name == method
 
 
 def test_the_student_starts_as_the_teacher(ddpm_folder):
