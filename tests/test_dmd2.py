@@ -16,6 +16,7 @@ from fewstep.methods import DMD2, RCM, SCD, EDMDiffusion, FlowMatching, Method, 
 from fewstep.methods.base import Auxiliary
 from fewstep.networks import MLP
 from fewstep.training import checkpoint as ckpt
+from fewstep.training.fit import NonFiniteLossError
 from helpers import MU, S, SD, randomize_zero_params_, v_star
 
 
@@ -204,10 +205,18 @@ def test_a_non_finite_auxiliary_loss_is_skipped_and_counted(tmp_path):
             loss, stats = super()._loss(model, net, x0, labels, step)
             return loss * (float("nan") if step == 1 else 1.0), stats
 
+    class Broken(_Counting):
+        def _loss(self, model, net, x0, labels, step):
+            loss, stats = super()._loss(model, net, x0, labels, step)
+            return loss * float("nan"), stats
+
     register_method("test-bad-aux")(Bad)
     method = Bad(1.0)
     summary = _fit(method, tmp_path / "bad", 3)
     assert summary["nonfinite_total"] == 1 and all(torch.isfinite(p).all() for p in method.aux_net.parameters())
+    register_method("test-broken-aux")(Broken)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite"):  # an auxiliary that never recovers stops the run
+        _fit(Broken(1.0), tmp_path / "broken", 6, max_nonfinite=3)
 
 
 # ---------------------------------------------------------------------------------------------

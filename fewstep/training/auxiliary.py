@@ -90,8 +90,8 @@ class Auxiliaries:
         scale = aux.scaler.get_scale() if aux.scaler.is_enabled() else None
         aux.scaler.step(aux.optimizer)
         aux.scaler.update()
-        if scale is not None and aux.scaler.get_scale() < scale:  # fp16 overflow: the scaler skipped it
-            return None
+        if scale is not None and aux.scaler.get_scale() < scale:  # fp16 overflow: skipped, the scale drops
+            return {}  # (as for the main network, not counted as a non-finite step)
         if aux.ema is not None:
             aux.ema.update(aux.module, aux.updates)
         return totals

@@ -384,16 +384,16 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                     if method.after_step(net, step):
                         ema.net.load_state_dict(net.state_dict())  # e.g. a new progressive-distillation round
                     log.add({**totals, **aux_stats})
-                    nonfinite_run = 0
+                    nonfinite_run = nonfinite_run + aux_skipped if aux_skipped else 0  # an auxiliary's count too
                 else:  # a non-finite loss or gradient; or fp16 gradients that overflowed (the scale drops)
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite_total += 1
-                    nonfinite_run += 0 if ok else 1
-                    if nonfinite_run >= max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} non-finite losses/gradients in a row at step {step}; stopping. "
-                            f"Try a lower learning rate, precision 'fp32'/'bf16', or a smaller method.p_std; "
-                            f"{checkpoints.last_good()}.")
+                    nonfinite_run += (0 if ok else 1) + aux_skipped
+                if nonfinite_run >= max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} non-finite losses/gradients in a row at step {step}; stopping. "
+                        f"Try a lower learning rate, precision 'fp32'/'bf16', or a smaller method.p_std; "
+                        f"{checkpoints.last_good()}.")
                 state.step = run.step = step + 1
                 bar.update(1)
                 if (state.step % log_every == 0 or state.step == steps) and par.is_main:  # process 0's stats
