@@ -9,9 +9,11 @@ step is timed on the digits UNet, and a stage of S seconds runs S / (seconds per
     flow+sct     flow matching for half the budget, then sCT from its weights (train.init_from)
     flow+ect     flow matching for half the budget, then ECT from its weights
     flow+scd     flow matching for half the budget as the teacher, then sCD
+    flow+dmd2    the same teacher, then DMD2 (a 1-step generator against a fake score, 5 fake updates per step)
+    flow+rcm     the same teacher, then rCM (sCD plus the DMD term, lambda = 1 after 100 warmup steps)
     flow         flow matching for the whole budget, sampled with Heun at 35 NFE (the reference)
 
-The half-budget flow run is trained once and shared by the three two-stage recipes. Each model is
+The half-budget flow run is trained once and shared by the two-stage recipes. Each model is
 scored by `fewstep eval` (FID / KID / precision / recall, N = 1,000 against all 1,797 digits) and by
 the digits pixel precision/recall of `metrics.json`.
 
@@ -27,7 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-LR = {"flow": 2e-3, "sct": 2e-3, "meanflow": 2e-3, "tune-sct": 1e-4, "tune-ect": 1e-4, "tune-scd": 5e-5}
+LR = {"flow": 2e-3, "sct": 2e-3, "meanflow": 2e-3, "tune-sct": 1e-4, "tune-ect": 1e-4, "tune-scd": 5e-5,
+      "tune-dmd2": 5e-5, "tune-rcm": 5e-5}
+# The distribution-matching recipes' own options (their fake score's lr is method.fake_lr).
+DMD2 = ("--set", "method.fake_lr=1e-4")
+RCM = ("--set", "method.warmup_steps=500", "--set", "method.dmd_warmup_steps=100", "--set", "method.fake_lr=1e-4")
 
 
 def fewstep(*args: str, log: Path) -> float:
@@ -71,15 +77,18 @@ def main() -> None:
     def save():
         state_path.write_text(json.dumps(state, indent=1))
 
-    if "calibration" not in state:  # seconds per step of each kind, on this machine, now
-        cal = root / "calibration"
+    cal = root / "calibration"
+    kinds = {"flow": (LR["flow"],), "sct": (LR["sct"],), "meanflow": (LR["meanflow"],),
+             "ect": (LR["tune-ect"], "--teacher", str(cal / "flow")),
+             "scd": (LR["tune-scd"], "--teacher", str(cal / "flow")),
+             "dmd2": (LR["tune-dmd2"], "--teacher", str(cal / "flow"), *DMD2),
+             "rcm": (LR["tune-rcm"], "--teacher", str(cal / "flow"), *RCM)}
+    c = state.setdefault("calibration", {})
+    if any(kind not in c for kind in kinds):  # seconds per step of each kind, on this machine, now
         cal.mkdir(exist_ok=True)
-        c = {"flow": seconds_per_step(cal / "flow", "flow", LR["flow"]),
-             "sct": seconds_per_step(cal / "sct", "sct", LR["sct"]),
-             "meanflow": seconds_per_step(cal / "meanflow", "meanflow", LR["meanflow"])}
-        c["ect"] = seconds_per_step(cal / "ect", "ect", LR["tune-ect"], "--teacher", str(cal / "flow"))
-        c["scd"] = seconds_per_step(cal / "scd", "scd", LR["tune-scd"], "--teacher", str(cal / "flow"))
-        state["calibration"] = c
+        for kind, (lr, *extra) in kinds.items():
+            if kind not in c:  # a calibration written before a kind existed gains it
+                c[kind] = seconds_per_step(cal / kind, kind, lr, *extra)
         save()
         print("seconds per step:", json.dumps(c), flush=True)
     cal, budget = state["calibration"], args.budget
@@ -95,6 +104,10 @@ def main() -> None:
                      ("flow+ect", "ect", half["ect"], LR["tune-ect"], ("--teacher", str(root / "flow-half")))],
         "flow+scd": [("flow-half", "flow", half["flow"], LR["flow"], ()),
                      ("flow+scd", "scd", half["scd"], LR["tune-scd"], ("--teacher", str(root / "flow-half")))],
+        "flow+dmd2": [("flow-half", "flow", half["flow"], LR["flow"], ()),
+                      ("flow+dmd2", "dmd2", half["dmd2"], LR["tune-dmd2"], ("--teacher", str(root / "flow-half"), *DMD2))],
+        "flow+rcm": [("flow-half", "flow", half["flow"], LR["flow"], ()),
+                     ("flow+rcm", "rcm", half["rcm"], LR["tune-rcm"], ("--teacher", str(root / "flow-half"), *RCM))],
     }
     names = args.only.split(",") if args.only else list(plan)
     runs = state.setdefault("runs", {})

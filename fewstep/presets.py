@@ -152,9 +152,15 @@ PRESETS = {"digits": DIGITS, **DIGITS_RECIPES, **{name: {**TOY, "data": {"name":
 # trained teacher, so it wants a much smaller learning rate than training from scratch. On the
 # digits, sCD at lr 5e-5 came within 10% of the teacher's FID in 2,000 steps; at 1e-3 it fell
 # apart (noisy samples, FID 68 -> 80; docs/results.md).
+# DMD2 and rCM fine-tune the teacher's weights too (the generator and the fake score both start from them).
 METHOD_OVERRIDES = {
-    "digits": {"scd": {"optim": {"lr": 5e-5}, "method": {"warmup_steps": 500}, "train": {"steps": 2000}}},
-    **{name: {"scd": {"optim": {"lr": 5e-4}, "method": {"warmup_steps": 100}}} for name in TOY_NAMES},
+    "digits": {"scd": {"optim": {"lr": 5e-5}, "method": {"warmup_steps": 500}, "train": {"steps": 2000}},
+               "dmd2": {"optim": {"lr": 5e-5}, "method": {"fake_lr": 1e-4}, "train": {"steps": 2000}},
+               "rcm": {"optim": {"lr": 5e-5}, "method": {"warmup_steps": 500, "dmd_warmup_steps": 100},
+                       "train": {"steps": 2000}}},
+    **{name: {"scd": {"optim": {"lr": 5e-4}, "method": {"warmup_steps": 100}},
+              "dmd2": {"optim": {"lr": 5e-4}, "method": {"fake_lr": 1e-3}},
+              "rcm": {"optim": {"lr": 5e-4}, "method": {"warmup_steps": 100, "fake_lr": 1e-3}}} for name in TOY_NAMES},
 }
 
 

@@ -42,7 +42,7 @@ TRAIN = ["--steps", "4", "--set", "train.batch_size=8", "--set", "train.sample_e
          "train.num_samples=8", "--set", "train.progress=false", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("method", ["scd", "cd"])
+@pytest.mark.parametrize("method", ["scd", "cd", "dmd2", "rcm"])
 def test_distil_a_diffusers_pipeline_through_the_cli(ddpm_folder, tmp_path, method, capsys):
     out = tmp_path / method
     assert main(["train", "--method", method, "--teacher", str(ddpm_folder), "--out", str(out), *TRAIN]) == 0
@@ -56,6 +56,9 @@ def test_distil_a_diffusers_pipeline_through_the_cli(ddpm_folder, tmp_path, meth
                  "--out", str(tmp_path / "eval.json")]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert [r["nfe"] for r in rows] == [1, 2] and all(math.isfinite(r["fid"]) for r in rows)
+    if method in ("dmd2", "rcm"):  # TrigFlow consistency students: exported as an LCMScheduler pipeline
+        assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+        assert load_model(tmp_path / "exported").method_name == method
 
 
 def test_the_student_starts_as_the_teacher(ddpm_folder):

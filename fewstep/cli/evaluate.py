@@ -15,8 +15,9 @@ EVAL_EXAMPLES = """examples:
   fewstep eval runs/mine --import mynets.py            # a network of your own: import its registered class
   torchrun --standalone --nproc_per_node 8 -m fewstep -- eval runs/digits --num 50000   # split over 8 GPUs
 
-Rows are (method, sampler, NFE). Consistency models (sct, scd, cd, ct, ict) sample with the multistep
-consistency sampler at each --steps (t = pi/2, then 1.1; more steps down to 0.2); diffusion
+Rows are (method, sampler, NFE). Consistency models and generators (sct, scd, ect, dmd2, rcm, cd, ct,
+ict) sample with the multistep consistency sampler at each --steps (t = pi/2, then 1.1; more steps
+down to 0.2; a DMD2 generator at its own times by default); diffusion
 models (flow, edm, pd) with an ODE solver (--sampler euler|heun|dpmpp_2m|ddim) at each --steps or --nfe
 (heun: NFE = 2 steps - 1). The reference defaults to the training data (test split when there is
 one); its statistics are cached (see `fewstep ref-stats`). Inception weights: the file of

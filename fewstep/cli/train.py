@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   fewstep train --preset 8gaussians --method ict --out runs/ict                   # improved CT (discrete time)
   fewstep train --preset 8gaussians --method meanflow --out runs/mf              # MeanFlow (second time input r)
   fewstep train --preset 8gaussians --method ect --teacher runs/teacher --out runs/ect   # ECT from the teacher
+  fewstep train --preset 8gaussians --method dmd2 --teacher runs/teacher --out runs/dmd2 # DMD2: 1-step generator + fake score
+  fewstep train --method rcm --teacher runs/teacher --set method.dmd_weight=0.5 --out runs/rcm  # sCD + 0.5 x DMD
   fewstep train --method sct --set train.init_from=runs/flow --out runs/tuned   # fine-tune another run's weights
   fewstep train --method scd --teacher path/to/ddpm-pipeline --out runs/scd     # a diffusers teacher (or Hub id)
   fewstep train --data latents.safetensors --out runs/latent                     # VAE latents (fewstep encode)
@@ -42,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset or data name>)")
     p.add_argument("--data", default=None, help="dataset name or path (data.name)")
     p.add_argument("--method", default=None, help="training objective (method.name): sct, scd (continuous-time "
-                   "CMs), meanflow (average velocity), ect (consistency tuning), flow, edm (diffusion), cd, ct, ict "
+                   "CMs), meanflow (average velocity), ect (consistency tuning), dmd2 (distribution "
+                   "matching), rcm (sCD + DMD), flow, edm (diffusion), cd, ct, ict "
                    f"(discrete-time CMs), pd (progressive distillation); default: the preset's ({default} for "
                    f"{DEFAULT_PRESET})")
     p.add_argument("--steps", type=count(1), default=None, help="training steps (train.steps)")

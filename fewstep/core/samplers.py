@@ -231,9 +231,15 @@ class _Multistep(Sampler):
     sigma_d: float = SIGMA_D
     guidance_input: bool = False  # the network takes the CFG scale as an input (sCD's guidance_range)
     t_max: float = HALF_PI  # where sampling starts: pi/2 is the exact prior
+    default_times: tuple[float, ...] = ()  # a generator trained at its own times (DMD2) samples at them by default
 
     def times(self, steps: int) -> list[float]:
+        if self.default_times and steps == len(self.default_times):
+            return [float(t) for t in self.default_times]
         return cm_times(steps, self.t_max)
+
+    def default_steps(self) -> int:
+        return len(self.default_times) or 2
 
     def _check_sampler(self, sampler: str | None) -> None:
         if sampler not in (None, MULTISTEP):
@@ -251,13 +257,13 @@ class _Multistep(Sampler):
         self._check_sampler(sampler)
         if times is not None and steps is not None:
             raise ValueError("give steps or times, not both")
-        times = self.times(2 if steps is None else steps) if times is None else [float(t) for t in times]
+        times = self.times(self.default_steps() if steps is None else steps) if times is None else [float(t) for t in times]
         if not times or any(b >= a for a, b in zip(times, times[1:])) or times[-1] <= 0:
             raise ValueError(f"multistep times must be strictly decreasing in (0, pi/2], got {times}")
         return Schedule(MULTISTEP, len(times), tuple(times))
 
     def preview_schedules(self, times=None) -> list[Schedule]:
-        times = tuple(times or self.times(2))
+        times = tuple(times or self.times(max(self.default_steps(), 2)))
         return [self.schedule(times=times[:1])] + ([self.schedule(times=times)] if len(times) > 1 else [])
 
     def nfe(self, schedule: Schedule) -> int:

@@ -8,6 +8,7 @@ parts (teacher, after-step hook, checkpoint state, how it is sampled) through th
 
 from fewstep.methods.base import METHODS, Method, method_config, register_method
 from fewstep.methods.cm import CD, CT, ICT, make_teacher_denoiser
+from fewstep.methods.dmd2 import DMD2, RCM
 from fewstep.methods.ect import ECT
 from fewstep.methods.edm import EDMDiffusion
 from fewstep.methods.flow import FlowMatching
@@ -16,6 +17,6 @@ from fewstep.methods.pd import ProgressiveDistillation
 from fewstep.methods.scd import SCD, make_teacher_velocity
 from fewstep.methods.sct import SCT
 
-__all__ = ["CD", "CT", "ECT", "ICT", "METHODS", "EDMDiffusion", "FlowMatching", "MeanFlow", "Method",
-           "ProgressiveDistillation", "SCD", "SCT", "make_teacher_denoiser", "make_teacher_velocity", "method_config",
+__all__ = ["CD", "CT", "DMD2", "ECT", "ICT", "METHODS", "EDMDiffusion", "FlowMatching", "MeanFlow", "Method",
+           "ProgressiveDistillation", "RCM", "SCD", "SCT", "make_teacher_denoiser", "make_teacher_velocity", "method_config",
            "register_method"]

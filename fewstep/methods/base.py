@@ -17,6 +17,7 @@ typing) for the rest:
 | `state_tensors()` / `load_state_tensors(net, tensors)` | none | EMA targets, PD's current teacher |
 | `sampler(net, step=None)` | TrigFlow PF-ODE, Heun | every few-step method; EDM, PD (`fewstep.core.samplers`) |
 | `extra_networks(net)` | none | the networks behind those tensors (sharded like `net` under fsdp) |
+| `auxiliaries(net)` | none | networks trained beside `net` with optimizers of their own (DMD2's fake score) |
 
 Register a method with `@register_method("name")` so that configs and checkpoints can name it.
 """
@@ -24,6 +25,7 @@ Register a method with `@register_method("name")` so that configs and checkpoint
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, ClassVar
 
 import torch
@@ -32,6 +34,41 @@ from fewstep.networks.contract import network_info
 from fewstep.core.trigflow import SIGMA_D
 
 METHODS: dict[str, type] = {}
+
+
+@dataclasses.dataclass
+class Auxiliary:
+    """A network a method trains beside the main one (DMD2's fake score), with its own Adam, its
+    own loss and its own pace. `fit` trains it through `fewstep.training.auxiliary` without
+    knowing the method; checkpoints keep its weights, optimizer, EMA and update count.
+
+    `loss(model, net, x0, labels, step) -> (per-sample loss, stats)`: `model` is the auxiliary
+    network as it trains (wrapped under ddp), `net` the main network (read it without gradients).
+    `updates_per_step`: the update rule of the two time scales, e.g. 5 (DMD2: five fake-score
+    updates per generator update) or 0.5 (one every other step); by the end of step s the
+    network has had `floor(updates_per_step * (s + 1))` updates.
+    """
+
+    net: torch.nn.Module
+    loss: Callable
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    updates_per_step: float = 1.0
+    ema_decay: float | None = None  # an EMA of the auxiliary's weights (None: none)
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self):
+        if not self.updates_per_step > 0:
+            raise ValueError(f"updates_per_step must be > 0, got {self.updates_per_step}")
+        if not self.lr > 0:
+            raise ValueError(f"an auxiliary network's lr must be > 0, got {self.lr}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"an auxiliary network's ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def updates_by(self, step: int) -> int:
+        """The updates this network has had once step `step` (0-based) is done."""
+        return math.floor(self.updates_per_step * (step + 1) + 1e-9)
 
 
 def register_method(name: str):
@@ -81,8 +118,14 @@ class Method:
             raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint has {sorted(tensors)[:3]}")
 
     def extra_networks(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        """The networks the method trains beside `net` (created now if they are made from it); a
-        sharding strategy shards them like `net`. Their weights are in `state_tensors`."""
+        """The networks the method keeps beside `net` without an optimizer (an EMA target, PD's teacher;
+        created now if they are made from it); a sharding strategy shards them like `net`. Their
+        weights are in `state_tensors`. Networks trained by gradient: `auxiliaries`."""
+        return {}
+
+    def auxiliaries(self, net: torch.nn.Module) -> dict[str, Auxiliary]:
+        """Networks trained beside `net`, each with its optimizer, loss and schedule (`Auxiliary`);
+        called once, before training. The loop trains them; the method reads them in its loss."""
         return {}
 
     # -- sampling ---------------------------------------------------------------------------

@@ -193,6 +193,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     stream: object  # fewstep.training.fit.BatchStream
     record: dict = field(default_factory=dict)
+    aux: object = None  # fewstep.training.auxiliary.Auxiliaries: networks the method trains beside net
     step: int = 0
     nonfinite_total: int = 0
 
@@ -249,6 +250,7 @@ class Checkpointer:
         p, error, shards = self.parallel, None, None
         rngs = p.gather(self._own_tensors(state))
         target = p.method_state(state.method)  # e.g. an EMA target (CD, CT), PD's teacher
+        aux_tensors, aux_meta = state.aux.state() if state.aux else ({}, None)  # full tensors, even when sharded
         if self.sharded:  # every process writes its own part; process 0 the rest, last
             local, shards = fsdp.sharded_state(state.net, state.ema.net, state.optimizer)
             shards.update(dir=f"ckpt-{step:07d}.shards", processes=p.info.world_size)
@@ -263,13 +265,14 @@ class Checkpointer:
             weights.update(prefixed("optim", opt_tensors))
         self._agree(error)
         if p.is_main:
-            tensors = {**weights, **prefixed("target", target), **{k: v for r in rngs for k, v in r.items()}}
+            tensors = {**weights, **prefixed("target", target), **aux_tensors,
+                       **{k: v for r in rngs for k, v in r.items()}}
             scaler = state.scaler.state_dict() if state.scaler.is_enabled() else None
             try:
                 save_checkpoint(self.directory, step, tensors, {
                     **state.record, "optimizer": opt_meta, "optimizer_format": "fqn",
                     "nonfinite_total": state.nonfinite_total, "shards": shards, "grad_scaler": scaler,
-                    "data_position": state.stream.state()[0]})
+                    "data_position": state.stream.state()[0], **({"auxiliaries": aux_meta} if aux_meta else {})})
                 prune_checkpoints(self.directory, self.keep)
             except CheckpointError as e:
                 error = _one_line(e)
@@ -325,6 +328,8 @@ class Checkpointer:
         if meta.get("grad_scaler") and state.scaler.is_enabled():
             state.scaler.load_state_dict(meta["grad_scaler"])
         p.load_method_state(state.method, state.net, unprefixed("target", tensors))
+        if state.aux:
+            state.aux.load(tensors, meta.get("auxiliaries"))
         restore_rng(tensors, p.device, rank)
         epoch_rng = "data.epoch_rng" + (f".rank{rank}" if rank else "")
         state.stream.load_state(meta.get("data_position"),

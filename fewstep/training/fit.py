@@ -4,7 +4,8 @@ nothing and knows no method).
     from fewstep import fit
     fit(net, method, loader, "runs/mine", steps=2000, optimizer=torch.optim.Adam(net.parameters(), 1e-3))
 
-Per step: K micro-batches of the method's per-sample loss, a NaN/Inf guard, backward, gradient
+Per step: the updates the method's auxiliary networks are owed (`fewstep.training.auxiliary`,
+e.g. DMD2's fake score), then K micro-batches of the method's per-sample loss, a NaN/Inf guard, backward, gradient
 clipping, an optimizer step, EMA, the method's after-step hook. Periodically: JSONL stats,
 callbacks, checkpoints. The loop reads top to bottom over collaborators that each own one thing:
 a parallel strategy (`fewstep.training.parallel`: wrapping, sharding, clipping, collectives), a
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from fewstep.devices import autocast_context, resolve_device
 from fewstep.jvp.traced import repeated_calls
 from fewstep.methods.base import as_method
+from fewstep.training.auxiliary import Auxiliaries
 from fewstep.training.callbacks import Callback, Run  # noqa: F401 - `fewstep.Callback`
 from fewstep.training.checkpoint import Checkpointer, TrainState
 from fewstep.training.distributed import broadcast_parameters, init_distributed, shutdown_distributed
@@ -334,13 +336,14 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     method.setup(net, steps)
     optimizer = optimizer or torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
     ema = EMA(net, ema_decay, ema_sigma_rel)
+    aux = Auxiliaries(method.auxiliaries(net), par, precision, device)  # made from the unsharded net
     eager, optimizer = par.prepare(net, ema.net, method, optimizer, precision)
     model = _compiled(eager, compile, par.is_main)
     record = _record_of(net, method, config, data_info, steps, seed)
     if par.is_main and "data" in record["config"]:
         (out_dir / "config.json").write_text(json.dumps(record["config"], indent=1))
     state = TrainState(net, ema, optimizer, method, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                       BatchStream(data), record)
+                       BatchStream(data), record, aux=aux)
     found = checkpoints.load_latest(state) if resume else None
     if found and par.is_main:
         print(f"resumed from {found} at step {state.step}")
@@ -356,13 +359,17 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                 if lr_schedule is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = lr_schedule(step)
-                optimizer.zero_grad(set_to_none=True)
-                ok, totals = True, {}
-                for micro in range(grad_accum):  # K micro-batches = one batch K times larger
+                batches = []
+                for _ in range(grad_accum):  # K micro-batches = one batch K times larger
                     x0, labels = unpack_batch(next(state.stream))
                     if not run.data_info:
                         run.data_info = record["data"] = _data_info(data, x0, net)
-                    x0, labels = _to_device(x0, labels, net, device)
+                    batches.append(_to_device(x0, labels, net, device))
+                aux_stats, aux_skipped = aux.train(net, batches, step)  # e.g. DMD2's fake score, before net
+                state.nonfinite_total += aux_skipped
+                optimizer.zero_grad(set_to_none=True)
+                ok, totals = True, {}
+                for micro, (x0, labels) in enumerate(batches):
                     with par.micro_batch(eager, last=micro == grad_accum - 1):
                         loss, stats, model = _micro_batch_loss(method, model, eager, x0, labels, step, device,
                                                                precision, par.is_main)
@@ -380,17 +387,17 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                     ema.update(net, step)
                     if method.after_step(net, step):
                         ema.net.load_state_dict(net.state_dict())  # e.g. a new progressive-distillation round
-                    log.add(totals)
-                    nonfinite_run = 0
+                    log.add({**totals, **aux_stats})
+                    nonfinite_run = nonfinite_run + aux_skipped if aux_skipped else 0  # an auxiliary's count too
                 else:  # a non-finite loss or gradient; or fp16 gradients that overflowed (the scale drops)
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite_total += 1
-                    nonfinite_run += 0 if ok else 1
-                    if nonfinite_run >= max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} non-finite losses/gradients in a row at step {step}; stopping. "
-                            f"Try a lower learning rate, precision 'fp32'/'bf16', or a smaller method.p_std; "
-                            f"{checkpoints.last_good()}.")
+                    nonfinite_run += (0 if ok else 1) + aux_skipped
+                if nonfinite_run >= max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} non-finite losses/gradients in a row at step {step}; stopping. "
+                        f"Try a lower learning rate, precision 'fp32'/'bf16', or a smaller method.p_std; "
+                        f"{checkpoints.last_good()}.")
                 state.step = run.step = step + 1
                 bar.update(1)
                 if (state.step % log_every == 0 or state.step == steps) and par.is_main:  # process 0's stats

@@ -56,6 +56,11 @@ class Parallel:
         """(what the method calls, the optimizer over the parameters that train)."""
         return net, optimizer
 
+    def prepare_auxiliary(self, module: nn.Module, ema_net: nn.Module | None, precision: str) -> nn.Module:
+        """A network a method trains beside `net` with its own optimizer (`fewstep.training.auxiliary`):
+        what its loss calls. Its parameters (sharded in place under fsdp) are the ones to optimize."""
+        return module
+
     def micro_batch(self, model: nn.Module, last: bool):
         """The context of one micro-batch's forward and backward (`last`: the step's last one)."""
         return contextlib.nullcontext()
@@ -119,6 +124,9 @@ class DDP(Parallel):
     def prepare(self, net, ema_net, method, optimizer, precision):
         return wrap_ddp(net, self.device), optimizer
 
+    def prepare_auxiliary(self, module, ema_net, precision):
+        return wrap_ddp(module, self.device)
+
     def micro_batch(self, model, last):
         # Not `model.no_sync()`: under DDP(static_graph=True), which the methods' several forwards per
         # step need, it crashes at the first backward ("expect_autograd_hooks_ INTERNAL ASSERT FAILED")
@@ -150,6 +158,17 @@ class FSDP(Parallel):
         groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [params[n] for n in group_names]}
                   for group, group_names in zip(optimizer.param_groups, names)]
         return net, type(optimizer)(groups, **optimizer.defaults)
+
+    def prepare_auxiliary(self, module, ema_net, precision):
+        for m in (module, ema_net):
+            if m is not None:
+                fsdp.shard(m, precision)
+        if ema_net is not None:
+            ema_net.register_forward_hook(lambda m, args, output: m.reshard())
+        # The method also reads the auxiliary without gradients (DMD2: the fake score in the generator's
+        # loss); the root would keep its weights gathered after such a forward, stale once its optimizer steps.
+        module.register_forward_hook(lambda m, args, output: None if torch.is_grad_enabled() else m.reshard())
+        return module
 
     def ema_view(self, ema_net):
         return self.preview if self.is_main else ema_net

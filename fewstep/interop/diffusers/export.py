@@ -121,7 +121,7 @@ def _consistency_student(model, net):
         raise ValueError("export writes VP (DDPM/DDIM-schedule) students; this student has a rectified-flow "
                          "schedule, which no diffusers UNet pipeline samples")
     if not isinstance(model.sampler, TrigFlowConsistencySampler):
-        raise ValueError(f"export writes TrigFlow consistency models (sct, scd, ect), whose consistency function is the "
+        raise ValueError(f"export writes TrigFlow consistency models (sct, scd, ect, dmd2, rcm), whose consistency function is the "
                          f"model's x0 estimate; this checkpoint was trained with {model.method_name!r}")
     return net
 
