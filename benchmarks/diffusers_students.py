@@ -49,7 +49,7 @@ def fewstep(*args: str) -> None:
 
 def fid_rows(run: Path, out: Path, flag: str, value: str, args) -> list[dict]:
     fewstep("eval", str(run), flag, value, "--num", str(args.num), "--ref", "digits", "--device", "cpu",
-            "--out", str(out), *(["--features", "random"] if args.quick else []))
+            "--out", str(out), "--features", args.features)
     return json.loads(out.read_text())["rows"]
 
 
@@ -66,7 +66,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5, help="the students' learning rate (the digits sCD recipe)")
     p.add_argument("--warmup", type=int, default=500, help="tangent warmup steps")
     p.add_argument("--num", type=int, default=1000, help="samples per FID")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, random features")
+    p.add_argument("--features", choices=("inception", "random"), default="random",
+                   help="FID features (inception needs its weights: fewstep eval --download)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets")
     args = p.parse_args()
     if args.quick:
         args.teacher_steps, args.student_steps, args.convert_steps, args.num, args.width = 20, 3, 3, 64, 8
@@ -84,7 +86,7 @@ def main() -> None:
                           width=args.width)
         row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
         table.append({"teacher": name, "student": "teacher (Heun)", "nfe": 35, "fid": row["fid"],
-                      "seconds": time.perf_counter() - start})
+                      "precision": row["precision"], "recall": row["recall"], "seconds": time.perf_counter() - start})
         for student in args.students.split(","):
             extra, teachers = STUDENTS[student]
             if name not in teachers:
@@ -98,12 +100,14 @@ def main() -> None:
             seconds = time.perf_counter() - start
             for r in fid_rows(run, root / f"{name}-{student}-eval.json", "--steps", "1,2", args):
                 table.append({"teacher": name, "student": student, "nfe": r["nfe"], "fid": r["fid"],
-                              "seconds": seconds})
+                              "precision": r["precision"], "recall": r["recall"], "seconds": seconds})
             (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
     (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
-    print("\n| teacher | student | NFE | FID | seconds |\n| --- | --- | --- | --- | --- |")
+    print(f"\n| teacher | student | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
+          f"seconds |\n| --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        print(f"| {r['teacher']} | {r['student']} | {r['nfe']} | {r['fid']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {r['teacher']} | {r['student']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
+              f"{r['recall']:.3f} | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -92,11 +92,12 @@ def train_teacher(out: str, steps: int = 3000, batch_size: int = 128, lr: float 
             warm = min(1.0, (step + 1) / 200)
             group["lr"] = args.lr * warm * 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi)).item())
         opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # diffusers' EMAModel: the early average forgets the init
         with torch.no_grad():
             for pe, pu in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(pu, 1 - args.ema)
+                pe.lerp_(pu, 1 - decay)
         if step % 100 == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start})
+            log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
             print(json.dumps(log[-1]), flush=True)
     out = Path(args.out)
     diffusers.DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
