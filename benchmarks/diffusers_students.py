@@ -5,6 +5,7 @@ v_prediction with `DDPMScheduler`, rectified flow with `FlowMatchEulerDiscreteSc
 students at equal budget, scored by FID at N samples at 1 and 2 steps beside the teacher's 35-NFE FID:
 
 - `exact`: the teacher's own model behind the exact conversion (the student starts as the teacher);
+- `v`: the same weights read as v_prediction (bounded output gain; its start is not the teacher);
 - `v+convert`: the same weights read as v_prediction (`network.prediction`), first regressed onto the
   teacher's velocity (`train.convert_steps`), then sCD: for teachers whose reading has a large output
   gain (epsilon near pure noise, sample near clean data).
@@ -32,8 +33,9 @@ from diffusers_teacher import train_teacher  # noqa: E402
 # teacher name -> its prediction type in benchmarks/diffusers_teacher.py
 TEACHERS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "flow": "flow"}
 # student name -> (extra `fewstep train` arguments, the teachers it is for)
-STUDENTS = {
+STUDENTS = {  # `--students` picks; the default runs `exact` and `v+convert`
     "exact": (lambda a: [], ("epsilon", "v_prediction", "flow")),
+    "v": (lambda a: ["--set", "network.arch=diffusers", "--set", "network.prediction=v_prediction"], ("epsilon",)),
     "v+convert": (lambda a: ["--set", "network.arch=diffusers", "--set", "network.prediction=v_prediction",
                              "--set", f"train.convert_steps={a.convert_steps}",
                              "--set", f"train.convert_lr={a.convert_lr}"], ("epsilon",)),
@@ -57,7 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--teachers", default=",".join(TEACHERS), help="comma list of " + ", ".join(TEACHERS))
-    p.add_argument("--students", default=",".join(STUDENTS), help="comma list of " + ", ".join(STUDENTS))
+    p.add_argument("--students", default="exact,v+convert", help="comma list of " + ", ".join(STUDENTS))
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--width", type=int, default=32, help="the teachers' UNet width")
     p.add_argument("--student-steps", type=int, default=2000)
