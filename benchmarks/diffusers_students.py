@@ -57,6 +57,19 @@ def fid_rows(run: Path, out: Path, flag: str, value: str, args) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
+def pixel_scores(run: Path, num: int, steps: int | None = None) -> dict:
+    """`fewstep.metrics.digits`: pixel-space precision / recall against the real digits and the
+    coverage of the ten classes by a digit classifier, for `num` samples at `steps` (None: the
+    teacher's Heun at 35 NFE)."""
+    from fewstep.apps.generate import generate, load_model
+    from fewstep.metrics.digits import digits_score
+
+    model = load_model(run)
+    schedule = model.sampler.schedule(18, None, "heun") if steps is None else model.sampler.schedule(steps)
+    samples, _, _ = generate(model, schedule, num, progress=False)
+    return digits_score(samples)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
