@@ -115,18 +115,22 @@ def main() -> None:
             seconds = time.perf_counter() - start
             for r in fid_rows(run, root / f"{name}-{student}-eval.json", "--steps", "1,2", args):
                 table.append({"teacher": name, "student": student, "nfe": r["nfe"], "fid": r["fid"],
-                              "precision": r["precision"], "recall": r["recall"], "seconds": seconds})
+                              "precision": r["precision"], "recall": r["recall"], "seconds": seconds,
+                              "pixels": pixel_scores(run, args.num, r["nfe"])})
             (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
         # the teacher is scored after its students, so that runs sharing a teacher start training at once
         row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
         table.insert(first, {"teacher": name, "student": "teacher (Heun)", "nfe": 35, "fid": row["fid"],
-                             "precision": row["precision"], "recall": row["recall"], "seconds": teacher_seconds})
+                             "precision": row["precision"], "recall": row["recall"], "seconds": teacher_seconds,
+                             "pixels": pixel_scores(folder, args.num)})
     (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
     print(f"\n| teacher | student | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
-          f"seconds |\n| --- | --- | --- | --- | --- | --- | --- |")
+          f"pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
+        px = r["pixels"]
         print(f"| {r['teacher']} | {r['student']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
-              f"{r['recall']:.3f} | {r['seconds']:.0f} |")
+              f"{r['recall']:.3f} | {px['precision']:.3f} / {px['recall']:.3f} / {px['coverage']:.2f} | "
+              f"{r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
