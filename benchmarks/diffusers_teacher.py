@@ -38,9 +38,10 @@ def make_unet(width: int = 32):
                                  attention_head_dim=width)
 
 
-def main() -> None:
-    import diffusers
+PREDICTIONS = ("epsilon", "v_prediction", "flow")
 
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3000)
@@ -48,36 +49,61 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prediction", choices=PREDICTIONS, default="epsilon",
+                   help="epsilon / v_prediction (DDPMScheduler) or flow (FlowMatchEulerDiscreteScheduler)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first UNet level")
     args = p.parse_args()
+    train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed, args.prediction, args.width)
+
+
+def train_teacher(out: str, steps: int = 3000, batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.999,
+                  seed: int = 0, prediction: str = "epsilon", width: int = 32) -> Path:
+    """Train and save one teacher (a `DDPMPipeline` folder; its scheduler names the prediction type)."""
+    import diffusers
+
+    args = argparse.Namespace(out=out, steps=steps, batch_size=batch_size, lr=lr, ema=ema_decay, seed=seed,
+                              prediction=prediction, width=width)
 
     torch.manual_seed(args.seed)
     data = digits_tensor()
-    unet = make_unet()
+    unet = make_unet(args.width)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    if args.prediction == "flow":  # diffusers' rectified-flow loop (train_dreambooth_sd3.py): x = (1-s) x0 + s eps
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    else:
+        scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                            prediction_type=args.prediction)
     opt = torch.optim.Adam(unet.parameters(), lr=args.lr)
     log, start = [], time.perf_counter()
     for step in range(args.steps):
         x0 = data[torch.randint(len(data), (args.batch_size,))]
         noise = torch.randn_like(x0)
-        k = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),))
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, k), k).sample, noise)
+        if args.prediction == "flow":  # uniform s, the model at timestep s * 1000, target eps - x0
+            s = torch.rand(len(x0))
+            x = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+            loss = F.mse_loss(unet(x, s * scheduler.config.num_train_timesteps).sample, noise - x0)
+        else:
+            k = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),))
+            target = noise if args.prediction == "epsilon" else scheduler.get_velocity(x0, noise, k)
+            loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, k), k).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:  # linear warmup over 200 steps, then cosine decay
             warm = min(1.0, (step + 1) / 200)
             group["lr"] = args.lr * warm * 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi)).item())
         opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # diffusers' EMAModel: the early average forgets the init
         with torch.no_grad():
             for pe, pu in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(pu, 1 - args.ema)
+                pe.lerp_(pu, 1 - decay)
         if step % 100 == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start})
+            log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
             print(json.dumps(log[-1]), flush=True)
     out = Path(args.out)
     diffusers.DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
     print(f"saved the DDPMPipeline (EMA weights) to {out} after {time.perf_counter() - start:.0f} s")
+    return out
 
 
 if __name__ == "__main__":

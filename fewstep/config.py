@@ -114,6 +114,10 @@ class TrainConfig:
     sharded_checkpoints: bool = False  # fsdp: each process writes its own shards (models beyond one process)
     init_from_teacher: bool = True  # sCD: start from the teacher's weights (docs/math.md#stabilizers; networks/convert.py)
     init_from: str | None = None  # fine-tune: start from this run's network and (EMA) weights
+    # The conversion stage: first regress the student's TrigFlow velocity onto the teacher's this many steps
+    # (a student reading a diffusers teacher in another parameterization, network.prediction; docs/results.md)
+    convert_steps: int = 0
+    convert_lr: float | None = None  # its learning rate (default optim.lr)
     pretrain_steps: int = 0  # first train flow matching this long into <out>/pretrain: the teacher or the start
     pretrain_lr: float | None = None  # its learning rate (default optim.lr)
 
@@ -140,6 +144,13 @@ class TrainConfig:
         if self.pretrain_steps and (self.teacher or self.init_from):
             raise ConfigError("train.pretrain_steps trains the teacher / starting point itself: do not also give "
                               "train.teacher or train.init_from")
+        if self.convert_steps < 0:
+            raise ConfigError(f"train.convert_steps must be >= 0, got {self.convert_steps}")
+        if self.convert_steps and not (self.teacher and self.init_from_teacher):
+            raise ConfigError("train.convert_steps regresses a student onto its teacher: give train.teacher "
+                              "(with train.init_from_teacher)")
+        if self.convert_lr is not None and not self.convert_lr > 0:
+            raise ConfigError(f"train.convert_lr must be > 0, got {self.convert_lr}")
         if self.pretrain_lr is not None and not self.pretrain_lr > 0:
             raise ConfigError(f"train.pretrain_lr must be > 0, got {self.pretrain_lr}")
         if self.init_from and self.teacher and self.init_from_teacher:

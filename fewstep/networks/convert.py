@@ -115,3 +115,48 @@ def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: st
         teacher_time = lambda c: torch.atan(torch.exp(4 * c) / sigma_d)  # noqa: E731
     err = fit_time_embedding(student.time_emb, teacher.time_emb, teacher_time, grid, steps=fit_steps)
     return {"time_embedding_fit_error": err}
+
+
+def match_teacher(student: nn.Module, teacher_velocity, sample_x0, sigma_d: float, steps: int, lr: float = 2e-4,
+                  seed: int = 0, gain=None) -> dict:
+    """The conversion stage (docs/math.md#students-of-diffusers-teachers): regress the student's TrigFlow
+    velocity onto the teacher's, `E || F_student(x_t / sigma_d, t) - v_teacher(x_t, t) / sigma_d ||^2 / gain(t)^2`
+    with t uniform in [0, pi/2] (the one-step sampler starts at pi/2), by Adam for `steps` steps. `gain(t)`:
+    the teacher's |dF / d(its output)|, so that the error counts in the units the teacher was trained in
+    (an epsilon teacher's velocity near pi/2 carries its noise-estimate error times ~300; default 1).
+
+    For a student that reads the teacher's model in another parameterization (`network.prediction`): its
+    weights are the teacher's, its velocity is not yet. `teacher_velocity(x_t, t, labels)`, `sample_x0()`
+    -> (x0, labels). TrigFlow students only (the caller checks). Returns the relative (weighted) RMS velocity error before and after; 0 at an exact start."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch():
+        x0, labels = sample_x0()
+        t = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64).to(x0.device, x0.dtype) * (math.pi / 2)
+        z = torch.randn(x0.shape, generator=gen).to(x0) * sigma_d
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        x_t = torch.cos(t).view(shape) * x0 + torch.sin(t).view(shape) * z
+        with torch.no_grad():
+            target = teacher_velocity(x_t, t, labels) / sigma_d
+        w = 1.0 if gain is None else (1 / gain(t)).view(shape)
+        return x_t / sigma_d, t, labels, target, w
+
+    def error() -> float:
+        with torch.no_grad():
+            x, t, labels, target, w = batch()
+            diff = w * (student(x, t, labels) - target)
+            return float(diff.square().mean().sqrt() / (w * target).square().mean().sqrt().clamp_min(1e-12))
+
+    before = error()
+    if before == 0.0:  # an exact start: nothing to convert
+        return {"convert_error_before": 0.0, "convert_error_after": 0.0}
+    with torch.enable_grad():
+        for _ in range(steps):
+            x, t, labels, target, w = batch()
+            loss = (w * (student(x, t, labels) - target)).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {"convert_error_before": before, "convert_error_after": error()}

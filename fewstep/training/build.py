@@ -206,6 +206,31 @@ def _student_network(cfg: Config, teacher, method):
     return build_registered(spec)
 
 
+def _convert(net, teacher, method, dataset, device, steps: int, lr: float, batch_size: int, seed: int) -> None:
+    """The conversion stage (`train.convert_steps`): the student regressed onto its teacher's velocity."""
+    from fewstep.methods.scd import make_teacher_velocity
+    from fewstep.networks.contract import network_info
+    from fewstep.networks.convert import match_teacher
+
+    if getattr(method, "parameterization", "trigflow") != "trigflow":
+        raise ConfigError("train.convert_steps is for TrigFlow students (sCD, sCT, ECT, MeanFlow); "
+                          f"method {type(method).__name__} trains an EDM-formulation student")
+    velocity = make_teacher_velocity(teacher.net, teacher.method.parameterization, method.sigma_d)
+    conditional = bool(network_info(net).num_classes)
+
+    def sample_x0():
+        x0, labels = dataset.sample(batch_size, device)
+        return x0, labels if conditional else None
+
+    net.to(device).train()
+    schedule = getattr(teacher.net, "schedule", None)  # a diffusers teacher: errors in its own output's units
+    gain = None if schedule is None else (lambda t: schedule.output_gain(t.double()).to(t.dtype))
+    done = match_teacher(net, velocity, sample_x0, method.sigma_d, steps, lr=lr, seed=seed, gain=gain)
+    if main_process():
+        print(f"conversion stage: {steps} steps, student velocity error relative to the teacher "
+              f"{done['convert_error_before']:.4f} -> {done['convert_error_after']:.4f}")
+
+
 @dataclass
 class Built:
     """What `build` makes; `fit(*built, out_dir, **built.options)` trains it."""
@@ -272,6 +297,9 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
                                         student_formulation=method.parameterization)
             if main_process():
                 print(f"network initialized from {what}" + (f": {done}" if done else ""))
+        if tc.convert_steps and not resuming:
+            _convert(net, teacher, method, dataset, device, tc.convert_steps, tc.convert_lr or cfg.optim.lr,
+                     tc.batch_size, tc.seed)
         if lora:  # LCM-LoRA: the initialized student frozen under a trainable adapter
             try:
                 net = lora_network(net, lora["lora_rank"], lora.get("lora_alpha"), lora.get("lora_targets"))

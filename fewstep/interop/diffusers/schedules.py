@@ -143,6 +143,14 @@ class TrigFlowSchedule(nn.Module):
         c, s = torch.cos(t).clamp_min(0).view(shape), torch.sin(t).view(shape)
         return c * eps - s * x0 / self.sigma_d
 
+    def output_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """|dF / d(prediction)| at TrigFlow time t (B,): F is affine in the model's output, so one difference
+        is exact. An epsilon reading gains sqrt(1 - ab) / (sigma_d sqrt(ab)) at pi/2 (~315 for DDPM's linear
+        betas), which is what a student of an epsilon teacher must learn through (docs/results.md)."""
+        x = torch.zeros(t.shape[0], 1, dtype=t.dtype, device=t.device)
+        f = lambda value: self.velocity(lambda xm, k: torch.full_like(xm, value), x, t)  # noqa: E731
+        return (f(1.0) - f(0.0)).abs().flatten()
+
     def trigflow_time(self, timestep: torch.Tensor) -> torch.Tensor:
         """The TrigFlow time of a model timestep (the inverse map; fractional VP timesteps interpolate
         log-SNR as `model_inputs` does)."""

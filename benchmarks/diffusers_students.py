@@ -1,0 +1,137 @@
+"""Students of diffusers teachers of every output type, on the 8x8 digits (issue 19, docs/results.md).
+
+Per teacher (trained by diffusers' own textbook loop, `benchmarks/diffusers_teacher.py`: epsilon and
+v_prediction with `DDPMScheduler`, rectified flow with `FlowMatchEulerDiscreteScheduler`), its sCD
+students at equal budget, scored by FID at N samples at 1 and 2 steps beside the teacher's 35-NFE FID:
+
+- `exact`: the teacher's own model behind the exact conversion (the student starts as the teacher);
+- `v`: the same weights read as v_prediction (bounded output gain; its start is not the teacher);
+- `v+convert`: the same weights read as v_prediction (`network.prediction`), first regressed onto the
+  teacher's velocity (`train.convert_steps`), then sCD: for teachers whose reading has a large output
+  gain (epsilon near pure noise, sample near clean data).
+
+    python benchmarks/diffusers_students.py --out runs/students                # the full table (hours on 2 cores)
+    python benchmarks/diffusers_students.py --out runs/students-quick --quick  # smoke test, ~1 min
+    python benchmarks/diffusers_students.py --out runs/students --teachers epsilon --teacher-steps 1000 \\
+        --width 16 --student-steps 300 --convert-steps 150 --num 1000          # the reduced run of docs/results.md
+
+Text-conditioned teachers add a row through `TEACHERS` (a name -> how to train it) and `STUDENTS`.
+The table is printed as markdown and written to <out>/table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # this checkout's fewstep
+from diffusers_teacher import train_teacher  # noqa: E402
+
+# teacher name -> its prediction type in benchmarks/diffusers_teacher.py
+TEACHERS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "flow": "flow"}
+# student name -> (extra `fewstep train` arguments, the teachers it is for)
+STUDENTS = {  # `--students` picks; the default runs `exact` and `v+convert`
+    "exact": (lambda a: [], ("epsilon", "v_prediction", "flow")),
+    "v": (lambda a: ["--set", "network.arch=diffusers", "--set", "network.prediction=v_prediction"], ("epsilon",)),
+    "v+convert": (lambda a: ["--set", "network.arch=diffusers", "--set", "network.prediction=v_prediction",
+                             "--set", f"train.convert_steps={a.convert_steps}",
+                             "--set", f"train.convert_lr={a.convert_lr}"], ("epsilon",)),
+}
+
+
+def fewstep(*args: str) -> None:
+    from fewstep.cli import main
+
+    if main(list(args)) != 0:
+        raise SystemExit(f"fewstep {' '.join(args)} failed")
+
+
+def fid_rows(run: Path, out: Path, flag: str, value: str, args) -> list[dict]:
+    if out.exists():  # scored already (a rerun with more students)
+        return json.loads(out.read_text())["rows"]
+    fewstep("eval", str(run), flag, value, "--num", str(args.num), "--ref", "digits", "--device", "cpu",
+            "--out", str(out), "--features", args.features)
+    return json.loads(out.read_text())["rows"]
+
+
+def pixel_scores(run: Path, num: int, steps: int | None = None) -> dict:
+    """`fewstep.metrics.digits`: pixel-space precision / recall against the real digits and the
+    coverage of the ten classes by a digit classifier, for `num` samples at `steps` (None: the
+    teacher's Heun at 35 NFE)."""
+    from fewstep.apps.generate import generate, load_model
+    from fewstep.metrics.digits import digits_score
+
+    model = load_model(run)
+    schedule = model.sampler.schedule(18, None, "heun") if steps is None else model.sampler.schedule(steps)
+    samples, _, _ = generate(model, schedule, num, progress=False)
+    return digits_score(samples)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--teachers", default=",".join(TEACHERS), help="comma list of " + ", ".join(TEACHERS))
+    p.add_argument("--students", default="exact,v+convert", help="comma list of " + ", ".join(STUDENTS))
+    p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--width", type=int, default=32, help="the teachers' UNet width")
+    p.add_argument("--student-steps", type=int, default=2000)
+    p.add_argument("--convert-steps", type=int, default=300)
+    p.add_argument("--convert-lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-5, help="the students' learning rate (the digits sCD recipe)")
+    p.add_argument("--warmup", type=int, default=500, help="tangent warmup steps")
+    p.add_argument("--num", type=int, default=1000, help="samples per FID")
+    p.add_argument("--features", choices=("inception", "random"), default="random",
+                   help="FID features (inception needs its weights: fewstep eval --download)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets")
+    args = p.parse_args()
+    if args.quick:
+        args.teacher_steps, args.student_steps, args.convert_steps, args.num, args.width = 20, 3, 3, 64, 8
+        args.warmup = 1
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    table = []
+    for name in args.teachers.split(","):
+        if name not in TEACHERS:
+            raise SystemExit(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
+        folder = root / f"teacher-{name}"
+        start = time.perf_counter()
+        if not (folder / "model_index.json").exists():
+            train_teacher(str(folder), steps=args.teacher_steps, batch_size=64, prediction=TEACHERS[name],
+                          width=args.width)
+        teacher_seconds, first = time.perf_counter() - start, len(table)
+        for student in args.students.split(","):
+            extra, teachers = STUDENTS[student]
+            if name not in teachers:
+                continue
+            run, start = root / f"{name}-{student}", time.perf_counter()
+            fewstep("train", "--method", "scd", "--teacher", str(folder), "--out", str(run), "--data", "digits",
+                    "--steps", str(args.student_steps), "--lr", str(args.lr), "--batch-size", "64",
+                    "--set", f"method.warmup_steps={args.warmup}", "--set", "train.sample_every=0",
+                    "--set", f"train.ckpt_every={args.student_steps}", "--no-progress", "--device", "cpu",
+                    *extra(args))
+            seconds = time.perf_counter() - start
+            for r in fid_rows(run, root / f"{name}-{student}-eval.json", "--steps", "1,2", args):
+                table.append({"teacher": name, "student": student, "nfe": r["nfe"], "fid": r["fid"],
+                              "precision": r["precision"], "recall": r["recall"], "seconds": seconds,
+                              "pixels": pixel_scores(run, args.num, r["nfe"])})
+            (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
+        # the teacher is scored after its students, so that runs sharing a teacher start training at once
+        row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
+        table.insert(first, {"teacher": name, "student": "teacher (Heun)", "nfe": 35, "fid": row["fid"],
+                             "precision": row["precision"], "recall": row["recall"], "seconds": teacher_seconds,
+                             "pixels": pixel_scores(folder, args.num)})
+    (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
+    print(f"\n| teacher | student | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
+          f"pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in table:
+        px = r["pixels"]
+        print(f"| {r['teacher']} | {r['student']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
+              f"{r['recall']:.3f} | {px['precision']:.3f} / {px['recall']:.3f} / {px['coverage']:.2f} | "
+              f"{r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
