@@ -88,7 +88,7 @@ def test_resume_is_exact(run, tmp_path):
         f.unlink()
     assert _final(copy)[1]["step"] == 2
     assert main(train_args(run / "ddpm", copy)) == 0
-    (a, sa), (b, sb) = _final(run / "run"), _final(copy)
+    (a, _), (b, sb) = _final(run / "run"), _final(copy)
     assert sb["step"] == 4 and a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
