@@ -102,6 +102,26 @@ def test_traced_equals_finite_differences_and_the_engine(name):
     assert rel(tout - rest, fd) < 1e-7
 
 
+@pytest.mark.parametrize("name", ["unet", "mlp", "dit"])
+def test_class_conditional_networks_are_traced_not_sent_to_the_engine(name):
+    """The label range check reads values, which a trace has not: it must not make a class-
+    conditional network fall back to the eager engine (it did, with a notice, for fewstep's own)."""
+    build = {"unet": lambda: tiny_unet(num_classes=3), "mlp": lambda: tiny_mlp(num_classes=3),
+             "dit": lambda: DiT(2, 8, patch_size=2, hidden_size=16, depth=1, heads=2, num_classes=3)}[name]
+    net = randomize_zero_params_(build()).double()
+    shape = (3, 3) if name == "mlp" else (3, 2, 8, 8)
+    x, t, labels = torch.randn(*shape, dtype=DT), torch.rand(3, dtype=DT) + 0.1, torch.tensor([0, 2, 3])
+    x_dot, t_dot = torch.randn_like(x), torch.randn_like(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback notice
+        out, tout = jvp(net, (x, t), (x_dot, t_dot), {"labels": labels}, mode="traced")
+    assert runner_of(net).traces == 1
+    ref_out, ref = tangent_forward(net, (x, t), (x_dot, t_dot), {"labels": labels})
+    assert torch.equal(out, ref_out) and rel(tout, ref) < 1e-12
+    with pytest.raises(ValueError, match="labels must be in"):  # eager calls still check the values
+        net(x, t, labels=torch.tensor([0, 2, 7]))
+
+
 def test_sct_gradients_through_traced_and_tangent_agree():
     net, x, t, _ = _build("dit")
     dxdt = torch.randn_like(x)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from fewstep.core.edm import T_CAP
 from fewstep.networks.layers import AdaptiveWeight, ConditionedNetwork, PositionalEmbedding
@@ -95,7 +94,7 @@ class PaperNetwork(ConditionedNetwork):
         if torch.is_tensor(guidance) and guidance.numel() not in (1, b):
             raise ValueError(f"{name}: guidance must be one scale per sample ({b}) or one for all, "
                              f"got shape {tuple(guidance.shape)}")
-        if labels is not None and get_proxy_mode() is None:  # the traced JVP's tensors have no values to check
+        if labels is not None:
             self.check_labels(labels, b)
         return t.reshape(-1).expand(b)
 
