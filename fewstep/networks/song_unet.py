@@ -151,40 +151,39 @@ class _SongNetwork(PaperNetwork):
         return self.model(x_in, c_noise, class_labels, extra)
 
 
-@register_network("ddpmpp")
-class DDPMpp(_SongNetwork):
-    """EDM's DDPM++ (`SongUNet` with positional embedding, standard encoder, [1, 1] resampling)."""
+class _SongVariant(_SongNetwork):
+    """The shared constructor of EDM's two SongUNet configurations; `VARIANT` holds what differs."""
+
+    VARIANT: dict = {}
 
     def __init__(self, img_channels: int, img_resolution: int, label_dim: int = 0, augment_dim: int = 0,
                  model_channels: int = 128, channel_mult: tuple[int, ...] = (2, 2, 2), channel_mult_emb: int = 4,
                  num_blocks: int = 4, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.10,
-                 precond: str = "edm", sigma_data: float = 0.5, embedding_type: str = "positional",
+                 precond: str = "edm", sigma_data: float = 0.5, embedding_type: str | None = None,
                  embedding_scale: float | None = None, double_norm: bool = False, dropout_res: int | None = None,
                  adaptive_weight: bool = False, guidance_input: bool = False, num_classes: int = 0):
         super().__init__()
+        variant = dict(self.VARIANT)
+        variant["embedding_type"] = embedding_type or variant["embedding_type"]
         self.build(img_channels, img_resolution, label_dim, num_classes, precond, sigma_data, adaptive_weight,
                    guidance_input, augment_dim=augment_dim, model_channels=model_channels,
                    channel_mult=tuple(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-                   attn_resolutions=tuple(attn_resolutions), dropout=dropout, embedding_type=embedding_type,
-                   channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1),
-                   embedding_scale=embedding_scale, double_norm=double_norm, dropout_res=dropout_res)
+                   attn_resolutions=tuple(attn_resolutions), dropout=dropout, embedding_scale=embedding_scale,
+                   double_norm=double_norm, dropout_res=dropout_res, **variant)
+
+
+@register_network("ddpmpp")
+class DDPMpp(_SongVariant):
+    """EDM's DDPM++ (`SongUNet` with positional embedding, standard encoder, [1, 1] resampling)."""
+
+    VARIANT = {"embedding_type": "positional", "channel_mult_noise": 1, "encoder_type": "standard",
+               "resample_filter": (1, 1)}
 
 
 @register_network("ncsnpp")
-class NCSNpp(_SongNetwork):
+class NCSNpp(_SongVariant):
     """EDM's NCSN++ (`SongUNet` with a Fourier embedding twice as wide, a residual encoder, [1, 3, 3, 1]
     resampling)."""
 
-    def __init__(self, img_channels: int, img_resolution: int, label_dim: int = 0, augment_dim: int = 0,
-                 model_channels: int = 128, channel_mult: tuple[int, ...] = (2, 2, 2), channel_mult_emb: int = 4,
-                 num_blocks: int = 4, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.10,
-                 precond: str = "edm", sigma_data: float = 0.5, embedding_type: str = "fourier",
-                 embedding_scale: float | None = None, double_norm: bool = False, dropout_res: int | None = None,
-                 adaptive_weight: bool = False, guidance_input: bool = False, num_classes: int = 0):
-        super().__init__()
-        self.build(img_channels, img_resolution, label_dim, num_classes, precond, sigma_data, adaptive_weight,
-                   guidance_input, augment_dim=augment_dim, model_channels=model_channels,
-                   channel_mult=tuple(channel_mult), channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-                   attn_resolutions=tuple(attn_resolutions), dropout=dropout, embedding_type=embedding_type,
-                   channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1),
-                   embedding_scale=embedding_scale, double_norm=double_norm, dropout_res=dropout_res)
+    VARIANT = {"embedding_type": "fourier", "channel_mult_noise": 2, "encoder_type": "residual",
+               "resample_filter": (1, 3, 3, 1)}
