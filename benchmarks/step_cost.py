@@ -238,6 +238,27 @@ def run_memory_probe(mode: str, argv: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+OP_KINDS = (  # (kind, op-name fragments), first match wins: the profile summed per kind of work
+    ("convolution", ("conv",)),
+    ("matmul", ("addmm", "aten::mm", "bmm", "matmul", "linear", "attention")),
+    ("normalization", ("norm",)),
+    ("optimizer", ("foreach", "adam", "lerp", "addcdiv", "addcmul")),
+    ("elementwise", ("mul", "add", "sub", "div", "silu", "gelu", "sigmoid", "tanh", "exp", "sin", "cos",
+                     "neg", "pow", "sqrt", "rsqrt", "where", "clamp", "copy", "fill", "zero", "cat", "sum",
+                     "mean", "threshold", "relu", "softmax", "rand", "bernoulli", "dropout")),
+)
+
+
+def op_kinds(self_us: dict[str, float]) -> dict[str, float]:
+    """Per-op self times (us) summed into the kinds of `OP_KINDS` (ms); the rest is `other`."""
+    out = {kind: 0.0 for kind, _ in OP_KINDS} | {"other": 0.0}
+    for op, us in self_us.items():
+        name = op.lower()
+        kind = next((k for k, frags in OP_KINDS if any(f in name for f in frags)), "other")
+        out[kind] += us / 1e3
+    return out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -342,6 +363,11 @@ def main(argv=None):
                 steps[mode]()
             print(f"\n== {mode} ==")
             print(prof.key_averages().table(sort_by=key, row_limit=15))
+            # per-op self time (us) in the JSON: compare thread counts or modes op by op
+            own = {e.key: getattr(e, key) for e in prof.key_averages() if getattr(e, key) > 0}
+            results[mode]["profile_self_us"] = own
+            results[mode]["profile_by_kind_ms"] = by_kind = op_kinds(own)
+            print("self time by kind (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in by_kind.items()))
 
     if args.out:
         out = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "probe_memory")},
