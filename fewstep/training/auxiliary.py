@@ -52,7 +52,7 @@ class Auxiliaries:
                              f"which must be > 0; got {base_lr}")
         self.parallel, self.precision = parallel, precision
         self.device = device or parallel.device
-        self.lr_schedule, self.base_lr = lr_schedule, base_lr
+        self.lr_schedule, self.base_lr = lr_schedule, None if base_lr is None else float(base_lr)
         self.nets = [_Trained(name, spec, parallel, precision, self.device, optimizer)
                      for name, spec in specs.items()]
 

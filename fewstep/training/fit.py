@@ -342,7 +342,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     ema = EMA(net, ema_decay, ema_sigma_rel)
     # made from the unsharded net; of the optimizer's kind, on the run's schedule relative to its base rate
     aux = Auxiliaries(method.auxiliaries(net), par, precision, device, optimizer_name(optimizer), lr_schedule,
-                      float(optimizer.defaults["lr"]))
+                      optimizer.defaults.get("lr"))
     eager, optimizer = par.prepare(net, ema.net, method, optimizer, precision)
     model = _compiled(eager, compile, par.is_main)
     record = _record_of(net, method, config, data_info, steps, seed)
