@@ -1,8 +1,11 @@
 """Helpers shared by the test files."""
 
 import gzip
+import json
 import math
+import os
 import struct
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -155,17 +158,59 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
     return path
 
 
-def init_gloo(rank: int, world: int, directory) -> None:
-    """A Gloo process group for an `mp.spawn` test, met through a file in `directory` (no TCP port
-    to race for), with a timeout so that a failed peer fails the test instead of hanging it."""
+def init_gloo(rank: int, world: int, directory, timeout: float = 120, store: str = "gloo-store",
+              torchrun_env: bool = False) -> None:
+    """A Gloo process group for an `mp.spawn` test, met through the file `store` in `directory` (no
+    TCP port to race for), with a timeout so that a failed peer fails the test instead of hanging it.
+    `torchrun_env`: also set RANK/WORLD_SIZE/LOCAL_RANK, which `fit` reads, as torchrun would."""
     import datetime
-    from pathlib import Path
 
     import torch.distributed as dist
 
+    if torchrun_env:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(directory).resolve() / 'gloo-store'}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{Path(directory).resolve() / store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout))
+
+
+def run_scenarios(rank: int, out_dir, scenarios) -> None:
+    """Run `scenarios`, `[(name, fn(result))]`, in order on this process; write the dict they fill to
+    `rank{rank}.json` and leave the process group. A failure is kept as `error_<name>` (its traceback)
+    and ends the list: the other process may be stuck in a collective."""
+    import torch.distributed as dist
+
+    result = {}
+    for name, scenario in scenarios:
+        try:
+            scenario(result)
+        except Exception:  # noqa: BLE001 - reported by the test that reads it (scenario_part)
+            result[f"error_{name}"] = traceback.format_exc()[-3000:]
+            break
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def spawn_ranks(worker, out_dir, world: int, *args) -> list[dict]:
+    """`worker(rank, out_dir, *args)` on `world` processes (it ends in `run_scenarios`); their results."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(str(out_dir), *args), nprocs=world, join=True)
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def scenario_part(ranks: list[dict], name: str) -> list[dict]:
+    """Every process's results, once none reports that scenario `name` failed."""
+    for r in ranks:
+        assert f"error_{name}" not in r, r[f"error_{name}"]
+    return ranks
+
+
+def rank_batches(rank: int, steps: int, world: int) -> list[torch.Tensor]:
+    """Process `rank`'s batches (8 points in 2-D each) of one fixed draw shared by `world` processes."""
+    gen = torch.Generator().manual_seed(3)
+    x = 0.5 * torch.randn(steps, world, 8, 2, generator=gen, dtype=torch.float64)
+    return [x[s, rank] for s in range(steps)]
 
 
 class DropoutNet(nn.Module):

@@ -4,18 +4,22 @@ plain denoising, the two time scales' schedule and its exact resume, rCM with la
 and sampling a trained generator."""
 
 import copy
+import functools
 import json
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fewstep import fit
+from fewstep.config import OptimConfig
 from fewstep.methods import DMD2, RCM, SCD, EDMDiffusion, FlowMatching, Method, register_method
 from fewstep.methods.base import Auxiliary
 from fewstep.networks import MLP
 from fewstep.training import checkpoint as ckpt
+from fewstep.training.build import learning_rate, make_optimizer
 from fewstep.training.fit import NonFiniteLossError
 from helpers import MU, S, SD, randomize_zero_params_, v_star
 
@@ -160,9 +164,12 @@ def _batches():
     return [0.5 * torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(12)]
 
 
-def _fit(method, out, steps, **kw):
+def _fit(method, out, steps, optim=None, **kw):
     torch.manual_seed(0)
     net = MLP(2, 16, 1).double()
+    if optim is not None:  # the optimizer and schedule `build` makes from `optim`, over 8 steps
+        kw.update(optimizer=make_optimizer(optim, net.parameters()),
+                  lr_schedule=functools.partial(learning_rate, optim, total_steps=8))
     return fit(net, method, _batches(), out, steps=steps, device="cpu", progress=False, ckpt_every=1,
                keep_ckpts=20, log_every=1, **kw)
 
@@ -183,11 +190,13 @@ def test_the_schedule_runs_the_owed_updates_each_step(tmp_path):
 @pytest.mark.parametrize("ratio", [1.25, 0.5])
 def test_resume_inside_a_cycle_is_exact(tmp_path, ratio):
     """Stopped at step 2 (the 4-step cycle of 1.25 updates per step half done; 0.5: after the
-    skipped half), resumed to 5: every tensor equals the straight run's, the auxiliary's included."""
-    _fit(_Counting(ratio), tmp_path / "straight", 5)
-    _fit(_Counting(ratio), tmp_path / "split", 2)
+    skipped half), resumed to 5: every tensor equals the straight run's, the auxiliary's included.
+    Inside a 4-step warmup too: the auxiliary's rate, like the net's, is a function of the step."""
+    optim = OptimConfig(warmup_steps=4)
+    _fit(_Counting(ratio), tmp_path / "straight", 5, optim)
+    _fit(_Counting(ratio), tmp_path / "split", 2, optim)
     resumed = _Counting(ratio)
-    _fit(resumed, tmp_path / "split", 5)
+    _fit(resumed, tmp_path / "split", 5, optim)
     assert min(resumed.calls, default=2) >= 2  # it did not redo the first two steps' updates
     a, meta_a = ckpt.load_checkpoint(tmp_path / "straight")
     b, meta_b = ckpt.load_checkpoint(tmp_path / "split")
@@ -197,6 +206,35 @@ def test_resume_inside_a_cycle_is_exact(tmp_path, ratio):
     for key in a:
         if not key.startswith("rng."):
             assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("radam", torch.optim.RAdam)])
+def test_the_fake_score_follows_the_runs_optimizer_and_schedule(tmp_path, name, cls):
+    """`optim.name` picks the fake score's optimizer too; its rate is `fake_lr` times the run's
+    warmup (4 steps) and linear decay (to 0 at step 8), checked at each of its updates."""
+    teacher, student = _teacher_and_student()
+    method = DMD2(fake_updates=2, fake_lr=2e-4)
+    method.set_teacher(teacher, "trigflow")
+    optim = OptimConfig(name=name, lr=1e-3, warmup_steps=4, schedule="linear")
+    optimizer = make_optimizer(optim, student.parameters())
+    seen = []  # (the optimizer, its rate) at each step, in order
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append((opt, opt.param_groups[0]["lr"])))
+    try:
+        fit(student, method, _batches(), tmp_path / name, steps=6, optimizer=optimizer, device="cpu", progress=False,
+            lr_schedule=functools.partial(learning_rate, optim, total_steps=8), log_every=1)
+    finally:
+        hook.remove()
+    shape = [min(1, (s + 1) / 4) * (1 - max(0, s - 4) / 4) for s in range(6)]  # 1/4, 1/2, 3/4, 1, 1, 3/4
+    assert [lr for opt, lr in seen if opt is optimizer] == pytest.approx([1e-3 * f for f in shape], rel=1e-12)
+    fake = [(opt, lr) for opt, lr in seen if opt is not optimizer]
+    assert {type(opt) for opt, _ in fake} == {type(optimizer)} == {cls}
+    assert [lr for _, lr in fake] == pytest.approx([2e-4 * f for f in shape for _ in range(2)], rel=1e-12)
+    log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    assert [r["fake_score.lr"] for r in log] == pytest.approx([2e-4 * f for f in shape], rel=1e-6)
+    with pytest.raises(ValueError, match="base rate"):  # the schedule's shape is relative to a rate > 0
+        fit(student, method, _batches(), tmp_path / "zero", steps=1, device="cpu", progress=False,
+            optimizer=torch.optim.Adam(student.parameters(), lr=0.0), lr_schedule=lambda step: 1e-3)
 
 
 def test_a_non_finite_auxiliary_loss_is_skipped_and_counted(tmp_path):

@@ -7,7 +7,6 @@ Three `mp.spawn`s (a module fixture): the straight runs and the DDP run that is 
 resume and the FSDP run that is killed; the FSDP resume."""
 
 import copy
-import datetime
 import json
 import os
 import signal
@@ -22,14 +21,9 @@ from fewstep import Callback, fit
 from fewstep.methods import DMD2
 from fewstep.networks import MLP
 from fewstep.training import checkpoint as ckpt
+from helpers import init_gloo, rank_batches
 
 WORLD, STEPS, KILL_AT = 2, 5, 3
-
-
-def _data(rank):
-    gen = torch.Generator().manual_seed(3)
-    x = 0.5 * torch.randn(STEPS, WORLD, 8, 2, generator=gen, dtype=torch.float64)
-    return [x[s, rank] for s in range(STEPS)]
 
 
 class _KillAt(Callback):
@@ -47,15 +41,12 @@ def _fit(rank, parallel, out, kill=False):
     student = copy.deepcopy(teacher)
     method = DMD2(fake_updates=1.25)
     method.set_teacher(teacher, "trigflow")
-    fit(student, method, _data(rank), out, steps=STEPS, parallel=parallel, device="cpu",
+    fit(student, method, rank_batches(rank, STEPS, WORLD), out, steps=STEPS, parallel=parallel, device="cpu",
         progress=False, ckpt_every=2, keep_ckpts=5, callbacks=[_KillAt()] if kill else [])
 
 
 def _worker(rank, out_dir, stage):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, f'store-{stage}')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    init_gloo(rank, WORLD, out_dir, timeout=30, store=f"store-{stage}", torchrun_env=True)
     plan = {0: [("ddp", "straight"), ("fsdp", "straight"), ("ddp", "kill")],
             1: [("ddp", "resume"), ("fsdp", "kill")], 2: [("fsdp", "resume")]}[stage]
     try:

@@ -9,13 +9,11 @@ import contextlib
 import copy
 import json
 import os
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,7 +25,7 @@ from fewstep.training.fsdp import (clip_grad_norm, full_optimizer_state, full_st
 from fewstep.methods import SCT, FlowMatching
 from fewstep.networks.blocks import blocks
 from fewstep.networks import MLP, DiT, UNet, network_class
-from helpers import init_gloo
+from helpers import init_gloo, run_scenarios, scenario_part, spawn_ranks
 
 WORLD, BATCH = 2, 8
 
@@ -210,33 +208,20 @@ def _check_bf16(rank, out):
 
 def _worker(rank: int, out_dir: str) -> None:
     init_gloo(rank, WORLD, out_dir)
-    out = {}
-    for name, check in (("gradients", lambda: _check_gradients(rank, out)),
-                        ("checkpoint", lambda: _check_checkpoint(rank, out, out_dir)),
-                        ("ema", lambda: _check_ema(rank, out)),
-                        ("bf16", lambda: _check_bf16(rank, out))):
-        try:
-            check()
-        except Exception:  # noqa: BLE001 - reported by the test that reads it
-            out[f"error_{name}"] = traceback.format_exc()
-            break  # the other process may be stuck in a collective: stop here
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(out, f)
-    dist.destroy_process_group()
+    run_scenarios(rank, out_dir, [("gradients", lambda out: _check_gradients(rank, out)),
+                                  ("checkpoint", lambda out: _check_checkpoint(rank, out, out_dir)),
+                                  ("ema", lambda out: _check_ema(rank, out)),
+                                  ("bf16", lambda out: _check_bf16(rank, out))])
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD, join=True)
-    return out_dir, [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out_dir, spawn_ranks(_worker, out_dir, WORLD)
 
 
 def _part(results, name):
-    _, ranks = results
-    for r in ranks:
-        assert f"error_{name}" not in r, r[f"error_{name}"]
-    return ranks
+    return scenario_part(results[1], name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,31 +4,24 @@ previous one; a process that cannot write its shard stops every process at once 
 
 One `mp.spawn` runs every scenario (a module fixture); each test reads its part."""
 
-import datetime
+import functools
 import json
 import os
 import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fewstep import fit
 from fewstep.methods import CT, FlowMatching, ProgressiveDistillation
 from fewstep.networks import MLP
 from fewstep.training import checkpoint as ckpt
 from fewstep.training.fsdp import read_full, shard_files
+from helpers import init_gloo, rank_batches, run_scenarios, scenario_part, spawn_ranks
 
 WORLD, STEPS = 2, 8
-
-
-def _data(rank):
-    gen = torch.Generator().manual_seed(3)
-    x = 0.5 * torch.randn(STEPS, WORLD, 8, 2, generator=gen, dtype=torch.float64)
-    return [x[s, rank] for s in range(STEPS)]
 
 
 def _method(name):
@@ -45,8 +38,8 @@ def _fit(rank, name, out, steps, **kw):
     net = MLP(2, 16, 2).double()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(net, _method(name), _data(rank), out, steps=steps, parallel="fsdp", device="cpu", progress=False,
-            ckpt_every=2, keep_ckpts=5, **kw)
+        fit(net, _method(name), rank_batches(rank, STEPS, WORLD), out, steps=steps, parallel="fsdp", device="cpu",
+            progress=False, ckpt_every=2, keep_ckpts=5, **kw)
     return [str(w.message) for w in caught]
 
 
@@ -116,52 +109,33 @@ def _write_failure(rank, out_dir, result):
 
 
 def _worker(rank, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     # A short timeout: a process left waiting for a failed peer fails its scenario instead of the suite.
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'gloo-store')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=40))
-    result = {}
-    for name, scenario in (("extra", _extra_networks), ("missing", _missing_shard), ("write", _write_failure)):
-        try:
-            scenario(rank, out_dir, result)
-        except Exception:  # noqa: BLE001 - reported by the test that reads it
-            result[f"error_{name}"] = traceback.format_exc()[-3000:]
-            break  # the other process may be stuck in a collective: stop here
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    init_gloo(rank, WORLD, out_dir, timeout=40, torchrun_env=True)
+    run_scenarios(rank, out_dir, [(name, functools.partial(scenario, rank, out_dir)) for name, scenario in (
+        ("extra", _extra_networks), ("missing", _missing_shard), ("write", _write_failure))])
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("parallel")
-    mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD, join=True)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-def _part(results, name):
-    for r in results:
-        assert f"error_{name}" not in r, r[f"error_{name}"]
-    return results
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("parallel"), WORLD)
 
 
 def test_fsdp_shards_the_extra_networks_and_resumes_exactly(results):
-    r0 = _part(results, "extra")[0]
+    r0 = scenario_part(results, "extra")[0]
     for name in ("ct", "pd"):
         assert r0[name]["target_keys"] > 0, name
         assert r0[name]["diff"] == 0.0, (name, r0[name])
 
 
 def test_a_missing_shard_falls_back_to_the_previous_checkpoint(results):
-    ranks = _part(results, "missing")
+    ranks = scenario_part(results, "missing")
     assert all(any("ckpt-0000004" in m for m in r["missing_shard"]["warned"]) for r in ranks), ranks
     assert ranks[0]["missing_shard"]["steps"] == [6, 6]
     assert ranks[0]["missing_shard"]["diff"] == 0.0
 
 
 def test_a_failed_shard_write_stops_every_process_at_once(results):
-    for r in _part(results, "write"):
+    for r in scenario_part(results, "write"):
         failure = r["write_failure"]
         assert failure["raised"] == "CheckpointError", failure
         assert "process 1" in failure["message"] and "No space left" in failure["message"], failure

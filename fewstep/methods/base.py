@@ -38,9 +38,10 @@ METHODS: dict[str, type] = {}
 
 @dataclasses.dataclass
 class Auxiliary:
-    """A network a method trains beside the main one (DMD2's fake score), with its own Adam, its
-    own loss and its own pace. `fit` trains it through `fewstep.training.auxiliary` without
-    knowing the method; checkpoints keep its weights, optimizer, EMA and update count.
+    """A network a method trains beside the main one (DMD2's fake score), with its own optimizer
+    (the run's kind, at `lr` on the run's schedule), its own loss and its own pace. `fit` trains it
+    through `fewstep.training.auxiliary` without knowing the method; checkpoints keep its weights,
+    optimizer, EMA and update count.
 
     `loss(model, net, x0, labels, step) -> (per-sample loss, stats)`: `model` is the auxiliary
     network as it trains (wrapped under ddp), `net` the main network (read it without gradients).

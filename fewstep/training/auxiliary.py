@@ -1,13 +1,16 @@
 """Networks a method trains beside the main one (`Method.auxiliaries`, e.g. DMD2's fake score):
 the one object `fit` calls for them, knowing no method.
 
-    aux = Auxiliaries(method.auxiliaries(net), parallel, precision, device)   # before the loop
+    aux = Auxiliaries(method.auxiliaries(net), parallel, precision, device,   # before the loop
+                      "radam", lr_schedule, base_lr)
     stats, skipped = aux.train(net, batches, step)                            # each step, before net's
     tensors, meta = aux.state(); aux.load(tensors, meta)                      # in checkpoints
 
-Each auxiliary has its own Adam, gradient clipping, optional EMA and pace (`updates_per_step`: by
-the end of step s it has had `floor(updates_per_step * (s + 1))` updates, so that a cycle of the two
-time scales may span several steps and a checkpoint may fall inside one). An update runs the
+Each auxiliary has its own optimizer (the run's kind, `optim.name`) at its own rate `lr`, which
+follows the run's schedule when there is one: `lr * lr_schedule(step) / base_lr`, the run's warmup
+and decay scaled to it. It has its own gradient clipping, optional EMA and pace (`updates_per_step`:
+by the end of step s it has had `floor(updates_per_step * (s + 1))` updates, so that a cycle of the
+two time scales may span several steps and a checkpoint may fall inside one). An update runs the
 step's micro-batches (gradient accumulation), skips together on every process when its loss or
 gradient is not finite, and counts as done either way: the schedule depends on the step alone.
 """
@@ -20,12 +23,13 @@ from fewstep.devices import autocast_context
 from fewstep.training.checkpoint import prefixed, unprefixed
 from fewstep.training.distributed import broadcast_parameters
 from fewstep.training.ema import EMA
+from fewstep.training.optimizers import new_optimizer
 
 
 class _Trained:
     """One auxiliary network with what trains it."""
 
-    def __init__(self, name, spec, parallel, precision, device):
+    def __init__(self, name, spec, parallel, precision, device, optimizer):
         self.name, self.spec, self.updates = name, spec, 0
         module = spec.net.to(device).train()
         broadcast_parameters(module, parallel.info)  # e.g. a freshly drawn head: the same everywhere
@@ -34,18 +38,23 @@ class _Trained:
         self.model = parallel.prepare_auxiliary(module, None if self.ema is None else self.ema.net, precision)
         # Built after sharding: the optimizer holds the (sharded) parameters that train.
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=spec.lr, betas=tuple(spec.betas),
-                                          weight_decay=spec.weight_decay)
+        self.optimizer = new_optimizer(optimizer, params, spec.lr, spec.betas, spec.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 class Auxiliaries:
     """The auxiliary networks of a run (none: every call does nothing)."""
 
-    def __init__(self, specs: dict, parallel, precision: str = "fp32", device: torch.device | None = None):
+    def __init__(self, specs: dict, parallel, precision: str = "fp32", device: torch.device | None = None,
+                 optimizer: str = "adam", lr_schedule=None, base_lr: float | None = None):
+        if specs and lr_schedule is not None and not (base_lr or 0) > 0:
+            raise ValueError(f"auxiliary networks follow the lr schedule relative to the run's base rate, "
+                             f"which must be > 0; got {base_lr}")
         self.parallel, self.precision = parallel, precision
         self.device = device or parallel.device
-        self.nets = [_Trained(name, spec, parallel, precision, self.device) for name, spec in specs.items()]
+        self.lr_schedule, self.base_lr = lr_schedule, None if base_lr is None else float(base_lr)
+        self.nets = [_Trained(name, spec, parallel, precision, self.device, optimizer)
+                     for name, spec in specs.items()]
 
     def __bool__(self) -> bool:
         return bool(self.nets)
@@ -56,6 +65,11 @@ class Auxiliaries:
         stats, skipped = {}, 0
         for aux in self.nets:
             owed = aux.spec.updates_by(step) - aux.updates
+            if self.lr_schedule is not None and owed > 0:  # a function of the step: resumes exactly
+                lr = aux.spec.lr * self.lr_schedule(step) / self.base_lr
+                for group in aux.optimizer.param_groups:
+                    group["lr"] = lr
+                stats[f"{aux.name}.lr"] = lr
             for _ in range(max(owed, 0)):
                 done = self._update(aux, net, batches, step)
                 aux.updates += 1

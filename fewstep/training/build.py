@@ -16,12 +16,12 @@ import torch
 from fewstep.config import Config, ConfigError
 from fewstep.devices import resolve_device
 from fewstep.training.distributed import main_process
+from fewstep.training.optimizers import new_optimizer
 from fewstep.training.registries import build_method, validate_against_registries, validate_network
 
 
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
-    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return new_optimizer(cfg.name, params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.eps)
 
 
 def learning_rate(cfg, step: int, total_steps: int) -> float:

@@ -38,6 +38,7 @@ from fewstep.training.checkpoint import Checkpointer, TrainState
 from fewstep.training.distributed import broadcast_parameters, init_distributed, shutdown_distributed
 from fewstep.training.ema import EMA
 from fewstep.networks.contract import network_info
+from fewstep.training.optimizers import optimizer_name
 from fewstep.training.parallel import make_parallel
 
 
@@ -302,6 +303,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                included -- or a `fewstep.data.Dataset` (then batched by `make_loader` with `batch_size`,
                `workers`, shuffled per epoch and split across torchrun processes).
     optimizer: default Adam(lr=1e-3, betas=(0.9, 0.99)); `lr_schedule(step) -> lr` sets the rate each step.
+               A method's auxiliary networks (`Method.auxiliaries`) get the same kind (Adam for a class
+               other than Adam or RAdam) and the schedule scaled to their own rate: `aux_lr *
+               lr_schedule(step) / optimizer.defaults["lr"]`.
     callbacks: `Callback`s, e.g. `fewstep.apps.callbacks.SamplePreviews` and `LossCurves` (loss.png).
     config:    a dict recorded in checkpoints and `config.json` (the CLI's whole run config).
     parallel:  under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, `fewstep.training.fsdp`);
@@ -336,7 +340,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     method.setup(net, steps)
     optimizer = optimizer or torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
     ema = EMA(net, ema_decay, ema_sigma_rel)
-    aux = Auxiliaries(method.auxiliaries(net), par, precision, device)  # made from the unsharded net
+    # made from the unsharded net; of the optimizer's kind, on the run's schedule relative to its base rate
+    aux = Auxiliaries(method.auxiliaries(net), par, precision, device, optimizer_name(optimizer), lr_schedule,
+                      optimizer.defaults.get("lr"))
     eager, optimizer = par.prepare(net, ema.net, method, optimizer, precision)
     model = _compiled(eager, compile, par.is_main)
     record = _record_of(net, method, config, data_info, steps, seed)
