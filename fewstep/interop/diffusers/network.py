@@ -1,7 +1,7 @@
 """diffusers models under fewstep's network contract, unmodified.
 
     net = DiffusersNetwork("UNet2DModel", {"sample_size": 32, "in_channels": 3, "out_channels": 3, ...})
-    net(x_t / sigma_d, t, labels)      # -> model(x, t * time_scale, class_labels=labels).sample
+    net(x_t / sigma_d, t, labels)      # -> model(x, timestep=t * time_scale, class_labels=labels).sample
 
 The diffusers model is built from its config (`Model.from_config`) and called through its own
 `__call__`, so hooks, attention processors and everything else stay diffusers'. The model class
