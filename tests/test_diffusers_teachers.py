@@ -113,3 +113,66 @@ def test_unsupported_schedulers_and_predictions_are_one_line_errors():
         TrigFlowSchedule.from_scheduler("os.system", {}, SD)
     with pytest.raises(ValueError, match="prediction_type"):
         TrigFlowSchedule.from_scheduler("DDPMScheduler", {"prediction_type": "flow_prediction"}, SD)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffusersNetwork passes the timestep by keyword: diffusers builds this Transformer2DModel config
+# (norm_type ada_norm_single) as a PixArtTransformer2DModel, whose second positional parameter is
+# encoder_hidden_states (a learned-variance model without text: its output has 2C channels).
+
+PIXART_LIKE = {"num_attention_heads": 2, "attention_head_dim": 4, "in_channels": 2, "out_channels": 4,
+               "num_layers": 1, "sample_size": 4, "patch_size": 2, "norm_type": "ada_norm_single",
+               "cross_attention_dim": None}
+
+
+@pytest.mark.parametrize("mode", ["tangent", "traced"])
+def test_a_model_whose_second_parameter_is_not_the_timestep(mode):
+    from fewstep.interop.diffusers.network import DiffusersNetwork
+    from fewstep.jvp import jvp
+    from fewstep.jvp.traced import repeated_calls, runner_of
+
+    torch.manual_seed(0)
+    cfg = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    net = DiffusersNetwork("Transformer2DModel", PIXART_LIKE, schedule={"scheduler": "DDPMScheduler", "config": cfg})
+    net = net.double()
+    assert type(net.model).__name__ == "PixArtTransformer2DModel"
+    x, t = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.tensor([0.3, 1.1, 1.5], dtype=torch.float64)
+
+    # the exact TrigFlow conversion of the diffusers model called with timestep= by keyword
+    sched = TrigFlowSchedule.from_scheduler("DDPMScheduler", cfg, SD)
+    seen = []
+
+    def by_keyword(x_model, k):
+        seen.append(k)
+        return net.model(x_model, timestep=k, return_dict=False)[0][:, :2]
+
+    with torch.no_grad():
+        want, got = sched.velocity(by_keyword, x, t), net(x, t)
+        other = net.model(x, timestep=seen[0] / 2, return_dict=False)[0][:, :2]
+    assert torch.equal(got, want)
+    assert (other - net.model(x, timestep=seen[0], return_dict=False)[0][:, :2]).abs().max() > 1e-3  # t is read
+
+    # the JVP along x against float64 central finite differences (diffusers embeds t in float32)
+    x_dot = torch.randn_like(x)
+    with repeated_calls():
+        out, out_dot = jvp(net, (x, t), (x_dot, None), mode=mode)
+    if mode == "traced":
+        assert runner_of(net).traces == 1, "fell back to the eager engine"
+    with torch.no_grad():
+        fd = (net(x + 1e-6 * x_dot, t) - net(x - 1e-6 * x_dot, t)) / 2e-6
+    assert torch.equal(out.detach(), got)
+    assert ((out_dot - fd).abs().max() / fd.abs().max()).item() < 1e-7
+
+
+def test_a_model_without_a_timestep_is_a_one_line_error(monkeypatch):
+    """UVit2DModel (aMUSEd) predicts masked VQ tokens and takes no timestep: not a denoiser of
+    (x, t), and so not in MODELS; were it admitted, the forward's signature refuses it."""
+    from fewstep.interop.diffusers import network
+
+    monkeypatch.setattr(network, "MODELS", network.MODELS + ("UVit2DModel",))
+    cfg = {"hidden_size": 16, "cond_embed_dim": 8, "micro_cond_encode_dim": 2, "micro_cond_embed_dim": 10,
+           "encoder_hidden_size": 8, "vocab_size": 10, "codebook_size": 8, "in_channels": 8, "block_out_channels": 8,
+           "num_res_blocks": 1, "block_num_heads": 2, "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match="UVit2DModel's forward takes no timestep") as e:
+        network.DiffusersNetwork("UVit2DModel", cfg)
+    assert "\n" not in str(e.value)

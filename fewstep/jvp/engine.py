@@ -21,8 +21,11 @@ measured on fewstep's UNet (410 ops); `torch.utils._pytree` and `WeakIdKeyDictio
 cost about twice that, so this path uses neither).
 
 Rules (exact JVPs, each registered with the public `@tangent_rule(*ops)`, which takes rules for
-your own ops too; a rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d, group_norm,
-layer_norm, silu, gelu, relu, sigmoid, tanh, softmax, log_softmax, exp, sin, cos, log, sqrt, rsqrt, abs, square, pow,
+your own ops too; a rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d and
+conv_transpose1d/2d/3d, group_norm, layer_norm, silu, gelu, relu, sigmoid, tanh, softplus, mish,
+hardswish, hardsigmoid, hardtanh, relu6, leaky_relu, elu, selu, celu, logsigmoid, softsign,
+tanhshrink, softmax, log_softmax, exp, expm1, sin, cos, tan, sinh, cosh, atan, asinh, erf, log,
+log1p, sqrt, rsqrt, reciprocal, abs, square, pow,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
 setitem, chunk/split/unbind, cat/stack, interpolate, pooling by averages, pad, mean/sum,
 matmul/bmm/mm/einsum, `scaled_dot_product_attention` (docs/math.md#attention-tangent-rule, causal flag, bool/float masks,
@@ -355,6 +358,20 @@ tangent_rule("sqrt")(_unary(lambda x, y: 0.5 / y))
 tangent_rule("rsqrt")(_unary(lambda x, y: -0.5 * y * y * y))
 tangent_rule("abs")(_unary(lambda x, y: torch.sign(x)))
 tangent_rule("square")(_unary(lambda x, y: 2.0 * x))
+tangent_rule("tan")(_unary(lambda x, y: 1.0 + y * y))
+tangent_rule("log1p", torch.special.log1p)(_unary(lambda x, y: 1.0 / (1.0 + x)))
+tangent_rule("expm1", torch.special.expm1)(_unary(lambda x, y: y + 1.0))
+tangent_rule("atan", "arctan")(_unary(lambda x, y: 1.0 / (1.0 + x * x)))
+tangent_rule("asinh", "arcsinh")(_unary(lambda x, y: torch.rsqrt(x * x + 1.0)))
+tangent_rule("sinh")(_unary(lambda x, y: torch.cosh(x)))
+tangent_rule("cosh")(_unary(lambda x, y: torch.sinh(x)))
+tangent_rule("erf", torch.special.erf)(_unary(lambda x, y: (2.0 / math.sqrt(math.pi)) * torch.exp(-x * x)))
+tangent_rule("reciprocal")(_unary(lambda x, y: -y * y))
+tangent_rule("logsigmoid")(_unary(lambda x, y: torch.sigmoid(-x)))  # d log s(x) = 1 - s(x) = s(-x)
+tangent_rule("softsign")(_unary(lambda x, y: (1.0 + x.abs()).pow(-2)))
+tangent_rule("tanhshrink")(_unary(lambda x, y: torch.tanh(x).square()))
+
+
 def _fused_unary(backward):
     """Elementwise ops have a diagonal Jacobian, so the JVP is the VJP: PyTorch's fused backward
     kernel of the op, fed the tangent as its incoming gradient (one pass, one allocation)."""
@@ -373,6 +390,26 @@ tangent_rule("silu", torch._C._nn.silu)(
     _fused_unary(lambda tx, x, y, inplace=False: torch.ops.aten.silu_backward(tx, x)))
 tangent_rule("gelu")(_fused_unary(lambda tx, x, y, approximate="none":
                                   torch.ops.aten.gelu_backward(tx, x, approximate=approximate)))
+_aten = torch.ops.aten
+tangent_rule("softplus")(_fused_unary(lambda tx, x, y, beta=1.0, threshold=20.0:
+                                      _aten.softplus_backward(tx, x, beta, threshold)))
+tangent_rule("mish")(_fused_unary(lambda tx, x, y, inplace=False: _aten.mish_backward(tx, x)))
+tangent_rule("hardswish")(_fused_unary(lambda tx, x, y, inplace=False: _aten.hardswish_backward(tx, x)))
+tangent_rule("hardsigmoid")(_fused_unary(lambda tx, x, y, inplace=False: _aten.hardsigmoid_backward(tx, x)))
+tangent_rule("hardtanh")(_fused_unary(lambda tx, x, y, min_val=-1.0, max_val=1.0, inplace=False:
+                                      _aten.hardtanh_backward(tx, x, min_val, max_val)))
+tangent_rule("relu6")(_fused_unary(lambda tx, x, y, inplace=False: _aten.hardtanh_backward(tx, x, 0.0, 6.0)))
+tangent_rule("leaky_relu")(_fused_unary(lambda tx, x, y, negative_slope=0.01, inplace=False:
+                                        _aten.leaky_relu_backward(tx, x, negative_slope, False)))
+# elu(x, alpha, scale, input_scale) of aten: F.elu is (alpha, 1, 1), selu fixed alpha and scale,
+# celu (alpha, 1, 1 / alpha)
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+tangent_rule("elu")(_fused_unary(lambda tx, x, y, alpha=1.0, inplace=False:
+                                 _aten.elu_backward(tx, alpha, 1.0, 1.0, False, x)))
+tangent_rule("selu")(_fused_unary(lambda tx, x, y, inplace=False:
+                                  _aten.elu_backward(tx, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x)))
+tangent_rule("celu")(_fused_unary(lambda tx, x, y, alpha=1.0, inplace=False:
+                                  _aten.elu_backward(tx, alpha, 1.0, 1.0 / alpha, False, x)))
 
 
 @tangent_rule("where")
@@ -449,8 +486,10 @@ def _linear(c, x, weight, bias=None):
                 None if tw is None else F.linear(x, tw), tb)
 
 
-@tangent_rule(F.conv1d, F.conv2d, F.conv3d)
+@tangent_rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 def _conv(c, x, weight, bias=None, *rest, **kwargs):
+    """Convolutions, transposed or not, are linear in x and in the weight separately: the op on each
+    tangent (stride, padding, output_padding, groups, dilation passed through), plus the bias's."""
     tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
     if tb is not None:
         tb = tb.reshape(-1, *([1] * (weight.dim() - 2)))

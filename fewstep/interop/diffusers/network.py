@@ -1,7 +1,7 @@
 """diffusers models under fewstep's network contract, unmodified.
 
     net = DiffusersNetwork("UNet2DModel", {"sample_size": 32, "in_channels": 3, "out_channels": 3, ...})
-    net(x_t / sigma_d, t, labels)      # -> model(x, t * time_scale, class_labels=labels).sample
+    net(x_t / sigma_d, t, labels)      # -> model(x, timestep=t * time_scale, class_labels=labels).sample
 
 The diffusers model is built from its config (`Model.from_config`) and called through its own
 `__call__`, so hooks, attention processors and everything else stay diffusers'. The model class
@@ -26,6 +26,7 @@ student of an epsilon teacher is better read as `v_prediction`; docs/results.md)
 
 from __future__ import annotations
 
+import inspect
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from fewstep.interop.diffusers.schedules import TrigFlowSchedule, import_diffuse
 from fewstep.networks.registry import register_network
 from fewstep.core.trigflow import SIGMA_D
 
-MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UVit2DModel", "UNet2DConditionModel",
+MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UNet2DConditionModel",
           "PixArtTransformer2DModel")
 # Text-conditioned models: they take the contract's `text` (B, L, D) and `text_mask` (B, L) cond.
 TEXT_MODELS = ("UNet2DConditionModel", "PixArtTransformer2DModel")
@@ -66,6 +67,8 @@ class DiffusersNetwork(nn.Module):
         if formulation == "edm" and schedule is None:
             raise ValueError("formulation 'edm' is for diffusers models with their schedule (schedule=...)")
         self.model = getattr(import_diffusers(), model).from_config(dict(config))
+        if "timestep" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(f"{type(self.model).__name__}'s forward takes no timestep: it cannot be a fewstep network")
         self.time_scale = time_scale
         self.num_classes = num_classes  # K: labels 0..K-1, and K for "no label" (the model embeds K + 1)
         self.formulation = formulation
@@ -79,13 +82,12 @@ class DiffusersNetwork(nn.Module):
                text_mask=None) -> torch.Tensor:
         if labels is None and self.num_classes:  # the contract's "no label" is class K
             labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        kwargs = {} if labels is None else {"class_labels": labels}
-        if self.text_input:  # PixArt's second positional argument is the text, not the timestep
-            out = self.model(x, timestep=timestep, **kwargs, **self._text_kwargs(x, text, text_mask),
-                             return_dict=False)[0]
-        else:
-            self._text_kwargs(x, text, text_mask)  # a one-line error for text given to a model without it
-            out = self.model(x, timestep, **kwargs, return_dict=False)[0]
+        kwargs = self._text_kwargs(x, text, text_mask)  # {} without text; a one-line error for text it cannot take
+        if labels is not None:
+            kwargs["class_labels"] = labels
+        # the timestep by keyword: it is not the second positional parameter of every model (PixArt's,
+        # and so a Transformer2DModel config that diffusers builds as PixArt, takes the text there)
+        out = self.model(x, timestep=timestep, **kwargs, return_dict=False)[0]
         if out.shape[1] == 2 * x.shape[1]:  # a learned-variance model (DiT): the first half is the prediction
             out = out[:, :x.shape[1]]
         return out
