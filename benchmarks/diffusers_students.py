@@ -10,10 +10,12 @@ students at equal budget, scored by FID at N samples at 1 and 2 steps beside the
   teacher's velocity (`train.convert_steps`), then sCD: for teachers whose reading has a large output
   gain (epsilon near pure noise, sample near clean data).
 
-    python benchmarks/diffusers_students.py --out runs/students                # the full table (hours on 2 cores)
+    python benchmarks/diffusers_students.py --out runs/students                # the table of docs/results.md
     python benchmarks/diffusers_students.py --out runs/students-quick --quick  # smoke test, ~1 min
-    python benchmarks/diffusers_students.py --out runs/students --teachers epsilon --teacher-steps 1000 \\
-        --width 16 --student-steps 300 --convert-steps 150 --num 1000          # the reduced run of docs/results.md
+    python benchmarks/diffusers_students.py --out runs/students --features random  # no Inception weights
+
+The defaults are the 2-core CPU budget: 0.18M-parameter teachers (width 16, 1,500 steps), 400 sCD
+steps per student, FID with Inception features (N = 1,000; most of the run time goes there).
 
 Text-conditioned teachers add a row through `TEACHERS` (a name -> how to train it) and `STUDENTS`.
 The table is printed as markdown and written to <out>/table.json.
@@ -75,22 +77,22 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--teachers", default=",".join(TEACHERS), help="comma list of " + ", ".join(TEACHERS))
     p.add_argument("--students", default="exact,v+convert", help="comma list of " + ", ".join(STUDENTS))
-    p.add_argument("--teacher-steps", type=int, default=3000)
-    p.add_argument("--width", type=int, default=32, help="the teachers' UNet width")
-    p.add_argument("--student-steps", type=int, default=2000)
-    p.add_argument("--convert-steps", type=int, default=300)
-    p.add_argument("--convert-lr", type=float, default=2e-4)
-    p.add_argument("--lr", type=float, default=5e-5, help="the students' learning rate (the digits sCD recipe)")
-    p.add_argument("--warmup", type=int, default=500, help="tangent warmup steps")
+    p.add_argument("--teacher-steps", type=int, default=1500)
+    p.add_argument("--width", type=int, default=16, help="the teachers' UNet width")
+    p.add_argument("--student-steps", type=int, default=400)
+    p.add_argument("--convert-steps", type=int, default=150)
+    p.add_argument("--convert-lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="the students' learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="tangent warmup steps")
     p.add_argument("--num", type=int, default=1000, help="samples per FID")
-    p.add_argument("--features", choices=("inception", "random"), default="random",
+    p.add_argument("--features", choices=("inception", "random"), default="inception",
                    help="FID features (inception needs its weights: fewstep eval --download)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets")
     args = p.parse_args()
     if args.quick:
         args.teacher_steps, args.student_steps, args.convert_steps, args.num, args.width = 20, 3, 3, 64, 8
-        args.warmup = 1
-    root = Path(args.out)
+        args.warmup, args.features = 1, "random"
+    root, begin = Path(args.out), time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     table = []
     for name in args.teachers.split(","):
@@ -123,7 +125,9 @@ def main() -> None:
         table.insert(first, {"teacher": name, "student": "teacher (Heun)", "nfe": 35, "fid": row["fid"],
                              "precision": row["precision"], "recall": row["recall"], "seconds": teacher_seconds,
                              "pixels": pixel_scores(folder, args.num)})
-    (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
+    total = time.perf_counter() - begin
+    (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table, "seconds": total}, indent=1))
+    print(f"\nwhole run: {total / 60:.1f} min (teachers, students, scoring)")
     print(f"\n| teacher | student | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
           f"pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
