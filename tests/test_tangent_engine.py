@@ -182,6 +182,13 @@ TIE_A = r(2, 5)
 TIE_B = torch.where(torch.tensor([True, False, True, False, True]), TIE_A, r(2, 5))  # every other entry ties
 
 
+def _inplace_common(x, a):
+    y = x * 1.0
+    y.masked_fill_(MASK[:, :1], 0.5)
+    y.addcmul_(a[:3, :4], x.cos(), value=0.3).addcdiv_(x, a[:3, 1:] ** 2 + 1).lerp_(x.sin(), 0.25)
+    return y.sum(1) + x.new_zeros(3, 5).addmm_(x, a, beta=0.5).sum(1)
+
+
 def _row_max_twice():
     x = r(3, 4)
     x[:, 3] = x[:, :3].max(1).values
@@ -247,6 +254,7 @@ MORE_OPS = {
                 + x.var(dim=(0, 1), unbiased=False) + torch.std(x, False) + x.var(1, correction=2.5)
                 + sum(torch.var_mean(x, 1)) + torch.std_mean(x, dim=0, keepdim=True)[0].sum(), (r(3, 4),)),
     "embedding": (lambda w: F.embedding(torch.tensor([[0, 2, 2], [1, 0, 3]]), w, padding_idx=0) * 2, (r(4, 5),)),
+    "inplace_common": (lambda x, a: _inplace_common(x, a), (r(3, 4), r(4, 5))),
     "glu": (lambda x: F.glu(x) + F.glu(x.T, dim=0).T, (r(4, 6),)),
     "index_select_gather": (lambda x: x.index_select(1, IDX) + torch.gather(x, 1, IDX.expand(3, 3))
                             + torch.take_along_dim(x, IDX[None], 1), (r(3, 4),)),
