@@ -164,6 +164,49 @@ def test_a_model_whose_second_parameter_is_not_the_timestep(mode):
     assert ((out_dot - fd).abs().max() / fd.abs().max()).item() < 1e-7
 
 
+def test_a_hub_pixart_folder_saved_as_transformer2dmodel_takes_text(tmp_path):
+    """Hub PixArt folders say `"_class_name": "Transformer2DModel"` (diffusers' legacy class, which
+    `from_pretrained` builds as `PixArtTransformer2DModel`): loaded as fewstep loads a pipeline
+    folder, the network takes the prompt embeddings, and equals diffusers' own model called with
+    `encoder_hidden_states=` them (through the exact TrigFlow conversion of its scheduler)."""
+    import json
+
+    from fewstep.interop.diffusers.pretrained import load_diffusers_network
+    from fewstep.networks import network_info
+
+    torch.manual_seed(0)
+    config = dict(PIXART_LIKE, cross_attention_dim=8, caption_channels=6, num_embeds_ada_norm=1000)
+    diffusers.Transformer2DModel(**config).save_pretrained(tmp_path / "transformer")
+    diffusers.DDPMScheduler(prediction_type="epsilon").save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "Transformer2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    assert json.loads((tmp_path / "transformer" / "config.json").read_text())["_class_name"] == "Transformer2DModel"
+
+    net, source = load_diffusers_network(tmp_path, SD)
+    net = net.double()
+    assert source.model == "Transformer2DModel" and type(net.model).__name__ == "PixArtTransformer2DModel"
+    assert network_info(net).text_input
+    ref = diffusers.Transformer2DModel.from_pretrained(tmp_path / "transformer").double()
+    sched = TrigFlowSchedule.from_scheduler(source.scheduler, source.scheduler_config, SD)
+
+    x, t = torch.randn(2, 2, 4, 4, dtype=torch.float64), torch.tensor([0.4, 1.2], dtype=torch.float64)
+    text, other = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
+
+    def diffusers_model(x_model, k):
+        return ref(x_model, timestep=k, encoder_hidden_states=text, encoder_attention_mask=mask,
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0][:, :2]
+
+    with torch.no_grad():
+        got, want = net(x, t, text=text, text_mask=mask), sched.velocity(diffusers_model, x, t)
+        moved = net(x, t, text=other, text_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (moved - got).abs().max() > 1e-3 * got.abs().max()  # the prompt is read
+    with pytest.raises(ValueError, match="text-conditioned"):
+        net(x, t)
+
+
 def test_a_model_without_a_timestep_is_a_one_line_error(monkeypatch):
     """UVit2DModel (aMUSEd) predicts masked VQ tokens and takes no timestep: not a denoiser of
     (x, t), and so not in MODELS; were it admitted, the forward's signature refuses it."""

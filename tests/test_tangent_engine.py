@@ -7,6 +7,7 @@ UNet2DModel when installed).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -175,6 +176,25 @@ def _inplace_forms(x):
     return y + z + torch.selu_(x * 3.0) + F.hardtanh(x * 4.0, -0.5, 2.0, inplace=True)
 
 
+RUN_MEAN, RUN_VAR = r(3), torch.rand(3, dtype=DT) + 0.5
+IDX = torch.tensor([3, 0, 3])
+TIE_A = r(2, 5)
+TIE_B = torch.where(torch.tensor([True, False, True, False, True]), TIE_A, r(2, 5))  # every other entry ties
+
+
+def _inplace_common(x, a):
+    y = x * 1.0
+    y.masked_fill_(MASK[:, :1], 0.5)
+    y.addcmul_(a[:3, :4], x.cos(), value=0.3).addcdiv_(x, a[:3, 1:] ** 2 + 1).lerp_(x.sin(), 0.25)
+    return y.sum(1) + x.new_zeros(3, 5).addmm_(x, a, beta=0.5).sum(1)
+
+
+def _row_max_twice():
+    x = r(3, 4)
+    x[:, 3] = x[:, :3].max(1).values
+    return x
+
+
 MORE_OPS = {
     "conv_transpose1d": (lambda x, w, b: F.conv_transpose1d(x, w, b, stride=2, padding=1, output_padding=1),
                          (r(2, 4, 5), r(4, 3, 3), r(3))),
@@ -200,6 +220,44 @@ MORE_OPS = {
     "elu_selu_celu": (lambda x: F.elu(x, 0.7) + F.selu(x) + F.celu(x, 1.5), (r(9),)),
     "softsign_tanhshrink": (lambda x: F.softsign(x) + F.tanhshrink(x), (r(9),)),
     "inplace_forms": (_inplace_forms, (torch.rand(9, dtype=DT) - 0.5,)),
+    # normalizations, reductions and the common fused and indexing ops
+    "rms_norm": (lambda x, w: F.rms_norm(x, (4,), w) + torch.rms_norm(x, (3, 4), eps=1e-3) + F.rms_norm(x, (4,)),
+                 (r(2, 3, 4), r(4))),
+    "batch_norm_train": (lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=1e-3)
+                         + F.batch_norm(x, torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT), training=True),
+                         (r(4, 3, 2, 2), r(3), r(3))),
+    "batch_norm_eval": (lambda x, w, b: F.batch_norm(x, RUN_MEAN, RUN_VAR, w, b, training=False, eps=1e-3),
+                        (r(4, 3, 5), r(3), r(3))),
+    "instance_norm": (lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=1e-4)
+                      + F.instance_norm(x, RUN_MEAN, RUN_VAR, use_input_stats=False), (r(2, 3, 3, 3), r(3), r(3))),
+    "normalize": (lambda x: F.normalize(x) + F.normalize(x, p=3.0, dim=-1) + F.normalize(x, p=1.0, dim=0)
+                  + F.normalize(x * 1e-14, eps=1e-12), (r(3, 4),)),
+    "addmm_baddbmm": (lambda i, a, b, ib: torch.addmm(i, a, b, beta=0.5, alpha=2.0) + i.addmm(a, b)
+                      + torch.baddbmm(ib, a.expand(2, 3, 4), b.expand(2, 4, 5), alpha=-1.5).sum(0)
+                      + torch.addmm(i[0], a, b, beta=0) + torch.addmv(i[:, 0], a, b[:, 0])[:, None]
+                      + torch.addr(i, a[:, 0], b[0]), (r(3, 5), r(3, 4), r(4, 5), r(2, 3, 5))),
+    "masked_fill": (lambda x, v: x.masked_fill(MASK, -2.0) + torch.masked_fill(x, ~MASK, v)
+                    + x.masked_fill(MASK[0], v), (r(3, 3), r(()))),
+    "lerp": (lambda x, e, w: torch.lerp(x, e, w) + x.lerp(e, 0.3) + torch.lerp(x, e, w[0]), (r(3, 4), r(3, 4), r(4))),
+    "addcmul_addcdiv": (lambda i, a, b: torch.addcmul(i, a, b, value=0.5) + i.addcdiv(a, b * b + 1, value=-2.0)
+                        + torch.addcdiv(i, a, b.abs() + 1), (r(3, 4), r(3, 4), r(4))),
+    "maximum_minimum_ties": (lambda a, b: torch.maximum(a, b) + torch.minimum(a, b) * 3 + torch.max(a, b[0])
+                             + torch.min(a, b), (TIE_A, TIE_B)),
+    "max_min_reductions": (lambda x: x.max() + torch.min(x, 1).values.sum() + x.max(dim=0, keepdim=True)[0].sum()
+                           + x.amax(1).sum() + torch.amin(x, (0, 1), keepdim=True).sum(), (r(3, 4),)),
+    # two entries tie for each row's maximum: the mean of their tangents, as central differences see it
+    "amax_max_ties": (lambda x: x.amax(1) + x.max() + torch.amax(x, (0, 1), keepdim=True)[0], (_row_max_twice(),)),
+    "steps": (lambda x: x * x.round() + torch.floor(x) * x.sign() + x.ceil() - torch.trunc(x) * x, (r(3, 4) * 3,)),
+    "logsumexp": (lambda x: torch.logsumexp(x, 1) + x.logsumexp((0, 1), keepdim=True)[0]
+                  + torch.logsumexp(x.masked_fill(F.pad(MASK, (0, 1)), float("-inf")), dim=-1), (r(3, 4),)),
+    "var_std": (lambda x: x.var() + torch.var(x, 1) + x.std(0, True, True).sum() + torch.std(x, dim=1, correction=0)
+                + x.var(dim=(0, 1), unbiased=False) + torch.std(x, False) + x.var(1, correction=2.5)
+                + sum(torch.var_mean(x, 1)) + torch.std_mean(x, dim=0, keepdim=True)[0].sum(), (r(3, 4),)),
+    "embedding": (lambda w: F.embedding(torch.tensor([[0, 2, 2], [1, 0, 3]]), w, padding_idx=0) * 2, (r(4, 5),)),
+    "inplace_common": (lambda x, a: _inplace_common(x, a), (r(3, 4), r(4, 5))),
+    "glu": (lambda x: F.glu(x) + F.glu(x.T, dim=0).T, (r(4, 6),)),
+    "index_select_gather": (lambda x: x.index_select(1, IDX) + torch.gather(x, 1, IDX.expand(3, 3))
+                            + torch.take_along_dim(x, IDX[None], 1), (r(3, 4),)),
 }
 
 
@@ -269,6 +327,53 @@ def test_transposed_convolution_network_against_finite_differences(mode):
         assert runner_of(net).traces == 1, "fell back to the eager engine"
     assert out.shape == (2, 6, 10, 10) and not tout.requires_grad
     assert rel(tout, _fd(net, (x, t), (tx, tt))) < 1e-7
+
+
+class _NormNet(nn.Module):
+    """The layers of user DiTs and SD3/Flux-style blocks that the built-in networks do not use:
+    BatchNorm (train or eval), RMSNorm, a GLU feed-forward, an attention mask by masked_fill, a
+    label embedding, F.normalize and logsumexp."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.emb, self.time = nn.Embedding(3, 4), nn.Linear(1, 4)
+        self.norm, self.ff, self.out = nn.RMSNorm(4), nn.Linear(4, 8), nn.Linear(4, 2)
+
+    def forward(self, x, t, labels):
+        h = self.bn(self.conv(x)).flatten(2).transpose(1, 2)  # (B, L, 4)
+        h = h + self.emb(labels)[:, None] + self.time(t[:, None])[:, None]
+        h = F.glu(self.ff(self.norm(h)))
+        keep = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=h.device).tril()
+        scores = torch.baddbmm(h.new_zeros(()), h, h.transpose(1, 2), alpha=0.5).masked_fill(~keep, float("-inf"))
+        h = h + torch.softmax(scores, -1) @ h
+        h = F.normalize(h, dim=-1) * torch.logsumexp(h, -1, keepdim=True)
+        return self.out(h).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("mode", ["tangent", "traced"])
+def test_normalization_network_against_finite_differences(mode, train):
+    from fewstep.jvp.traced import repeated_calls, runner_of
+
+    net = _NormNet().double().train(train)
+    with torch.no_grad():  # running statistics away from their initial (0, 1)
+        net.bn.running_mean.normal_(0, 0.3), net.bn.running_var.uniform_(0.5, 2.0)
+    x, t, labels = r(2, 2, 3, 3), torch.rand(2, dtype=DT), torch.tensor([2, 0])
+    tx, tt = torch.randn_like(x), torch.randn_like(t)
+    report = check_tangent(net, (x, t, labels), (tx, tt, None))
+    assert report["ops_without_rule"] == [] and report["first_bad_op"] is None, report
+    plain = copy.deepcopy(net)
+    with repeated_calls():
+        for _ in range(2):  # the first call traces (traced mode), the second replays
+            out, tout = jvp(net, (x, t, labels), (tx, tt, None), mode=mode)
+            plain(x, t, labels)
+    if mode == "traced":
+        assert runner_of(net).traces == 1, "fell back to the eager engine"
+    for name, buffer in plain.named_buffers():  # BatchNorm's running statistics: updated once per call
+        assert torch.equal(buffer, net.get_buffer(name)), name
+    assert not tout.requires_grad
+    assert rel(tout, _fd(lambda x, t: net(x, t, labels), (x, t), (tx, tt))) < 1e-7
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,14 @@ hardswish, hardsigmoid, hardtanh, relu6, leaky_relu, elu, selu, celu, logsigmoid
 tanhshrink, softmax, log_softmax, exp, expm1, sin, cos, tan, sinh, cosh, atan, asinh, erf, log,
 log1p, sqrt, rsqrt, reciprocal, abs, square, pow,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
-setitem, chunk/split/unbind, cat/stack, interpolate, pooling by averages, pad, mean/sum,
-matmul/bmm/mm/einsum, `scaled_dot_product_attention` (docs/math.md#attention-tangent-rule, causal flag, bool/float masks,
+setitem, chunk/split/unbind, cat/stack, index_select/gather/take_along_dim, interpolate, pooling
+by averages, pad, mean/sum, matmul/bmm/mm/einsum, addmm/baddbmm/addbmm/addmv/addr,
+addcmul/addcdiv, lerp, masked_fill, maximum/minimum and max/min/amax/amin (ties: the mean of the
+tied tangents, as forward-mode AD; max/min along a dim: the tangent at the returned index),
+logsumexp, var/std/var_mean/std_mean (any dim, correction or unbiased, keepdim), rms_norm,
+batch_norm (train: batch statistics; eval: running ones), instance_norm, normalize (finite p),
+embedding (the weight's tangent gathered), glu, steps (round/floor/ceil/trunc/sign: zero),
+tensors made after another (`new_zeros`, `zeros_like`, ...: constants), `scaled_dot_product_attention` (docs/math.md#attention-tangent-rule, causal flag, bool/float masks,
 GQA), dropout (ONE mask: the primal runs as `torch.native_dropout`, which returns its mask;
 on CPU it draws the same mask as `F.dropout` from the same RNG state). Tensors without a
 tangent (weights, constants, labels, embedding tables) have tangent zero, never materialized
@@ -284,7 +290,7 @@ _LINEAR_NAMES = (
     "half", "bfloat16", "type_as", "interpolate", "upsample", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle",
     "pixel_unshuffle", "diagonal", "tril", "triu", "real", "imag", "conj", "__pos__", "as_tensor",
-    "asarray",
+    "asarray", "index_select", "gather", "take_along_dim",
 )
 tangent_rule(*_LINEAR_NAMES, torch._C._nn.avg_pool2d, torch.Tensor.T.__get__, torch.Tensor.mT.__get__)(_linear_in_all)
 
@@ -303,6 +309,19 @@ def _multilinear(c, *args, **kwargs):
 
 tangent_rule("mul", "multiply", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "mm",
                  "bmm", "einsum", "outer", "dot", "bilinear")(_multilinear)
+
+
+@tangent_rule("round", "floor", "ceil", "trunc", "fix", "sign")
+def _piecewise_constant(c, x, *args, **kwargs):
+    """Steps: zero tangent (forward-mode AD's choice at the jumps too)."""
+    return None
+
+
+@tangent_rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like", "full_like",
+              "empty_like", "rand_like", "randn_like", "randint_like")
+def _fresh(c, x, *args, **kwargs):
+    """Tensors made after another one's shape and dtype: constants, no tangent."""
+    return None
 
 
 @tangent_rule("detach")
@@ -534,6 +553,262 @@ def _layer_norm(c, x, normalized_shape, weight=None, bias=None, eps=1e-5):
     dims = tuple(range(-len(normalized_shape), 0))
     tn = None if tx is None else _norm_tangent(n, rstd, tx.to(x.dtype), dims)
     return _affine_tangent(n, tn, weight, bias, tw, tb, tuple(normalized_shape))
+
+
+def _reduced(x, dim) -> tuple:
+    """The dims a reduction's `dim` names (None or empty: all), as non-negative ints."""
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return tuple(range(x.dim()))
+    return tuple(sorted(d % max(x.dim(), 1) for d in ((dim,) if isinstance(dim, int) else dim)))
+
+
+def _keep(y, dims, keepdim):
+    """A reduction's output with its reduced dims kept (size 1), to broadcast against its input."""
+    if keepdim:
+        return y
+    for d in dims:
+        y = y.unsqueeze(d)
+    return y
+
+
+@tangent_rule("rms_norm")
+def _rms_norm(c, x, normalized_shape, weight=None, eps=None):
+    """`y = x r w`, `r = 1 / sqrt(mean(x^2) + eps)`: `dy = w r (dx - n mean(n dx))`, n = x r
+    (docs/math.md#normalizations-and-reductions)."""
+    tx, tw = c.tangent(x), c.tangent(weight)
+    dims = tuple(range(-len(normalized_shape), 0))
+    r = x.square().mean(dims, keepdim=True).add_(torch.finfo(x.dtype).eps if eps is None else eps).rsqrt_()
+    n = x * r
+    tn = None
+    if tx is not None:
+        tx = tx.to(x.dtype)
+        tn = (tx - n * (n * tx).mean(dims, keepdim=True)).mul_(r)
+    return _affine_tangent(n, tn, weight, None, tw, None, tuple(normalized_shape))
+
+
+def _stats_norm(x, running_mean, running_var, use_batch: bool, dims: tuple, eps: float):
+    """`(n, 1/std)` of batch and instance norm: statistics over `dims` of x itself, or the running ones."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if not use_batch:
+        rstd = (running_var + eps).rsqrt().reshape(shape)
+        return (x - running_mean.reshape(shape)) * rstd, rstd
+    # the batch statistics by the kernel the primal ran (no running stats passed: nothing updated)
+    if dims[0] == 0:
+        n, _, rstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        return n, rstd.reshape(shape)
+    flat = x.reshape(1, -1, *x.shape[2:])  # instance norm: one "channel" per (sample, channel)
+    n, _, rstd = torch.native_batch_norm(flat, None, None, None, None, True, 0.0, eps)
+    return n.reshape(x.shape), rstd.reshape(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+
+
+def _stats_norm_tangent(c, x, running_mean, running_var, weight, bias, use_batch, dims, eps):
+    if c.tangent(running_mean) is not None or c.tangent(running_var) is not None:
+        raise NoRule  # running statistics with tangents of their own: forward-mode AD
+    tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
+    n, rstd = _stats_norm(x, running_mean, running_var, use_batch, dims, eps)
+    tn = None
+    if tx is not None:  # batch statistics: the normalization's tangent; running ones: a scaling
+        tn = _norm_tangent(n, rstd, tx.to(x.dtype), dims) if use_batch else tx * rstd
+    return _affine_tangent(n, tn, weight, bias, tw, tb, (1, -1) + (1,) * (x.dim() - 2))
+
+
+@tangent_rule(F.batch_norm)
+def _batch_norm(c, x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """Train mode: normalized by the batch's statistics per channel; eval: an affine map of x."""
+    return _stats_norm_tangent(c, x, running_mean, running_var, weight, bias, training,
+                               (0,) + tuple(range(2, x.dim())), eps)
+
+
+@tangent_rule(F.instance_norm)
+def _instance_norm(c, x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                   momentum=0.1, eps=1e-5):
+    return _stats_norm_tangent(c, x, running_mean, running_var, weight, bias, use_input_stats,
+                               tuple(range(2, x.dim())), eps)
+
+
+@tangent_rule(F.normalize)
+def _normalize(c, x, p=2.0, dim=1, eps=1e-12, out=None):
+    """`y = x / max(|x|_p, eps)`: `dy = dx / d - y d|x|_p / d` where the norm is above eps,
+    `d|x|_p = sum(|x|^(p-1) sign(x) dx) / |x|_p^(p-1)`."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    if out is not None or not math.isfinite(p) or p < 1:
+        raise NoRule
+    norm = torch.linalg.vector_norm(x, p, dim, keepdim=True)
+    d = norm.clamp_min(eps)
+    if p == 2:
+        dnorm = (x * tx).sum(dim, keepdim=True) / d
+    else:
+        dnorm = (x.abs().pow(p - 1) * x.sign() * tx).sum(dim, keepdim=True) / d.pow(p - 1)
+    return (tx - c.out * dnorm * (norm > eps)) / d
+
+
+@tangent_rule("addmm", "baddbmm", "addbmm", "addmv", "addr")
+def _add_product(c, input, a, b, *, beta=1, alpha=1):
+    """`beta input + alpha a b` (b a matrix, a vector, or a's outer product with b): the op itself
+    accumulates the product tangents `alpha (da b + a db)`; with beta 0 its input is ignored."""
+    ti, ta, tb = c.tangent(input), c.tangent(a), c.tangent(b)
+    acc = None if ti is None or beta == 0 else ti * beta
+    for x, y in ((ta, b), (a, tb)):
+        if x is not None and y is not None:
+            acc = c.op(input, x, y, beta=0, alpha=alpha) if acc is None else c.op(acc, x, y, alpha=alpha)
+    return acc
+
+
+@tangent_rule("addcmul")
+def _addcmul(c, input, t1, t2, *, value=1):
+    ti, ta, tb = c.tangent(input), c.tangent(t1), c.tangent(t2)
+    prod = _sum(None if ta is None else ta * t2, None if tb is None else t1 * tb)
+    return _sum(ti, None if prod is None else prod * value)
+
+
+@tangent_rule("addcdiv")
+def _addcdiv(c, input, t1, t2, *, value=1):
+    ti, ta, tb = c.tangent(input), c.tangent(t1), c.tangent(t2)
+    quot = _sum(None if ta is None else ta / t2, None if tb is None else -tb * t1 / (t2 * t2))
+    return _sum(ti, None if quot is None else quot * value)
+
+
+@tangent_rule("lerp")
+def _lerp(c, x, end, weight):
+    """`x + w (end - x)`, w a number or a tensor (with a tangent of its own)."""
+    tx, te, tw = c.tangent(x), c.tangent(end), c.tangent(weight)
+    return _sum(None if tx is None else tx * (1 - weight), None if te is None else te * weight,
+                None if tw is None else tw * (end - x))
+
+
+@tangent_rule("masked_fill")
+def _masked_fill(c, x, mask, value):
+    """Filled entries take the value's tangent (zero for a number), the others keep x's."""
+    tx, tv = c.tangent(x), c.tangent(value)
+    if tx is None and tv is None:
+        return None
+    zero = torch.zeros((), dtype=c.out.dtype, device=c.out.device)
+    return torch.where(mask, zero if tv is None else tv, zero if tx is None else tx)
+
+
+def _winner(c, a, b, larger: bool):
+    """maximum/minimum: the winner's tangent; at a tie their mean (as PyTorch's forward-mode AD,
+    and as central differences see it)."""
+    ta, tb = c.tangent(a), c.tangent(b)
+    if ta is None and tb is None:
+        return None
+    zero = torch.zeros((), dtype=c.out.dtype, device=c.out.device)
+    ta, tb = zero if ta is None else ta, zero if tb is None else tb
+    return torch.where(a == b, (ta + tb) * 0.5, torch.where(a > b if larger else a < b, ta, tb))
+
+
+def _tied_mean(x, tx, out, dim, keepdim):
+    """A full or dim reduction to the max/min: the mean tangent of the entries equal to it."""
+    dims = _reduced(x, dim)
+    hit = (x == _keep(out, dims, keepdim)).to(tx.dtype)
+    return (tx * hit).sum(dims, keepdim=keepdim) / hit.sum(dims, keepdim=keepdim)
+
+
+def _extremum(larger: bool):
+    def rule(c, x, *args, **kwargs):
+        other = args[0] if args else kwargs.get("other")
+        if isinstance(other, torch.Tensor):  # max(a, b): elementwise
+            return _winner(c, x, other, larger)
+        tx = c.tangent(x)
+        if tx is None:
+            return None
+        if not args and "dim" not in kwargs:  # max(x): one value
+            return _tied_mean(x, tx, c.out, None, False)
+        dim = args[0] if args else kwargs["dim"]
+        keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+        values, indices = c.out  # max(x, dim): the tangent at the returned index
+        t = tx.gather(dim, indices if keepdim else indices.unsqueeze(dim))
+        return (t if keepdim else t.squeeze(dim)), None
+    return rule
+
+
+tangent_rule("maximum")(lambda c, a, b: _winner(c, a, b, True))
+tangent_rule("minimum")(lambda c, a, b: _winner(c, a, b, False))
+tangent_rule("max")(_extremum(True))
+tangent_rule("min")(_extremum(False))
+
+
+@tangent_rule("amax", "amin")
+def _amax(c, x, dim=(), keepdim=False):
+    tx = c.tangent(x)
+    return None if tx is None else _tied_mean(x, tx, c.out, dim, keepdim)
+
+
+@tangent_rule("logsumexp")
+def _logsumexp(c, x, dim, keepdim=False):
+    """`d lse = sum(softmax(x) dx)` over the reduced dims."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    dims = _reduced(x, dim)
+    return (torch.exp(x - _keep(c.out, dims, keepdim)) * tx).sum(dims, keepdim=keepdim)
+
+
+def _var_args(x, args, kwargs) -> tuple:
+    """`(dims, correction, keepdim)` from var/std's overloads: `(dim, unbiased, keepdim)`,
+    `(unbiased)`, `dim=..., correction=..., keepdim=...`."""
+    args = list(args)
+    unbiased = args.pop(0) if args and isinstance(args[0], bool) else None
+    dim = args[0] if args else kwargs.get("dim")
+    if len(args) > 1:
+        unbiased = args[1]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    unbiased = kwargs.get("unbiased", True if unbiased is None else unbiased)
+    correction = kwargs.get("correction")
+    return _reduced(x, dim), (int(unbiased) if correction is None else correction), keepdim
+
+
+def _var_tangent(x, tx, dims, correction, keepdim):
+    """`d var = 2 sum((x - mean) dx) / (N - correction)` (sum(x - mean) = 0 drops mean's tangent)."""
+    count = math.prod(x.shape[d] for d in dims)
+    centered = x - x.mean(dims, keepdim=True)
+    return (centered * tx).sum(dims, keepdim=keepdim).mul_(2.0).div_(max(count - correction, 0))
+
+
+def _std_tangent(std, tvar):
+    """`d std = d var / (2 std)`, zero where std is (as forward-mode AD)."""
+    return (tvar / (2 * std)).masked_fill_(std == 0, 0.0)
+
+
+@tangent_rule("var", "std", "var_mean", "std_mean")
+def _var_std(c, x, *args, **kwargs):
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    if x.is_complex():
+        raise NoRule
+    dims, correction, keepdim = _var_args(x, args, kwargs)
+    tvar = _var_tangent(x, tx.to(x.dtype), dims, correction, keepdim)
+    name = c.op.__name__
+    if name == "var":
+        return tvar
+    if name == "std":
+        return _std_tangent(c.out, tvar)
+    tmean = tx.mean(dims, keepdim=keepdim)
+    return (tvar if name == "var_mean" else _std_tangent(c.out[0], tvar)), tmean
+
+
+@tangent_rule(F.embedding)
+def _embedding(c, input, weight, padding_idx=None, max_norm=None, *args, **kwargs):
+    """The rows of the weight's tangent the indices pick (indices carry none)."""
+    if max_norm is not None:
+        raise NoRule  # the primal renormalized the weight in place
+    tw = c.tangent(weight)
+    return None if tw is None else F.embedding(input, tw)
+
+
+@tangent_rule(F.glu)
+def _glu(c, x, dim=-1):
+    """`a sigmoid(b)` of x's halves: `da s + a s (1 - s) db`."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    a, b = x.chunk(2, dim)
+    ta, tb = tx.chunk(2, dim)
+    s = torch.sigmoid(b)
+    return ta * s + a * s * (1 - s) * tb
 
 
 @tangent_rule(F.pad)

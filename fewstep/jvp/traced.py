@@ -131,7 +131,7 @@ class TracedJVP:
 
         inputs = [x.detach() for x in state.values()] + [leaves[i].detach() for i in where]
         try:
-            with _untouched_rng(inputs), _no_node_metadata(), warnings.catch_warnings():
+            with _untouched_rng(inputs), _untouched_buffers(net), _no_node_metadata(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the engine's once-per-op notices repeat at every replay otherwise
                 gm = make_fx(joint, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(*inputs)
         except Exception as e:  # noqa: BLE001 - any failure to trace: the eager engine is exact anyway
@@ -173,6 +173,19 @@ def _untouched_rng(tensors: list):
     another step) repeats the uninterrupted run's masks bit for bit."""
     cuda = sorted({x.device.index or 0 for x in tensors if x.device.type == "cuda"})
     return torch.random.fork_rng(devices=cuda, device_type="cuda") if cuda else torch.random.fork_rng(devices=[])
+
+
+@contextlib.contextmanager
+def _untouched_buffers(net):
+    """The trace runs on the real buffers: BatchNorm's running statistics (and its batch count) are
+    restored after it, so the traced call updates them once, by its replay, as a plain forward."""
+    saved = [(b, b.clone()) for b in net.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def _state(net) -> dict:

@@ -9,7 +9,8 @@ is looked up by name among diffusers' image models in `MODELS` only: a checkpoin
 (`{"name": "diffusers", "kwargs": {"model": ..., "config": ...}}`) can never name other code.
 `time_scale` maps TrigFlow's t in [0, pi/2] to the model's timestep input (1: t itself);
 `text` / `text_mask` (the contract's text cond: prompt embeddings and their mask) for
-text-to-image models (`TEXT_MODELS`: SD's `UNet2DConditionModel`, `PixArtTransformer2DModel`);
+text-to-image models (`TEXT_MODELS`: SD's `UNet2DConditionModel`, `PixArtTransformer2DModel`, and
+so a Hub PixArt folder's `Transformer2DModel`, which diffusers builds as PixArt: `takes_text`);
 `num_classes` K for class-conditional models whose class embedding has K + 1 rows (the last one
 is fewstep's "no label", for classifier-free guidance).
 
@@ -39,6 +40,13 @@ MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UNet2DC
           "PixArtTransformer2DModel")
 # Text-conditioned models: they take the contract's `text` (B, L, D) and `text_mask` (B, L) cond.
 TEXT_MODELS = ("UNet2DConditionModel", "PixArtTransformer2DModel")
+
+
+def takes_text(model: nn.Module) -> bool:
+    """Whether a built diffusers model reads prompt embeddings: decided by the class diffusers
+    actually built (Hub PixArt folders say `Transformer2DModel`, built as `PixArtTransformer2DModel`)
+    and by its cross-attention (a PixArt-style model without `cross_attention_dim` has none)."""
+    return type(model).__name__ in TEXT_MODELS and model.config.get("cross_attention_dim") is not None
 
 
 def class_count(model_name: str, config: dict) -> int:
@@ -72,7 +80,7 @@ class DiffusersNetwork(nn.Module):
         self.time_scale = time_scale
         self.num_classes = num_classes  # K: labels 0..K-1, and K for "no label" (the model embeds K + 1)
         self.formulation = formulation
-        self.text_input = model in TEXT_MODELS  # the network contract's text cond (network_info)
+        self.text_input = takes_text(self.model)  # the network contract's text cond (network_info)
         self.schedule_source = schedule  # {"scheduler": class name, "config": ...}, as given
         # `prediction` re-reads the model's output (e.g. a v_prediction student of an epsilon teacher)
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
