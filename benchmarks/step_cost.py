@@ -16,6 +16,7 @@ wall-clock steady on a shared machine.
 
 Modes:
   flow           TrigFlow flow matching (docs/math.md#trigflow)
+  flow-split     the same, the batch run as two forwards split like MeanFlow's (`--r-neq-t`): the split's own cost
   sct-separate   sCT, torch.func.jvp in a no-grad pass + a separate graded forward
   sct-single     sCT, one grad-enabled forward-AD pass (dual tensors)
   sct-tangent    sCT, the tangent engine: one forward with tangents (`fewstep.jvp.engine`)
@@ -71,7 +72,7 @@ from fewstep.methods import SCT, FlowMatching, MeanFlow  # noqa: E402
 from fewstep.interop.diffusers.network import DiffusersNetwork  # noqa: E402
 from fewstep.networks import DiT, UNet  # noqa: E402
 
-MODES = ("flow", "sct-separate", "sct-single", "sct-tangent", "sct-traced", "meanflow-tangent", "meanflow-traced",
+MODES = ("flow", "flow-split", "sct-separate", "sct-single", "sct-tangent", "sct-traced", "meanflow-tangent", "meanflow-traced",
          "meanflow-separate", "meanflow-single")
 NETS = ("fewstep-unet", "diffusers-unet", "dit")
 
@@ -156,6 +157,11 @@ def make_step(label: str, net, x0, args):
     mode, compiled = label.removesuffix("+compile"), label.endswith("+compile")
     if mode == "flow":
         method = FlowMatching()
+    elif mode == "flow-split":  # flow on MeanFlow's two parts of the batch: the price of the split alone
+        flow, k = FlowMatching(), round(args.r_neq_t * x0.shape[0])
+
+        def method(net, x0, labels, step):
+            return torch.cat([flow(net, x0[:k], None, step)[0], flow(net, x0[k:], None, step)[0]]), {}
     elif mode.startswith("meanflow"):
         method = MeanFlow(jvp_mode=mode.split("-")[1], ratio_r_neq_t=args.r_neq_t)
     else:
