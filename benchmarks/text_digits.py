@@ -105,9 +105,12 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 128, lr:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        # warmed up as diffusers' EMAModel does: with a flat 0.999, 30% of the EMA after 1,200 steps
+        # would still be the random init (its samples were noise at every prompt)
+        decay = min(ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for p, q in zip(ema_unet.parameters(), unet.parameters()):
-                p.lerp_(q, 1 - ema)
+                p.lerp_(q, 1 - decay)
         if step % 500 == 0 or step == steps - 1:
             print(f"teacher step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return save_pipeline(out / "teacher", tokenizer, text_encoder, ema_unet, scheduler), data_dir
