@@ -261,3 +261,19 @@ def test_a_text_teacher_samples_with_prompts_and_guidance(files):
     expected = x_T - t0 * (v_u + 2.5 * (v_c - v_u))
     assert (x - expected).abs().max() <= 1e-5 * expected.abs().max()  # float32 rounding
     assert (x - (x_T - t0 * v_c)).abs().max() > 1e-2 * expected.abs().max()  # the guidance does something
+
+
+def test_the_conversion_stage_regresses_onto_the_guided_text_teacher(files, tmp_path, capsys):
+    """`train.convert_steps` on a text-to-image run: the student, read as v, is regressed onto the teacher's
+    guided velocity under each prompt (its labels are prompt indices), and the error falls."""
+    import re
+
+    out = tmp_path / "convert"
+    args = train_args(files, out, 1) + ["--set", "network.arch=diffusers", "--set", "network.prediction=v_prediction",
+                                        "--set", "train.convert_steps=30", "--set", "train.convert_lr=1e-3"]
+    assert main(args) == 0
+    line = re.search(r"conversion stage: 30 steps, student velocity error relative to the teacher "
+                     r"([0-9.]+) -> ([0-9.]+)", capsys.readouterr().out)
+    assert line is not None
+    before, after = map(float, line.groups())
+    assert before > 0 and after < before

@@ -118,7 +118,7 @@ def student_from_teacher(student: nn.Module, teacher: nn.Module, formulation: st
 
 
 def match_teacher(student: nn.Module, teacher_velocity, sample_x0, sigma_d: float, steps: int, lr: float = 2e-4,
-                  seed: int = 0, gain=None) -> dict:
+                  seed: int = 0, gain=None, cond=None) -> dict:
     """The conversion stage (docs/math.md#students-of-diffusers-teachers): regress the student's TrigFlow
     velocity onto the teacher's, `E || F_student(x_t / sigma_d, t) - v_teacher(x_t, t) / sigma_d ||^2 / gain(t)^2`
     with t uniform in [0, pi/2] (the one-step sampler starts at pi/2), by Adam for `steps` steps. `gain(t)`:
@@ -127,7 +127,8 @@ def match_teacher(student: nn.Module, teacher_velocity, sample_x0, sigma_d: floa
 
     For a student that reads the teacher's model in another parameterization (`network.prediction`): its
     weights are the teacher's, its velocity is not yet. `teacher_velocity(x_t, t, labels)`, `sample_x0()`
-    -> (x0, labels). TrigFlow students only (the caller checks). Returns the relative (weighted) RMS velocity error before and after; 0 at an exact start."""
+    -> (x0, labels). `cond(labels)`: the student's keyword conditioning for those labels (text-to-image:
+    prompt indices -> `text`, `text_mask`; the student then gets no labels). TrigFlow students only (the caller checks). Returns the relative (weighted) RMS velocity error before and after; 0 at an exact start."""
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -143,10 +144,13 @@ def match_teacher(student: nn.Module, teacher_velocity, sample_x0, sigma_d: floa
         w = 1.0 if gain is None else (1 / gain(t)).view(shape)
         return x_t / sigma_d, t, labels, target, w
 
+    def velocity(x, t, labels):
+        return student(x, t, labels) if cond is None else student(x, t, None, **cond(labels))
+
     def error() -> float:
         with torch.no_grad():
             x, t, labels, target, w = batch()
-            diff = w * (student(x, t, labels) - target)
+            diff = w * (velocity(x, t, labels) - target)
             return float(diff.square().mean().sqrt() / (w * target).square().mean().sqrt().clamp_min(1e-12))
 
     before = error()
@@ -155,7 +159,7 @@ def match_teacher(student: nn.Module, teacher_velocity, sample_x0, sigma_d: floa
     with torch.enable_grad():
         for _ in range(steps):
             x, t, labels, target, w = batch()
-            loss = (w * (student(x, t, labels) - target)).square().mean()
+            loss = (w * (velocity(x, t, labels) - target)).square().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -216,7 +216,11 @@ def _convert(net, teacher, method, dataset, device, steps: int, lr: float, batch
         raise ConfigError("train.convert_steps is for TrigFlow students (sCD, sCT, ECT, MeanFlow); "
                           f"method {type(method).__name__} trains an EDM-formulation student")
     velocity = make_teacher_velocity(teacher.net, teacher.method.parameterization, method.sigma_d)
-    conditional = bool(network_info(net).num_classes)
+    prompts, cond = getattr(method, "prompts", None), None
+    conditional = bool(network_info(net).num_classes) or prompts is not None
+    if prompts is not None:  # text-to-image: labels are prompt indices; the target is sCD's guided velocity
+        velocity = lambda x_t, t, labels: method.text_teacher_velocity(x_t, t, prompts.cond(labels))  # noqa: E731
+        cond = prompts.cond
 
     def sample_x0():
         x0, labels = dataset.sample(batch_size, device)
@@ -225,7 +229,7 @@ def _convert(net, teacher, method, dataset, device, steps: int, lr: float, batch
     net.to(device).train()
     schedule = getattr(teacher.net, "schedule", None)  # a diffusers teacher: errors in its own output's units
     gain = None if schedule is None else (lambda t: schedule.output_gain(t.double()).to(t.dtype))
-    done = match_teacher(net, velocity, sample_x0, method.sigma_d, steps, lr=lr, seed=seed, gain=gain)
+    done = match_teacher(net, velocity, sample_x0, method.sigma_d, steps, lr=lr, seed=seed, gain=gain, cond=cond)
     if main_process():
         print(f"conversion stage: {steps} steps, student velocity error relative to the teacher "
               f"{done['convert_error_before']:.4f} -> {done['convert_error_after']:.4f}")
