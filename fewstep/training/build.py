@@ -215,10 +215,11 @@ def _convert(net, teacher, method, dataset, device, steps: int, lr: float, batch
     if getattr(method, "parameterization", "trigflow") != "trigflow":
         raise ConfigError("train.convert_steps is for TrigFlow students (sCD, sCT, ECT, MeanFlow); "
                           f"method {type(method).__name__} trains an EDM-formulation student")
-    velocity = make_teacher_velocity(teacher.net, teacher.method.parameterization, method.sigma_d)
-    prompts, cond = getattr(method, "prompts", None), None
+    prompts = getattr(method, "prompts", None)
     conditional = bool(network_info(net).num_classes) or prompts is not None
-    if prompts is not None:  # text-to-image: labels are prompt indices; the target is sCD's guided velocity
+    if prompts is None:
+        velocity, cond = make_teacher_velocity(teacher.net, teacher.method.parameterization, method.sigma_d), None
+    else:  # text-to-image: labels are prompt indices; the target is sCD's guided velocity
         velocity = lambda x_t, t, labels: method.text_teacher_velocity(x_t, t, prompts.cond(labels))  # noqa: E731
         cond = prompts.cond
 
