@@ -54,19 +54,19 @@ def fewstep(*args: str) -> None:
 def fid_rows(run: Path, out: Path, flag: str, value: str, args) -> list[dict]:
     if out.exists():  # scored already (a rerun with more students)
         return json.loads(out.read_text())["rows"]
-    fewstep("eval", str(run), flag, value, "--num", str(args.num), "--ref", "digits", "--device", "cpu",
+    fewstep("eval", str(run), flag, value, "--num", str(args.num), "--ref", "digits", "--device", args.device,
             "--out", str(out), "--features", args.features)
     return json.loads(out.read_text())["rows"]
 
 
-def pixel_scores(run: Path, num: int, steps: int | None = None) -> dict:
+def pixel_scores(run: Path, num: int, steps: int | None = None, device: str = "cpu") -> dict:
     """`fewstep.metrics.digits`: pixel-space precision / recall against the real digits and the
     coverage of the ten classes by a digit classifier, for `num` samples at `steps` (None: the
     teacher's Heun at 35 NFE)."""
     from fewstep.apps.generate import generate, load_model
     from fewstep.metrics.digits import digits_score
 
-    model = load_model(run)
+    model = load_model(run, device)
     schedule = model.sampler.schedule(18, None, "heun") if steps is None else model.sampler.schedule(steps)
     samples, _, _ = generate(model, schedule, num, progress=False)
     return digits_score(samples)
@@ -79,7 +79,8 @@ def main() -> None:
     p.add_argument("--students", default="exact,v+convert", help="comma list of " + ", ".join(STUDENTS))
     p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--width", type=int, default=16, help="the teachers' UNet width")
-    p.add_argument("--student-steps", type=int, default=400)
+    p.add_argument("--student-steps", default="400",
+                   help="sCD steps per student; a comma list runs each budget (run folders end in -s<steps>)")
     p.add_argument("--convert-steps", type=int, default=150)
     p.add_argument("--convert-lr", type=float, default=5e-4)
     p.add_argument("--lr", type=float, default=1e-4, help="the students' learning rate")
@@ -87,14 +88,15 @@ def main() -> None:
     p.add_argument("--num", type=int, default=1000, help="samples per FID")
     p.add_argument("--features", choices=("inception", "random"), default="inception",
                    help="FID features (inception needs its weights: fewstep eval --download)")
+    p.add_argument("--device", default="cpu", help="where teachers and students train, and FID runs")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny budgets")
     args = p.parse_args()
     if args.quick:
-        args.teacher_steps, args.student_steps, args.convert_steps, args.num, args.width = 20, 3, 3, 64, 8
+        args.teacher_steps, args.student_steps, args.convert_steps, args.num, args.width = 20, "3", 3, 64, 8
         args.warmup, args.features = 1, "random"
     root, begin = Path(args.out), time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    table = []
+    table, budgets = [], [int(n) for n in str(args.student_steps).split(",")]
     for name in args.teachers.split(","):
         if name not in TEACHERS:
             raise SystemExit(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
@@ -102,37 +104,38 @@ def main() -> None:
         start = time.perf_counter()
         if not (folder / "model_index.json").exists():
             train_teacher(str(folder), steps=args.teacher_steps, batch_size=64, prediction=TEACHERS[name],
-                          width=args.width)
+                          width=args.width, device=args.device)
         teacher_seconds, first = time.perf_counter() - start, len(table)
-        for student in args.students.split(","):
+        for student, steps in ((s, n) for s in args.students.split(",") for n in budgets):
             extra, teachers = STUDENTS[student]
             if name not in teachers:
                 continue
-            run, start = root / f"{name}-{student}", time.perf_counter()
+            tag = f"{name}-{student}" + (f"-s{steps}" if len(budgets) > 1 else "")
+            run, start = root / tag, time.perf_counter()
             fewstep("train", "--method", "scd", "--teacher", str(folder), "--out", str(run), "--data", "digits",
-                    "--steps", str(args.student_steps), "--lr", str(args.lr), "--batch-size", "64",
+                    "--steps", str(steps), "--lr", str(args.lr), "--batch-size", "64",
                     "--set", f"method.warmup_steps={args.warmup}", "--set", "train.sample_every=0",
-                    "--set", f"train.ckpt_every={args.student_steps}", "--no-progress", "--device", "cpu",
+                    "--set", f"train.ckpt_every={steps}", "--no-progress", "--device", args.device,
                     *extra(args))
             seconds = time.perf_counter() - start
-            for r in fid_rows(run, root / f"{name}-{student}-eval.json", "--steps", "1,2", args):
-                table.append({"teacher": name, "student": student, "nfe": r["nfe"], "fid": r["fid"],
+            for r in fid_rows(run, root / f"{tag}-eval.json", "--steps", "1,2", args):
+                table.append({"teacher": name, "student": student, "steps": steps, "nfe": r["nfe"], "fid": r["fid"],
                               "precision": r["precision"], "recall": r["recall"], "seconds": seconds,
-                              "pixels": pixel_scores(run, args.num, r["nfe"])})
+                              "pixels": pixel_scores(run, args.num, r["nfe"], args.device)})
             (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
         # the teacher is scored after its students, so that runs sharing a teacher start training at once
         row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
-        table.insert(first, {"teacher": name, "student": "teacher (Heun)", "nfe": 35, "fid": row["fid"],
-                             "precision": row["precision"], "recall": row["recall"], "seconds": teacher_seconds,
-                             "pixels": pixel_scores(folder, args.num)})
+        table.insert(first, {"teacher": name, "student": "teacher (Heun)", "steps": args.teacher_steps, "nfe": 35,
+                             "fid": row["fid"], "precision": row["precision"], "recall": row["recall"],
+                             "seconds": teacher_seconds, "pixels": pixel_scores(folder, args.num, None, args.device)})
     total = time.perf_counter() - begin
     (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table, "seconds": total}, indent=1))
     print(f"\nwhole run: {total / 60:.1f} min (teachers, students, scoring)")
-    print(f"\n| teacher | student | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
-          f"pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| teacher | student | steps | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
+          f"pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
         px = r["pixels"]
-        print(f"| {r['teacher']} | {r['student']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
+        print(f"| {r['teacher']} | {r['student']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {px['precision']:.3f} / {px['recall']:.3f} / {px['coverage']:.2f} | "
               f"{r['seconds']:.0f} |")
 

@@ -52,21 +52,23 @@ def main() -> None:
     p.add_argument("--prediction", choices=PREDICTIONS, default="epsilon",
                    help="epsilon / v_prediction (DDPMScheduler) or flow (FlowMatchEulerDiscreteScheduler)")
     p.add_argument("--width", type=int, default=32, help="channels of the first UNet level")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed, args.prediction, args.width)
+    train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed, args.prediction, args.width,
+                  args.device)
 
 
 def train_teacher(out: str, steps: int = 3000, batch_size: int = 128, lr: float = 1e-3, ema_decay: float = 0.999,
-                  seed: int = 0, prediction: str = "epsilon", width: int = 32) -> Path:
+                  seed: int = 0, prediction: str = "epsilon", width: int = 32, device: str = "cpu") -> Path:
     """Train and save one teacher (a `DDPMPipeline` folder; its scheduler names the prediction type)."""
     import diffusers
 
     args = argparse.Namespace(out=out, steps=steps, batch_size=batch_size, lr=lr, ema=ema_decay, seed=seed,
-                              prediction=prediction, width=width)
+                              prediction=prediction, width=width, device=device)
 
     torch.manual_seed(args.seed)
-    data = digits_tensor()
-    unet = make_unet(args.width)
+    data = digits_tensor().to(device)
+    unet = make_unet(args.width).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     if args.prediction == "flow":  # diffusers' rectified-flow loop (train_dreambooth_sd3.py): x = (1-s) x0 + s eps
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
@@ -76,14 +78,14 @@ def train_teacher(out: str, steps: int = 3000, batch_size: int = 128, lr: float 
     opt = torch.optim.Adam(unet.parameters(), lr=args.lr)
     log, start = [], time.perf_counter()
     for step in range(args.steps):
-        x0 = data[torch.randint(len(data), (args.batch_size,))]
+        x0 = data[torch.randint(len(data), (args.batch_size,)).to(device)]
         noise = torch.randn_like(x0)
         if args.prediction == "flow":  # uniform s, the model at timestep s * 1000, target eps - x0
-            s = torch.rand(len(x0))
+            s = torch.rand(len(x0)).to(device)
             x = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
             loss = F.mse_loss(unet(x, s * scheduler.config.num_train_timesteps).sample, noise - x0)
         else:
-            k = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),))
+            k = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),)).to(device)
             target = noise if args.prediction == "epsilon" else scheduler.get_velocity(x0, noise, k)
             loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, k), k).sample, target)
         opt.zero_grad(set_to_none=True)
@@ -100,7 +102,7 @@ def train_teacher(out: str, steps: int = 3000, batch_size: int = 128, lr: float 
             log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
             print(json.dumps(log[-1]), flush=True)
     out = Path(args.out)
-    diffusers.DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    diffusers.DDPMPipeline(unet=ema.cpu(), scheduler=scheduler).save_pretrained(out, safe_serialization=True)
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
     print(f"saved the DDPMPipeline (EMA weights) to {out} after {time.perf_counter() - start:.0f} s")
     return out
