@@ -157,6 +157,31 @@ def test_autograd_records_only_the_primal():
     assert traced <= 1.05 * flow, (traced, flow)
 
 
+class GradAware(nn.Module):
+    """Computes one thing when its weights need gradients and another when not, as CUDA's
+    attention does (its logsumexp, saved for backward, only for inputs that need grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x, t):
+        gain = 2.0 if self.w.requires_grad and torch.is_grad_enabled() else 3.0
+        return gain * self.w * x + t[:, None]
+
+
+def test_the_trace_sees_the_grad_requirements_of_the_replay():
+    net, x, t = GradAware(), torch.randn(4, 3), torch.rand(4)
+    tangents = (torch.randn_like(x), torch.randn_like(t))
+    ref, tref = tangent_forward(net, (x, t), tangents)
+    for _ in range(2):  # the second call traces
+        out, tout = jvp(net, (x, t), tangents, mode="traced")
+    assert runner_of(net).traces == 1
+    assert torch.equal(out, ref) and torch.equal(tout, tref)
+    out.sum().backward()
+    assert torch.allclose(net.w.grad, 2.0 * x.sum(0))
+
+
 def test_dropout_draws_one_mask_for_primal_and_tangent():
     net = DropoutNet().double().train()
     x, t = torch.randn(64, 4, dtype=DT), torch.rand(64, dtype=DT)

@@ -129,7 +129,9 @@ class TracedJVP:
             out_spec.append(out_spec_)
             return flat_out
 
-        inputs = [x.detach() for x in state.values()] + [leaves[i].detach() for i in where]
+        # The trace sees the grad requirements the replay will see: composite ops decide by them what
+        # to save for backward (CUDA attention computes its logsumexp only for inputs that need grad).
+        inputs = [x.detach().requires_grad_(x.requires_grad) for x in [*state.values(), *(leaves[i] for i in where)]]
         try:
             with _untouched_rng(inputs), _untouched_buffers(net), _no_node_metadata(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the engine's once-per-op notices repeat at every replay otherwise
