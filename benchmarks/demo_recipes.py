@@ -34,6 +34,8 @@ LR = {"flow": 2e-3, "sct": 2e-3, "meanflow": 2e-3, "tune-sct": 1e-4, "tune-ect":
 # The distribution-matching recipes' own options (their fake score's lr is method.fake_lr).
 DMD2 = ("--set", "method.fake_lr=1e-4")
 RCM = ("--set", "method.warmup_steps=500", "--set", "method.dmd_warmup_steps=100", "--set", "method.fake_lr=1e-4")
+# The recipes, in the order of the table (`--only` picks; "a+b": a's half budget, then b's from it).
+RECIPES = ("sct", "meanflow", "flow", "flow+sct", "flow+ect", "flow+scd", "flow+dmd2", "flow+rcm")
 
 
 def fewstep(*args: str, log: Path) -> float:
@@ -83,17 +85,23 @@ def main() -> None:
              "scd": (LR["tune-scd"], "--teacher", str(cal / "flow")),
              "dmd2": (LR["tune-dmd2"], "--teacher", str(cal / "flow"), *DMD2),
              "rcm": (LR["tune-rcm"], "--teacher", str(cal / "flow"), *RCM)}
+    names = args.only.split(",") if args.only else list(RECIPES)
+    if unknown := [n for n in names if n not in RECIPES]:
+        raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
+    # calibrate only the kinds the chosen recipes train; a distilling kind's teacher is the flow run
+    needed = {kind for n in names for kind in n.split("+")}
+    needed |= {"flow"} if needed - {"flow", "sct", "meanflow"} else set()
     c = state.setdefault("calibration", {})
-    if any(kind not in c for kind in kinds):  # seconds per step of each kind, on this machine, now
+    if any(kind not in c for kind in needed):  # seconds per step of each kind, on this machine, now
         cal.mkdir(exist_ok=True)
         for kind, (lr, *extra) in kinds.items():
-            if kind not in c:  # a calibration written before a kind existed gains it
+            if kind in needed and kind not in c:  # a calibration written before a kind existed gains it
                 c[kind] = seconds_per_step(cal / kind, kind, lr, *extra)
         save()
         print("seconds per step:", json.dumps(c), flush=True)
     cal, budget = state["calibration"], args.budget
-    steps = {k: int(budget / v) for k, v in cal.items()}
-    half = {k: int(budget / 2 / v) for k, v in cal.items()}
+    steps = {k: int(budget / cal[k]) if k in cal else 0 for k in kinds}  # 0: a kind no chosen recipe trains
+    half = {k: int(budget / 2 / cal[k]) if k in cal else 0 for k in kinds}
     plan = {
         "sct": [("sct", "sct", steps["sct"], LR["sct"], ())],
         "meanflow": [("meanflow", "meanflow", steps["meanflow"], LR["meanflow"], ())],
@@ -109,7 +117,7 @@ def main() -> None:
         "flow+rcm": [("flow-half", "flow", half["flow"], LR["flow"], ()),
                      ("flow+rcm", "rcm", half["rcm"], LR["tune-rcm"], ("--teacher", str(root / "flow-half"), *RCM))],
     }
-    names = args.only.split(",") if args.only else list(plan)
+    assert tuple(plan) == RECIPES
     runs = state.setdefault("runs", {})
     for name in names:
         for run, method, n, lr, extra in plan[name]:

@@ -198,11 +198,11 @@ def run(out: str | Path, teacher_steps: int = 3000, student_steps: int = 500, n:
     rows.append({"model": f"teacher (Heun 35 NFE, CFG {guidance:g})", "nfe": 35,
                  "prompt_accuracy": prompt_accuracy(x, digits), **digits_score(x)})
     start = time.perf_counter()
-    student = distil(teacher, data, out / f"scd-{student}", student_steps, lr, guidance,
-                     extra=student_args(student, convert_steps, convert_lr))
+    student_run = distil(teacher, data, out / f"scd-{student}", student_steps, lr, guidance,
+                         extra=student_args(student, convert_steps, convert_lr))
     t_student = time.perf_counter() - start
     for steps in (1, 2):
-        x, digits = student_samples(student, n, steps)
+        x, digits = student_samples(student_run, n, steps)
         rows.append({"model": f"sCD student ({student}), {steps} step{'s' * (steps > 1)}", "nfe": steps,
                      "prompt_accuracy": prompt_accuracy(x, digits), **digits_score(x)})
     for r in rows:

@@ -210,12 +210,12 @@ def test_resume_inside_a_cycle_is_exact(tmp_path, ratio):
 
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("radam", torch.optim.RAdam)])
 def test_the_fake_score_follows_the_runs_optimizer_and_schedule(tmp_path, name, cls):
-    """`optim.name` picks the fake score's optimizer too; its rate is `fake_lr` times the run's
-    warmup (4 steps) and linear decay (to 0 at step 8), checked at each of its updates."""
+    """`optim.name` and `optim.eps` pick the fake score's optimizer too; its rate is `fake_lr` times
+    the run's warmup (4 steps) and linear decay (to 0 at step 8), checked at each of its updates."""
     teacher, student = _teacher_and_student()
     method = DMD2(fake_updates=2, fake_lr=2e-4)
     method.set_teacher(teacher, "trigflow")
-    optim = OptimConfig(name=name, lr=1e-3, warmup_steps=4, schedule="linear")
+    optim = OptimConfig(name=name, lr=1e-3, warmup_steps=4, schedule="linear", eps=1e-6)
     optimizer = make_optimizer(optim, student.parameters())
     seen = []  # (the optimizer, its rate) at each step, in order
     hook = register_optimizer_step_pre_hook(
@@ -229,6 +229,7 @@ def test_the_fake_score_follows_the_runs_optimizer_and_schedule(tmp_path, name, 
     assert [lr for opt, lr in seen if opt is optimizer] == pytest.approx([1e-3 * f for f in shape], rel=1e-12)
     fake = [(opt, lr) for opt, lr in seen if opt is not optimizer]
     assert {type(opt) for opt, _ in fake} == {type(optimizer)} == {cls}
+    assert {opt.defaults["eps"] for opt, _ in fake} == {1e-6}
     assert [lr for _, lr in fake] == pytest.approx([2e-4 * f for f in shape for _ in range(2)], rel=1e-12)
     log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
     assert [r["fake_score.lr"] for r in log] == pytest.approx([2e-4 * f for f in shape], rel=1e-6)

@@ -29,7 +29,7 @@ from fewstep.training.optimizers import new_optimizer
 class _Trained:
     """One auxiliary network with what trains it."""
 
-    def __init__(self, name, spec, parallel, precision, device, optimizer):
+    def __init__(self, name, spec, parallel, precision, device, optimizer, eps):
         self.name, self.spec, self.updates = name, spec, 0
         module = spec.net.to(device).train()
         broadcast_parameters(module, parallel.info)  # e.g. a freshly drawn head: the same everywhere
@@ -38,7 +38,7 @@ class _Trained:
         self.model = parallel.prepare_auxiliary(module, None if self.ema is None else self.ema.net, precision)
         # Built after sharding: the optimizer holds the (sharded) parameters that train.
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = new_optimizer(optimizer, params, spec.lr, spec.betas, spec.weight_decay)
+        self.optimizer = new_optimizer(optimizer, params, spec.lr, spec.betas, spec.weight_decay, eps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
@@ -46,14 +46,14 @@ class Auxiliaries:
     """The auxiliary networks of a run (none: every call does nothing)."""
 
     def __init__(self, specs: dict, parallel, precision: str = "fp32", device: torch.device | None = None,
-                 optimizer: str = "adam", lr_schedule=None, base_lr: float | None = None):
+                 optimizer: str = "adam", lr_schedule=None, base_lr: float | None = None, eps: float = 1e-8):
         if specs and lr_schedule is not None and not (base_lr or 0) > 0:
             raise ValueError(f"auxiliary networks follow the lr schedule relative to the run's base rate, "
                              f"which must be > 0; got {base_lr}")
         self.parallel, self.precision = parallel, precision
         self.device = device or parallel.device
         self.lr_schedule, self.base_lr = lr_schedule, None if base_lr is None else float(base_lr)
-        self.nets = [_Trained(name, spec, parallel, precision, self.device, optimizer)
+        self.nets = [_Trained(name, spec, parallel, precision, self.device, optimizer, eps)
                      for name, spec in specs.items()]
 
     def __bool__(self) -> bool:

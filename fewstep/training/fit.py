@@ -304,7 +304,7 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                `workers`, shuffled per epoch and split across torchrun processes).
     optimizer: default Adam(lr=1e-3, betas=(0.9, 0.99)); `lr_schedule(step) -> lr` sets the rate each step.
                A method's auxiliary networks (`Method.auxiliaries`) get the same kind (Adam for a class
-               other than Adam or RAdam) and the schedule scaled to their own rate: `aux_lr *
+               other than Adam or RAdam) and `eps`, and the schedule scaled to their own rate: `aux_lr *
                lr_schedule(step) / optimizer.defaults["lr"]`.
     callbacks: `Callback`s, e.g. `fewstep.apps.callbacks.SamplePreviews` and `LossCurves` (loss.png).
     config:    a dict recorded in checkpoints and `config.json` (the CLI's whole run config).
@@ -340,9 +340,9 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     method.setup(net, steps)
     optimizer = optimizer or torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
     ema = EMA(net, ema_decay, ema_sigma_rel)
-    # made from the unsharded net; of the optimizer's kind, on the run's schedule relative to its base rate
+    # made from the unsharded net; of the optimizer's kind and eps, on the run's schedule relative to its base rate
     aux = Auxiliaries(method.auxiliaries(net), par, precision, device, optimizer_name(optimizer), lr_schedule,
-                      optimizer.defaults.get("lr"))
+                      optimizer.defaults.get("lr"), optimizer.defaults.get("eps", 1e-8))
     eager, optimizer = par.prepare(net, ema.net, method, optimizer, precision)
     model = _compiled(eager, compile, par.is_main)
     record = _record_of(net, method, config, data_info, steps, seed)
