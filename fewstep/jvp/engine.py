@@ -290,7 +290,8 @@ _LINEAR_NAMES = (
     "half", "bfloat16", "type_as", "interpolate", "upsample", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle",
     "pixel_unshuffle", "diagonal", "tril", "triu", "real", "imag", "conj", "__pos__", "as_tensor",
-    "asarray", "index_select", "gather", "take_along_dim",
+    "asarray", "index_select", "gather", "take_along_dim", "cumsum", "scatter_add", "index_add", "index_put",
+    "masked_select", "masked_scatter",
 )
 tangent_rule(*_LINEAR_NAMES, torch._C._nn.avg_pool2d, torch.Tensor.T.__get__, torch.Tensor.mT.__get__)(_linear_in_all)
 
@@ -446,18 +447,18 @@ def _where(c, *args, **kwargs):
 
 
 def _clamp_tangent(c, x, lo, hi):
-    """Clamping passes the tangent where x is within the bounds (ends included, as autograd)."""
-    if any(isinstance(b, torch.Tensor) and c.tangent(b) is not None for b in (lo, hi)):
-        raise NoRule  # bounds with tangents of their own: forward-mode AD
-    tx = c.tangent(x)
-    if tx is None:
+    """`min(max(x, lo), hi)`: x's tangent where x is within the bounds (ends included, as autograd),
+    the crossed bound's outside (zero for a number); `lo > hi` gives hi, as the op does."""
+    tx, tlo, thi = c.tangent(x), c.tangent(lo), c.tangent(hi)
+    if tx is None and tlo is None and thi is None:
         return None
-    inside = torch.ones_like(x, dtype=torch.bool)
+    zero = torch.zeros((), dtype=c.out.dtype, device=c.out.device)
+    t = zero if tx is None else tx
     if lo is not None:
-        inside &= x >= lo
+        t = torch.where(x < lo, zero if tlo is None else tlo, t)
     if hi is not None:
-        inside &= x <= hi
-    return tx * inside
+        t = torch.where((x if lo is None else x.clamp_min(lo)) > hi, zero if thi is None else thi, t)
+    return t
 
 
 tangent_rule("clamp", "clip")(lambda c, x, min=None, max=None: _clamp_tangent(c, x, min, max))
@@ -626,21 +627,41 @@ def _instance_norm(c, x, running_mean=None, running_var=None, weight=None, bias=
                                tuple(range(2, x.dim())), eps)
 
 
+# The same ops called as torch.* (another argument order, and a trailing cudnn flag).
+tangent_rule(torch.layer_norm)(lambda c, x, shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True:
+                               _layer_norm(c, x, shape, weight, bias, eps))
+tangent_rule(torch.group_norm)(lambda c, x, groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True:
+                               _group_norm(c, x, groups, weight, bias, eps))
+tangent_rule(torch.batch_norm)(lambda c, x, weight, bias, mean, var, training, momentum, eps, cudnn_enabled:
+                               _stats_norm_tangent(c, x, mean, var, weight, bias, training,
+                                                   (0,) + tuple(range(2, x.dim())), eps))
+tangent_rule(torch.instance_norm)(lambda c, x, weight, bias, mean, var, use_input_stats, momentum, eps, cudnn_enabled:
+                                  _stats_norm_tangent(c, x, mean, var, weight, bias, use_input_stats,
+                                                      tuple(range(2, x.dim())), eps))
+
+
 @tangent_rule(F.normalize)
 def _normalize(c, x, p=2.0, dim=1, eps=1e-12, out=None):
-    """`y = x / max(|x|_p, eps)`: `dy = dx / d - y d|x|_p / d` where the norm is above eps,
-    `d|x|_p = sum(|x|^(p-1) sign(x) dx) / |x|_p^(p-1)`."""
+    """`y = x / max(|x|_p, eps)`: `dy = dx / d - y d|x|_p / d` where the norm is above eps, with
+    `d|x|_p = sum(|x|^(p-1) sign(x) dx) / |x|_p^(p-1)` (0 where x is, as autograd; 0 for p = 0, which
+    counts) and, for p = +-inf, the mean of `sign(x) dx` over the entries at the max (min) |x|."""
     tx = c.tangent(x)
     if tx is None:
         return None
-    if out is not None or not math.isfinite(p) or p < 1:
+    if out is not None:
         raise NoRule
     norm = torch.linalg.vector_norm(x, p, dim, keepdim=True)
     d = norm.clamp_min(eps)
     if p == 2:
         dnorm = (x * tx).sum(dim, keepdim=True) / d
+    elif math.isinf(p):
+        hit = (x.abs() == norm).to(x.dtype)
+        dnorm = (x.sign() * tx * hit).sum(dim, keepdim=True) / hit.sum(dim, keepdim=True)
+    elif p == 0:
+        dnorm = torch.zeros_like(norm)
     else:
-        dnorm = (x.abs().pow(p - 1) * x.sign() * tx).sum(dim, keepdim=True) / d.pow(p - 1)
+        w = x.abs().pow(p - 1).mul_(x.sign()).masked_fill_(x == 0, 0.0)
+        dnorm = (w * tx).sum(dim, keepdim=True) / d.pow(p - 1)
     return (tx - c.out * dnorm * (norm > eps)) / d
 
 
@@ -688,6 +709,36 @@ def _masked_fill(c, x, mask, value):
     return torch.where(mask, zero if tv is None else tv, zero if tx is None else tx)
 
 
+@tangent_rule("scatter")
+def _scatter(c, x, dim, index, src=None, value=None, reduce=None):
+    """Linear in x and src jointly: the same op on their tangents; a scattered number is a constant."""
+    if reduce is not None:
+        raise NoRule  # the deprecated reduce= form: forward-mode AD
+    src = value if src is None else src
+    tx, ts = c.tangent(x), c.tangent(src)
+    if tx is None and ts is None:
+        return None
+    tx = torch.zeros_like(x) if tx is None else tx.to(x.dtype).expand(x.shape)
+    if not isinstance(src, torch.Tensor):
+        return tx.scatter(dim, index, 0.0)
+    return c.op(tx, dim, index, torch.zeros_like(src) if ts is None else ts.to(x.dtype))
+
+
+@tangent_rule("cumprod")
+def _cumprod(c, x, dim, *, dtype=None):
+    """`d y_k = sum_{j<=k} y_k dx_j / x_j` before the first zero, `dx_z prod_{j<=k, j!=z} x_j` from
+    the first zero z to the second, zero after it (no division by zero, no branch on values)."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    zero = x == 0
+    xs = x.masked_fill(zero, 1.0).to(c.out.dtype)  # the product skips the zeros
+    ys, zeros_so_far = xs.cumprod(dim), zero.cumsum(dim)
+    before = ys * (tx / xs).masked_fill(zero, 0.0).cumsum(dim)
+    at_one = ys * tx.masked_fill(~zero, 0.0).cumsum(dim)
+    return torch.where(zeros_so_far == 0, before, torch.where(zeros_so_far == 1, at_one, 0.0))
+
+
 def _winner(c, a, b, larger: bool):
     """maximum/minimum: the winner's tangent; at a tie their mean (as PyTorch's forward-mode AD,
     and as central differences see it)."""
@@ -726,6 +777,17 @@ def _extremum(larger: bool):
 
 tangent_rule("maximum")(lambda c, a, b: _winner(c, a, b, True))
 tangent_rule("minimum")(lambda c, a, b: _winner(c, a, b, False))
+
+
+@tangent_rule("fmax", "fmin")
+def _fmax(c, a, b):
+    """maximum/minimum that ignore NaN: the non-NaN side's tangent, ties averaged as `_winner`
+    (forward-mode AD takes b's tangent at a tie)."""
+    t = _winner(c, a, b, c.op.__name__ == "fmax")  # a NaN a loses there already
+    ta = c.tangent(a)
+    return None if t is None else torch.where(b.isnan(), 0.0 if ta is None else ta, t)
+
+
 tangent_rule("max")(_extremum(True))
 tangent_rule("min")(_extremum(False))
 
@@ -797,6 +859,32 @@ def _embedding(c, input, weight, padding_idx=None, max_norm=None, *args, **kwarg
         raise NoRule  # the primal renormalized the weight in place
     tw = c.tangent(weight)
     return None if tw is None else F.embedding(input, tw)
+
+
+@tangent_rule(torch.embedding)
+def _torch_embedding(c, weight, input, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    tw = c.tangent(weight)
+    return None if tw is None else torch.embedding(tw, input)
+
+
+_GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+_GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+@tangent_rule(F.grid_sample)
+def _grid_sample(c, x, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
+    """Linear in x. In the grid: the sampled value's gradient with respect to its location, per
+    channel, from the op's backward kernel run on each channel as its own sample (one pass)."""
+    tx, tg = c.tangent(x), c.tangent(grid)
+    tgrid = None
+    if tg is not None:
+        n, ch = x.shape[:2]
+        back = torch.ops.aten.grid_sampler_2d_backward if x.dim() == 4 else torch.ops.aten.grid_sampler_3d_backward
+        ones = torch.ones((n * ch, 1) + c.out.shape[2:], dtype=x.dtype, device=x.device)
+        _, dgrid = back(ones, x.reshape(n * ch, 1, *x.shape[2:]), grid.repeat_interleave(ch, 0), _GRID_MODES[mode],
+                        _GRID_PADDINGS[padding_mode], bool(align_corners), (False, True))
+        tgrid = (dgrid.reshape(n, ch, *dgrid.shape[1:]) * tg.unsqueeze(1)).sum(-1)
+    return _sum(None if tx is None else F.grid_sample(tx, grid, mode, padding_mode, align_corners), tgrid)
 
 
 @tangent_rule(F.glu)
