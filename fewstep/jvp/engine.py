@@ -21,19 +21,23 @@ measured on fewstep's UNet (410 ops); `torch.utils._pytree` and `WeakIdKeyDictio
 cost about twice that, so this path uses neither).
 
 Rules (exact JVPs, each registered with the public `@tangent_rule(*ops)`, which takes rules for
-your own ops too; a rule sees a `TangentContext`): clamp, linear, conv1d/2d/3d and
+your own ops too; a rule sees a `TangentContext`): linear, conv1d/2d/3d and
 conv_transpose1d/2d/3d, group_norm, layer_norm, silu, gelu, relu, sigmoid, tanh, softplus, mish,
 hardswish, hardsigmoid, hardtanh, relu6, leaky_relu, elu, selu, celu, logsigmoid, softsign,
 tanhshrink, softmax, log_softmax, exp, expm1, sin, cos, tan, sinh, cosh, atan, asinh, erf, log,
 log1p, sqrt, rsqrt, reciprocal, abs, square, pow,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
-setitem, chunk/split/unbind, cat/stack, index_select/gather/take_along_dim, interpolate, pooling
-by averages, pad, mean/sum, matmul/bmm/mm/einsum, addmm/baddbmm/addbmm/addmv/addr,
-addcmul/addcdiv, lerp, masked_fill, maximum/minimum and max/min/amax/amin (ties: the mean of the
-tied tangents, as forward-mode AD; max/min along a dim: the tangent at the returned index),
-logsumexp, var/std/var_mean/std_mean (any dim, correction or unbiased, keepdim), rms_norm,
-batch_norm (train: batch statistics; eval: running ones), instance_norm, normalize (finite p),
-embedding (the weight's tangent gathered), glu, steps (round/floor/ceil/trunc/sign: zero),
+setitem, chunk/split/unbind, cat/stack, index_select/gather/take_along_dim, scatter (src or value)/
+scatter_add/index_add/index_put/masked_select/masked_scatter (and their in-place forms), cumsum,
+cumprod (zeros included), interpolate, pooling by averages, pad, grid_sample (tangents of the
+input and of the grid; 4-D and 5-D, every mode), mean/sum, matmul/bmm/mm/einsum,
+addmm/baddbmm/addbmm/addmv/addr, addcmul/addcdiv, lerp, masked_fill, clamp (bounds with tangents
+too), maximum/minimum and max/min/amax/amin (ties: the mean of the tied tangents, as forward-mode
+AD; max/min along a dim: the tangent at the returned index), fmax/fmin (the non-NaN side; ties as
+maximum), logsumexp, var/std/var_mean/std_mean (any dim, correction or unbiased, keepdim),
+rms_norm, batch_norm (train: batch statistics; eval: running ones), instance_norm (F. and torch.
+forms, as layer_norm and group_norm), normalize (any p: +-inf, p < 1, 0), embedding (F. and torch.
+forms: the weight's tangent gathered), glu, steps (round/floor/ceil/trunc/sign: zero),
 tensors made after another (`new_zeros`, `zeros_like`, ...: constants), `scaled_dot_product_attention` (docs/math.md#attention-tangent-rule, causal flag, bool/float masks,
 GQA), dropout (ONE mask: the primal runs as `torch.native_dropout`, which returns its mask;
 on CPU it draws the same mask as `F.dropout` from the same RNG state). Tensors without a
@@ -727,7 +731,8 @@ def _scatter(c, x, dim, index, src=None, value=None, reduce=None):
 @tangent_rule("cumprod")
 def _cumprod(c, x, dim, *, dtype=None):
     """`d y_k = sum_{j<=k} y_k dx_j / x_j` before the first zero, `dx_z prod_{j<=k, j!=z} x_j` from
-    the first zero z to the second, zero after it (no division by zero, no branch on values)."""
+    the first zero z to the second, zero after it (no division by zero, no branch on values;
+    docs/math.md#normalizations-and-reductions)."""
     tx = c.tangent(x)
     if tx is None:
         return None
@@ -874,7 +879,8 @@ _GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 @tangent_rule(F.grid_sample)
 def _grid_sample(c, x, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
     """Linear in x. In the grid: the sampled value's gradient with respect to its location, per
-    channel, from the op's backward kernel run on each channel as its own sample (one pass)."""
+    channel, from the op's backward kernel run on each channel as its own sample (one pass;
+    docs/math.md#normalizations-and-reductions)."""
     tx, tg = c.tangent(x), c.tangent(grid)
     tgrid = None
     if tg is not None:
