@@ -273,7 +273,7 @@ MORE_OPS = {
     "index_select_gather": (lambda x: x.index_select(1, IDX) + torch.gather(x, 1, IDX.expand(3, 3))
                             + torch.take_along_dim(x, IDX[None], 1), (r(3, 4),)),
     # the last common ops that fell back to forward-mode AD
-    "fmax_fmin_nan": (lambda a, b: torch.fmax(a, b) + torch.fmin(a, b) * 3 + a.fmax(b), (NAN_A, NAN_B)),
+    "fmax_fmin_nan": (lambda a, b: torch.fmax(a, b) + torch.fmin(a, other=b) * 3 + a.fmax(b), (NAN_A, NAN_B)),
     "scatter": (lambda x, s: x.scatter(1, SCATTER_IDX, s) + torch.scatter(x, 1, SCATTER_IDX, 0.5)
                 + torch.scatter(x, 1, SCATTER_IDX, src=s)
                 + x.scatter_add(1, SCATTER_IDX.fliplr().roll(1, 1), s), (r(3, 4), r(3, 2))),
@@ -288,7 +288,7 @@ MORE_OPS = {
                            + torch.instance_norm(x, None, b, None, None, True, 0.1, 1e-4, False)
                            + torch.group_norm(x, 3, w, b, 1e-4, False) + torch.layer_norm(x, (5,), None, None),
                            (r(4, 3, 5), r(3), r(3))),
-    "torch_embedding": (lambda w: torch.embedding(w, torch.tensor([[0, 2, 2], [1, 0, 3]])) * 2, (r(4, 5),)),
+    "torch_embedding": (lambda w: torch.embedding(w, indices=torch.tensor([[0, 2, 2], [1, 0, 3]])) * 2, (r(4, 5),)),
     # p = inf with a two-way tie for the largest |x| in row 0: their mean, as central differences see it
     "normalize_any_p": (lambda x: F.normalize(x, p=math.inf) + F.normalize(x, p=-math.inf, dim=0)
                         + F.normalize(x, p=0.5) + F.normalize(x, p=0.0) + F.normalize(x, p=-1.5, dim=-1),
@@ -297,7 +297,7 @@ MORE_OPS = {
                        + torch.cumprod(x[:1], -1, dtype=DT), (CUMPROD_X,)),
     "clamp_tensor_bounds": (lambda x, lo: torch.clamp(x, lo, lo + 1) + x.clamp(min=lo) + torch.clamp_max(x, lo)
                             + x.clip(None, lo.exp()) + torch.clamp(x, lo + 1, lo), (r(3, 4), r(4))),
-    "grid_sample": (lambda x, g: F.grid_sample(x, g, align_corners=False)
+    "grid_sample": (lambda x, g: F.grid_sample(input=x, grid=g, align_corners=False)
                     + F.grid_sample(x, g, "nearest", "border", align_corners=True)
                     + F.grid_sample(x, g * 1.2, "bicubic", "reflection", align_corners=True)
                     + F.grid_sample(x, g * 1.1, "bilinear", "border", align_corners=False),

@@ -632,16 +632,16 @@ def _instance_norm(c, x, running_mean=None, running_var=None, weight=None, bias=
 
 
 # The same ops called as torch.* (another argument order, and a trailing cudnn flag).
-tangent_rule(torch.layer_norm)(lambda c, x, shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True:
-                               _layer_norm(c, x, shape, weight, bias, eps))
-tangent_rule(torch.group_norm)(lambda c, x, groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True:
-                               _group_norm(c, x, groups, weight, bias, eps))
-tangent_rule(torch.batch_norm)(lambda c, x, weight, bias, mean, var, training, momentum, eps, cudnn_enabled:
-                               _stats_norm_tangent(c, x, mean, var, weight, bias, training,
-                                                   (0,) + tuple(range(2, x.dim())), eps))
-tangent_rule(torch.instance_norm)(lambda c, x, weight, bias, mean, var, use_input_stats, momentum, eps, cudnn_enabled:
-                                  _stats_norm_tangent(c, x, mean, var, weight, bias, use_input_stats,
-                                                      tuple(range(2, x.dim())), eps))
+tangent_rule(torch.layer_norm)(lambda c, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True:
+                               _layer_norm(c, x, normalized_shape, weight, bias, eps))
+tangent_rule(torch.group_norm)(lambda c, x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True:
+                               _group_norm(c, x, num_groups, weight, bias, eps))
+tangent_rule(torch.batch_norm)(
+    lambda c, x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled:
+    _stats_norm_tangent(c, x, running_mean, running_var, weight, bias, training, (0,) + tuple(range(2, x.dim())), eps))
+tangent_rule(torch.instance_norm)(
+    lambda c, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled:
+    _stats_norm_tangent(c, x, running_mean, running_var, weight, bias, use_input_stats, tuple(range(2, x.dim())), eps))
 
 
 @tangent_rule(F.normalize)
@@ -785,12 +785,12 @@ tangent_rule("minimum")(lambda c, a, b: _winner(c, a, b, False))
 
 
 @tangent_rule("fmax", "fmin")
-def _fmax(c, a, b):
+def _fmax(c, a, other):
     """maximum/minimum that ignore NaN: the non-NaN side's tangent, ties averaged as `_winner`
     (forward-mode AD takes b's tangent at a tie)."""
-    t = _winner(c, a, b, c.op.__name__ == "fmax")  # a NaN a loses there already
+    t = _winner(c, a, other, c.op.__name__ == "fmax")  # a NaN `a` loses there already
     ta = c.tangent(a)
-    return None if t is None else torch.where(b.isnan(), 0.0 if ta is None else ta, t)
+    return None if t is None else torch.where(other.isnan(), 0.0 if ta is None else ta, t)
 
 
 tangent_rule("max")(_extremum(True))
@@ -867,9 +867,9 @@ def _embedding(c, input, weight, padding_idx=None, max_norm=None, *args, **kwarg
 
 
 @tangent_rule(torch.embedding)
-def _torch_embedding(c, weight, input, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+def _torch_embedding(c, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     tw = c.tangent(weight)
-    return None if tw is None else torch.embedding(tw, input)
+    return None if tw is None else torch.embedding(tw, indices)
 
 
 _GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
@@ -877,11 +877,11 @@ _GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 @tangent_rule(F.grid_sample)
-def _grid_sample(c, x, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
-    """Linear in x. In the grid: the sampled value's gradient with respect to its location, per
-    channel, from the op's backward kernel run on each channel as its own sample (one pass;
+def _grid_sample(c, input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
+    """Linear in the input. In the grid: the sampled value's gradient with respect to its location,
+    per channel, from the op's backward kernel run on each channel as its own sample (one pass;
     docs/math.md#normalizations-and-reductions)."""
-    tx, tg = c.tangent(x), c.tangent(grid)
+    x, tx, tg = input, c.tangent(input), c.tangent(grid)
     tgrid = None
     if tg is not None:
         n, ch = x.shape[:2]
