@@ -197,6 +197,12 @@ CUMPROD_X = torch.tensor([[0.5, 0.0, 1.5, -2.0, 0.7], [1.2, 0.0, -0.8, 0.0, 1.1]
                          dtype=DT)  # a zero, two zeros, a last zero
 
 
+NORM_X = torch.tensor([[0.5, -1.2, 0.8, 1.2], [0.0, 0.0, 0.0, 0.0], [0.7, 0.0, -1.5, 0.3]], dtype=DT)  # a tie
+# for row 0's largest |x|, a zero row, a zero entry (p < 1 only where central differences are smooth)
+NAN_INF = torch.where(torch.tensor([True, True, False, True, True, True]), NAN_A, math.inf) * torch.tensor(
+    [1.0, 1.0, 1.0, -1.0, 1.0, 1.0], dtype=DT)
+
+
 def _row_abs_max_twice():
     x = r(3, 4)
     x[0, 3] = -x[0].abs().max()
@@ -305,6 +311,38 @@ MORE_OPS = {
     "grid_sample_3d": (lambda x, g: F.grid_sample(x, g, align_corners=True)
                        + F.grid_sample(x, g * 1.2, padding_mode="reflection", align_corners=False),
                        (r(1, 2, 3, 4, 3), torch.rand(1, 2, 3, 2, 3, dtype=DT) * 2 - 1)),
+    # the second pass: norms, max pooling, sorting and the rest that fell back to forward-mode AD
+    "vector_norms": (lambda x: torch.linalg.vector_norm(x, dim=1) + torch.linalg.vector_norm(x, 3.0, -1)
+                     + x.norm(dim=1) + torch.norm(x, p=1, dim=1) + torch.linalg.vector_norm(x, 1.5, (1,), True)[:, 0]
+                     + torch.linalg.vector_norm(x[:2], 0.5, 1).sum() + torch.linalg.vector_norm(x, -1.5, 1)
+                     + torch.linalg.vector_norm(x, math.inf, 1) + torch.linalg.vector_norm(x, -math.inf, 1)
+                     + torch.linalg.vector_norm(x, 0, 1) + torch.linalg.vector_norm(x, dtype=DT) + x.norm()
+                     + torch.norm(x, "fro", (0, 1), True)[0] + torch.linalg.norm(x, dim=1) + torch.linalg.norm(x)
+                     + torch.linalg.norm(x, 3, 1) + torch.linalg.norm(x[0], 1) + torch.norm(x, math.inf, 1),
+                     (NORM_X,)),
+    "max_pool": (lambda x: torch.cat([
+        F.max_pool2d(x, 2).flatten(), F.max_pool2d(x, 3, 1, 1, return_indices=True)[0].flatten(),
+        F.max_pool1d(x.flatten(2), 3, 2).flatten(), F.max_pool3d(x, (1, 2, 2)).flatten(),
+        F.adaptive_max_pool2d(x, (2, 3)).flatten(), F.adaptive_max_pool1d(x.flatten(2), 5, True)[0].flatten(),
+        nn.MaxPool2d(2, ceil_mode=True)(x[:, :, :3]).flatten(), torch.max_pool2d(x, 2).flatten(),
+        F.max_pool2d(x[0], 2, dilation=2).flatten(), F.max_pool2d_with_indices(x, 2)[0].flatten()]),
+        (r(2, 3, 4, 4),)),
+    "topk_sort": (lambda x: torch.cat([torch.topk(x, 2).values.flatten(), x.topk(2, 0, False)[0].flatten(),
+                                       torch.sort(x).values.flatten(), x.sort(0, descending=True)[0].flatten(),
+                                       torch.sort(x, stable=True, dim=0).values.flatten()]), (r(3, 4),)),
+    "prod_zeros": (lambda x: torch.prod(x, 1) + x.prod(dim=1, keepdim=True)[:, 0] + torch.prod(x) + x[0].prod()
+                   + x[2, :4].prod() + x.prod(0).sum() + torch.prod(x, 1, dtype=DT), (CUMPROD_X,)),
+    "atan2_log2_expit": (lambda a, b: torch.atan2(a, b) + a.atan2(b) * 0.5 + torch.arctan2(b, a)
+                         + torch.log2(b.abs() + 0.5) + torch.log10(a.abs() + 0.5) + torch.special.expit(a),
+                         (r(3, 4), r(4))),
+    "nan_to_num": (lambda x: torch.nan_to_num(x, nan=2.0) + x.nan_to_num(posinf=1.0) * 3, (NAN_INF,)),
+    "softmin_diff": (lambda x: F.softmin(x, 1) + F.softmin(x, dim=0, dtype=DT)
+                     + torch.diff(x, n=2, dim=1, prepend=x[:, :1] * 2, append=x[:, 1:2])
+                     + x.diff(dim=0, prepend=W[:1, :4]), (r(3, 4),)),
+    "unfold_fold": (lambda x: F.fold(F.unfold(x, 2, padding=1) * 2, (4, 4), 2, padding=1)
+                    + x.unfold(3, 2, 2).sum(-1).repeat_interleave(2, -1), (r(2, 3, 4, 4),)),
+    "native_layer_norm": (lambda x, w, b: sum(torch.native_layer_norm(x, (4,), w, b, 1e-5))
+                          + torch.native_layer_norm(x, (3, 4), None, None, 1e-3)[0], (r(2, 3, 4), r(4), r(4))),
 }
 NO_FORWARD_AD = {"grid_sample", "grid_sample_3d"}  # no forward-mode AD formula: checked against differences only
 
@@ -351,6 +389,58 @@ def test_more_rules_against_finite_differences_eager_and_traced(name):
         out_traced, tout_traced = jvp(net, primals, tangents, mode="traced")
     assert runner_of(net).traces == 1, "fell back to the eager engine"
     assert rel(out_traced, out) < 1e-12 and rel(tout_traced, tout) < 1e-12
+
+
+def test_native_layer_norm_statistics_against_finite_differences():
+    """`torch.native_layer_norm`'s mean and 1/std outputs: forward-mode AD gives them tangent zero,
+    the rule their derivative."""
+    x, w = r(2, 3, 4), r(4)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    fn = lambda x, w: torch.native_layer_norm(x, (4,), w, None, 1e-5)  # noqa: E731
+    _, tout = tangent_forward(fn, (x, w), (tx, tw))
+    for t, fd in zip(tout, _fd(lambda x, w: torch.stack([y.expand(x.shape) for y in fn(x, w)]), (x, w), (tx, tw))):
+        assert rel(t.expand(x.shape), fd) < 1e-7
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4)])
+def test_softmax_without_a_dim_uses_the_dim_the_op_picks(shape):
+    """`F.softmax(x)` (deprecated, still called) normalizes over dim 1 of 2-D x, dim 0 of 3-D x."""
+    fn = lambda x: F.softmax(x) + F.log_softmax(x) * 2 + F.softmin(x) * 3  # noqa: E731
+    x = r(*shape)
+    tx = torch.randn_like(x)
+    _, tout = tangent_forward(fn, (x,), (tx,))
+    assert rel(tout, torch.func.jvp(fn, (x,), (tx,))[1]) < 1e-12
+
+
+def test_channel_dropout_shares_the_primal_mask_eager_and_traced():
+    """dropout1d/2d/3d and torch.dropout: the mask a plain forward draws from the same RNG state, in
+    the primal and in the tangent (which central differences with that state confirm), eager and traced."""
+    from fewstep.jvp.traced import repeated_calls, runner_of
+
+    def fn(x):
+        return (F.dropout2d(x, 0.5) + F.dropout1d(x.flatten(2), 0.3).view_as(x) + F.dropout3d(x, 0.4)
+                + torch.dropout(x, 0.2, True) + F.dropout2d(x, 1.0) + F.dropout1d(x[0], 0.5))
+
+    def run(f):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            return f()
+
+    x = r(2, 3, 4, 4)
+    tx = torch.randn_like(x)
+    plain = run(lambda: fn(x))
+    fd = (run(lambda: fn(x + 1e-6 * tx)) - run(lambda: fn(x - 1e-6 * tx))) / 2e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no op fell back to forward-mode AD
+        out, tout = run(lambda: tangent_forward(fn, (x,), (tx,)))
+    assert torch.equal(out, plain) and rel(tout, fd) < 1e-7
+    assert (F.dropout2d(x, 0.5) == 0).any()  # a mask that drops something
+    net = _Fn(fn)
+    with repeated_calls():
+        out_traced, tout_traced = run(lambda: jvp(net, (x,), (tx,), mode="traced"))
+    assert runner_of(net).traces == 1
+    assert torch.equal(out_traced, plain) and rel(tout_traced, tout) < 1e-12
 
 
 def test_fmax_fmin_ties_average_like_maximum():

@@ -295,7 +295,7 @@ _LINEAR_NAMES = (
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "pixel_shuffle",
     "pixel_unshuffle", "diagonal", "tril", "triu", "real", "imag", "conj", "__pos__", "as_tensor",
     "asarray", "index_select", "gather", "take_along_dim", "cumsum", "scatter_add", "index_add", "index_put",
-    "masked_select", "masked_scatter",
+    "masked_select", "masked_scatter", "diff", "unfold", "fold",
 )
 tangent_rule(*_LINEAR_NAMES, torch._C._nn.avg_pool2d, torch.Tensor.T.__get__, torch.Tensor.mT.__get__)(_linear_in_all)
 
@@ -394,6 +394,22 @@ tangent_rule("reciprocal")(_unary(lambda x, y: -y * y))
 tangent_rule("logsigmoid")(_unary(lambda x, y: torch.sigmoid(-x)))  # d log s(x) = 1 - s(x) = s(-x)
 tangent_rule("softsign")(_unary(lambda x, y: (1.0 + x.abs()).pow(-2)))
 tangent_rule("tanhshrink")(_unary(lambda x, y: torch.tanh(x).square()))
+tangent_rule("log2")(_unary(lambda x, y: 1.0 / (x * math.log(2.0))))
+tangent_rule("log10")(_unary(lambda x, y: 1.0 / (x * math.log(10.0))))
+
+
+@tangent_rule("atan2", "arctan2")
+def _atan2(c, input, other):
+    """`atan2(y, x)`: `(x dy - y dx) / (x^2 + y^2)`."""
+    ty, tx = c.tangent(input), c.tangent(other)
+    r2 = input * input + other * other
+    return _sum(None if ty is None else ty * other / r2, None if tx is None else -tx * input / r2)
+
+
+@tangent_rule("nan_to_num")
+def _nan_to_num(c, x, nan=0.0, posinf=None, neginf=None, *, out=None):
+    """The replaced entries are constants; the finite ones keep their tangent."""
+    return torch.where(x.isfinite(), c.tangent(x), 0.0)
 
 
 def _fused_unary(backward):
@@ -405,7 +421,7 @@ def _fused_unary(backward):
     return rule
 
 
-tangent_rule("sigmoid")(_fused_unary(lambda tx, x, y: torch.ops.aten.sigmoid_backward(tx, y)))
+tangent_rule("sigmoid", torch.special.expit)(_fused_unary(lambda tx, x, y: torch.ops.aten.sigmoid_backward(tx, y)))
 tangent_rule("tanh")(_fused_unary(lambda tx, x, y: torch.ops.aten.tanh_backward(tx, y)))
 tangent_rule("relu")(_unary(lambda x, y, inplace=False: (x > 0).to(x.dtype)))
 
@@ -490,17 +506,30 @@ def _rpow(c, x, base):  # base ** x, base a number
     return tx * c.out * math.log(base)
 
 
+def _softmax_dim(x, dim):
+    """`F.softmax(x)` without a dim picks one (deprecated, but still called): 0 for 0-, 1- and 3-D x, else 1."""
+    return dim if dim is not None else (0 if x.dim() in (0, 1, 3) else 1)
+
+
 @tangent_rule("softmax")
 def _softmax(c, x, dim=None, *args, **kwargs):
     tx = c.tangent(x).to(c.out.dtype)
     y = c.out
-    return y * (tx - (y * tx).sum(dim, keepdim=True))
+    return y * (tx - (y * tx).sum(_softmax_dim(x, dim), keepdim=True))
+
+
+@tangent_rule(F.softmin)
+def _softmin(c, x, dim=None, _stacklevel=3, dtype=None):
+    """`softmax(-x)`: `y (sum(y dx) - dx)`."""
+    tx = c.tangent(x).to(c.out.dtype)
+    y = c.out
+    return y * ((y * tx).sum(_softmax_dim(x, dim), keepdim=True) - tx)
 
 
 @tangent_rule("log_softmax")
 def _log_softmax(c, x, dim=None, *args, **kwargs):
     tx = c.tangent(x).to(c.out.dtype)
-    return tx - (c.out.exp() * tx).sum(dim, keepdim=True)
+    return tx - (c.out.exp() * tx).sum(_softmax_dim(x, dim), keepdim=True)
 
 
 @tangent_rule(F.linear)
@@ -644,11 +673,77 @@ tangent_rule(torch.instance_norm)(
     _stats_norm_tangent(c, x, running_mean, running_var, weight, bias, use_input_stats, tuple(range(2, x.dim())), eps))
 
 
+@tangent_rule(torch.native_layer_norm)
+def _native_layer_norm(c, x, normalized_shape, weight, bias, eps):
+    """`(y, mean, 1/std)`: y's tangent as layer_norm's, `d mean = mean(dx)`, `d r = -r^2 mean(n dx)`."""
+    tx, tw, tb = c.tangent(x), c.tangent(weight), c.tangent(bias)
+    _, mean, rstd = c.out
+    dims = tuple(range(-len(normalized_shape), 0))
+    n = (x - mean) * rstd
+    if tx is None:
+        return _affine_tangent(n, None, weight, bias, tw, tb, tuple(normalized_shape)), None, None
+    tx = tx.to(x.dtype)
+    tn = _norm_tangent(n, rstd, tx, dims)
+    return (_affine_tangent(n, tn, weight, bias, tw, tb, tuple(normalized_shape)), tx.mean(dims, keepdim=True),
+            -rstd * rstd * (n * tx).mean(dims, keepdim=True))
+
+
+def _pnorm_tangent(x, tx, p, dims, norm):
+    """`d|x|_p` over `dims` (`norm` with them kept): `sum(|x|^(p-1) sign(x) dx) / |x|_p^(p-1)`, the
+    entries where x = 0 skipped and 0 where the norm is 0 (as autograd: no NaN); 0 for p = 0 (a
+    count); for p = +-inf the mean of `sign(x) dx` over the entries at the max (min) |x|
+    (docs/math.md#normalizations-and-reductions)."""
+    if p == 0:
+        return torch.zeros_like(norm)
+    if math.isinf(p):
+        hit = (x.abs() == norm).to(x.dtype)
+        return (x.sign() * tx * hit).sum(dims, keepdim=True) / hit.sum(dims, keepdim=True)
+    w = x if p == 2 else x.abs().pow(p - 1).mul_(x.sign()).masked_fill_(x == 0, 0.0)
+    return ((w * tx).sum(dims, keepdim=True) / (norm if p == 2 else norm.pow(p - 1))).masked_fill_(norm == 0, 0.0)
+
+
+@tangent_rule(torch.linalg.vector_norm)
+def _vector_norm(c, x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    if x.is_complex():
+        raise NoRule
+    dims = _reduced(x, dim)
+    x = x.to(c.out.dtype)  # dtype=: the norm of x in that dtype
+    return _pnorm_tangent(x, tx.to(x.dtype), ord, dims, _keep(c.out, dims, keepdim)).reshape(c.out.shape)
+
+
+@tangent_rule(torch.norm)
+def _norm(c, x, p="fro", dim=None, keepdim=False, out=None, dtype=None):
+    """`torch.norm`, `Tensor.norm`: a vector norm over `dim` (all: None), but for the nuclear and the
+    other matrix norms (forward-mode AD)."""
+    if isinstance(p, str):
+        if p != "fro" or not (dim is None or isinstance(dim, int) or len(dim) <= 2):
+            raise NoRule
+        p = 2
+    return _vector_norm(c, x, 2 if p is None else p, dim, keepdim, dtype=dtype)
+
+
+tangent_rule(torch.Tensor.norm)(lambda c, x, p="fro", dim=None, keepdim=False, dtype=None:
+                                _norm(c, x, p, dim, keepdim, dtype=dtype))
+
+
+@tangent_rule(torch.linalg.norm)
+def _linalg_norm(c, x, ord=None, dim=None, keepdim=False, *, out=None, dtype=None):
+    """A vector norm where `torch.linalg.norm` computes one: the 2-norm of all the entries for
+    ord None (or of two dims, "fro"), any ord over one dim or of a 1-D x; matrix norms: forward-mode AD."""
+    one_dim = isinstance(dim, int) or (dim is not None and len(dim) == 1) or (dim is None and x.dim() == 1)
+    if ord is None or ord == "fro":
+        ord = 2
+    elif isinstance(ord, str) or not one_dim:
+        raise NoRule
+    return _vector_norm(c, x, ord, dim, keepdim, dtype=dtype)
+
+
 @tangent_rule(F.normalize)
 def _normalize(c, x, p=2.0, dim=1, eps=1e-12, out=None):
-    """`y = x / max(|x|_p, eps)`: `dy = dx / d - y d|x|_p / d` where the norm is above eps, with
-    `d|x|_p = sum(|x|^(p-1) sign(x) dx) / |x|_p^(p-1)` (0 where x is, as autograd; 0 for p = 0, which
-    counts) and, for p = +-inf, the mean of `sign(x) dx` over the entries at the max (min) |x|."""
+    """`y = x / max(|x|_p, eps)`: `dy = dx / d - y d|x|_p / d` where the norm is above eps."""
     tx = c.tangent(x)
     if tx is None:
         return None
@@ -656,17 +751,7 @@ def _normalize(c, x, p=2.0, dim=1, eps=1e-12, out=None):
         raise NoRule
     norm = torch.linalg.vector_norm(x, p, dim, keepdim=True)
     d = norm.clamp_min(eps)
-    if p == 2:
-        dnorm = (x * tx).sum(dim, keepdim=True) / d
-    elif math.isinf(p):
-        hit = (x.abs() == norm).to(x.dtype)
-        dnorm = (x.sign() * tx * hit).sum(dim, keepdim=True) / hit.sum(dim, keepdim=True)
-    elif p == 0:
-        dnorm = torch.zeros_like(norm)
-    else:
-        w = x.abs().pow(p - 1).mul_(x.sign()).masked_fill_(x == 0, 0.0)
-        dnorm = (w * tx).sum(dim, keepdim=True) / d.pow(p - 1)
-    return (tx - c.out * dnorm * (norm > eps)) / d
+    return (tx - c.out * _pnorm_tangent(x, tx, p, _reduced(x, dim), norm) * (norm > eps)) / d
 
 
 @tangent_rule("addmm", "baddbmm", "addbmm", "addmv", "addr")
@@ -744,6 +829,24 @@ def _cumprod(c, x, dim, *, dtype=None):
     return torch.where(zeros_so_far == 0, before, torch.where(zeros_so_far == 1, at_one, 0.0))
 
 
+@tangent_rule("prod")
+def _prod(c, x, dim=None, keepdim=False, *, dtype=None):
+    """`d prod = prod sum(dx / x)` without zeros, `dx_z prod_{j != z} x_j` with one zero z, 0 with two or
+    more (no division by zero, no branch on values; docs/math.md#normalizations-and-reductions)."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    tx = tx.to(c.out.dtype).expand(x.shape)
+    if dim is None:  # prod of all the entries
+        x, tx, dim = x.reshape(-1), tx.reshape(-1), 0
+    zero = x == 0
+    xs = x.masked_fill(zero, 1.0).to(c.out.dtype)  # the product skips the zeros
+    zeros = zero.sum(dim, keepdim=True)
+    dsum = torch.where(zeros == 0, (tx / xs).sum(dim, keepdim=True),
+                       torch.where(zeros == 1, tx.masked_fill(~zero, 0.0).sum(dim, keepdim=True), 0.0))
+    return (xs.prod(dim, keepdim=True) * dsum).reshape(c.out.shape)
+
+
 def _winner(c, a, b, larger: bool):
     """maximum/minimum: the winner's tangent; at a tie their mean (as PyTorch's forward-mode AD,
     and as central differences see it)."""
@@ -778,6 +881,41 @@ def _extremum(larger: bool):
         t = tx.gather(dim, indices if keepdim else indices.unsqueeze(dim))
         return (t if keepdim else t.squeeze(dim)), None
     return rule
+
+
+@tangent_rule("topk", "sort")
+def _sorted_values(c, x, *args, **kwargs):
+    """topk, sort: the values' tangent is x's gathered at the returned indices (constants)."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    i = 1 if c.op.__name__ == "topk" else 0
+    dim = args[i] if len(args) > i else kwargs.get("dim", -1)
+    return tx.expand(x.shape).gather(dim, c.out[1]), None
+
+
+# max pooling -> (its form that returns the argmax indices, number of pooled dims)
+_MAX_POOLS = {F.max_pool1d: (F.max_pool1d_with_indices, 1), F.max_pool2d: (F.max_pool2d_with_indices, 2),
+              F.max_pool3d: (F.max_pool3d_with_indices, 3), torch.max_pool1d: (F.max_pool1d_with_indices, 1),
+              torch.max_pool2d: (F.max_pool2d_with_indices, 2), torch.max_pool3d: (F.max_pool3d_with_indices, 3),
+              F.adaptive_max_pool1d: (F.adaptive_max_pool1d_with_indices, 1),
+              F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 2),
+              F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 3)}
+_MAX_POOLS.update({f: (f, k) for f, k in list(_MAX_POOLS.values())})
+
+
+@tangent_rule(*_MAX_POOLS)
+def _max_pool(c, x, *args, **kwargs):
+    """Max pooling: x's tangent at the argmax of each window (at a tie, the index the kernel picks,
+    as forward-mode AD; central differences would see the tied entries' mean). Without
+    `return_indices` the op runs again for its indices."""
+    tx = c.tangent(x)
+    if tx is None:
+        return None
+    with_indices, k = _MAX_POOLS[c.op]
+    indices = c.out[1] if isinstance(c.out, tuple) else with_indices(x, *args, **kwargs)[1]
+    t = tx.expand(x.shape).flatten(-k).gather(-1, indices.flatten(-k)).view(indices.shape)
+    return (t, None) if isinstance(c.out, tuple) else t
 
 
 tangent_rule("maximum")(lambda c, a, b: _winner(c, a, b, True))
@@ -927,17 +1065,46 @@ def _sdpa(c, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
 # Rules that run the op themselves (`primal=True`): the tangent needs what the primal draws or overwrites.
 
 
-@tangent_rule(F.dropout, primal=True)
-def _dropout(c, input, p=0.5, training=True, inplace=False):
-    """`F.dropout` as `torch.native_dropout`, which returns its mask; the tangent uses the same mask."""
-    tx = c.tangent(input)
-    if tx is None or not training or p == 0.0 or p >= 1.0:
-        return c.op(input, p, training, inplace)
+def _native_dropout(c, input, tx, p, inplace):
+    """Dropout as `torch.native_dropout`, which returns its mask; the tangent uses the same mask."""
     if inplace:
         _warn_once(op_name(c.op), "inplace=True is run out of place by")
     y, mask = torch.native_dropout(input, p, True)
     with torch.no_grad():
         c.set_tangent(y, tx * mask * (1.0 / (1.0 - p)))
+    return y
+
+
+@tangent_rule(F.dropout, primal=True)
+def _dropout(c, input, p=0.5, training=True, inplace=False):
+    """On CPU `torch.native_dropout` draws the same mask as `F.dropout` from the same RNG state."""
+    tx = c.tangent(input)
+    if tx is None or not training or p == 0.0 or p >= 1.0:
+        return c.op(input, p, training, inplace)
+    return _native_dropout(c, input, tx, p, inplace)
+
+
+@tangent_rule(torch.dropout, primal=True)
+def _torch_dropout(c, input, p, train):
+    tx = c.tangent(input)
+    if tx is None or not train or p == 0.0 or p >= 1.0:
+        return c.op(input, p, train)
+    return _native_dropout(c, input, tx, p, False)
+
+
+@tangent_rule(F.dropout1d, F.dropout2d, F.dropout3d, primal=True)
+def _channel_dropout(c, input, p=0.5, training=True, inplace=False):
+    """Channel dropout: the op run on ones returns its scaled mask, drawn as a call on `input` draws
+    it (the draws depend on the shape only); the primal and the tangent are both multiplied by it."""
+    tx = c.tangent(input)
+    if tx is None or not training or p == 0.0:
+        return c.op(input, p, training, inplace)
+    if inplace:
+        _warn_once(op_name(c.op), "inplace=True is run out of place by")
+    mask = c.op(torch.ones_like(input), p, True)
+    y = input * mask
+    with torch.no_grad():
+        c.set_tangent(y, tx * mask)
     return y
 
 
@@ -1018,9 +1185,12 @@ def _reference_err(func, tout, args, kwargs, tangents) -> float:
     if _is_library_op(func):
         return math.nan
     try:
-        return _rel_err(tout, _forward_ad_tangent(func, args, kwargs, tangents))
+        ref = _forward_ad_tangent(func, args, kwargs, tangents)
     except (RuntimeError, NotImplementedError):
         return math.nan
+    if func is torch.native_layer_norm:  # forward-mode AD gives mean and 1/std tangent zero (wrong)
+        tout, ref = tout[0], ref[0]
+    return _rel_err(tout, ref)
 
 
 _INPLACE_POSITION: dict = {}
