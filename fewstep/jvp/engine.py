@@ -24,23 +24,28 @@ Rules (exact JVPs, each registered with the public `@tangent_rule(*ops)`, which 
 your own ops too; a rule sees a `TangentContext`): linear, conv1d/2d/3d and
 conv_transpose1d/2d/3d, group_norm, layer_norm, silu, gelu, relu, sigmoid, tanh, softplus, mish,
 hardswish, hardsigmoid, hardtanh, relu6, leaky_relu, elu, selu, celu, logsigmoid, softsign,
-tanhshrink, softmax, log_softmax, exp, expm1, sin, cos, tan, sinh, cosh, atan, asinh, erf, log,
-log1p, sqrt, rsqrt, reciprocal, abs, square, pow,
+tanhshrink, softmax, log_softmax, softmin, exp, expm1, sin, cos, tan, sinh, cosh, atan, atan2,
+asinh, erf, log, log2, log10, log1p, sqrt, rsqrt, reciprocal, abs, square, pow, nan_to_num,
 add/sub/mul/div (tangents on either side, broadcasting), neg, views and reshapes, getitem and
 setitem, chunk/split/unbind, cat/stack, index_select/gather/take_along_dim, scatter (src or value)/
 scatter_add/index_add/index_put/masked_select/masked_scatter (and their in-place forms), cumsum,
-cumprod (zeros included), interpolate, pooling by averages, pad, grid_sample (tangents of the
+cumprod and prod (zeros included), diff, unfold/fold, interpolate, pooling by averages, max pooling
+(F.max_pool1d/2d/3d, F.adaptive_max_pool1d/2d/3d: the tangent at the argmax), topk/sort (the
+values' tangent at the returned indices), pad, grid_sample (tangents of the
 input and of the grid; 4-D and 5-D, every mode), mean/sum, matmul/bmm/mm/einsum,
 addmm/baddbmm/addbmm/addmv/addr, addcmul/addcdiv, lerp, masked_fill, clamp (bounds with tangents
 too), maximum/minimum and max/min/amax/amin (ties: the mean of the tied tangents, as forward-mode
 AD; max/min along a dim: the tangent at the returned index), fmax/fmin (the non-NaN side; ties as
 maximum), logsumexp, var/std/var_mean/std_mean (any dim, correction or unbiased, keepdim),
 rms_norm, batch_norm (train: batch statistics; eval: running ones), instance_norm (F. and torch.
-forms, as layer_norm and group_norm), normalize (any p: +-inf, p < 1, 0), embedding (F. and torch.
+forms, as layer_norm and group_norm), native_layer_norm (its mean and 1/std too), normalize and the
+vector norms (`torch.linalg.vector_norm`, `torch.norm`, `Tensor.norm`, `torch.linalg.norm`; any p:
++-inf, p < 1, 0; zero vectors: tangent 0), embedding (F. and torch.
 forms: the weight's tangent gathered), glu, steps (round/floor/ceil/trunc/sign: zero),
 tensors made after another (`new_zeros`, `zeros_like`, ...: constants), `scaled_dot_product_attention` (docs/math.md#attention-tangent-rule, causal flag, bool/float masks,
-GQA), dropout (ONE mask: the primal runs as `torch.native_dropout`, which returns its mask;
-on CPU it draws the same mask as `F.dropout` from the same RNG state). Tensors without a
+GQA), dropout (ONE mask: `F.dropout` and `torch.dropout` run as `torch.native_dropout`, which returns its
+mask; on CPU it draws the same mask as `F.dropout` from the same RNG state; dropout1d/2d/3d take
+their mask from the op run on ones, which draws what the call on the input draws). Tensors without a
 tangent (weights, constants, labels, embedding tables) have tangent zero, never materialized
 unless an op needs it (cat of a tangent and a constant). Any other op falls back to
 forward-mode AD of that single op (`torch.autograd.forward_ad`), logged once per op name; a
@@ -49,8 +54,9 @@ forward-mode AD of that single op (`torch.autograd.forward_ad`), logged once per
 
 Limits: an in-place op on a VIEW updates the view's tangent, not its base's (`y[0].zero_()`
 leaves y's tangent stale; `y[0] = v` is handled); SDPA with `dropout_p > 0` raises (its mask is
-internal to the kernel); a Python tensor object that dies while its C++ tensor lives on (stored
-only in C++) loses its tangent.
+internal to the kernel); a random op without a rule (`F.alpha_dropout`, `F.rrelu` in training)
+draws again in its forward-mode AD fallback, so its tangent does not use the primal's draw; a
+Python tensor object that dies while its C++ tensor lives on (stored only in C++) loses its tangent.
 
 `check_tangent(net, inputs)` compares the engine with float64 central finite differences
 (and `torch.func.jvp` where it runs) and, in a debug pass, every rule with forward-mode AD of
