@@ -98,3 +98,82 @@ def test_the_conversion_stage_through_the_config(tmp_path, capsys):
         config_from_dict({"method": {"name": "sct"}, "train": {"convert_steps": 5}}).validate()
     with pytest.raises(ConfigError, match="for TrigFlow students"):
         build(config_from_dict({"method": {"name": "cd"}, "train": {"teacher": str(folder), "convert_steps": 2}}))
+
+
+# ---------------------------------------------------------------------------------------------
+# A smooth time input (network.time_input=smooth, docs/math.md#smooth-time-input)
+
+def smooth_student(folder, frequencies=16):
+    return build(scd_config(folder, network={"arch": "diffusers", "time_input": "smooth",
+                                             "time_frequencies": frequencies}))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "flow"])
+def test_the_smooth_time_embedding_is_the_least_squares_fit_of_the_teachers(tmp_path, prediction):
+    """Every weight but the time embedding is the teacher's; the embedding is linear in cos(2 f t),
+    and its residual against the teacher's embedding at the teacher's timesteps is orthogonal to
+    every feature (the normal equations of least squares)."""
+    built = smooth_student(teacher_folder(tmp_path, prediction))
+    student, teacher = built.net, built.teacher.net
+    own = ("model.time_proj.", "model.time_embedding.")
+    t_state = teacher.state_dict()
+    for key, value in student.state_dict().items():
+        if not key.startswith(own):
+            assert torch.equal(value, t_state[key]), key
+    t = torch.linspace(0, math.pi / 2, 4097, dtype=torch.float64)
+    features = torch.cos(t[:, None] * 2 * torch.arange(16, dtype=torch.float64))
+    with torch.no_grad():
+        target = teacher.model.time_embedding(teacher.model.time_proj(teacher.timestep(t).float())).double()
+        fit = student.model.time_embedding(student.model.time_proj(t).float()).double()
+    residual = fit - target
+    assert (features.T @ residual).abs().max() <= 1e-4 * (features.T @ target).abs().max()
+    # and no other cosine series of this length fits better
+    other = features @ (torch.linalg.lstsq(features, target).solution + 1e-3 * torch.randn(16, target.shape[1],
+                                                                                         dtype=torch.float64))
+    assert residual.square().sum() < (other - target).square().sum()
+
+
+def test_a_smooth_time_input_is_slow_along_t_and_its_tangent_is_exact(tmp_path):
+    """dF/dt of the smooth student is bounded by its cosines (frequencies <= 2 (n - 1)), while the
+    teacher's positional embedding of timestep k(t) swings ~1,000 times faster; the JVP along t is
+    exact against float64 central differences."""
+    from fewstep.jvp import jvp
+
+    built = smooth_student(teacher_folder(tmp_path, "flow"), frequencies=8)
+    student = built.net.double()
+    teacher = built.teacher.net.double()
+    t = torch.linspace(0.1, 1.5, 64, dtype=torch.float64)
+    k = teacher.timestep(t).float()
+    with torch.no_grad():  # the time embeddings along t: the teacher's jumps between neighbouring t
+        e_teacher = teacher.model.time_embedding(teacher.model.time_proj(k).double())
+        e_student = student.model.time_embedding(student.model.time_proj(t))
+    roughness = lambda e: (e[1:] - e[:-1]).square().sum(1).sqrt().mean()  # noqa: E731
+    assert roughness(e_student) < 0.2 * roughness(e_teacher)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    tt = torch.tensor([0.2, 0.7, 1.1, 1.5], dtype=torch.float64)
+    _, tangent = jvp(student, (x, tt), (torch.zeros_like(x), torch.ones_like(tt)), mode="tangent")
+    h = 1e-6
+    with torch.no_grad():
+        fd = (student(x, tt + h) - student(x, tt - h)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_a_smooth_time_student_trains_resumes_and_is_refused_by_export(tmp_path):
+    from fewstep.apps.generate import load_model
+    from fewstep.cli import main
+
+    folder = teacher_folder(tmp_path, "epsilon")
+    out = tmp_path / "run"
+    args = ["train", "--method", "scd", "--teacher", str(folder), "--out", str(out), "--data", "digits",
+            "--steps", "2", "--batch-size", "8", "--set", "network.arch=diffusers", "--set",
+            "network.time_input=smooth", "--set", "network.time_frequencies=8", "--set", "network.prediction=v_prediction",
+            "--set", "train.sample_every=0", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    model = load_model(out)
+    assert model.net.time_input == "smooth" and model.net.model.time_embedding.linear.in_features == 8
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 1.2])
+    with torch.no_grad():
+        assert torch.isfinite(model.net(x, t)).all()
+    assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) != 0
+    with pytest.raises(ValueError, match="time_input must be one of"):
+        build(scd_config(folder, network={"arch": "diffusers", "time_input": "fourier"}))

@@ -191,6 +191,9 @@ def _student_network(cfg: Config, teacher, method):
         spec["kwargs"]["formulation"] = method.parameterization
         if cfg.network.get("prediction"):  # the student reads the teacher's model in another parameterization
             spec["kwargs"]["prediction"] = cfg.network["prediction"]
+        for key in ("time_input", "time_frequencies"):  # a smooth time input fitted to the teacher's (load_teacher)
+            if cfg.network.get(key) is not None:
+                spec["kwargs"][key] = cfg.network[key]
         return build_registered(spec)
     if cfg.network.get("guidance_input"):
         spec["kwargs"]["guidance_input"] = True
@@ -258,7 +261,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     from fewstep.training.callbacks import TensorBoard, WandB
     from fewstep.training.checkpoint import list_checkpoints
     from fewstep.networks import LORA_KEYS, build_network, lora_network, network_spec
-    from fewstep.networks.convert import copy_teacher_weights, student_from_teacher
+    from fewstep.networks.convert import student_from_teacher
 
     cfg = validate_against_registries(cfg.validate())
     tc = cfg.train
@@ -292,11 +295,14 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
         net = _student_network(cfg, source, method)
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":
-            copy_teacher_weights(net, source.net)  # the same model behind the same exact conversion
+            try:  # the same model behind the same exact conversion, or with a smooth time input fitted
+                done = net.load_teacher(source.net)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             if main_process():
                 print(f"student initialized from the diffusers model {tc.init_from or tc.teacher} "
                       f"({type(net.model).__name__}, {type(net.schedule).__name__} "
-                      f"{net.schedule.kind}/{net.schedule.prediction})")
+                      f"{net.schedule.kind}/{net.schedule.prediction})" + (f": {done}" if done else ""))
         elif not resuming:
             done = student_from_teacher(net, source.net, source.method.parameterization, method.sigma_d,
                                         student_formulation=method.parameterization)

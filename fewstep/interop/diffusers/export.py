@@ -117,6 +117,9 @@ def _consistency_student(model, net):
     if not isinstance(net, DiffusersNetwork) or net.schedule is None:
         raise ValueError("export needs a student on a diffusers model with its schedule (distilled from a diffusers "
                          "teacher); this checkpoint's network is fewstep's own")
+    if net.time_input != "schedule":
+        raise ValueError("export writes students with their teacher's time input; this one has a smooth time input "
+                         "(network.time_input), which no diffusers model reads")
     if net.schedule.kind != "vp":
         raise ValueError("export writes VP (DDPM/DDIM-schedule) students; this student has a rectified-flow "
                          "schedule, which no diffusers UNet pipeline samples")

@@ -22,7 +22,10 @@ EDM's inputs (`c_in x_sigma = x_t / sigma_d`, `c_noise = ln(sigma) / 4`, output 
 `fewstep.networks.convert`), for the discrete-time consistency methods. `prediction` re-reads the
 model's output in another parameterization than its scheduler's (a student's choice: an epsilon
 model's x0 estimate divides by sqrt(alphas_cumprod), ~0.006 at DDPM's last timestep, so a one-step
-student of an epsilon teacher is better read as `v_prediction`; docs/results.md).
+student of an epsilon teacher is better read as `v_prediction`; docs/results.md). `time_input="smooth"`
+replaces the model's time input (its timestep through a positional embedding, whose derivative along
+t is what sCM's JVP carries) by `cos(2 f t)`, f = 0..`time_frequencies` - 1, of TrigFlow time and a
+linear map fitted to the teacher's time embedding (`fit_time_input`; docs/math.md#smooth-time-input).
 """
 
 from __future__ import annotations
@@ -40,6 +43,33 @@ MODELS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel", "UNet2DC
           "PixArtTransformer2DModel")
 # Text-conditioned models: they take the contract's `text` (B, L, D) and `text_mask` (B, L) cond.
 TEXT_MODELS = ("UNet2DConditionModel", "PixArtTransformer2DModel")
+TIME_INPUTS = ("schedule", "smooth")
+
+
+class SmoothTimeFeatures(nn.Module):
+    """`cos(2 f t)`, f = 0..n-1, of TrigFlow time t (B,) -> (B, n): a cosine series on [0, pi/2],
+    whose derivative along t is at most 2 (n - 1), against ~1,000 for a timestep's positional embedding."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 * torch.arange(n, dtype=torch.float64), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(t[:, None] * self.freqs.to(t.dtype))
+
+
+class SmoothTimeEmbedding(nn.Module):
+    """The model's time embedding read linearly from `SmoothTimeFeatures` (it takes the place of
+    diffusers' `TimestepEmbedding`, called as `time_embedding(t_emb, condition)`)."""
+
+    def __init__(self, n: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(n, dim)
+
+    def forward(self, sample: torch.Tensor, condition=None) -> torch.Tensor:
+        if condition is not None:
+            raise ValueError("a smooth time input takes no timestep_cond")
+        return self.linear(sample)
 
 
 def takes_text(model: nn.Module) -> bool:
@@ -66,7 +96,7 @@ class DiffusersNetwork(nn.Module):
 
     def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0,
                  schedule: dict | None = None, sigma_d: float = SIGMA_D, formulation: str = "trigflow",
-                 prediction: str | None = None):
+                 prediction: str | None = None, time_input: str = "schedule", time_frequencies: int = 32):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"network.model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -74,6 +104,10 @@ class DiffusersNetwork(nn.Module):
             raise ValueError(f"formulation must be 'trigflow' or 'edm', got {formulation!r}")
         if formulation == "edm" and schedule is None:
             raise ValueError("formulation 'edm' is for diffusers models with their schedule (schedule=...)")
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {', '.join(TIME_INPUTS)}, got {time_input!r}")
+        if not (isinstance(time_frequencies, int) and time_frequencies >= 2):
+            raise ValueError(f"time_frequencies must be an integer >= 2, got {time_frequencies!r}")
         self.model = getattr(import_diffusers(), model).from_config(dict(config))
         if "timestep" not in inspect.signature(self.model.forward).parameters:
             raise ValueError(f"{type(self.model).__name__}'s forward takes no timestep: it cannot be a fewstep network")
@@ -85,6 +119,15 @@ class DiffusersNetwork(nn.Module):
         # `prediction` re-reads the model's output (e.g. a v_prediction student of an epsilon teacher)
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
             schedule["scheduler"], schedule["config"], sigma_d, prediction or schedule.get("prediction"))
+        self.time_input = time_input
+        if time_input == "smooth":
+            embedding = getattr(self.model, "time_embedding", None)
+            dim = getattr(getattr(embedding, "linear_2", None), "out_features", None)
+            if not hasattr(self.model, "time_proj") or dim is None:
+                raise ValueError(f"time_input 'smooth' replaces a UNet's time_proj and time_embedding; "
+                                 f"{model} has none")
+            self.model.time_proj = SmoothTimeFeatures(time_frequencies)
+            self.model.time_embedding = SmoothTimeEmbedding(time_frequencies, dim)
 
     def _model(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None, text=None,
                text_mask=None) -> torch.Tensor:
@@ -117,12 +160,52 @@ class DiffusersNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None, text=None,
                 text_mask=None) -> torch.Tensor:
-        def model(xm, k):
-            return self._model(xm, k, labels, text, text_mask)
+        t_trig = t
+        if self.schedule is not None and self.formulation == "edm":  # t is c_noise = ln(sigma) / 4, sigma = sigma_d tan(t)
+            t_trig = torch.atan(torch.exp(4 * t) / self.schedule.sigma_d)
+
+        def model(xm, k):  # a smooth time input reads TrigFlow time, not the schedule's timestep
+            return self._model(xm, t_trig if self.time_input == "smooth" else k, labels, text, text_mask)
 
         if self.schedule is None:
             return model(x, t * self.time_scale)
-        if self.formulation == "edm":  # t is c_noise = ln(sigma) / 4, sigma = sigma_d tan(t_trigflow)
-            t_trig = torch.atan(torch.exp(4 * t) / self.schedule.sigma_d)
-            return -self.schedule.velocity(model, x, t_trig)
-        return self.schedule.velocity(model, x, t)
+        sign = -1 if self.formulation == "edm" else 1
+        return sign * self.schedule.velocity(model, x, t_trig)
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's timestep input at TrigFlow time t (B,), as `forward` gives it."""
+        if self.schedule is None:
+            return t * self.time_scale
+        return self.schedule.model_inputs(torch.zeros(t.shape[0], 1, dtype=t.dtype, device=t.device), t)[1]
+
+    def load_teacher(self, teacher: "DiffusersNetwork", grid: int = 4097) -> dict:
+        """Take a teacher's weights (the same diffusers model). With the teacher's own time input the
+        student is the teacher, exactly; with a smooth one, every weight but the time embedding is
+        copied, and the embedding's linear map is the least-squares fit of the teacher's embedding
+        at its timesteps over `grid` TrigFlow times in [0, pi/2]. Returns the fit's relative RMS error."""
+        from fewstep.networks.convert import copy_teacher_weights
+
+        if self.time_input == "schedule":
+            copy_teacher_weights(self, teacher)
+            return {}
+        if teacher.time_input != "schedule":
+            raise ValueError("the teacher of a smooth-time student must have its own time input")
+        own = ("model.time_proj.", "model.time_embedding.")
+        state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(own)}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(own)]
+        if missing or unexpected:
+            raise ValueError(f"the student's network does not match the teacher's: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        p = next(teacher.parameters())
+        t = torch.linspace(0, torch.pi / 2, grid, dtype=torch.float64, device=p.device)
+        with torch.no_grad():
+            k = teacher.timestep(t).to(p.dtype)
+            target = teacher.model.time_embedding(teacher.model.time_proj(k).to(p.dtype)).double()
+            features = self.model.time_proj(t)
+            weight = torch.linalg.lstsq(features, target).solution  # (n, dim); f = 0 is the constant
+            linear = self.model.time_embedding.linear
+            linear.weight.copy_(weight.T)
+            linear.bias.zero_()
+            err = (features @ weight - target).square().mean().sqrt() / target.square().mean().sqrt().clamp_min(1e-12)
+        return {"time_embedding_fit_error": float(err)}
