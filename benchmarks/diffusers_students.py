@@ -9,6 +9,8 @@ students at equal budget, scored by FID at N samples at 1 and 2 steps beside the
 - `v+convert`: the same weights read as v_prediction (`network.prediction`), first regressed onto the
   teacher's velocity (`train.convert_steps`), then sCD: for teachers whose reading has a large output
   gain (epsilon near pure noise, sample near clean data).
+- `smooth`: the teacher's reading with a smooth time input (`network.time_input=smooth`: a cosine
+  series of TrigFlow time, fitted to the teacher's time embedding); `v+convert+smooth`: both.
 
     python benchmarks/diffusers_students.py --out runs/students                # the table of docs/results.md
     python benchmarks/diffusers_students.py --out runs/students-quick --quick  # smoke test, ~1 min
@@ -43,6 +45,10 @@ STUDENTS = {  # `--students` picks; the default is each teacher's best, `BEST`
     "v+convert": (lambda a: ["--set", "network.arch=diffusers", "--set", "network.prediction=v_prediction",
                              "--set", f"train.convert_steps={a.convert_steps}",
                              "--set", f"train.convert_lr={a.convert_lr}"], ("epsilon",)),
+    # the teacher's reading with a smooth time input fitted to the teacher's (docs/math.md#smooth-time-input)
+    "smooth": (lambda a: ["--set", "network.arch=diffusers", "--set", "network.time_input=smooth"],
+               ("epsilon", "v_prediction", "flow")),
+    "v+convert+smooth": (lambda a: [*STUDENTS["v+convert"][0](a), "--set", "network.time_input=smooth"], ("epsilon",)),
 }
 
 # the default student per teacher: the exact reading of an epsilon teacher is noise at 1 and 2 steps
