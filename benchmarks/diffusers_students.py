@@ -51,9 +51,9 @@ STUDENTS = {  # `--students` picks; the default is each teacher's best, `BEST`
     "v+convert+smooth": (lambda a: [*STUDENTS["v+convert"][0](a), "--set", "network.time_input=smooth"], ("epsilon",)),
 }
 
-# the default student per teacher: the exact reading of an epsilon teacher is noise at 1 and 2 steps
-# (FID 201 / 198 against v+convert's 106 / 48, docs/results.md), so the default run trains only the fix
-BEST = {"epsilon": "v+convert", "v_prediction": "exact", "flow": "exact"}
+# the default student per teacher, the best measured (docs/results.md): the exact reading of an epsilon
+# teacher is noise at 1 and 2 steps, and the teacher's time input makes every student drift with training
+BEST = {"epsilon": "v+convert+smooth", "v_prediction": "smooth", "flow": "smooth"}
 
 
 def fewstep(*args: str) -> None:
