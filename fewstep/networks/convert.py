@@ -37,15 +37,17 @@ def output_layer(net: nn.Module) -> nn.Module:
     raise TypeError(f"{type(net).__name__} has no conv_out/linear_out output layer")
 
 
-def copy_teacher_weights(student: nn.Module, teacher: nn.Module) -> None:
+def copy_teacher_weights(student: nn.Module, teacher: nn.Module, own: tuple[str, ...] = ()) -> None:
     """Load the teacher's weights into the student; the only keys allowed to differ are the
-    student's own extra inputs (the guidance embedding), which keep their zero init."""
+    student's own extra inputs (the guidance embedding), which keep their zero init, and the
+    modules under the prefixes `own` that the student has in place of the teacher's (not copied)."""
     hint = "the student's network does not match the teacher's (the student takes the teacher's network config)"
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(own)} if own else teacher.state_dict()
     try:
-        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        missing, unexpected = student.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{hint}: {str(e).splitlines()[1].strip()}") from None
-    missing = [k for k in missing if not k.startswith(STUDENT_ONLY_PREFIXES)]
+    missing = [k for k in missing if not k.startswith(STUDENT_ONLY_PREFIXES + own)]
     if missing or unexpected:
         raise ValueError(f"{hint}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

@@ -25,7 +25,7 @@ model's x0 estimate divides by sqrt(alphas_cumprod), ~0.006 at DDPM's last times
 student of an epsilon teacher is better read as `v_prediction`; docs/results.md). `time_input="smooth"`
 replaces the model's time input (its timestep through a positional embedding, whose derivative along
 t is what sCM's JVP carries) by `cos(2 f t)`, f = 0..`time_frequencies` - 1, of TrigFlow time and a
-linear map fitted to the teacher's time embedding (`fit_time_input`; docs/math.md#smooth-time-input).
+linear map fitted to the teacher's time embedding (`load_teacher`; docs/math.md#smooth-time-input).
 """
 
 from __future__ import annotations
@@ -190,13 +190,7 @@ class DiffusersNetwork(nn.Module):
             return {}
         if teacher.time_input != "schedule":
             raise ValueError("the teacher of a smooth-time student must have its own time input")
-        own = ("model.time_proj.", "model.time_embedding.")
-        state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(own)}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(own)]
-        if missing or unexpected:
-            raise ValueError(f"the student's network does not match the teacher's: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        copy_teacher_weights(self, teacher, own=("model.time_proj.", "model.time_embedding."))
         p = next(teacher.parameters())
         t = torch.linspace(0, torch.pi / 2, grid, dtype=torch.float64, device=p.device)
         with torch.no_grad():
