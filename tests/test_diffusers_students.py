@@ -177,3 +177,28 @@ def test_a_smooth_time_student_trains_resumes_and_is_refused_by_export(tmp_path)
     assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) != 0
     with pytest.raises(ValueError, match="time_input must be one of"):
         build(scd_config(folder, network={"arch": "diffusers", "time_input": "fourier"}))
+
+
+def test_a_diffusers_student_run_is_a_starting_point_for_another_method(tmp_path):
+    """rCM after sCD: `train.init_from` a smooth-time student of a diffusers teacher starts from its
+    weights exactly, also under the digits preset's zero dropout, which a diffusers network has no use for."""
+    from fewstep.apps.generate import load_model
+    from fewstep.cli import main
+
+    folder = teacher_folder(tmp_path, "flow")
+    first = tmp_path / "scd"
+    assert main(["train", "--method", "scd", "--teacher", str(folder), "--out", str(first), "--data", "digits",
+                 "--steps", "2", "--batch-size", "8", "--set", "network.arch=diffusers", "--set",
+                 "network.time_input=smooth", "--set", "network.time_frequencies=8", "--set", "train.sample_every=0",
+                 "--no-progress", "--device", "cpu"]) == 0
+    source = load_model(first)  # init_from takes the EMA weights
+    start = build(config_from_dict({"method": {"name": "rcm"}, "data": {"name": "digits"}, "network": {"dropout": 0.0},
+                                    "train": {"teacher": str(folder), "init_from": str(first),
+                                              "init_from_teacher": False, "batch_size": 8}})).net
+    assert start.time_input == "smooth"
+    for (name, a), b in zip(start.state_dict().items(), source.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="network.dropout"):  # a dropout the network cannot take is still refused
+        build(config_from_dict({"method": {"name": "rcm"}, "data": {"name": "digits"}, "network": {"dropout": 0.1},
+                                "train": {"teacher": str(folder), "init_from": str(first),
+                                          "init_from_teacher": False, "batch_size": 8}}))

@@ -147,6 +147,12 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
 STUDENT_OPTIONS = ("dropout", "dropout_res")
 
 
+def _arguments_of(arch: str | None) -> set:
+    from fewstep.networks import NETWORKS, constructor_arguments
+
+    return set(constructor_arguments(NETWORKS[arch])) if arch in NETWORKS else {*STUDENT_OPTIONS, "guidance_input"}
+
+
 def _prompts(cfg: Config, dataset, method, teacher, device) -> Config:
     """Text-to-image: a prompt dataset's captions encoded once (cached) by the text encoder of
     `data.text_encoder`, or of a diffusers teacher pipeline, and handed to the method. Returns the
@@ -289,9 +295,12 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
     if source is not None:
         if source.config.get("network"):  # the run records the architecture it really trains
             recorded = {k: v for k, v in source.config["network"].items() if k not in LORA_KEYS}
+            accepted = _arguments_of(recorded.get("arch"))
             own = {k: cfg.network[k] for k in STUDENT_OPTIONS if k in cfg.network}
-            cfg = replace(cfg, network=validate_network({**recorded, **lora, **own,
-                                                         "guidance_input": bool(cfg.network.get("guidance_input"))}))
+            own["guidance_input"] = bool(cfg.network.get("guidance_input"))
+            # a preset's zero dropout is no request to a network without one (a diffusers student)
+            own = {k: v for k, v in own.items() if v or k in accepted}
+            cfg = replace(cfg, network=validate_network({**recorded, **lora, **own}))
         net = _student_network(cfg, source, method)
         what = f"the {source.method_name} run {tc.init_from}" if init else f"the {source.method_name} teacher"
         if not resuming and network_spec(net)["name"] == "diffusers":

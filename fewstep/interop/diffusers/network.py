@@ -179,17 +179,18 @@ class DiffusersNetwork(nn.Module):
         return self.schedule.model_inputs(torch.zeros(t.shape[0], 1, dtype=t.dtype, device=t.device), t)[1]
 
     def load_teacher(self, teacher: "DiffusersNetwork", grid: int = 4097) -> dict:
-        """Take a teacher's weights (the same diffusers model). With the teacher's own time input the
-        student is the teacher, exactly; with a smooth one, every weight but the time embedding is
+        """Take a teacher's weights (the same diffusers model). With the teacher's time input the
+        student is the teacher, exactly; with a smooth one where the teacher has its own, every weight but the time embedding is
         copied, and the embedding's linear map is the least-squares fit of the teacher's embedding
         at its timesteps over `grid` TrigFlow times in [0, pi/2]. Returns the fit's relative RMS error."""
         from fewstep.networks.convert import copy_teacher_weights
 
-        if self.time_input == "schedule":
+        if self.time_input == teacher.time_input:  # the teacher, or a student fine-tuned further (rCM after sCD)
             copy_teacher_weights(self, teacher)
             return {}
         if teacher.time_input != "schedule":
-            raise ValueError("the teacher of a smooth-time student must have its own time input")
+            raise ValueError(f"a network with network.time_input={self.time_input} cannot start from one with "
+                             f"time_input={teacher.time_input}")
         copy_teacher_weights(self, teacher, own=("model.time_proj.", "model.time_embedding."))
         p = next(teacher.parameters())
         t = torch.linspace(0, torch.pi / 2, grid, dtype=torch.float64, device=p.device)
