@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # this checkout's fewstep
 from diffusers_teacher import train_teacher  # noqa: E402
 
+HALF_PI = math.pi / 2
 # teacher name -> its prediction type in benchmarks/diffusers_teacher.py
 TEACHERS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "flow": "flow", "text": "epsilon"}
 # student name -> (extra `fewstep train` arguments, the teachers it is for)
@@ -63,23 +65,37 @@ def fewstep(*args: str) -> None:
         raise SystemExit(f"fewstep {' '.join(args)} failed")
 
 
-def fid_rows(run: Path, out: Path, flag: str, value: str, args) -> list[dict]:
+def fid_rows(run: Path, out: Path, flag: str, value: str, args, *more: str) -> list[dict]:
     if out.exists():  # scored already (a rerun with more students)
         return json.loads(out.read_text())["rows"]
-    fewstep("eval", str(run), flag, value, "--num", str(args.num), "--ref", "digits", "--device", args.device,
+    fewstep("eval", str(run), flag, value, *more, "--num", str(args.num), "--ref", "digits", "--device", args.device,
             "--out", str(out), "--features", args.features)
     return json.loads(out.read_text())["rows"]
 
 
-def pixel_scores(run: Path, num: int, steps: int | None = None, device: str = "cpu") -> dict:
+def two_step_times(run: Path, out: Path, args) -> list[float]:
+    """The 2-step sampler's times: sCM's default (pi/2, 1.1), or with `--times search` those that
+    `fewstep search-times` chooses by FID on the cheap random features (the Inception FID then scores them)."""
+    if args.times == "default":
+        return [HALF_PI, 1.1]
+    if not out.exists():
+        fewstep("search-times", str(run), "--steps", "2", "--num", str(args.num), "--ref", "digits", "--device",
+                args.device, "--features", "random", "--out", str(out), "--no-progress")
+    return json.loads(out.read_text())["times"]
+
+
+def pixel_scores(run: Path, num: int, steps: int | None = None, device: str = "cpu", times=None) -> dict:
     """`fewstep.metrics.digits`: pixel-space precision / recall against the real digits and the
-    coverage of the ten classes by a digit classifier, for `num` samples at `steps` (None: the
-    teacher's Heun at 35 NFE)."""
+    coverage of the ten classes by a digit classifier, for `num` samples at `steps` or `times` (None:
+    the teacher's Heun at 35 NFE)."""
     from fewstep.apps.generate import generate, load_model
     from fewstep.metrics.digits import digits_score
 
     model = load_model(run, device)
-    schedule = model.sampler.schedule(18, None, "heun") if steps is None else model.sampler.schedule(steps)
+    if times is not None:
+        schedule = model.sampler.schedule(times=times)
+    else:
+        schedule = model.sampler.schedule(18, None, "heun") if steps is None else model.sampler.schedule(steps)
     samples, _, _ = generate(model, schedule, num, progress=False)
     return digits_score(samples)
 
@@ -101,6 +117,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="the students' learning rate")
     p.add_argument("--warmup", type=int, default=100, help="tangent warmup steps")
     p.add_argument("--num", type=int, default=1000, help="samples per FID")
+    p.add_argument("--times", choices=("search", "default"), default="search",
+                   help="the 2-step sampler's middle time: chosen per student by `fewstep search-times` on random "
+                        "features, or sCM's default 1.1")
     p.add_argument("--features", choices=("inception", "random"), default="inception",
                    help="FID features (inception needs its weights: fewstep eval --download)")
     p.add_argument("--device", default="cpu", help="where teachers and students train, and FID runs")
@@ -137,10 +156,14 @@ def main() -> None:
                     "--set", f"train.ckpt_every={steps}", "--no-progress", "--device", args.device,
                     *extra(args))
             seconds = time.perf_counter() - start
-            for r in fid_rows(run, root / f"{tag}-eval.json", "--steps", "1,2", args):
+            times = two_step_times(run, root / f"{tag}-times.json", args)
+            rows = fid_rows(run, root / f"{tag}-eval.json", "--times", f"{HALF_PI:.6f}", args,
+                            "--times", ",".join(f"{t:.6f}" for t in times))
+            for r in rows:
                 table.append({"teacher": name, "student": student, "steps": steps, "nfe": r["nfe"], "fid": r["fid"],
                               "precision": r["precision"], "recall": r["recall"], "seconds": seconds,
-                              "pixels": pixel_scores(run, args.num, r["nfe"], args.device)})
+                              "times": r.get("times"), "pixels": pixel_scores(run, args.num, r["nfe"], args.device,
+                                                                             r.get("times"))})
             (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
         # the teacher is scored after its students, so that runs sharing a teacher start training at once
         row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
@@ -151,11 +174,12 @@ def main() -> None:
     (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table, "text": text_rows,
                                                  "seconds": total}, indent=1))
     print(f"\nwhole run: {total / 60:.1f} min (teachers, students, scoring)")
-    print(f"\n| teacher | student | steps | NFE | FID ({args.features} features, N = {args.num}) | precision | recall | "
-          f"pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| teacher | student | steps | NFE (times) | FID ({args.features} features, N = {args.num}) | precision | "
+          f"recall | pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        px = r["pixels"]
-        print(f"| {r['teacher']} | {r['student']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
+        px, times = r["pixels"], r.get("times")
+        nfe = f"{r['nfe']} ({', '.join(f'{t:.3f}' for t in times)})" if times else str(r["nfe"])
+        print(f"| {r['teacher']} | {r['student']} | {r['steps']} | {nfe} | {r['fid']:.2f} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {px['precision']:.3f} / {px['recall']:.3f} / {px['coverage']:.2f} | "
               f"{r['seconds']:.0f} |")
 
