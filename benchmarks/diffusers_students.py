@@ -13,14 +13,16 @@ students at equal budget, scored by FID at N samples at 1 and 2 steps beside the
   series of TrigFlow time, fitted to the teacher's time embedding); `v+convert+smooth`: both.
 
     python benchmarks/diffusers_students.py --out runs/students                # the table of docs/results.md
-    python benchmarks/diffusers_students.py --out runs/students-quick --quick  # smoke test, ~1 min
+    python benchmarks/diffusers_students.py --out runs/students-quick --quick  # smoke test, a few minutes
     python benchmarks/diffusers_students.py --out runs/students --features random  # no Inception weights
 
-The defaults are the 2-core CPU budget: 0.18M-parameter teachers (width 16, 1,500 steps), 400 sCD
-steps per student, FID with Inception features (N = 1,000; most of the run time goes there).
+The defaults are the 2-core CPU budget: 0.18M-parameter teachers (width 16, 1,500 steps), 400 or
+1,600 sCD steps per student, FID with Inception features (N = 1,000; most of the run time goes there),
+the teachers two at a time (`--jobs`). The 2-step sampler's middle time is chosen per student by
+`fewstep search-times` on cheap random features (`--times`), and the Inception FID scores that choice.
 
-The default student per teacher is the one measured best (`BEST`); `--students exact,v+convert`
-trains the others too. The `text` teacher is `benchmarks/text_digits.py`'s text-to-image row (a
+The default student per teacher, its learning rate and steps are the ones measured best (`BEST`, `LR`,
+`STEPS`); `--students exact,v+convert` trains the others too. The `text` teacher is `benchmarks/text_digits.py`'s text-to-image row (a
 `UNet2DConditionModel` with a tiny random CLIP text encoder, its student read as v and converted),
 scored by prompt accuracy. The tables are printed as markdown and written to <out>/table.json.
 """
@@ -56,6 +58,10 @@ STUDENTS = {  # `--students` picks; the default is each teacher's best, `BEST`
 # the default student per teacher, the best measured (docs/results.md): the exact reading of an epsilon
 # teacher is noise at 1 and 2 steps, and the teacher's time input makes every student drift with training
 BEST = {"epsilon": "v+convert+smooth", "v_prediction": "smooth", "flow": "smooth"}
+# per teacher, its students' learning rate and sCD steps, the best measured (docs/results.md): of 5e-5 to 1e-3,
+# the flow teacher's smooth student learns best at 3e-4 and drifts when trained longer at that rate
+LR = {"epsilon": 1e-4, "v_prediction": 1e-4, "flow": 3e-4}
+STEPS = {"epsilon": 1600, "v_prediction": 1600, "flow": 400}
 
 
 def fewstep(*args: str) -> None:
@@ -110,11 +116,17 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--text-steps", default="1200,300", help="the text row's teacher and student steps")
     p.add_argument("--width", type=int, default=16, help="the teachers' UNet width")
-    p.add_argument("--student-steps", default="400",
-                   help="sCD steps per student; a comma list runs each budget (run folders end in -s<steps>)")
+    p.add_argument("--student-steps", default=None,
+                   help="sCD steps per student; a comma list runs each budget (run folders end in -s<steps>) "
+                        "(default: per teacher, the best measured: " + ", ".join(f"{t} {n}" for t, n in STEPS.items()) + ")")
     p.add_argument("--convert-steps", type=int, default=150)
     p.add_argument("--convert-lr", type=float, default=5e-4)
-    p.add_argument("--lr", type=float, default=1e-4, help="the students' learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the students' learning rate (default: per teacher, the best measured: " +
+                        ", ".join(f"{t} {v:g}" for t, v in LR.items()) + ")")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="teachers run side by side, each on its share of the cores: a second thread speeds the "
+                        "small UNets' steps up only 1.2x (docs/results.md), a second process 2x")
     p.add_argument("--warmup", type=int, default=100, help="tangent warmup steps")
     p.add_argument("--num", type=int, default=1000, help="samples per FID")
     p.add_argument("--times", choices=("search", "default"), default="search",
@@ -130,46 +142,25 @@ def main() -> None:
         args.warmup, args.features, args.text_steps = 1, "random", "20,3"
     root, begin = Path(args.out), time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    table, text_rows, budgets = [], [], [int(n) for n in str(args.student_steps).split(",")]
-    for name in args.teachers.split(","):
+    names = args.teachers.split(",")
+    for name in names:
         if name not in TEACHERS:
             raise SystemExit(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
-        if name == "text":
-            text_rows = text_row(root / "text", args)
-            continue
-        folder = root / f"teacher-{name}"
-        start = time.perf_counter()
-        if not (folder / "model_index.json").exists():
-            train_teacher(str(folder), steps=args.teacher_steps, batch_size=64, prediction=TEACHERS[name],
-                          width=args.width, device=args.device)
-        teacher_seconds, first = time.perf_counter() - start, len(table)
-        students = args.students.split(",") if args.students else [BEST[name]]
-        for student, steps in ((s, n) for s in students for n in budgets):
-            extra, teachers = STUDENTS[student]
-            if name not in teachers:
-                continue
-            tag = f"{name}-{student}" + (f"-s{steps}" if len(budgets) > 1 else "")
-            run, start = root / tag, time.perf_counter()
-            fewstep("train", "--method", "scd", "--teacher", str(folder), "--out", str(run), "--data", "digits",
-                    "--steps", str(steps), "--lr", str(args.lr), "--batch-size", "64",
-                    "--set", f"method.warmup_steps={args.warmup}", "--set", "train.sample_every=0",
-                    "--set", f"train.ckpt_every={steps}", "--no-progress", "--device", args.device,
-                    *extra(args))
-            seconds = time.perf_counter() - start
-            times = two_step_times(run, root / f"{tag}-times.json", args)
-            rows = fid_rows(run, root / f"{tag}-eval.json", "--times", f"{HALF_PI:.6f}", args,
-                            "--times", ",".join(f"{t:.6f}" for t in times))
-            for r in rows:
-                table.append({"teacher": name, "student": student, "steps": steps, "nfe": r["nfe"], "fid": r["fid"],
-                              "precision": r["precision"], "recall": r["recall"], "seconds": seconds,
-                              "times": r.get("times"), "pixels": pixel_scores(run, args.num, r["nfe"], args.device,
-                                                                             r.get("times"))})
-            (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
-        # the teacher is scored after its students, so that runs sharing a teacher start training at once
-        row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
-        table.insert(first, {"teacher": name, "student": "teacher (Heun)", "steps": args.teacher_steps, "nfe": 35,
-                             "fid": row["fid"], "precision": row["precision"], "recall": row["recall"],
-                             "seconds": teacher_seconds, "pixels": pixel_scores(folder, args.num, None, args.device)})
+    if args.features == "inception":  # the reference statistics, once, before the teachers share the cores
+        fewstep("ref-stats", "--ref", "digits", "--device", args.device, "--features", args.features, "--no-progress")
+    if args.jobs > 1:  # one process per teacher, each on its share of the cores
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _one_thread_pool,
+                                 (threads,)) as pool:
+            parts = list(pool.map(teacher_part, names, [args] * len(names)))
+    else:
+        parts = [teacher_part(name, args) for name in names]
+    table = [row for part in parts for row in part.get("rows", [])]
+    text_rows = [row for part in parts for row in part.get("text", [])]
     total = time.perf_counter() - begin
     (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table, "text": text_rows,
                                                  "seconds": total}, indent=1))
@@ -190,6 +181,62 @@ def main() -> None:
             seconds = r["teacher_seconds"] if r["nfe"] == 35 else r["student_seconds"]
             print(f"| {r['model']} | {r['nfe']} | {r['prompt_accuracy']:.3f} | {r['precision']:.3f} / "
                   f"{r['recall']:.3f} / {r['coverage']:.2f} | {seconds} |")
+
+
+def _one_thread_pool(threads: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def teacher_part(name: str, args) -> dict:
+    """One teacher's rows: train it (diffusers' textbook loop), its students, and score them all;
+    also written to <out>/part-<name>.json."""
+    root = Path(args.out)
+    if name == "text":
+        part = {"text": text_row(root / "text", args)}
+        (root / f"part-{name}.json").write_text(json.dumps(part, indent=1))
+        return part
+    folder, table = root / f"teacher-{name}", []
+    budgets = [int(n) for n in str(args.student_steps or STEPS[name]).split(",")]
+    begin = start = time.perf_counter()
+    if not (folder / "model_index.json").exists():
+        train_teacher(str(folder), steps=args.teacher_steps, batch_size=64, prediction=TEACHERS[name],
+                      width=args.width, device=args.device)
+    teacher_seconds = time.perf_counter() - start
+    students = args.students.split(",") if args.students else [BEST[name]]
+    lr = args.lr or LR[name]
+    for student, steps in ((s, n) for s in students for n in budgets):
+        extra, teachers = STUDENTS[student]
+        if name not in teachers:
+            continue
+        tag = f"{name}-{student}" + (f"-s{steps}" if len(budgets) > 1 else "")
+        run, start = root / tag, time.perf_counter()
+        fewstep("train", "--method", "scd", "--teacher", str(folder), "--out", str(run), "--data", "digits",
+                "--steps", str(steps), "--lr", str(lr), "--batch-size", "64",
+                "--set", f"method.warmup_steps={args.warmup}", "--set", "train.sample_every=0",
+                "--set", f"train.ckpt_every={steps}", "--no-progress", "--device", args.device,
+                *extra(args))
+        seconds = time.perf_counter() - start
+        times = two_step_times(run, root / f"{tag}-times.json", args)
+        rows = fid_rows(run, root / f"{tag}-eval.json", "--times", f"{HALF_PI:.6f}", args,
+                        "--times", ",".join(f"{t:.6f}" for t in times))
+        for r in rows:
+            table.append({"teacher": name, "student": student, "steps": steps, "lr": lr, "nfe": r["nfe"],
+                          "fid": r["fid"], "precision": r["precision"], "recall": r["recall"], "seconds": seconds,
+                          "times": r.get("times"), "pixels": pixel_scores(run, args.num, r["nfe"], args.device,
+                                                                         r.get("times"))})
+    # the teacher is scored after its students, so that its students start training at once
+    row = fid_rows(folder, root / f"teacher-{name}-eval.json", "--nfe", "35", args)[0]
+    table.insert(0, {"teacher": name, "student": "teacher (Heun)", "steps": args.teacher_steps, "nfe": 35,
+                     "fid": row["fid"], "precision": row["precision"], "recall": row["recall"],
+                     "seconds": teacher_seconds, "pixels": pixel_scores(folder, args.num, None, args.device)})
+    part = {"rows": table, "seconds": time.perf_counter() - begin}
+    (root / f"part-{name}.json").write_text(json.dumps(part, indent=1))
+    return part
 
 
 def text_row(out: Path, args) -> list[dict]:
