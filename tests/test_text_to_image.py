@@ -277,3 +277,38 @@ def test_the_conversion_stage_regresses_onto_the_guided_text_teacher(files, tmp_
     assert line is not None
     before, after = map(float, line.groups())
     assert before > 0 and after < before
+
+
+def test_a_pixart_student_exports_as_a_pixart_pipeline_that_samples_as_fewstep(tmp_path):
+    """A PixArt-style teacher (T5 text encoder, PixArtTransformer2DModel with learned-variance channels):
+    its sCD student, exported as a `PixArtAlphaPipeline` with an `LCMScheduler`, samples what fewstep
+    samples at 1 and 2 steps. The pipeline lowercases prompts before T5, and so does fewstep."""
+    from fewstep.apps.generate import load_model
+
+    px, digits = tiny.tiny_pixart_pipeline(tmp_path / "pixart"), tiny.captioned_digits(tmp_path / "digits", count=12)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "scd", "--teacher", str(px), "--data", str(digits), "--set", f"data.vae={px}",
+                 "--set", "method.guidance=2", "--steps", "1", "--set", "train.batch_size=4", "--set",
+                 "train.sample_every=0", "--set", "train.progress=false", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "exported")]) == 0
+    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(tmp_path / "exported")
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    ours = load_model(out)
+    assert ours.net.text_input
+    cond = ours.text_cond(["a handwritten digit three", "a handwritten digit seven"])
+    prompts = ["A Handwritten Digit THREE ", "a handwritten digit seven"]  # the pipeline lowercases and strips
+    for steps in (1, 2):
+        noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(3))
+        images = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=steps, guidance_scale=1.0, height=8,
+                      width=8, output_type="pt", use_resolution_binning=False,
+                      generator=torch.Generator().manual_seed(5)).images
+        pipe.scheduler.set_timesteps(steps)
+        times = [math.pi / 2] + [float(ours.net.schedule.trigflow_time(k)) for k in pipe.scheduler.timesteps[1:]]
+        with torch.no_grad():
+            x = ours.sampler.sample(noise, ours.sampler.schedule(times=times), cond=cond,
+                                    generator=torch.Generator().manual_seed(5))
+        mine = (ours.decode(x) / 2 + 0.5).clamp(0, 1)
+        assert torch.allclose(images, mine, atol=1e-5), (steps, (images - mine).abs().max())
+    assert torch.equal(ours.text_cond(prompts[:1])["text"], cond["text"][:1])
+    back = load_model(tmp_path / "exported")
+    assert back.method_name == "scd" and back.takes_text and back.latents

@@ -16,7 +16,8 @@ pipeline and fewstep agree to float rounding (tests/test_diffusers_pipeline.py).
 The folder keeps `fewstep.json` (method, data, training step) beside diffusers' files, so that
 `fewstep sample`/`eval` read it as the consistency model it is. A text-to-image student on SD's
 `UNet2DConditionModel` is written as a `StableDiffusionPipeline` (its VAE, tokenizer, text encoder,
-the student's UNet and the `LCMScheduler`), sampled without CFG: the guidance is distilled into it.
+the student's UNet and the `LCMScheduler`), one on a `PixArtTransformer2DModel` as a
+`PixArtAlphaPipeline` (as PixArt-LCM), sampled without CFG: the guidance is distilled into them.
 A LoRA student (`network.lora_rank`)
 exports only its adapter, for diffusers' LoRA loaders, on top of the teacher they already have.
 """
@@ -27,6 +28,8 @@ import json
 from pathlib import Path
 
 LCM_TIMESTEP_SCALING = 1000.0
+# text-to-image students' models -> the pipeline they are exported as
+TEXT_PIPELINES = {"UNet2DConditionModel": "StableDiffusionPipeline", "PixArtTransformer2DModel": "PixArtAlphaPipeline"}
 VP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
            "rescale_betas_zero_snr")
 
@@ -42,11 +45,12 @@ def export_diffusers(model, out: str | Path) -> Path:
     if isinstance(unwrap(model.net), LoRANetwork):
         return export_lora(model, out)
     net = _consistency_student(model, unwrap(model.net))
-    if type(net.model).__name__ == "UNet2DConditionModel":
+    if type(net.model).__name__ in TEXT_PIPELINES:
         return export_text_to_image(model, net, out)
     if type(net.model).__name__ != "UNet2DModel":
-        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline) and UNet2DConditionModel students "
-                         f"(StableDiffusionPipeline); got {type(net.model).__name__}")
+        raise ValueError(f"export writes UNet2DModel students (DDPMPipeline), UNet2DConditionModel students "
+                         f"(StableDiffusionPipeline) and PixArtTransformer2DModel students (PixArtAlphaPipeline); "
+                         f"got {type(net.model).__name__}")
     if net.num_classes:
         raise ValueError("export writes unconditional students: DDPMPipeline takes no class labels")
     if model.latents:
@@ -59,8 +63,9 @@ def export_diffusers(model, out: str | Path) -> Path:
 
 
 def export_text_to_image(model, net, out: str | Path) -> Path:
-    """A text-to-image student on SD's `UNet2DConditionModel` as a `StableDiffusionPipeline` folder
-    with an `LCMScheduler`, beside the run's VAE, tokenizer and text encoder. Sample it without CFG
+    """A text-to-image student as its pipeline folder (`TEXT_PIPELINES`: SD's `UNet2DConditionModel` as
+    a `StableDiffusionPipeline`, a `PixArtTransformer2DModel` as a `PixArtAlphaPipeline`) with an
+    `LCMScheduler`, beside the run's VAE, tokenizer and text encoder. Sample it without CFG
     (`guidance_scale=1`): the teacher's guidance is distilled into the student."""
     from fewstep.interop.diffusers.latents import load_vae
     from fewstep.interop.diffusers.network import import_diffusers
@@ -69,10 +74,14 @@ def export_text_to_image(model, net, out: str | Path) -> Path:
         raise ValueError("export of a text-to-image student needs its VAE: train it in latents (data.vae)")
     encoder = model.prompt_encoder()
     out = Path(out)
-    import_diffusers().StableDiffusionPipeline(
-        vae=load_vae(model.latents["vae"]), text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=net.model,
-        scheduler=lcm_scheduler(net), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(out, safe_serialization=True)
+    parts = dict(vae=load_vae(model.latents["vae"]), text_encoder=encoder.model, tokenizer=encoder.tokenizer,
+                 scheduler=lcm_scheduler(net))
+    if type(net.model).__name__ == "UNet2DConditionModel":
+        pipe = import_diffusers().StableDiffusionPipeline(unet=net.model, safety_checker=None, feature_extractor=None,
+                                                         requires_safety_checker=False, **parts)
+    else:
+        pipe = import_diffusers().PixArtAlphaPipeline(transformer=net.model, **parts)
+    pipe.save_pretrained(out, safe_serialization=True)
     # The folder is its own text encoder and VAE when fewstep reads it back.
     data = {**(model.config.get("data") or {}), "text_encoder": str(out.resolve()),
             "latents": {**model.latents, "vae": str(out.resolve())}}

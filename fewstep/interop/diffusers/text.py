@@ -68,6 +68,9 @@ class PromptEncoder:
             raise PretrainedError(f"{self.encoder_dir}: cannot load the {enc_name} ({' '.join(str(e).split())[:200]})") from None
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.t5 = enc_name.startswith("T5")
+        # PixArt's pipelines lowercase and strip each prompt before T5 (their `clean_caption` does more,
+        # with optional libraries; on plain prompts it comes to the same)
+        self.lowercase = str(index.get("_class_name", "")).startswith("PixArt")
         self.max_length = self._check_match()
 
     def _check_match(self) -> int:
@@ -88,7 +91,10 @@ class PromptEncoder:
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """Tokens of each prompt, with the special tokens."""
-        return [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
+        return [len(ids) for ids in self.tokenizer(self._prepared(prompts)).input_ids]
+
+    def _prepared(self, prompts) -> list[str]:
+        return [p.lower().strip() for p in prompts] if self.lowercase else list(prompts)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +102,8 @@ class PromptEncoder:
         device = next(self.model.parameters()).device
         texts, masks = [], []
         for i in range(0, len(prompts), batch_size):
-            tok = self.tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=self.max_length,
-                                 truncation=True, return_tensors="pt")
+            tok = self.tokenizer(self._prepared(prompts[i:i + batch_size]), padding="max_length",
+                                 max_length=self.max_length, truncation=True, return_tensors="pt")
             ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
             # SD's pipelines run CLIP without the mask (its causal attention ends at the EOS); T5 with it.
             out = self.model(ids, attention_mask=mask if self.t5 else None)[0]
@@ -137,7 +143,8 @@ def cached_prompt_table(spec: str | os.PathLike, prompts: list[str], device: str
     from safetensors.torch import load_file, save_file
 
     encoder = PromptEncoder(spec, device)
-    key = hashlib.sha256(json.dumps([encoder.fingerprint(), encoder.max_length, list(prompts)]).encode())
+    key = hashlib.sha256(json.dumps([encoder.fingerprint(), encoder.max_length, encoder.lowercase,
+                                     list(prompts)]).encode())
     path = prompt_cache_dir() / f"prompts-{key.hexdigest()[:20]}.safetensors"
     if path.exists():
         t = load_file(str(path))
