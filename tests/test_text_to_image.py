@@ -43,6 +43,22 @@ def train_args(files, out, steps):
             "--set", "train.ckpt_every=1", "--device", "cpu", "--out", str(out)]
 
 
+def assert_pipeline_samples_as_fewstep(pipe, ours, prompts, cond, atol, **call):
+    """The exported pipeline's 1- and 2-step images (LCMScheduler, no CFG) equal fewstep's multistep
+    sampling at the TrigFlow times of the scheduler's timesteps, from the same latents and noise."""
+    for steps in (1, 2):
+        noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(3))
+        images = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=steps, guidance_scale=1.0, height=8,
+                      width=8, output_type="pt", generator=torch.Generator().manual_seed(5), **call).images
+        pipe.scheduler.set_timesteps(steps)
+        times = [math.pi / 2] + [float(ours.net.schedule.trigflow_time(k)) for k in pipe.scheduler.timesteps[1:]]
+        with torch.no_grad():
+            x = ours.sampler.sample(noise, ours.sampler.schedule(times=times), cond=cond,
+                                    generator=torch.Generator().manual_seed(5))
+        mine = (ours.decode(x) / 2 + 0.5).clamp(0, 1)
+        assert torch.allclose(images, mine, atol=atol), (steps, (images - mine).abs().max())
+
+
 def test_end_to_end_train_resume_sample_export_reload(files, tmp_path, capsys):
     from fewstep.apps.generate import load_model
 
@@ -66,17 +82,7 @@ def test_end_to_end_train_resume_sample_export_reload(files, tmp_path, capsys):
     ours = load_model(out)
     prompts = ["a handwritten digit three", "a handwritten digit seven"]
     cond = ours.text_cond(prompts)
-    for steps in (1, 2):
-        noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(3))
-        images = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=steps, guidance_scale=1.0,
-                      height=8, width=8, output_type="pt", generator=torch.Generator().manual_seed(5)).images
-        pipe.scheduler.set_timesteps(steps)
-        times = [math.pi / 2] + [float(ours.net.schedule.trigflow_time(k)) for k in pipe.scheduler.timesteps[1:]]
-        with torch.no_grad():
-            x = ours.sampler.sample(noise, ours.sampler.schedule(times=times), cond=cond,
-                                    generator=torch.Generator().manual_seed(5))
-        mine = (ours.decode(x) / 2 + 0.5).clamp(0, 1)
-        assert torch.allclose(images, mine, atol=1e-4), (steps, (images - mine).abs().max())
+    assert_pipeline_samples_as_fewstep(pipe, ours, prompts, cond, atol=1e-4)
     # fewstep reads the exported folder back as the same text-to-image consistency model
     back = load_model(tmp_path / "exported")
     assert back.method_name == "scd" and back.takes_text and back.latents
@@ -297,18 +303,7 @@ def test_a_pixart_student_exports_as_a_pixart_pipeline_that_samples_as_fewstep(t
     assert ours.net.text_input
     cond = ours.text_cond(["a handwritten digit three", "a handwritten digit seven"])
     prompts = ["A Handwritten Digit THREE ", "a handwritten digit seven"]  # the pipeline lowercases and strips
-    for steps in (1, 2):
-        noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(3))
-        images = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=steps, guidance_scale=1.0, height=8,
-                      width=8, output_type="pt", use_resolution_binning=False,
-                      generator=torch.Generator().manual_seed(5)).images
-        pipe.scheduler.set_timesteps(steps)
-        times = [math.pi / 2] + [float(ours.net.schedule.trigflow_time(k)) for k in pipe.scheduler.timesteps[1:]]
-        with torch.no_grad():
-            x = ours.sampler.sample(noise, ours.sampler.schedule(times=times), cond=cond,
-                                    generator=torch.Generator().manual_seed(5))
-        mine = (ours.decode(x) / 2 + 0.5).clamp(0, 1)
-        assert torch.allclose(images, mine, atol=1e-5), (steps, (images - mine).abs().max())
+    assert_pipeline_samples_as_fewstep(pipe, ours, prompts, cond, atol=1e-5, use_resolution_binning=False)
     assert torch.equal(ours.text_cond(prompts[:1])["text"], cond["text"][:1])
     back = load_model(tmp_path / "exported")
     assert back.method_name == "scd" and back.takes_text and back.latents
