@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_user_error(e) or (os.environ.get("FEWSTEP_DEBUG") and not isinstance(e, UsageError)):
             raise
-        print(f"{e.prog if isinstance(e, UsageError) else prog}: error: {one_line(e)}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # e.g. a distributed stop, printed before torchrun's SIGTERM
+            print(f"{e.prog if isinstance(e, UsageError) else prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -358,8 +359,8 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
     bar = tqdm(total=steps, initial=state.step, disable=not (progress and par.is_main), dynamic_ncols=True)
     nonfinite_run = 0
     net.train()
-    try:
-        with _StopRequests() as stops:
+    with _StopRequests() as stops:  # still installed while a failure is reported: see below
+        try:
             while state.step < steps:
                 step = state.step
                 if lr_schedule is not None:
@@ -424,13 +425,18 @@ def fit(net: torch.nn.Module, method, data: Iterable, out_dir: str | Path, *, st
                         print(f"\nstopped by {stops.signal or 'a signal to another process'}: checkpoint saved at "
                               f"step {state.step} in {checkpoints.directory}")
                     raise KeyboardInterrupt
-    except BaseException as err:
-        bar.close()
-        if dist_info.enabled and isinstance(err, Exception) and _peer_failure(err):
-            raise RunStoppedError(f"process {dist_info.rank} stops: another process of the run failed "
-                                  f"({' '.join(str(err).split())[:120]}); {checkpoints.last_good()}; run the same "
-                                  f"command to resume") from None
-        raise
+        except BaseException as err:
+            bar.close()
+            if dist_info.enabled and isinstance(err, Exception) and _peer_failure(err):
+                # torchrun sends SIGTERM to the survivors as soon as one process dies: say why and where
+                # to resume now, while that signal only sets a flag, not once the handler is gone.
+                stopped = RunStoppedError(f"process {dist_info.rank} stops: another process of the run failed "
+                                          f"({' '.join(str(err).split())[:120]}); {checkpoints.last_good()}; "
+                                          f"run the same command to resume")
+                print(f"fewstep: error: {stopped}", file=sys.stderr, flush=True)
+                stopped.reported = True
+                raise stopped from None
+            raise
     bar.close()
     checkpoints.save(state.step, state)
     par.refresh_ema_view(ema.net, True)
