@@ -198,7 +198,18 @@ def test_a_diffusers_student_run_is_a_starting_point_for_another_method(tmp_path
     assert start.time_input == "smooth"
     for (name, a), b in zip(start.state_dict().items(), source.net.state_dict().values()):
         assert torch.equal(a, b), name
+    def rcm(network):
+        return build(config_from_dict({"method": {"name": "rcm"}, "data": {"name": "digits"}, "network": network,
+                                       "train": {"teacher": str(folder), "init_from": str(first),
+                                                 "init_from_teacher": False, "batch_size": 8}})).net
+
     with pytest.raises(ConfigError, match="network.dropout"):  # a dropout the network cannot take is still refused
-        build(config_from_dict({"method": {"name": "rcm"}, "data": {"name": "digits"}, "network": {"dropout": 0.1},
-                                "train": {"teacher": str(folder), "init_from": str(first),
-                                          "init_from_teacher": False, "batch_size": 8}}))
+        rcm({"dropout": 0.1})
+    # more cosines contain the run's 8: the refitted time input is the run's function of t
+    wider = rcm({"arch": "diffusers", "time_frequencies": 16})
+    assert wider.model.time_embedding.linear.in_features == 16
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 0.6, 1.1, 1.5])
+    with torch.no_grad():
+        assert torch.allclose(wider(x, t), source.net(x, t), atol=1e-4)
+    with pytest.raises(ConfigError, match="time_input=schedule cannot start from .* smooth"):
+        rcm({"arch": "diffusers", "time_input": "schedule"})

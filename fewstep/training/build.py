@@ -298,6 +298,8 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
             accepted = _arguments_of(recorded.get("arch"))
             own = {k: cfg.network[k] for k in STUDENT_OPTIONS if k in cfg.network}
             own["guidance_input"] = bool(cfg.network.get("guidance_input"))
+            # a diffusers student may change its time input (load_teacher fits the new one to the run's)
+            own.update({k: cfg.network[k] for k in ("time_input", "time_frequencies") if cfg.network.get(k) is not None})
             # a preset's zero dropout is no request to a network without one (a diffusers student)
             own = {k: v for k, v in own.items() if v or k in accepted}
             cfg = replace(cfg, network=validate_network({**recorded, **lora, **own}))

@@ -180,22 +180,24 @@ class DiffusersNetwork(nn.Module):
 
     def load_teacher(self, teacher: "DiffusersNetwork", grid: int = 4097) -> dict:
         """Take a teacher's weights (the same diffusers model). With the teacher's time input the
-        student is the teacher, exactly; with a smooth one where the teacher has its own, every weight but the time embedding is
-        copied, and the embedding's linear map is the least-squares fit of the teacher's embedding
-        at its timesteps over `grid` TrigFlow times in [0, pi/2]. Returns the fit's relative RMS error."""
+        student is the teacher, exactly. With a smooth one in place of the teacher's own (or of a smooth
+        one with another `time_frequencies`), every weight but the time embedding is copied, and the
+        embedding's linear map is the least-squares fit of the teacher's embedding over `grid` TrigFlow
+        times in [0, pi/2]. Returns the fit's relative RMS error."""
         from fewstep.networks.convert import copy_teacher_weights
 
-        if self.time_input == teacher.time_input:  # the teacher, or a student fine-tuned further (rCM after sCD)
-            copy_teacher_weights(self, teacher)
+        if self.time_input == teacher.time_input and (
+                self.time_input == "schedule" or len(self.model.time_proj.freqs) == len(teacher.model.time_proj.freqs)):
+            copy_teacher_weights(self, teacher)  # the teacher, or a student fine-tuned further (rCM after sCD)
             return {}
-        if teacher.time_input != "schedule":
-            raise ValueError(f"a network with network.time_input={self.time_input} cannot start from one with "
-                             f"time_input={teacher.time_input}")
+        if self.time_input == "schedule":
+            raise ValueError("network.time_input=schedule cannot start from a network with a smooth time input: "
+                             "keep network.time_input=smooth")
         copy_teacher_weights(self, teacher, own=("model.time_proj.", "model.time_embedding."))
         p = next(teacher.parameters())
         t = torch.linspace(0, torch.pi / 2, grid, dtype=torch.float64, device=p.device)
         with torch.no_grad():
-            k = teacher.timestep(t).to(p.dtype)
+            k = t if teacher.time_input == "smooth" else teacher.timestep(t).to(p.dtype)
             target = teacher.model.time_embedding(teacher.model.time_proj(k).to(p.dtype)).double()
             features = self.model.time_proj(t)
             weight = torch.linalg.lstsq(features, target).solution  # (n, dim); f = 0 is the constant
