@@ -158,9 +158,12 @@ def test_a_smooth_time_input_is_slow_along_t_and_its_tangent_is_exact(tmp_path):
     torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-6)
 
 
-def test_a_smooth_time_student_trains_resumes_and_is_refused_by_export(tmp_path):
+def test_a_smooth_time_student_trains_and_exports_as_a_table_of_timesteps(tmp_path):
+    """The exported UNet2DModel reads a learned row per timestep; fewstep reads it back between rows
+    by linear interpolation, whose tangent along t is exact against float64 central differences."""
     from fewstep.apps.generate import load_model
     from fewstep.cli import main
+    from fewstep.jvp import jvp
 
     folder = teacher_folder(tmp_path, "epsilon")
     out = tmp_path / "run"
@@ -174,7 +177,16 @@ def test_a_smooth_time_student_trains_resumes_and_is_refused_by_export(tmp_path)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 1.2])
     with torch.no_grad():
         assert torch.isfinite(model.net(x, t)).all()
-    assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) != 0
+    assert main(["export", str(out), "--out", str(tmp_path / "pipe")]) == 0
+    exported = load_model(tmp_path / "pipe").net.double()
+    assert exported.model.config.time_embedding_type == "learned"
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0.3, 1.2], dtype=torch.float64)
+    _, tangent = jvp(exported, (x, t), (torch.zeros_like(x), torch.ones_like(t)), mode="tangent")
+    h = 1e-7  # inside one segment of the table
+    with torch.no_grad():
+        fd = (exported(x, t + h) - exported(x, t - h)) / (2 * h)
+    assert fd.abs().max() > 1e-2  # the rows differ: a table read at the nearest row would have no tangent
+    torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="time_input must be one of"):
         build(scd_config(folder, network={"arch": "diffusers", "time_input": "fourier"}))
 

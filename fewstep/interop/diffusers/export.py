@@ -18,14 +18,18 @@ The folder keeps `fewstep.json` (method, data, training step) beside diffusers' 
 `UNet2DConditionModel` is written as a `StableDiffusionPipeline` (its VAE, tokenizer, text encoder,
 the student's UNet and the `LCMScheduler`), one on a `PixArtTransformer2DModel` as a
 `PixArtAlphaPipeline` (as PixArt-LCM), sampled without CFG: the guidance is distilled into them.
-A LoRA student (`network.lora_rank`)
+A smooth time input (`network.time_input=smooth`) is written as diffusers' learned time
+embedding, a row per timestep (`with_timestep_table`). A LoRA student (`network.lora_rank`)
 exports only its adapter, for diffusers' LoRA loaders, on top of the teacher they already have.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
 
 LCM_TIMESTEP_SCALING = 1000.0
 # text-to-image students' models -> the pipeline they are exported as
@@ -57,7 +61,8 @@ def export_diffusers(model, out: str | Path) -> Path:
         raise ValueError("export writes pixel-space students: DDPMPipeline has no VAE")
     diffusers = import_diffusers()
     out = Path(out)
-    diffusers.DDPMPipeline(unet=net.model, scheduler=lcm_scheduler(net)).save_pretrained(out, safe_serialization=True)
+    unet = net.model if net.time_input == "schedule" else with_timestep_table(net)
+    diffusers.DDPMPipeline(unet=unet, scheduler=lcm_scheduler(net)).save_pretrained(out, safe_serialization=True)
     _write_record(model, out)
     return out
 
@@ -126,9 +131,9 @@ def _consistency_student(model, net):
     if not isinstance(net, DiffusersNetwork) or net.schedule is None:
         raise ValueError("export needs a student on a diffusers model with its schedule (distilled from a diffusers "
                          "teacher); this checkpoint's network is fewstep's own")
-    if net.time_input != "schedule":
-        raise ValueError("export writes students with their teacher's time input; this one has a smooth time input "
-                         "(network.time_input), which no diffusers model reads")
+    if net.time_input != "schedule" and type(net.model).__name__ != "UNet2DModel":
+        raise ValueError(f"export writes a smooth time input (network.time_input=smooth) only for UNet2DModel "
+                         f"students, as a table of timesteps; this one is a {type(net.model).__name__}")
     if net.schedule.kind != "vp":
         raise ValueError("export writes VP (DDPM/DDIM-schedule) students; this student has a rectified-flow "
                          "schedule, which no diffusers UNet pipeline samples")
@@ -136,6 +141,55 @@ def _consistency_student(model, net):
         raise ValueError(f"export writes TrigFlow consistency models (sct, scd, ect, dmd2, rcm), whose consistency function is the "
                          f"model's x0 estimate; this checkpoint was trained with {model.method_name!r}")
     return net
+
+
+def _silu_inverse(y: torch.Tensor) -> torch.Tensor:
+    """u >= 0 with u sigmoid(u) = y, for y in [0, 1] (Newton from u = 2y; SiLU is monotone there)."""
+    u = 2 * y
+    for _ in range(50):
+        sig = torch.sigmoid(u)
+        u = u - (u * sig - y) / (sig * (1 + u * (1 - sig)))
+    return u
+
+
+def with_timestep_table(net):
+    """A smooth-time `UNet2DModel` student as diffusers' own `UNet2DModel` with a learned time embedding
+    (a row per integer timestep, `time_embedding_type="learned"`), equal to the student at every
+    timestep LCM visits: row k holds SiLU^-1((cos(2 f t_k) + 1) / 4) in its first n channels, with t_k
+    the TrigFlow time of timestep k (pi/2 for the last); `linear_1` passes those channels through the SiLU, and `linear_2`
+    maps them back to the student's `W cos(2 f t) + b`. Exact to float rounding (docs/math.md#smooth-time-input)."""
+    from fewstep.interop.diffusers.network import import_diffusers
+
+    model, schedule = net.model, net.schedule
+    n = model.time_embedding.linear.in_features
+    width = model.config["block_out_channels"][0]
+    if model.config.get("class_embed_type") == "timestep":
+        raise ValueError("export cannot write a smooth time input for a UNet2DModel that embeds classes as timesteps")
+    if n > width:
+        raise ValueError(f"export writes a smooth time input of at most {width} cosines for this UNet2DModel "
+                         f"(block_out_channels[0]); this one has network.time_frequencies={n}")
+    config = {**dict(model.config), "time_embedding_type": "learned", "num_train_timesteps": len(schedule.log_snr)}
+    table_model = import_diffusers().UNet2DModel.from_config(config).to(next(model.parameters()).dtype)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("time_proj.", "time_embedding."))}
+    missing, unexpected = table_model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("time_proj.", "time_embedding.")) for k in missing), (missing, unexpected)
+    t = schedule.trigflow_time(torch.arange(len(schedule.log_snr), dtype=torch.float64))
+    t[-1] = math.pi / 2  # the model's inputs clamp every t beyond it to the last timestep: LCM's first step is t = pi/2
+    phi = model.time_proj(t.to(model.time_embedding.linear.weight.device)).cpu()  # (T, n), float64
+    linear = model.time_embedding.linear
+    w, b = linear.weight.detach().double().cpu(), linear.bias.detach().double().cpu()
+    with torch.no_grad():
+        table = torch.zeros(len(t), width, dtype=torch.float64)
+        table[:, :n] = _silu_inverse((phi + 1) / 4)
+        emb = table_model.time_embedding
+        emb.linear_1.weight.zero_()
+        emb.linear_1.weight[:n, :n] = torch.eye(n)
+        emb.linear_1.bias.zero_()
+        emb.linear_2.weight.zero_()
+        emb.linear_2.weight[:, :n] = 4 * w
+        emb.linear_2.bias.copy_(b - w.sum(1))  # W phi + b with phi = 4 h - 1
+        table_model.time_proj.weight.copy_(table)
+    return table_model
 
 
 def lcm_scheduler(net):

@@ -72,6 +72,25 @@ class SmoothTimeEmbedding(nn.Module):
         return self.linear(sample)
 
 
+class InterpolatedTimestepTable(nn.Module):
+    """A `UNet2DModel`'s learned time embedding (`time_embedding_type="learned"`: a row per integer
+    timestep), read at fractional timesteps by linear interpolation between rows, so that it is a
+    continuous function of TrigFlow time with the tangent of a piecewise-linear map. Its one parameter
+    keeps `nn.Embedding`'s name, so the model's state dict is diffusers' own."""
+
+    def __init__(self, table: nn.Embedding):
+        super().__init__()
+        self.weight = table.weight
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        if not timesteps.is_floating_point():
+            return self.weight[timesteps]
+        k = timesteps.clamp(0, self.weight.shape[0] - 1)
+        lo = k.detach().floor().long().clamp(max=self.weight.shape[0] - 2)
+        frac = (k - lo.to(k.dtype))[:, None].to(self.weight.dtype)
+        return self.weight[lo] + frac * (self.weight[lo + 1] - self.weight[lo])
+
+
 def takes_text(model: nn.Module) -> bool:
     """Whether a built diffusers model reads prompt embeddings: decided by the class diffusers
     actually built (Hub PixArt folders say `Transformer2DModel`, built as `PixArtTransformer2DModel`)
@@ -120,6 +139,8 @@ class DiffusersNetwork(nn.Module):
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
             schedule["scheduler"], schedule["config"], sigma_d, prediction or schedule.get("prediction"))
         self.time_input = time_input
+        if isinstance(getattr(self.model, "time_proj", None), nn.Embedding):  # e.g. an exported smooth student
+            self.model.time_proj = InterpolatedTimestepTable(self.model.time_proj)
         if time_input == "smooth":
             embedding = getattr(self.model, "time_embedding", None)
             dim = getattr(getattr(embedding, "linear_2", None), "out_features", None)
