@@ -45,9 +45,17 @@ def scd_config(folder, **train):
 
 @pytest.mark.parametrize("prediction", TYPES)
 def test_every_output_type_starts_exactly_at_its_teacher(tmp_path, prediction):
-    """At step 0 the student's TrigFlow velocity is the teacher's, up to pi/2 itself."""
-    built = build(scd_config(teacher_folder(tmp_path, prediction)))
+    """At step 0 the student's TrigFlow velocity is the teacher's, up to pi/2 itself; with sCM's
+    adaptive-weight head (network.adaptive_weight) too, whose weight starts at exp(0) = 1."""
+    from fewstep.networks.contract import network_info
+
+    head = prediction == "flow"
+    built = build(scd_config(teacher_folder(tmp_path, prediction),
+                             network={"arch": "diffusers", "adaptive_weight": True} if head else {}))
     t = torch.tensor([0.01, 0.7, 1.3, 1.55, math.pi / 2 - 1e-4, math.pi / 2])
+    assert network_info(built.net).adaptive_weight == head
+    if head:
+        assert torch.equal(built.net.adaptive_weight(t), torch.zeros(len(t)))
     x_t = SIGMA_D * torch.randn(len(t), 1, 8, 8)
     with torch.no_grad():
         student = SIGMA_D * built.net(x_t / SIGMA_D, t)

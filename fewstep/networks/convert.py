@@ -26,7 +26,8 @@ from fewstep.core.edm import EPS, T_MAX
 from fewstep.core.trigflow import SIGMA_D
 
 # Keys a student may have that its teacher lacks: the guidance-scale embedding (zero-initialized).
-STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.", "guidance_emb.")  # the last: paper networks
+# the last two: paper networks, and a diffusers student's adaptive-weight head
+STUDENT_ONLY_PREFIXES = ("time_emb.guidance.", "time_emb.interval.", "guidance_emb.", "weight_head.")
 
 
 def output_layer(net: nn.Module) -> nn.Module:

@@ -197,7 +197,7 @@ def _student_network(cfg: Config, teacher, method):
         spec["kwargs"]["formulation"] = method.parameterization
         if cfg.network.get("prediction"):  # the student reads the teacher's model in another parameterization
             spec["kwargs"]["prediction"] = cfg.network["prediction"]
-        for key in ("time_input", "time_frequencies"):  # a smooth time input fitted to the teacher's (load_teacher)
+        for key in ("time_input", "time_frequencies", "adaptive_weight"):  # the student's own choices
             if cfg.network.get(key) is not None:
                 spec["kwargs"][key] = cfg.network[key]
         return build_registered(spec)

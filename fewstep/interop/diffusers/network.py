@@ -26,6 +26,7 @@ student of an epsilon teacher is better read as `v_prediction`; docs/results.md)
 replaces the model's time input (its timestep through a positional embedding, whose derivative along
 t is what sCM's JVP carries) by `cos(2 f t)`, f = 0..`time_frequencies` - 1, of TrigFlow time and a
 linear map fitted to the teacher's time embedding (`load_teacher`; docs/math.md#smooth-time-input).
+`adaptive_weight=True` adds sCM's learned loss weight `w(t)` (a head beside the model, not exported).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from fewstep.interop.diffusers.schedules import TrigFlowSchedule, import_diffusers
+from fewstep.networks.layers import AdaptiveWeight
 from fewstep.networks.registry import register_network
 from fewstep.core.trigflow import SIGMA_D
 
@@ -115,7 +117,8 @@ class DiffusersNetwork(nn.Module):
 
     def __init__(self, model: str, config: dict, time_scale: float = 1.0, num_classes: int = 0,
                  schedule: dict | None = None, sigma_d: float = SIGMA_D, formulation: str = "trigflow",
-                 prediction: str | None = None, time_input: str = "schedule", time_frequencies: int = 32):
+                 prediction: str | None = None, time_input: str = "schedule", time_frequencies: int = 32,
+                 adaptive_weight: bool = False):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"network.model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -139,6 +142,8 @@ class DiffusersNetwork(nn.Module):
         self.schedule = None if schedule is None else TrigFlowSchedule.from_scheduler(
             schedule["scheduler"], schedule["config"], sigma_d, prediction or schedule.get("prediction"))
         self.time_input = time_input
+        # sCM's learned loss weight w(t), beside the diffusers model (trained, never exported)
+        self.weight_head = AdaptiveWeight() if adaptive_weight else None
         if isinstance(getattr(self.model, "time_proj", None), nn.Embedding):  # e.g. an exported smooth student
             self.model.time_proj = InterpolatedTimestepTable(self.model.time_proj)
         if time_input == "smooth":
@@ -192,6 +197,10 @@ class DiffusersNetwork(nn.Module):
             return model(x, t * self.time_scale)
         sign = -1 if self.formulation == "edm" else 1
         return sign * self.schedule.velocity(model, x, t_trig)
+
+    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """`w_phi(t)` (docs/math.md#adaptive-weighting), or None without `adaptive_weight=True`."""
+        return None if self.weight_head is None else self.weight_head(t)
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The model's timestep input at TrigFlow time t (B,), as `forward` gives it."""
