@@ -164,14 +164,20 @@ def main() -> None:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _one_thread_pool,
                                  (threads,)) as pool:
-            parts = list(pool.map(teacher_part, names, [args] * len(names)))
+            futures = [pool.submit(teacher_part, name, args) for name in names]
+        parts, failed = [], []
+        for name, future in zip(names, futures):  # a failed teacher does not take the others' rows with it
+            if future.exception() is None:
+                parts.append(future.result())
+            else:
+                failed.append(f"{name}: {' '.join(str(future.exception()).split())[:300]}")
     else:
-        parts = [teacher_part(name, args) for name in names]
+        parts, failed = [teacher_part(name, args) for name in names], []
     table = [row for part in parts for row in part.get("rows", [])]
     text_rows = [row for part in parts for row in part.get("text", [])]
     total = time.perf_counter() - begin
     (root / "table.json").write_text(json.dumps({"args": vars(args), "rows": table, "text": text_rows,
-                                                 "seconds": total}, indent=1))
+                                                 "seconds": total, "failed": failed}, indent=1))
     print(f"\nwhole run: {total / 60:.1f} min (teachers, students, scoring)")
     print(f"\n| teacher | student | steps | NFE (times) | FID ({args.features} features, N = {args.num}) | precision | "
           f"recall | pixel precision / recall / coverage | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -189,6 +195,8 @@ def main() -> None:
             seconds = r["teacher_seconds"] if r["nfe"] == 35 else r["student_seconds"]
             print(f"| {r['model']} | {r['nfe']} | {r['prompt_accuracy']:.3f} | {r['precision']:.3f} / "
                   f"{r['recall']:.3f} / {r['coverage']:.2f} | {seconds} |")
+    if failed:
+        raise SystemExit("teachers that failed (the table holds the others):\n" + "\n".join(failed))
 
 
 def _one_thread_pool(threads: int) -> None:
