@@ -231,5 +231,6 @@ def test_a_diffusers_student_run_is_a_starting_point_for_another_method(tmp_path
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 0.6, 1.1, 1.5])
     with torch.no_grad():
         assert torch.allclose(wider(x, t), source.net(x, t), atol=1e-4)
+    assert rcm({"arch": "diffusers", "adaptive_weight": True}).weight_head is not None  # not the run's (none)
     with pytest.raises(ConfigError, match="time_input=schedule cannot start from .* smooth"):
         rcm({"arch": "diffusers", "time_input": "schedule"})

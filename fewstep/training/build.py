@@ -145,6 +145,8 @@ def load_teacher(path: str, method, dataset, device: torch.device, scheduler: st
 # Network arguments a student built from its teacher may set for itself: regularization, not architecture
 # (ECT and sCM fine-tune with more dropout than the teacher was trained with).
 STUDENT_OPTIONS = ("dropout", "dropout_res")
+# a diffusers student's own choices over its teacher's model (load_teacher fits a new time input to the source's)
+DIFFUSERS_STUDENT_OPTIONS = ("time_input", "time_frequencies", "adaptive_weight")
 
 
 def _arguments_of(arch: str | None) -> set:
@@ -197,7 +199,7 @@ def _student_network(cfg: Config, teacher, method):
         spec["kwargs"]["formulation"] = method.parameterization
         if cfg.network.get("prediction"):  # the student reads the teacher's model in another parameterization
             spec["kwargs"]["prediction"] = cfg.network["prediction"]
-        for key in ("time_input", "time_frequencies", "adaptive_weight"):  # the student's own choices
+        for key in DIFFUSERS_STUDENT_OPTIONS:
             if cfg.network.get(key) is not None:
                 spec["kwargs"][key] = cfg.network[key]
         return build_registered(spec)
@@ -298,8 +300,7 @@ def build(cfg: Config, out_dir: str | Path | None = None) -> Built:
             accepted = _arguments_of(recorded.get("arch"))
             own = {k: cfg.network[k] for k in STUDENT_OPTIONS if k in cfg.network}
             own["guidance_input"] = bool(cfg.network.get("guidance_input"))
-            # a diffusers student may change its time input (load_teacher fits the new one to the run's)
-            own.update({k: cfg.network[k] for k in ("time_input", "time_frequencies") if cfg.network.get(k) is not None})
+            own.update({k: cfg.network[k] for k in DIFFUSERS_STUDENT_OPTIONS if cfg.network.get(k) is not None})
             # a preset's zero dropout is no request to a network without one (a diffusers student)
             own = {k: v for k, v in own.items() if v or k in accepted}
             cfg = replace(cfg, network=validate_network({**recorded, **lora, **own}))

@@ -159,6 +159,7 @@ def with_timestep_table(net):
     the TrigFlow time of timestep k (pi/2 for the last); `linear_1` passes those channels through the SiLU, and `linear_2`
     maps them back to the student's `W cos(2 f t) + b`. Exact to float rounding (docs/math.md#smooth-time-input)."""
     from fewstep.interop.diffusers.network import import_diffusers
+    from fewstep.networks.convert import copy_teacher_weights
 
     model, schedule = net.model, net.schedule
     n = model.time_embedding.linear.in_features
@@ -170,9 +171,7 @@ def with_timestep_table(net):
                          f"(block_out_channels[0]); this one has network.time_frequencies={n}")
     config = {**dict(model.config), "time_embedding_type": "learned", "num_train_timesteps": len(schedule.log_snr)}
     table_model = import_diffusers().UNet2DModel.from_config(config).to(next(model.parameters()).dtype)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("time_proj.", "time_embedding."))}
-    missing, unexpected = table_model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith(("time_proj.", "time_embedding.")) for k in missing), (missing, unexpected)
+    copy_teacher_weights(table_model, model, own=("time_proj.", "time_embedding."))  # all but the time input
     t = schedule.trigflow_time(torch.arange(len(schedule.log_snr), dtype=torch.float64))
     t[-1] = math.pi / 2  # the model's inputs clamp every t beyond it to the last timestep: LCM's first step is t = pi/2
     phi = model.time_proj(t.to(model.time_embedding.linear.weight.device)).cpu()  # (T, n), float64
